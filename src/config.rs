@@ -1,0 +1,317 @@
+//! Node configuration: one typed struct, layered and validated before anything binds.
+//!
+//! Precedence, lowest to highest: built-in defaults, a TOML file (`--config FILE`), environment
+//! variables `SHARDCAST_<KEY>` (the field name in upper case, e.g. `SHARDCAST_MAX_CONNECTIONS`),
+//! command-line flags. Layering is figment's job; [`Config::validate`] then reports every
+//! problem at once so an operator fixes them in one go.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The largest shard count a node accepts: a message id carries the shard in 6 bits (see
+/// [`crate::protocol::MidGenerator`]) and the 64th value is reserved for ids made outside the
+/// shards (the HTTP API). A bigger box runs one node per 63 cores, or per NUMA node.
+pub const MAX_SHARDS: usize = 63;
+
+/// Every setting of a node. Field docs give the default and what a real deployment changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client WebSocket listener. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// HTTP API listener. Default `127.0.0.1:8081`: the API is for backends, not the internet.
+    pub api_listen: SocketAddr,
+    /// Number of shards (executors, one per core). `0`, the default, means one per available core.
+    pub shards: usize,
+    /// Pin each shard to its own CPU. Default `true`; turn off when several nodes share a box.
+    pub pin_shards: bool,
+    /// Redis URL of the cluster bus. Default none: a single node that needs no Redis.
+    pub redis: Option<String>,
+    /// Unique node id. Default: generated from the host name and a random suffix.
+    pub node_id: Option<String>,
+    /// HS256 secret that client JWTs are signed with. Required unless `dev`.
+    pub secret: Option<String>,
+    /// Key backends present to the HTTP API (`Authorization: Bearer <key>`).
+    pub api_key: Option<String>,
+    /// Development mode: trust `?user=NAME`, serve `/echo`. Never the default in a file.
+    pub dev: bool,
+    /// Listen backlog per shard socket. Default 4096 (the kernel caps it at `net.core.somaxconn`).
+    pub backlog: u32,
+    /// Seconds between server pings; a connection silent for three intervals is closed. Default 25.
+    pub heartbeat_secs: u32,
+    /// Time a client has to complete the HTTP upgrade, in milliseconds. Default 5000.
+    pub handshake_timeout_ms: u64,
+    /// Largest HTTP upgrade request accepted, in bytes. Default 8192.
+    pub max_handshake_bytes: usize,
+    /// Connections (including those still handshaking) one node holds; more get HTTP 503.
+    /// Default 1,000,000.
+    pub max_connections: usize,
+    /// Devices one user may have online; a newer one closes the oldest with 4001. Default 8.
+    pub max_devices_per_user: usize,
+    /// Topics one connection may subscribe to. Default 64.
+    pub max_topics_per_connection: usize,
+    /// Longest topic name and user id, in bytes. Default 128.
+    pub max_name_bytes: usize,
+    /// Largest single inbound frame payload, in bytes; larger closes with 1009. Default 65536.
+    pub max_frame_bytes: usize,
+    /// Largest inbound message (all fragments), in bytes; larger closes with 1009. Default 65536.
+    pub max_message_bytes: usize,
+    /// Inbound messages per second a connection may sustain (token bucket refill). Default 50.
+    pub rate_limit_per_sec: u32,
+    /// Inbound message burst a connection may send at once (token bucket size). Default 100.
+    pub rate_limit_burst: u32,
+    /// Bytes of frames queued for one connection before it counts as a slow consumer and is
+    /// closed with 1008. Default 262144 (256 KiB); the kernel socket buffer comes on top.
+    pub max_outbound_bytes: usize,
+    /// Envelopes one shard's inbox holds before senders count drops. Default 65536.
+    pub shard_inbox_capacity: usize,
+    /// On SIGTERM/SIGINT, how long clients get to close before the node exits, in ms. Default 10000.
+    pub grace_period_ms: u64,
+    /// How long a closing connection waits for the peer's close frame, in ms. Default 2000.
+    pub close_timeout_ms: u64,
+    /// `human` (default) or `json` log lines.
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            api_listen: ([127, 0, 0, 1], 8081).into(),
+            shards: 0,
+            pin_shards: true,
+            redis: None,
+            node_id: None,
+            secret: None,
+            api_key: None,
+            dev: false,
+            backlog: 4096,
+            heartbeat_secs: 25,
+            handshake_timeout_ms: 5000,
+            max_handshake_bytes: 8192,
+            max_connections: 1_000_000,
+            max_devices_per_user: 8,
+            max_topics_per_connection: 64,
+            max_name_bytes: 128,
+            max_frame_bytes: 64 * 1024,
+            max_message_bytes: 64 * 1024,
+            rate_limit_per_sec: 50,
+            rate_limit_burst: 100,
+            max_outbound_bytes: 256 * 1024,
+            shard_inbox_capacity: 65536,
+            grace_period_ms: 10_000,
+            close_timeout_ms: 2000,
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+/// The flags of `shardcast serve`; each one, when given, overrides file and environment.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct ServeFlags {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Client WebSocket listener address.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP API listener address.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_listen: Option<SocketAddr>,
+    /// Number of shards (0 = one per core).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
+    /// Redis URL: joins the cluster on that Redis.
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+    /// Node id (default: generated).
+    #[arg(long, value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// JWT HS256 secret for client tokens.
+    #[arg(long, value_name = "S")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// API key for the HTTP API.
+    #[arg(long, value_name = "K")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Development mode: trusts `?user=NAME`; not for production.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dev: bool,
+    /// Log format.
+    #[arg(long, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration that could not be loaded or does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file, variable or flag could not be read into the typed config.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// Values were read but are inconsistent; every problem is listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Layers defaults, the file, `SHARDCAST_*` variables and flags, then validates.
+    pub fn load(flags: &ServeFlags) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &flags.config {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("SHARDCAST_"))
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; lists all problems rather than stopping at the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if !self.dev && self.secret.as_deref().is_none_or(str::is_empty) {
+            problems.push("`secret` is required unless --dev (clients authenticate with JWTs signed by it)".into());
+        }
+        if self.shards > MAX_SHARDS {
+            problems.push(format!("`shards` is {}, at most {MAX_SHARDS}", self.shards));
+        }
+        let positive = [
+            ("heartbeat_secs", self.heartbeat_secs as u64),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("max_handshake_bytes", self.max_handshake_bytes as u64),
+            ("max_connections", self.max_connections as u64),
+            ("max_devices_per_user", self.max_devices_per_user as u64),
+            ("max_topics_per_connection", self.max_topics_per_connection as u64),
+            ("max_name_bytes", self.max_name_bytes as u64),
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_message_bytes", self.max_message_bytes as u64),
+            ("rate_limit_per_sec", self.rate_limit_per_sec as u64),
+            ("rate_limit_burst", self.rate_limit_burst as u64),
+            ("max_outbound_bytes", self.max_outbound_bytes as u64),
+            ("shard_inbox_capacity", self.shard_inbox_capacity as u64),
+            ("backlog", self.backlog as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                problems.push(format!("`{name}` must be greater than 0"));
+            }
+        }
+        if self.max_handshake_bytes < 512 {
+            problems.push("`max_handshake_bytes` must be at least 512".into());
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.push("`node_id` must be 1 to 64 printable ASCII characters".into());
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Shards to run: the configured count, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_SHARDS)
+        }
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_a_secret_unless_dev() {
+        assert!(Config::default().validate().is_err());
+        let dev = Config {
+            dev: true,
+            ..Config::default()
+        };
+        assert!(dev.validate().is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let bad = Config {
+            shards: 64,
+            max_connections: 0,
+            heartbeat_secs: 0,
+            ..Config::default()
+        };
+        match bad.validate() {
+            Err(ConfigError::Invalid(problems)) => assert_eq!(problems.len(), 4, "{problems:?}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_override_environment_and_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("node.toml", "secret = \"from-file\"\nmax_devices_per_user = 3\nshards = 2")?;
+            jail.set_env("SHARDCAST_SHARDS", "4");
+            jail.set_env("SHARDCAST_SECRET", "12345");
+            let flags = ServeFlags {
+                config: Some("node.toml".into()),
+                shards: Some(1),
+                ..ServeFlags::default()
+            };
+            let config = Config::load(&flags).map_err(|e| e.to_string())?;
+            assert_eq!(config.shards, 1, "flag beats env");
+            assert_eq!(config.secret.as_deref(), Some("12345"), "env beats file, numeric text stays text");
+            assert_eq!(config.max_devices_per_user, 3, "file beats default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("node.toml", "secret = \"s\"\nmax_conections = 3")?;
+            let flags = ServeFlags {
+                config: Some("node.toml".into()),
+                ..ServeFlags::default()
+            };
+            assert!(Config::load(&flags).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,28 @@
+//! shardcast: a clustered WebSocket push gateway, thread-per-core.
+//!
+//! # Layout
+//! - [`config`]: the typed configuration; defaults, TOML, `SHARDCAST_*` env, flags; validation.
+//! - [`node`]: starts a node (listeners, shards), pushes messages in from other threads, stops it.
+//! - [`shard`]: one glommio executor per core owning its listener, connections and tables.
+//! - [`session`]: one client connection: upgrade, protocol v1, write queue, close.
+//! - [`router`]: envelopes between shards, their inboxes, and the home-shard directory.
+//! - [`ws`]: RFC 6455 framing on shard-owned buffers; the upgrade request.
+//! - [`protocol`]: client protocol v1 requests, rendered server frames, message ids.
+//! - [`auth`]: JWT (HS256) and dev-mode credentials.
+//! - [`metrics`]: per-shard counters and gauges.
+//!
+//! A message is rendered once per node into a complete WebSocket frame (`bytes::Bytes`),
+//! routed to the shards that hold recipients, and the same buffer is written to each socket.
+
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod node;
+pub mod protocol;
+pub mod router;
+pub mod session;
+pub mod shard;
+pub mod ws;
+
+pub use config::Config;
+pub use node::{Node, Publisher, Stopper, Target};

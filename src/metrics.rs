@@ -1,0 +1,293 @@
+//! Counters and gauges, one set per shard.
+//!
+//! Each shard writes only its own [`ShardMetrics`] (its cache lines stay local to its core);
+//! readers (tests, and the Prometheus endpoint of the API) sum across shards when asked.
+//! Labelled families are fixed arrays indexed by an enum, so incrementing never allocates
+//! or hashes. Relaxed atomics: a scrape may see counters a few increments apart, never torn.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Adds `n` (may be negative).
+    #[inline]
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $label:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vdoc])* $variant,)+ }
+
+        impl $name {
+            /// Every value, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The Prometheus label value.
+            pub fn label(self) -> &'static str {
+                match self { $($name::$variant => $label,)+ }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// Why a handshake was refused.
+    Refusal {
+        /// Not a valid upgrade request.
+        BadRequest => "bad_request",
+        /// Path other than /ws (or /echo in dev mode).
+        NotFound => "not_found",
+        /// Request too large.
+        TooLarge => "too_large",
+        /// Did not finish in time.
+        Timeout => "timeout",
+        /// Missing or invalid credentials.
+        Unauthorized => "unauthorized",
+        /// Node at max_connections or draining.
+        Unavailable => "unavailable",
+    }
+}
+
+label_enum! {
+    /// What kind of message a delivery carried.
+    Delivery {
+        /// Direct message to a user.
+        Direct => "direct",
+        /// Topic publication.
+        Topic => "topic",
+        /// Broadcast.
+        Broadcast => "broadcast",
+    }
+}
+
+label_enum! {
+    /// Why the server closed a connection (peer-initiated closes are `peer`).
+    Close {
+        /// The peer closed or vanished.
+        Peer => "peer",
+        /// Framing error (1002).
+        Protocol => "protocol_error",
+        /// Frame or message too big (1009).
+        TooBig => "too_big",
+        /// Invalid UTF-8 (1007).
+        BadUtf8 => "bad_utf8",
+        /// Outbound queue over its limit (1008).
+        SlowConsumer => "slow_consumer",
+        /// No frame for three heartbeat intervals (1008).
+        HeartbeatTimeout => "heartbeat_timeout",
+        /// Replaced by a newer device of the same user (4001).
+        Replaced => "replaced",
+        /// Kicked through the API (4003).
+        Kicked => "kicked",
+        /// Node shutting down (1001).
+        Shutdown => "shutdown",
+        /// Socket error.
+        IoError => "io_error",
+    }
+}
+
+label_enum! {
+    /// Why an inbound request was refused (connection kept) or a message was dropped.
+    Rejection {
+        /// Not JSON, not an object, missing field.
+        Malformed => "malformed",
+        /// Unknown op.
+        UnknownOp => "unknown_op",
+        /// Binary message on /ws.
+        Binary => "binary",
+        /// Topic or user name invalid.
+        BadName => "bad_name",
+        /// Token does not allow publishing to the topic.
+        Forbidden => "forbidden",
+        /// Over max_topics_per_connection.
+        TooManyTopics => "too_many_topics",
+        /// Over the inbound rate limit.
+        RateLimited => "rate_limited",
+        /// Unsubscribing from a topic not subscribed.
+        NotSubscribed => "not_subscribed",
+    }
+}
+
+label_enum! {
+    /// Why a message on its way between shards was dropped.
+    Drop {
+        /// The target shard's inbox was full.
+        InboxFull => "inbox_full",
+        /// The target shard has stopped.
+        ShardGone => "shard_gone",
+    }
+}
+
+/// One shard's metrics.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    /// Open WebSocket connections (after the upgrade).
+    pub connections: Gauge,
+    /// Distinct users with a connection on this shard.
+    pub users: Gauge,
+    /// Distinct topics with a subscriber on this shard.
+    pub topics: Gauge,
+    /// Handshakes that upgraded.
+    pub handshakes_accepted: Counter,
+    /// Handshakes refused, by [`Refusal`].
+    pub handshakes_refused: [Counter; 6],
+    /// Accept calls that failed (e.g. EMFILE); the accept loop backs off.
+    pub accept_errors: Counter,
+    /// WebSocket frames received.
+    pub frames_in: Counter,
+    /// WebSocket frames written or queued to clients (replies, deliveries, pings, closes).
+    pub frames_out: Counter,
+    /// Messages handed to client sockets, by [`Delivery`].
+    pub delivered: [Counter; 3],
+    /// Connections closed, by [`Close`].
+    pub closes: [Counter; 10],
+    /// Requests refused with an `err` frame, by [`Rejection`].
+    pub rejections: [Counter; 8],
+    /// Cross-shard messages dropped, by [`Drop`].
+    pub drops: [Counter; 2],
+    /// Envelopes this shard received from other shards.
+    pub envelopes_in: Counter,
+}
+
+impl ShardMetrics {
+    /// Counts a refused handshake.
+    pub fn refused(&self, reason: Refusal) {
+        self.handshakes_refused[reason as usize].inc();
+    }
+
+    /// Counts a server-side close.
+    pub fn closed(&self, reason: Close) {
+        self.closes[reason as usize].inc();
+    }
+
+    /// Counts a refused request.
+    pub fn rejected(&self, reason: Rejection) {
+        self.rejections[reason as usize].inc();
+    }
+
+    /// Counts a dropped cross-shard message.
+    pub fn dropped(&self, reason: Drop) {
+        self.drops[reason as usize].inc();
+    }
+
+    /// Counts `n` deliveries of `kind`.
+    pub fn delivered(&self, kind: Delivery, n: u64) {
+        self.delivered[kind as usize].add(n);
+    }
+}
+
+/// Every shard's metrics of one node.
+#[derive(Debug, Clone)]
+pub struct NodeMetrics {
+    shards: Arc<[Arc<ShardMetrics>]>,
+}
+
+impl NodeMetrics {
+    /// Metrics for `shards` shards, all zero.
+    pub fn new(shards: usize) -> Self {
+        NodeMetrics {
+            shards: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
+        }
+    }
+
+    /// One shard's metrics.
+    pub fn shard(&self, shard: usize) -> &Arc<ShardMetrics> {
+        &self.shards[shard]
+    }
+
+    /// All shards.
+    pub fn shards(&self) -> &[Arc<ShardMetrics>] {
+        &self.shards
+    }
+
+    /// Sums a counter over all shards.
+    pub fn sum(&self, pick: impl Fn(&ShardMetrics) -> u64) -> u64 {
+        self.shards.iter().map(|s| pick(s)).sum()
+    }
+
+    /// Open connections on the node.
+    pub fn connections(&self) -> i64 {
+        self.shards.iter().map(|s| s.connections.get()).sum()
+    }
+
+    /// Handshakes refused for `reason`, all shards.
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.sum(|s| s.handshakes_refused[reason as usize].get())
+    }
+
+    /// Server closes for `reason`, all shards.
+    pub fn closes(&self, reason: Close) -> u64 {
+        self.sum(|s| s.closes[reason as usize].get())
+    }
+
+    /// Requests refused for `reason`, all shards.
+    pub fn rejections(&self, reason: Rejection) -> u64 {
+        self.sum(|s| s.rejections[reason as usize].get())
+    }
+
+    /// Deliveries of `kind`, all shards.
+    pub fn delivered(&self, kind: Delivery) -> u64 {
+        self.sum(|s| s.delivered[kind as usize].get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_arrays_fit_their_enums() {
+        let m = ShardMetrics::default();
+        assert_eq!(m.handshakes_refused.len(), Refusal::ALL.len());
+        assert_eq!(m.delivered.len(), Delivery::ALL.len());
+        assert_eq!(m.closes.len(), Close::ALL.len());
+        assert_eq!(m.rejections.len(), Rejection::ALL.len());
+        assert_eq!(m.drops.len(), Drop::ALL.len());
+    }
+
+    #[test]
+    fn sums_across_shards() {
+        let node = NodeMetrics::new(2);
+        node.shard(0).closed(Close::Kicked);
+        node.shard(1).closed(Close::Kicked);
+        node.shard(1).connections.add(3);
+        assert_eq!(node.closes(Close::Kicked), 2);
+        assert_eq!(node.connections(), 3);
+    }
+}

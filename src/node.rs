@@ -1,0 +1,341 @@
+//! A running node: binds one `SO_REUSEPORT` listener per shard, starts the shards, and gives
+//! the rest of the process (the HTTP API, the signal handler, tests) a way to push messages
+//! and to stop it.
+//!
+//! Listeners are bound here, on the calling thread, before any shard starts, so a bad address
+//! or a port in use fails `Node::start` with a clear error instead of a shard panicking.
+//! glommio's own `TcpListener::bind` hard-codes a backlog of 1024; ours is configurable.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use serde_json::value::RawValue;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError, MAX_SHARDS};
+use crate::metrics::{self, NodeMetrics};
+use crate::protocol::{self, render, MidGenerator};
+use crate::router::{Envelope, Mesh};
+use crate::shard;
+
+/// Bytes of glommio I/O memory per shard. Sockets do not use it (reads go through the shard's
+/// scratch buffer); keeping it small keeps many nodes per host under RLIMIT_MEMLOCK.
+const IO_MEMORY_BYTES: usize = 512 * 1024;
+
+/// What every shard of a node shares (read-mostly; counters are atomics).
+pub struct NodeShared {
+    /// The validated configuration.
+    pub config: Config,
+    /// This node's id.
+    pub node_id: Arc<str>,
+    /// The node's number in message ids (see [`MidGenerator`]).
+    pub node_number: u16,
+    /// Handshake authentication.
+    pub auth: Authenticator,
+    /// Inboxes of every shard.
+    pub mesh: Mesh,
+    /// Every shard's metrics.
+    pub metrics: NodeMetrics,
+    /// Sockets past `accept`, upgraded or still handshaking (the `max_connections` count).
+    pub connections: AtomicUsize,
+    /// Set once the node is stopping: new handshakes get 503.
+    pub draining: AtomicBool,
+}
+
+impl NodeShared {
+    /// Counts an accepted socket against `max_connections` for as long as the guard lives.
+    pub fn admit(&self) -> Admission<'_> {
+        let before = self.connections.fetch_add(1, Ordering::Relaxed);
+        Admission {
+            node: self,
+            over: before >= self.config.max_connections,
+        }
+    }
+}
+
+/// An accepted socket's place in the connection count.
+pub struct Admission<'a> {
+    node: &'a NodeShared,
+    over: bool,
+}
+
+impl Admission<'_> {
+    /// Whether the node was already full when this socket arrived.
+    pub fn over_limit(&self) -> bool {
+        self.over
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A shard executor could not start.
+    #[error("cannot start shard {shard}: {message}")]
+    Executor {
+        /// The shard.
+        shard: usize,
+        /// glommio's error.
+        message: String,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<NodeShared>,
+    executors: Vec<ExecutorJoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+impl Node {
+    /// Validates `config`, binds the listeners and starts every shard.
+    pub fn start(config: Config) -> Result<Node, StartError> {
+        config.validate()?;
+        let shards = config.shard_count();
+        let listeners = bind_listeners(config.listen, shards, config.backlog as i32)?;
+        let local_addr = listeners[0]
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(config.listen);
+        let node_id: Arc<str> = config.node_id.clone().map_or_else(generate_node_id, Arc::from);
+        let (mesh, inboxes) = Mesh::new(shards, config.shard_inbox_capacity);
+        let shared = Arc::new(NodeShared {
+            node_number: node_number(&node_id),
+            auth: Authenticator::new(config.secret.as_deref(), config.dev, config.max_name_bytes),
+            metrics: NodeMetrics::new(shards),
+            node_id,
+            mesh,
+            connections: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            config,
+        });
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut executors = Vec::with_capacity(shards);
+        for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+            let placement = if shared.config.pin_shards {
+                Placement::Fixed(index % cpus)
+            } else {
+                Placement::Unbound
+            };
+            let node = shared.clone();
+            let listener: OwnedFd = listener.into();
+            let executor = LocalExecutorBuilder::new(placement)
+                .name(&format!("shard-{index}"))
+                .io_memory(IO_MEMORY_BYTES)
+                .spawn(move || shard::run(index, node, listener, inbox))
+                .map_err(|e| StartError::Executor {
+                    shard: index,
+                    message: e.to_string(),
+                })?;
+            executors.push(executor);
+        }
+        tracing::info!(
+            node_id = %shared.node_id,
+            listen = %local_addr,
+            api_listen = %shared.config.api_listen,
+            shards,
+            "shardcast node started"
+        );
+        Ok(Node {
+            shared,
+            executors,
+            local_addr,
+        })
+    }
+
+    /// The client listener's bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.shared.metrics
+    }
+
+    /// A handle that pushes messages into the node from any thread.
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.shared.clone())
+    }
+
+    /// A handle that stops the node from any thread (e.g. a signal handler).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shared.clone())
+    }
+
+    /// Waits for every shard to finish (after [`Stopper::stop`]).
+    pub fn join(self) {
+        for executor in self.executors {
+            if let Err(error) = executor.join() {
+                tracing::error!(%error, "shard ended with an error");
+            }
+        }
+        tracing::info!(node_id = %self.shared.node_id, "node stopped");
+    }
+}
+
+/// Stops a node: stop accepting, close clients with 1001, exit within the grace period.
+#[derive(Clone)]
+pub struct Stopper(Arc<NodeShared>);
+
+impl Stopper {
+    /// Starts the graceful stop (idempotent).
+    pub fn stop(&self) {
+        if self.0.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!(node_id = %self.0.node_id, "stopping: closing clients with 1001");
+        let metrics = self.0.metrics.shard(0);
+        self.0.mesh.send_to_all(metrics, || Envelope::Shutdown);
+    }
+}
+
+/// Who a message from outside the shards (API, bridge) is for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Target<'a> {
+    /// Users: every device of each.
+    pub users: &'a [&'a str],
+    /// Topics: every subscriber of each.
+    pub topics: &'a [&'a str],
+    /// Every user connection of the node.
+    pub broadcast: bool,
+}
+
+/// Pushes server messages into the node from any thread. Frames are rendered once here
+/// and handed to the home shards, exactly as a client's `send`/`pub` would be.
+pub struct Publisher {
+    node: Arc<NodeShared>,
+    mids: Mutex<MidGenerator>,
+}
+
+impl Publisher {
+    fn new(node: Arc<NodeShared>) -> Self {
+        // The shard number past the last shard is reserved for ids made outside the shards.
+        let mids = Mutex::new(MidGenerator::new(node.node_number, MAX_SHARDS));
+        Publisher { node, mids }
+    }
+
+    /// Pushes `data` to `target`; returns the message id (the same for every recipient).
+    pub fn publish(&self, target: Target<'_>, data: &RawValue) -> u64 {
+        let ts = protocol::now_ms();
+        let mid = self
+            .mids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .next(ts);
+        let mesh = &self.node.mesh;
+        for user in target.users {
+            let frame = render::msg(None, user, mid, ts, data.get());
+            let home = mesh.home(user);
+            let envelope = Envelope::RouteUser {
+                user: Arc::from(*user),
+                frame,
+                except: None,
+            };
+            mesh.send(home, envelope, self.node.metrics.shard(home));
+        }
+        for topic in target.topics {
+            let frame = render::publication(Some(topic), mid, ts, data.get());
+            let home = mesh.home(topic);
+            let envelope = Envelope::RouteTopic {
+                topic: Arc::from(*topic),
+                frame,
+            };
+            mesh.send(home, envelope, self.node.metrics.shard(home));
+        }
+        if target.broadcast {
+            let frame: Bytes = render::publication(None, mid, ts, data.get());
+            mesh.send_to_all(self.node.metrics.shard(0), || Envelope::Broadcast {
+                frame: frame.clone(),
+            });
+        }
+        mid
+    }
+
+    /// Closes every connection of `user` on this node with 4003.
+    pub fn disconnect_user(&self, user: &str) {
+        let home = self.node.mesh.home(user);
+        let envelope = Envelope::CloseUser {
+            user: Arc::from(user),
+            code: crate::ws::close::KICKED,
+            reason: metrics::Close::Kicked,
+        };
+        self.node
+            .mesh
+            .send(home, envelope, self.node.metrics.shard(home));
+    }
+}
+
+/// Binds `shards` listeners to `addr` with `SO_REUSEPORT`, so the kernel spreads incoming
+/// connections over the shards. With port 0 the first socket picks the port for all.
+fn bind_listeners(
+    addr: SocketAddr,
+    shards: usize,
+    backlog: i32,
+) -> Result<Vec<Socket>, StartError> {
+    let mut listeners = Vec::with_capacity(shards);
+    let mut bind_addr = addr;
+    for _ in 0..shards {
+        let bind = || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::for_address(bind_addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(&SockAddr::from(bind_addr))?;
+            socket.listen(backlog)?;
+            Ok(socket)
+        };
+        let socket = bind().map_err(|source| StartError::Bind { addr, source })?;
+        if bind_addr.port() == 0 {
+            if let Some(bound) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
+                bind_addr = bound;
+            }
+        }
+        listeners.push(socket);
+    }
+    Ok(listeners)
+}
+
+/// `<hostname>-<8 hex digits>`: readable in logs, unique enough to never collide.
+fn generate_node_id() -> Arc<str> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    let seed = ahash::RandomState::new().hash_one((std::process::id(), protocol::now_ms()));
+    Arc::from(format!("{host}-{:08x}", seed as u32))
+}
+
+/// The 9-bit node number in message ids, derived from the node id. In a cluster two nodes
+/// could share one; the cluster bridge replaces this with a number leased from Redis.
+fn node_number(node_id: &str) -> u16 {
+    (ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(node_id) % 512) as u16
+}

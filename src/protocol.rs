@@ -1,0 +1,429 @@
+//! Client protocol v1: parsing what clients send, rendering what the server sends, and
+//! message ids.
+//!
+//! Server frames are rendered straight into complete WebSocket text frames ([`Bytes`] with
+//! the header in front), so a message is serialized and framed once per node and the same
+//! buffer is written to every local recipient. `data` is carried as raw JSON text: parsed
+//! only to be validated and never re-serialized.
+
+use std::borrow::Cow;
+use std::io::Write;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::ws;
+
+/// Longest request `id` echoed back, in bytes of JSON text.
+pub const MAX_ID_BYTES: usize = 64;
+
+/// A client request, borrowed from the frame it came in.
+#[derive(Debug)]
+pub enum Request<'a> {
+    /// Subscribe to a topic.
+    Sub {
+        /// Topic name.
+        topic: Cow<'a, str>,
+    },
+    /// Unsubscribe from a topic.
+    Unsub {
+        /// Topic name.
+        topic: Cow<'a, str>,
+    },
+    /// Publish to a topic.
+    Pub {
+        /// Topic name.
+        topic: Cow<'a, str>,
+        /// Payload, raw JSON.
+        data: &'a RawValue,
+    },
+    /// Message a user on all their devices.
+    Send {
+        /// Recipient user id.
+        to: Cow<'a, str>,
+        /// Payload, raw JSON.
+        data: &'a RawValue,
+    },
+    /// Application ping.
+    Ping,
+}
+
+/// A request that could not be understood; answered with an `err` frame.
+#[derive(Debug)]
+pub struct Refusal<'a> {
+    /// The request's id, if one could be read.
+    pub id: Option<&'a RawValue>,
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub msg: &'static str,
+}
+
+impl Refusal<'_> {
+    /// Whether the request named an op this protocol does not have.
+    pub fn is_unknown_op(&self) -> bool {
+        self.msg == UNKNOWN_OP
+    }
+}
+
+const UNKNOWN_OP: &str = "unknown op";
+
+/// The `code` of an `err` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Malformed JSON, unknown op, missing or invalid field.
+    BadRequest,
+    /// Not allowed by the token.
+    Forbidden,
+    /// A limit was hit (rate, topics per connection).
+    TooMany,
+    /// The thing named does not exist (e.g. unsubscribing from a topic not subscribed).
+    NotFound,
+}
+
+impl ErrorCode {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooMany => "too_many",
+            ErrorCode::NotFound => "not_found",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+}
+
+/// Keeps an explicit `"data": null` apart from a missing `data`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn valid_id(id: &RawValue) -> bool {
+    let text = id.get();
+    text.len() <= MAX_ID_BYTES
+        && matches!(text.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+}
+
+/// Parses one text message. The `id`, when usable, is returned on both paths so the reply
+/// can echo it.
+#[allow(clippy::type_complexity)]
+pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Refusal<'_>> {
+    let raw: RawRequest = serde_json::from_str(text).map_err(|_| Refusal {
+        id: None,
+        code: ErrorCode::BadRequest,
+        msg: "malformed request: expected a JSON object with an op",
+    })?;
+    let refuse = |id, msg| Refusal {
+        id,
+        code: ErrorCode::BadRequest,
+        msg,
+    };
+    if let Some(id) = raw.id {
+        if !valid_id(id) {
+            return Err(refuse(None, "id must be a number or a string of at most 64 bytes"));
+        }
+    }
+    let id = raw.id;
+    let request = match &*raw.op {
+        "sub" => Request::Sub {
+            topic: raw.topic.ok_or_else(|| refuse(id, "sub needs a topic"))?,
+        },
+        "unsub" => Request::Unsub {
+            topic: raw.topic.ok_or_else(|| refuse(id, "unsub needs a topic"))?,
+        },
+        "pub" => Request::Pub {
+            topic: raw.topic.ok_or_else(|| refuse(id, "pub needs a topic"))?,
+            data: raw.data.ok_or_else(|| refuse(id, "pub needs data"))?,
+        },
+        "send" => Request::Send {
+            to: raw.to.ok_or_else(|| refuse(id, "send needs to"))?,
+            data: raw.data.ok_or_else(|| refuse(id, "send needs data"))?,
+        },
+        "ping" => Request::Ping,
+        _ => return Err(refuse(id, UNKNOWN_OP)),
+    };
+    Ok((id, request))
+}
+
+/// Renders server frames. Each function returns one complete WebSocket text frame.
+pub mod render {
+    use super::*;
+
+    /// Writes `"key":` followed by `value` as a JSON string.
+    fn string_field(out: &mut Vec<u8>, key: &str, value: &str) {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut *out, value).expect("writing to a Vec cannot fail");
+        out.push(b',');
+    }
+
+    fn raw_field(out: &mut Vec<u8>, key: &str, value: &str) {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(value.as_bytes());
+        out.push(b',');
+    }
+
+    fn mid_ts(out: &mut Vec<u8>, mid: u64, ts: u64) {
+        write!(out, "\"mid\":\"{mid}\",\"ts\":{ts},").expect("writing to a Vec cannot fail");
+    }
+
+    /// Starts a frame: header room, then `{"op":"<op>",`.
+    fn open(op: &str, capacity: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ws::MAX_SERVER_HEADER + capacity + 16 + op.len());
+        out.resize(ws::MAX_SERVER_HEADER, 0);
+        out.extend_from_slice(b"{\"op\":\"");
+        out.extend_from_slice(op.as_bytes());
+        out.extend_from_slice(b"\",");
+        out
+    }
+
+    /// Replaces the trailing comma with `}` and frames it.
+    fn close(mut out: Vec<u8>) -> Bytes {
+        *out.last_mut().expect("open() wrote the op") = b'}';
+        ws::seal_text_frame(out)
+    }
+
+    /// `hello`: the first frame after the upgrade.
+    pub fn hello(user: &str, conn: u64, node: &str, hb_secs: u32) -> Bytes {
+        let mut out = open("hello", user.len() + node.len() + 48);
+        string_field(&mut out, "user", user);
+        write!(out, "\"conn\":\"{conn}\",").expect("Vec write");
+        string_field(&mut out, "node", node);
+        write!(out, "\"hb\":{hb_secs},").expect("Vec write");
+        close(out)
+    }
+
+    /// `ack`, with the request's id and the message id where one was made.
+    pub fn ack(id: Option<&RawValue>, mid: Option<u64>) -> Bytes {
+        let mut out = open("ack", 64);
+        if let Some(id) = id {
+            raw_field(&mut out, "id", id.get());
+        }
+        if let Some(mid) = mid {
+            write!(out, "\"mid\":\"{mid}\",").expect("Vec write");
+        }
+        close(out)
+    }
+
+    /// `err`: a refused request.
+    pub fn err(id: Option<&RawValue>, code: ErrorCode, msg: &str) -> Bytes {
+        let mut out = open("err", 64 + msg.len());
+        if let Some(id) = id {
+            raw_field(&mut out, "id", id.get());
+        }
+        string_field(&mut out, "code", code.as_str());
+        string_field(&mut out, "msg", msg);
+        close(out)
+    }
+
+    /// `pong`: answer to an application ping.
+    pub fn pong(id: Option<&RawValue>) -> Bytes {
+        let mut out = open("pong", 16);
+        if let Some(id) = id {
+            raw_field(&mut out, "id", id.get());
+        }
+        close(out)
+    }
+
+    /// `msg`: a direct message; `from` is absent when the server sends it.
+    pub fn msg(from: Option<&str>, to: &str, mid: u64, ts: u64, data: &str) -> Bytes {
+        let mut out = open("msg", 64 + to.len() + from.map_or(0, str::len) + data.len());
+        if let Some(from) = from {
+            string_field(&mut out, "from", from);
+        }
+        string_field(&mut out, "to", to);
+        mid_ts(&mut out, mid, ts);
+        raw_field(&mut out, "data", data);
+        close(out)
+    }
+
+    /// `pub`: a topic publication, or a broadcast when `topic` is `None`.
+    pub fn publication(topic: Option<&str>, mid: u64, ts: u64, data: &str) -> Bytes {
+        let mut out = open("pub", 64 + topic.map_or(0, str::len) + data.len());
+        if let Some(topic) = topic {
+            string_field(&mut out, "topic", topic);
+        }
+        mid_ts(&mut out, mid, ts);
+        raw_field(&mut out, "data", data);
+        close(out)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Makes 64-bit message ids, unique across the cluster and ordered by time.
+///
+/// Layout, high to low: 41 bits of milliseconds since 2025-01-01 (good until 2094), 9 bits of
+/// node number, 6 bits of shard, 8 bits of sequence. A shard makes 256 ids per millisecond
+/// before it borrows the next millisecond: ids stay unique and ordered, and run ahead of the
+/// wall clock only while a shard sustains more than 256,000 messages per second, catching
+/// up as soon as the rate drops. One generator per shard, so no synchronization.
+#[derive(Debug)]
+pub struct MidGenerator {
+    prefix: u64,
+    last_ms: u64,
+    seq: u64,
+}
+
+impl MidGenerator {
+    /// Start of the id clock: 2025-01-01T00:00:00Z.
+    pub const EPOCH_MS: u64 = 1_735_689_600_000;
+    const SEQ_BITS: u32 = 8;
+    const SHARD_BITS: u32 = 6;
+    const NODE_BITS: u32 = 9;
+    const TIME_SHIFT: u32 = Self::SEQ_BITS + Self::SHARD_BITS + Self::NODE_BITS;
+
+    /// A generator for one shard of one node. Both numbers are masked to their bit widths.
+    pub fn new(node_number: u16, shard: usize) -> Self {
+        let node = (node_number as u64) & ((1 << Self::NODE_BITS) - 1);
+        let shard = (shard as u64) & ((1 << Self::SHARD_BITS) - 1);
+        MidGenerator {
+            prefix: (node << (Self::SEQ_BITS + Self::SHARD_BITS)) | (shard << Self::SEQ_BITS),
+            last_ms: 0,
+            seq: 0,
+        }
+    }
+
+    /// The next id, given the wall clock in Unix milliseconds.
+    pub fn next(&mut self, now_unix_ms: u64) -> u64 {
+        let now = now_unix_ms.saturating_sub(Self::EPOCH_MS);
+        if now > self.last_ms {
+            self.last_ms = now;
+            self.seq = 0;
+        } else {
+            self.seq += 1;
+            if self.seq == 1 << Self::SEQ_BITS {
+                self.last_ms += 1;
+                self.seq = 0;
+            }
+        }
+        (self.last_ms << Self::TIME_SHIFT) | self.prefix | self.seq
+    }
+
+    /// The Unix millisecond a message id was made at.
+    pub fn timestamp_ms(mid: u64) -> u64 {
+        (mid >> Self::TIME_SHIFT) + Self::EPOCH_MS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_of(frame: &Bytes) -> &str {
+        std::str::from_utf8(&frame[ws::text_frame_header_len(frame)..]).expect("utf8")
+    }
+
+    fn json_of(frame: &Bytes) -> serde_json::Value {
+        serde_json::from_str(text_of(frame)).expect("json")
+    }
+
+    #[test]
+    fn parses_every_op() {
+        let (id, req) = parse_request(r#"{"op":"sub","id":1,"topic":"a"}"#).expect("sub");
+        assert_eq!(id.map(RawValue::get), Some("1"));
+        assert!(matches!(req, Request::Sub { topic } if topic == "a"));
+        let (_, req) = parse_request(r#"{"op":"unsub","topic":"a"}"#).expect("unsub");
+        assert!(matches!(req, Request::Unsub { topic } if topic == "a"));
+        let (id, req) = parse_request(r#"{"op":"pub","id":"x","topic":"t","data":{"k":[1,2]}}"#)
+            .expect("pub");
+        assert_eq!(id.map(RawValue::get), Some("\"x\""));
+        match req {
+            Request::Pub { topic, data } => {
+                assert_eq!(topic, "t");
+                assert_eq!(data.get(), r#"{"k":[1,2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        let (_, req) = parse_request(r#"{"op":"send","to":"bob","data":null}"#).expect("send");
+        assert!(matches!(req, Request::Send { to, data } if to == "bob" && data.get() == "null"));
+        assert!(matches!(parse_request(r#"{"op":"ping"}"#).expect("ping").1, Request::Ping));
+    }
+
+    #[test]
+    fn refuses_bad_requests_keeping_the_id() {
+        assert_eq!(parse_request("{not json").unwrap_err().code, ErrorCode::BadRequest);
+        let refusal = parse_request(r#"{"op":"dance","id":7}"#).unwrap_err();
+        assert_eq!(refusal.msg, "unknown op");
+        assert_eq!(refusal.id.map(RawValue::get), Some("7"));
+        assert_eq!(parse_request(r#"{"op":"pub","topic":"t"}"#).unwrap_err().msg, "pub needs data");
+        assert_eq!(parse_request(r#"{"op":"send","data":1}"#).unwrap_err().msg, "send needs to");
+        assert!(parse_request(r#"{"op":"sub","id":{"a":1},"topic":"t"}"#).unwrap_err().id.is_none());
+        assert!(parse_request(r#"[1,2]"#).is_err());
+    }
+
+    #[test]
+    fn renders_frames_as_valid_json() {
+        let id = RawValue::from_string("\"r1\"".into()).expect("raw");
+        assert_eq!(
+            json_of(&render::ack(Some(&id), Some(42))),
+            serde_json::json!({"op":"ack","id":"r1","mid":"42"})
+        );
+        assert_eq!(json_of(&render::ack(None, None)), serde_json::json!({"op":"ack"}));
+        assert_eq!(
+            json_of(&render::err(None, ErrorCode::TooMany, "slow \"down\"")),
+            serde_json::json!({"op":"err","code":"too_many","msg":"slow \"down\""})
+        );
+        assert_eq!(
+            json_of(&render::msg(Some("al\nice"), "bob", 7, 8, r#"{"x":1}"#)),
+            serde_json::json!({"op":"msg","from":"al\nice","to":"bob","mid":"7","ts":8,"data":{"x":1}})
+        );
+        assert_eq!(
+            json_of(&render::publication(None, 7, 8, "[1]")),
+            serde_json::json!({"op":"pub","mid":"7","ts":8,"data":[1]})
+        );
+        assert_eq!(
+            json_of(&render::hello("u", 5, "n1", 25)),
+            serde_json::json!({"op":"hello","user":"u","conn":"5","node":"n1","hb":25})
+        );
+        assert_eq!(json_of(&render::pong(None)), serde_json::json!({"op":"pong"}));
+    }
+
+    #[test]
+    fn data_passes_through_untouched() {
+        let data = r#"{ "spaced" : 1.50, "u":"\u00e9" }"#;
+        let frame = render::publication(Some("t"), 1, 2, data);
+        assert!(text_of(&frame).contains(data));
+    }
+
+    #[test]
+    fn mids_are_unique_ordered_and_carry_time() {
+        let mut a = MidGenerator::new(3, 1);
+        let mut b = MidGenerator::new(3, 2);
+        let t = MidGenerator::EPOCH_MS + 1_000_000;
+        let mut seen = std::collections::HashSet::new();
+        let mut last = 0;
+        for _ in 0..2000 {
+            let id = a.next(t);
+            assert!(id > last, "ordered");
+            last = id;
+            assert!(seen.insert(id));
+            assert!(seen.insert(b.next(t)));
+        }
+        assert_eq!(MidGenerator::timestamp_ms(a.next(t + 50)), t + 50);
+        assert!(MidGenerator::timestamp_ms(last) >= t);
+    }
+}

@@ -1,0 +1,443 @@
+//! Cross-shard routing: the envelopes shards hand each other, the inboxes that carry them,
+//! and the directory that says which shards hold a user's devices or a topic's subscribers.
+//!
+//! # Inboxes
+//! Every shard has one bounded MPSC inbox (crossbeam-channel) that any thread may send to:
+//! other shards, and later the Redis bridge and the HTTP API. crossbeam's receiver is not
+//! awaitable, so each inbox pairs it with an [`AtomicWaker`] and a `notified` flag: a sender
+//! wakes the shard only when the flag was clear, so a burst of envelopes costs one wake-up
+//! (one eventfd write when the shard sleeps, glommio's foreign-wake path) and an idle shard
+//! costs nothing. A full inbox drops the envelope and counts it (`drops{reason=inbox_full}`)
+//! rather than blocking a shard or growing without bound.
+//!
+//! # Directory
+//! Each user and each topic has a *home shard*, a pure function of its name. The home shard
+//! keeps the user's devices (connection ids, oldest first: this is where the device limit is
+//! enforced) and the set of shards with subscribers of the topic. A message for a user or
+//! topic goes to the home shard, which forwards the already-rendered frame only to the shards
+//! that hold recipients. No locks and no shared maps: each entry lives on exactly one shard,
+//! so a node with a million users holds a million entries, not one per shard.
+
+use std::collections::HashMap;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ahash::RandomState;
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use smallvec::SmallVec;
+
+use crate::metrics::{self, Delivery, ShardMetrics};
+
+/// A connection id, unique within a node: the shard in the top 8 bits, a per-shard sequence
+/// below. Shown to clients in `hello` as `conn`.
+pub type ConnId = u64;
+
+const CONN_SHARD_SHIFT: u32 = 56;
+
+/// The connection id for the `seq`-th connection of `shard`.
+pub fn conn_id(shard: usize, seq: u64) -> ConnId {
+    ((shard as u64) << CONN_SHARD_SHIFT) | (seq & ((1 << CONN_SHARD_SHIFT) - 1))
+}
+
+/// The shard a connection lives on.
+pub fn shard_of(conn: ConnId) -> usize {
+    (conn >> CONN_SHARD_SHIFT) as usize
+}
+
+/// What one shard hands another.
+#[derive(Debug)]
+pub enum Envelope {
+    /// To the user's home shard: deliver `frame` to every device of `user` except `except`.
+    RouteUser {
+        /// Recipient.
+        user: Arc<str>,
+        /// Rendered frame.
+        frame: Bytes,
+        /// The sending connection, which does not get its own message back.
+        except: Option<ConnId>,
+    },
+    /// To the topic's home shard: deliver `frame` to every subscriber.
+    RouteTopic {
+        /// Topic.
+        topic: Arc<str>,
+        /// Rendered frame.
+        frame: Bytes,
+    },
+    /// Deliver `frame` to this shard's connections of `user` (from the home shard).
+    DeliverUser {
+        /// Recipient.
+        user: Arc<str>,
+        /// Rendered frame.
+        frame: Bytes,
+        /// Connection to skip.
+        except: Option<ConnId>,
+    },
+    /// Deliver `frame` to this shard's subscribers of `topic` (from the home shard).
+    DeliverTopic {
+        /// Topic.
+        topic: Arc<str>,
+        /// Rendered frame.
+        frame: Bytes,
+    },
+    /// Deliver `frame` to every user connection of this shard.
+    Broadcast {
+        /// Rendered frame.
+        frame: Bytes,
+    },
+    /// To the user's home shard: a device connected.
+    DeviceOnline {
+        /// User.
+        user: Arc<str>,
+        /// The new connection.
+        conn: ConnId,
+    },
+    /// To the user's home shard: a device disconnected.
+    DeviceOffline {
+        /// User.
+        user: Arc<str>,
+        /// The closed connection.
+        conn: ConnId,
+    },
+    /// To the topic's home shard: `shard` gained its first or lost its last subscriber.
+    TopicInterest {
+        /// Topic.
+        topic: Arc<str>,
+        /// The shard whose interest changed.
+        shard: usize,
+        /// Whether it now has subscribers.
+        active: bool,
+    },
+    /// To the user's home shard: close every device of `user` with `code`.
+    CloseUser {
+        /// User.
+        user: Arc<str>,
+        /// WebSocket close code.
+        code: u16,
+        /// Metric label.
+        reason: metrics::Close,
+    },
+    /// Close one connection of this shard with `code`.
+    CloseConn {
+        /// Connection.
+        conn: ConnId,
+        /// WebSocket close code.
+        code: u16,
+        /// Metric label.
+        reason: metrics::Close,
+    },
+    /// Stop accepting, close every connection with 1001, exit when they are gone.
+    Shutdown,
+}
+
+impl Envelope {
+    /// The kind of delivery a message envelope carries (for metrics).
+    pub fn delivery_kind(&self) -> Option<Delivery> {
+        match self {
+            Envelope::RouteUser { .. } | Envelope::DeliverUser { .. } => Some(Delivery::Direct),
+            Envelope::RouteTopic { .. } | Envelope::DeliverTopic { .. } => Some(Delivery::Topic),
+            Envelope::Broadcast { .. } => Some(Delivery::Broadcast),
+            _ => None,
+        }
+    }
+}
+
+struct InboxShared {
+    waker: AtomicWaker,
+    notified: AtomicBool,
+}
+
+/// Senders to every shard's inbox. Cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Mesh {
+    senders: Arc<[(Sender<Envelope>, Arc<InboxShared>)]>,
+    hasher: RandomState,
+}
+
+/// The receiving end of one shard's inbox.
+pub struct Inbox {
+    receiver: Receiver<Envelope>,
+    shared: Arc<InboxShared>,
+}
+
+impl Mesh {
+    /// A mesh of `shards` inboxes of `capacity` envelopes each, and their receivers in
+    /// shard order.
+    pub fn new(shards: usize, capacity: usize) -> (Mesh, Vec<Inbox>) {
+        let mut senders = Vec::with_capacity(shards);
+        let mut inboxes = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (tx, rx) = crossbeam_channel::bounded(capacity);
+            let shared = Arc::new(InboxShared {
+                waker: AtomicWaker::new(),
+                notified: AtomicBool::new(false),
+            });
+            senders.push((tx, shared.clone()));
+            inboxes.push(Inbox {
+                receiver: rx,
+                shared,
+            });
+        }
+        let mesh = Mesh {
+            senders: senders.into(),
+            // Fixed seeds: every shard (and, later, every node) must agree on home shards.
+            hasher: RandomState::with_seeds(0x5348_4152, 0x4443_4153, 0x5421_7a17, 0x0b5e_55ed),
+        };
+        (mesh, inboxes)
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// The home shard of a user id or topic name.
+    pub fn home(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) % self.senders.len() as u64) as usize
+    }
+
+    /// Hands `envelope` to `shard`, waking it if it sleeps. Never blocks; a full or closed
+    /// inbox drops the envelope and counts it on `metrics` (the sender's).
+    pub fn send(&self, shard: usize, envelope: Envelope, metrics: &ShardMetrics) -> bool {
+        let (sender, shared) = &self.senders[shard];
+        match sender.try_send(envelope) {
+            Ok(()) => {
+                fence(Ordering::SeqCst);
+                if !shared.notified.swap(true, Ordering::SeqCst) {
+                    shared.waker.wake();
+                }
+                true
+            }
+            Err(TrySendError::Full(dropped)) => {
+                metrics.dropped(metrics::Drop::InboxFull);
+                tracing::warn!(shard, kind = ?dropped.delivery_kind(), "shard inbox full, envelope dropped");
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                metrics.dropped(metrics::Drop::ShardGone);
+                false
+            }
+        }
+    }
+
+    /// Sends `make()` to every shard in `mask`.
+    pub fn send_to_mask(
+        &self,
+        mask: ShardMask,
+        metrics: &ShardMetrics,
+        mut make: impl FnMut() -> Envelope,
+    ) {
+        for shard in mask.iter() {
+            self.send(shard, make(), metrics);
+        }
+    }
+
+    /// Sends `make()` to every shard.
+    pub fn send_to_all(&self, metrics: &ShardMetrics, make: impl FnMut() -> Envelope) {
+        self.send_to_mask(ShardMask::all(self.shards()), metrics, make);
+    }
+}
+
+impl Inbox {
+    /// The next envelope, or `Ready(None)` once every sender is gone.
+    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Envelope>> {
+        if let Ok(envelope) = self.receiver.try_recv() {
+            return Poll::Ready(Some(envelope));
+        }
+        self.shared.waker.register(cx.waker());
+        self.shared.notified.store(false, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        match self.receiver.try_recv() {
+            Ok(envelope) => Poll::Ready(Some(envelope)),
+            Err(TryRecvError::Empty) => Poll::Pending,
+            Err(TryRecvError::Disconnected) => Poll::Ready(None),
+        }
+    }
+
+    /// Waits for the next envelope.
+    pub async fn recv(&self) -> Option<Envelope> {
+        futures_lite::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Envelopes waiting.
+    pub fn len(&self) -> usize {
+        self.receiver.len()
+    }
+
+    /// Whether no envelope is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.receiver.is_empty()
+    }
+}
+
+/// A set of shards (at most 64, see [`crate::config::MAX_SHARDS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardMask(u64);
+
+impl ShardMask {
+    /// Every shard of `shards`.
+    pub fn all(shards: usize) -> Self {
+        ShardMask(if shards >= 64 { u64::MAX } else { (1 << shards) - 1 })
+    }
+
+    /// Adds a shard.
+    pub fn insert(&mut self, shard: usize) {
+        self.0 |= 1 << shard;
+    }
+
+    /// Removes a shard.
+    pub fn remove(&mut self, shard: usize) {
+        self.0 &= !(1 << shard);
+    }
+
+    /// Whether no shard is in the set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The shards in ascending order.
+    pub fn iter(self) -> impl Iterator<Item = usize> {
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let shard = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                shard
+            })
+        })
+    }
+}
+
+/// The home-shard directory: which shards hold each user's devices and each topic's
+/// subscribers, for the users and topics whose home is this shard. Pure data, no I/O.
+#[derive(Debug, Default)]
+pub struct Directory {
+    users: HashMap<Arc<str>, SmallVec<[ConnId; 2]>, RandomState>,
+    topics: HashMap<Arc<str>, ShardMask, RandomState>,
+}
+
+impl Directory {
+    /// Records a new device; when the user now has more than `max_devices`, forgets the
+    /// oldest and returns it so the caller closes it (4001).
+    pub fn device_online(
+        &mut self,
+        user: Arc<str>,
+        conn: ConnId,
+        max_devices: usize,
+    ) -> Option<ConnId> {
+        let devices = self.users.entry(user).or_default();
+        devices.push(conn);
+        (devices.len() > max_devices).then(|| devices.remove(0))
+    }
+
+    /// Forgets a device (no-op if it was already evicted).
+    pub fn device_offline(&mut self, user: &str, conn: ConnId) {
+        if let Some(devices) = self.users.get_mut(user) {
+            devices.retain(|c| *c != conn);
+            if devices.is_empty() {
+                self.users.remove(user);
+            }
+        }
+    }
+
+    /// The user's devices, oldest first.
+    pub fn devices(&self, user: &str) -> &[ConnId] {
+        self.users.get(user).map_or(&[], |d| d.as_slice())
+    }
+
+    /// Shards holding at least one device of `user`.
+    pub fn user_shards(&self, user: &str) -> ShardMask {
+        let mut mask = ShardMask::default();
+        for conn in self.devices(user) {
+            mask.insert(shard_of(*conn));
+        }
+        mask
+    }
+
+    /// Records that `shard` has (or no longer has) subscribers of `topic`.
+    pub fn topic_interest(&mut self, topic: Arc<str>, shard: usize, active: bool) {
+        if active {
+            self.topics.entry(topic).or_default().insert(shard);
+        } else if let Some(mask) = self.topics.get_mut(&*topic) {
+            mask.remove(shard);
+            if mask.is_empty() {
+                self.topics.remove(&*topic);
+            }
+        }
+    }
+
+    /// Shards with subscribers of `topic`.
+    pub fn topic_shards(&self, topic: &str) -> ShardMask {
+        self.topics.get(topic).copied().unwrap_or_default()
+    }
+
+    /// Users whose home is this shard.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_ids_carry_their_shard() {
+        let id = conn_id(17, 123_456);
+        assert_eq!(shard_of(id), 17);
+        assert_ne!(conn_id(1, 5), conn_id(2, 5));
+    }
+
+    #[test]
+    fn device_limit_evicts_oldest() {
+        let mut dir = Directory::default();
+        let alice: Arc<str> = "alice".into();
+        assert_eq!(dir.device_online(alice.clone(), conn_id(0, 1), 2), None);
+        assert_eq!(dir.device_online(alice.clone(), conn_id(1, 1), 2), None);
+        assert_eq!(dir.device_online(alice.clone(), conn_id(0, 2), 2), Some(conn_id(0, 1)));
+        assert_eq!(dir.devices("alice"), &[conn_id(1, 1), conn_id(0, 2)]);
+        dir.device_offline("alice", conn_id(0, 1));
+        assert_eq!(dir.devices("alice").len(), 2, "evicted device going offline is a no-op");
+        assert_eq!(dir.user_shards("alice").iter().collect::<Vec<_>>(), vec![0, 1]);
+        dir.device_offline("alice", conn_id(1, 1));
+        dir.device_offline("alice", conn_id(0, 2));
+        assert_eq!(dir.user_count(), 0);
+    }
+
+    #[test]
+    fn topic_interest_tracks_shards() {
+        let mut dir = Directory::default();
+        dir.topic_interest("t".into(), 3, true);
+        dir.topic_interest("t".into(), 5, true);
+        assert_eq!(dir.topic_shards("t").iter().collect::<Vec<_>>(), vec![3, 5]);
+        dir.topic_interest("t".into(), 3, false);
+        dir.topic_interest("t".into(), 5, false);
+        assert!(dir.topic_shards("t").is_empty());
+        assert!(dir.topics.is_empty());
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(ShardMask::all(3).iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(ShardMask::all(64).iter().count(), 64);
+    }
+
+    #[test]
+    fn inbox_delivers_and_counts_overflow() {
+        let (mesh, inboxes) = Mesh::new(2, 1);
+        let metrics = ShardMetrics::default();
+        assert!(mesh.send(1, Envelope::Shutdown, &metrics));
+        assert!(!mesh.send(1, Envelope::Shutdown, &metrics), "full");
+        assert_eq!(metrics.drops[metrics::Drop::InboxFull as usize].get(), 1);
+        let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
+            Poll::Ready(cx.waker().clone())
+        }));
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(inboxes[1].poll_recv(&mut cx), Poll::Ready(Some(Envelope::Shutdown))));
+        assert!(inboxes[1].poll_recv(&mut cx).is_pending());
+        assert!(mesh.home("alice") < 2);
+        assert_eq!(mesh.home("alice"), mesh.clone().home("alice"));
+    }
+}

@@ -1,0 +1,630 @@
+//! RFC 6455 on our own buffers: the upgrade request, inbound frame decoding, outbound framing.
+//!
+//! tungstenite supplies the handshake logic (request parsing, accept key, response) and the
+//! frame types ([`FrameHeader`], [`OpCode`]); this module supplies the buffer management
+//! that lets a million idle connections hold no I/O buffer at all:
+//!
+//! * **Reading.** Sessions read into one scratch buffer per shard and hand it to
+//!   [`Inbound::feed`], which decodes whole frames in place (unmasking the scratch bytes) and
+//!   keeps only the bytes of an incomplete frame, or the fragments of an unfinished message,
+//!   in the connection. An idle connection's [`Inbound`] holds two empty `Vec`s.
+//! * **Writing.** Server frames are built as complete frames in a [`Bytes`] (header included)
+//!   so the same buffer can be queued for every recipient. Server frames are never masked.
+//!
+//! Nothing here does I/O, so all of it is unit-tested and benchmarked without sockets.
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+use tungstenite::handshake::machine::TryParse;
+use tungstenite::handshake::server::{create_response, write_response, Request};
+use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Room reserved in front of a rendered payload for the largest unmasked server header.
+pub const MAX_SERVER_HEADER: usize = 10;
+
+/// Writes the header of a text frame in front of the payload that follows the first
+/// [`MAX_SERVER_HEADER`] bytes of `out`, and returns the frame without the unused room.
+pub fn seal_text_frame(out: Vec<u8>) -> Bytes {
+    seal_frame(out, OpCode::Data(Data::Text))
+}
+
+fn seal_frame(mut out: Vec<u8>, opcode: OpCode) -> Bytes {
+    let payload_len = (out.len() - MAX_SERVER_HEADER) as u64;
+    let header = FrameHeader {
+        opcode,
+        ..FrameHeader::default()
+    };
+    let mut head = [0u8; MAX_SERVER_HEADER];
+    let head_len = header.len(payload_len);
+    header
+        .format(payload_len, &mut &mut head[..])
+        .expect("an unmasked header fits in MAX_SERVER_HEADER bytes");
+    let start = MAX_SERVER_HEADER - head_len;
+    out[start..MAX_SERVER_HEADER].copy_from_slice(&head[..head_len]);
+    Bytes::from(out).slice(start..)
+}
+
+/// A whole server frame of `opcode` carrying `payload`.
+pub fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(MAX_SERVER_HEADER + payload.len());
+    out.resize(MAX_SERVER_HEADER, 0);
+    out.extend_from_slice(payload);
+    seal_frame(out, opcode)
+}
+
+/// An empty ping frame, as sent by the heartbeat.
+pub fn ping_frame() -> Bytes {
+    Bytes::from_static(&[0x89, 0x00])
+}
+
+/// A close frame with `code` and a short `reason` (truncated to fit a control frame).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut reason_end = reason.len().min(123);
+    while !reason.is_char_boundary(reason_end) {
+        reason_end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + reason_end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..reason_end]);
+    frame(OpCode::Control(Control::Close), &payload)
+}
+
+/// Length of the header of an unmasked server frame (for tests and tools that read frames).
+pub fn text_frame_header_len(frame: &[u8]) -> usize {
+    match frame[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    }
+}
+
+/// Close codes shardcast sends.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Node going away: reconnect elsewhere.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error (bad framing).
+    pub const PROTOCOL: u16 = 1002;
+    /// Invalid UTF-8 in a text message.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Policy: bad input, slow consumer, heartbeat timeout.
+    pub const POLICY: u16 = 1008;
+    /// Frame or message too big.
+    pub const TOO_BIG: u16 = 1009;
+    /// Replaced: the user opened more devices than allowed and this was the oldest.
+    pub const REPLACED: u16 = 4001;
+    /// Kicked by the API.
+    pub const KICKED: u16 = 4003;
+}
+
+/// A complete inbound message or control frame.
+#[derive(Debug, PartialEq)]
+pub enum Event<'a> {
+    /// A text message (UTF-8 already checked).
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+    /// A ping, to be answered with a pong carrying the same payload.
+    Ping(&'a [u8]),
+    /// A pong.
+    Pong,
+    /// The peer's close frame, with its code if it sent one.
+    Close(Option<u16>),
+}
+
+/// What the event handler wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep decoding.
+    Continue,
+    /// Stop decoding (the connection is closing); the rest of the input is ignored.
+    Stop,
+}
+
+/// Input that ends the connection, with the close code it earns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// Framing that breaks RFC 6455 (close 1002).
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    /// A frame or message over the configured limit (close 1009).
+    #[error("frame or message too big")]
+    TooBig,
+    /// Invalid UTF-8 in a text message or close reason (close 1007).
+    #[error("invalid UTF-8")]
+    BadUtf8,
+}
+
+impl Violation {
+    /// Close code to answer with.
+    pub fn close_code(self) -> u16 {
+        match self {
+            Violation::Protocol(_) => close::PROTOCOL,
+            Violation::TooBig => close::TOO_BIG,
+            Violation::BadUtf8 => close::INVALID_PAYLOAD,
+        }
+    }
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Violation::Protocol(_) => "protocol_error",
+            Violation::TooBig => "too_big",
+            Violation::BadUtf8 => "bad_utf8",
+        }
+    }
+}
+
+/// Size limits for inbound frames.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest frame payload.
+    pub max_frame: usize,
+    /// Largest message (sum of fragments).
+    pub max_message: usize,
+}
+
+/// A connection's inbound decoding state: empty (no allocation) between messages.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    /// Bytes of an incomplete frame.
+    partial: Vec<u8>,
+    /// Fragments of an unfinished message: the opcode of its first frame and its payload.
+    fragments: Option<(Data, Vec<u8>)>,
+}
+
+impl Inbound {
+    /// Decodes `input` (freshly read bytes; unmasked in place), calling `on_event` for every
+    /// complete message and control frame. Keeps what is incomplete for the next call.
+    pub fn feed(
+        &mut self,
+        input: &mut [u8],
+        limits: Limits,
+        mut on_event: impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<Flow, Violation> {
+        if self.partial.is_empty() {
+            let (used, flow) = self.decode(input, limits, &mut on_event)?;
+            if flow == Flow::Continue && used < input.len() {
+                self.partial.extend_from_slice(&input[used..]);
+            }
+            Ok(flow)
+        } else {
+            let mut buf = std::mem::take(&mut self.partial);
+            buf.extend_from_slice(input);
+            let (used, flow) = self.decode(&mut buf, limits, &mut on_event)?;
+            if used < buf.len() && flow == Flow::Continue {
+                buf.drain(..used);
+                self.partial = buf;
+            }
+            Ok(flow)
+        }
+    }
+
+    /// Bytes held for incomplete frames and messages (for memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.partial.capacity() + self.fragments.as_ref().map_or(0, |(_, b)| b.capacity())
+    }
+
+    fn decode(
+        &mut self,
+        buf: &mut [u8],
+        limits: Limits,
+        on_event: &mut impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<(usize, Flow), Violation> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            let mut cursor = Cursor::new(&buf[pos..]);
+            let Some((header, len)) = FrameHeader::parse(&mut cursor)
+                .map_err(|_| Violation::Protocol("malformed frame header"))?
+            else {
+                break;
+            };
+            if len > limits.max_frame as u64 {
+                return Err(Violation::TooBig);
+            }
+            let start = pos + cursor.position() as usize;
+            let end = start + len as usize;
+            if end > buf.len() {
+                break;
+            }
+            if header.rsv1 || header.rsv2 || header.rsv3 {
+                return Err(Violation::Protocol("reserved bits set"));
+            }
+            let mask = header
+                .mask
+                .ok_or(Violation::Protocol("client frames must be masked"))?;
+            let payload = &mut buf[start..end];
+            unmask(payload, mask);
+            pos = end;
+            let flow = self.frame(header.opcode, header.is_final, payload, limits, on_event)?;
+            if flow == Flow::Stop {
+                return Ok((pos, Flow::Stop));
+            }
+        }
+        Ok((pos, Flow::Continue))
+    }
+
+    fn frame(
+        &mut self,
+        opcode: OpCode,
+        is_final: bool,
+        payload: &[u8],
+        limits: Limits,
+        on_event: &mut impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<Flow, Violation> {
+        match opcode {
+            OpCode::Control(control) => {
+                if !is_final || payload.len() > 125 {
+                    return Err(Violation::Protocol("control frames must be final and short"));
+                }
+                match control {
+                    Control::Ping => Ok(on_event(Event::Ping(payload))),
+                    Control::Pong => Ok(on_event(Event::Pong)),
+                    Control::Close => {
+                        let code = parse_close(payload)?;
+                        on_event(Event::Close(code));
+                        Ok(Flow::Stop)
+                    }
+                    Control::Reserved(_) => Err(Violation::Protocol("reserved opcode")),
+                }
+            }
+            OpCode::Data(Data::Continue) => {
+                let (kind, mut message) = self
+                    .fragments
+                    .take()
+                    .ok_or(Violation::Protocol("continuation without a message"))?;
+                if message.len() + payload.len() > limits.max_message {
+                    return Err(Violation::TooBig);
+                }
+                message.extend_from_slice(payload);
+                if is_final {
+                    deliver(kind, &message, on_event)
+                } else {
+                    self.fragments = Some((kind, message));
+                    Ok(Flow::Continue)
+                }
+            }
+            OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
+                if self.fragments.is_some() {
+                    return Err(Violation::Protocol("new message inside a fragmented one"));
+                }
+                if payload.len() > limits.max_message {
+                    return Err(Violation::TooBig);
+                }
+                if is_final {
+                    deliver(kind, payload, on_event)
+                } else {
+                    self.fragments = Some((kind, payload.to_vec()));
+                    Ok(Flow::Continue)
+                }
+            }
+            OpCode::Data(Data::Reserved(_)) => Err(Violation::Protocol("reserved opcode")),
+        }
+    }
+}
+
+fn deliver(
+    kind: Data,
+    payload: &[u8],
+    on_event: &mut impl FnMut(Event<'_>) -> Flow,
+) -> Result<Flow, Violation> {
+    Ok(match kind {
+        Data::Text => on_event(Event::Text(
+            std::str::from_utf8(payload).map_err(|_| Violation::BadUtf8)?,
+        )),
+        _ => on_event(Event::Binary(payload)),
+    })
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<u16>, Violation> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(Violation::Protocol("one-byte close payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !CloseCode::from(code).is_allowed() {
+                return Err(Violation::Protocol("close code not allowed"));
+            }
+            std::str::from_utf8(reason).map_err(|_| Violation::BadUtf8)?;
+            Ok(Some(code))
+        }
+    }
+}
+
+/// XORs `payload` with the 4-byte mask, eight bytes at a time.
+pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes(chunk.try_into().expect("chunk of 8")) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i & 3];
+    }
+}
+
+/// Endpoints a client can upgrade on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/ws`: the push protocol.
+    Push,
+    /// `/echo` (dev mode only): echoes data messages, for conformance suites.
+    Echo,
+}
+
+/// A parsed, valid upgrade request.
+#[derive(Debug)]
+pub struct Upgrade {
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// Bearer token from the header or `?token=`.
+    pub token: Option<String>,
+    /// `?user=` (trusted only in dev mode).
+    pub dev_user: Option<String>,
+    /// The `101 Switching Protocols` response to send.
+    pub response: Vec<u8>,
+    /// Bytes of the buffer the request used; anything after is the client's first frames.
+    pub consumed: usize,
+}
+
+/// An upgrade that is refused with an HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpRefusal {
+    /// HTTP status.
+    pub status: u16,
+    /// Error code for the JSON body and metric label.
+    pub code: &'static str,
+    /// Human-readable message.
+    pub message: &'static str,
+}
+
+impl HttpRefusal {
+    /// Request is not a valid WebSocket upgrade.
+    pub const BAD_REQUEST: HttpRefusal = HttpRefusal {
+        status: 400,
+        code: "bad_request",
+        message: "not a valid WebSocket upgrade request",
+    };
+    /// Request line and headers exceed the limit.
+    pub const TOO_LARGE: HttpRefusal = HttpRefusal {
+        status: 431,
+        code: "headers_too_large",
+        message: "upgrade request too large",
+    };
+    /// Unknown path.
+    pub const NOT_FOUND: HttpRefusal = HttpRefusal {
+        status: 404,
+        code: "not_found",
+        message: "no such endpoint; clients connect to /ws",
+    };
+    /// Node at its connection limit or draining.
+    pub const UNAVAILABLE: HttpRefusal = HttpRefusal {
+        status: 503,
+        code: "unavailable",
+        message: "node is at capacity or draining; try another node",
+    };
+
+    /// 401 with the reason credentials were refused.
+    pub fn unauthorized(code: &'static str) -> HttpRefusal {
+        HttpRefusal {
+            status: 401,
+            code,
+            message: "missing or invalid credentials",
+        }
+    }
+
+    /// The full HTTP response, closing the connection.
+    pub fn response(&self) -> Vec<u8> {
+        let reason = match self.status {
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            404 => "Not Found",
+            431 => "Request Header Fields Too Large",
+            _ => "Service Unavailable",
+        };
+        let body = format!(
+            "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\"}}}}",
+            self.code, self.message
+        );
+        format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.status,
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+/// Parses the upgrade request in `buf`. `Ok(None)`: incomplete, read more.
+pub fn parse_upgrade(buf: &[u8], dev: bool) -> Result<Option<Upgrade>, HttpRefusal> {
+    let (consumed, request) = match Request::try_parse(buf) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return Ok(None),
+        Err(_) => return Err(HttpRefusal::BAD_REQUEST),
+    };
+    let endpoint = match request.uri().path() {
+        "/ws" => Endpoint::Push,
+        "/echo" if dev => Endpoint::Echo,
+        _ => return Err(HttpRefusal::NOT_FOUND),
+    };
+    let response = create_response(&request).map_err(|_| HttpRefusal::BAD_REQUEST)?;
+    let mut response_bytes = Vec::with_capacity(160);
+    write_response(&mut response_bytes, &response).map_err(|_| HttpRefusal::BAD_REQUEST)?;
+
+    let mut token = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                .map(|_| v[7..].trim().to_owned())
+        });
+    let mut dev_user = None;
+    if let Some(query) = request.uri().query() {
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "token" if token.is_none() => token = Some(value.into_owned()),
+                "user" => dev_user = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+    }
+    Ok(Some(Upgrade {
+        endpoint,
+        token,
+        dev_user,
+        response: response_bytes,
+        consumed,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_frame: 1024,
+        max_message: 2048,
+    };
+
+    /// A masked client frame.
+    fn client_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let header = FrameHeader {
+            is_final: fin,
+            opcode,
+            mask: Some(mask),
+            ..FrameHeader::default()
+        };
+        let mut out = Vec::new();
+        header.format(payload.len() as u64, &mut out).expect("format");
+        let mut body = payload.to_vec();
+        unmask(&mut body, mask);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn text(s: &str) -> Vec<u8> {
+        client_frame(OpCode::Data(Data::Text), true, s.as_bytes())
+    }
+
+    fn collect(inbound: &mut Inbound, mut input: Vec<u8>) -> Result<Vec<String>, Violation> {
+        let mut seen = Vec::new();
+        inbound.feed(&mut input, LIMITS, |e| {
+            seen.push(format!("{e:?}"));
+            Flow::Continue
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn decodes_frames_split_at_every_byte() {
+        let mut wire = text("hello");
+        wire.extend(client_frame(OpCode::Control(Control::Ping), true, b"p"));
+        wire.extend(text(&"x".repeat(300)));
+        for split in 0..wire.len() {
+            let mut inbound = Inbound::default();
+            let mut seen = collect(&mut inbound, wire[..split].to_vec()).expect("first");
+            seen.extend(collect(&mut inbound, wire[split..].to_vec()).expect("second"));
+            assert_eq!(seen.len(), 3, "split at {split}: {seen:?}");
+            assert_eq!(seen[0], "Text(\"hello\")");
+            assert_eq!(inbound.buffered(), 0, "nothing held once frames are complete");
+        }
+    }
+
+    #[test]
+    fn reassembles_fragments_with_interleaved_control() {
+        let mut wire = client_frame(OpCode::Data(Data::Text), false, b"he");
+        wire.extend(client_frame(OpCode::Control(Control::Ping), true, b""));
+        wire.extend(client_frame(OpCode::Data(Data::Continue), true, b"llo"));
+        let seen = collect(&mut Inbound::default(), wire).expect("ok");
+        assert_eq!(seen, vec!["Ping([])", "Text(\"hello\")"]);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_right_code() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (client_frame(OpCode::Data(Data::Text), true, &[0xff, 0xfe]), 1007),
+            (text(&"x".repeat(1025)), 1009),
+            (client_frame(OpCode::Data(Data::Continue), true, b"x"), 1002),
+            (client_frame(OpCode::Control(Control::Ping), false, b""), 1002),
+            (client_frame(OpCode::Data(Data::Reserved(3)), true, b""), 1002),
+            (client_frame(OpCode::Control(Control::Close), true, &[0x03, 0xe8, 0xc3]), 1007),
+            (client_frame(OpCode::Control(Control::Close), true, &[0x03]), 1002),
+            (vec![0x81, 0x02, b'h', b'i'], 1002),
+        ];
+        for (wire, code) in cases {
+            let err = collect(&mut Inbound::default(), wire).unwrap_err();
+            assert_eq!(err.close_code(), code, "{err:?}");
+        }
+        let mut too_long = Vec::new();
+        for _ in 0..3 {
+            too_long.extend(client_frame(OpCode::Data(Data::Text), false, &[b'a'; 1000]));
+        }
+        assert_eq!(collect(&mut Inbound::default(), too_long).unwrap_err(), Violation::TooBig);
+    }
+
+    #[test]
+    fn close_stops_decoding() {
+        let mut wire = client_frame(OpCode::Control(Control::Close), true, &[0x03, 0xe8]);
+        wire.extend(text("after"));
+        let seen = collect(&mut Inbound::default(), wire).expect("ok");
+        assert_eq!(seen, vec!["Close(Some(1000))"]);
+    }
+
+    #[test]
+    fn server_frames_have_correct_headers() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![b'a'; len];
+            let frame = frame(OpCode::Data(Data::Text), &payload);
+            let mut cursor = Cursor::new(&frame[..]);
+            let (header, parsed_len) = FrameHeader::parse(&mut cursor).expect("ok").expect("some");
+            assert_eq!(parsed_len as usize, len);
+            assert!(header.is_final && header.mask.is_none());
+            assert_eq!(cursor.position() as usize, text_frame_header_len(&frame));
+        }
+        let close = close_frame(1008, &"é".repeat(100));
+        assert!(close.len() <= 2 + 125);
+        assert_eq!(&close[2..4], &1008u16.to_be_bytes());
+    }
+
+    fn upgrade_request(target: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn parses_upgrades() {
+        let req = upgrade_request("/ws?token=abc&user=b%20ob", "Authorization: Bearer hdr\r\n");
+        let upgrade = parse_upgrade(&req, false).expect("ok").expect("complete");
+        assert_eq!(upgrade.endpoint, Endpoint::Push);
+        assert_eq!(upgrade.token.as_deref(), Some("hdr"), "header wins over query");
+        assert_eq!(upgrade.dev_user.as_deref(), Some("b ob"));
+        assert_eq!(upgrade.consumed, req.len());
+        let response = String::from_utf8(upgrade.response).expect("utf8");
+        assert!(response.starts_with("HTTP/1.1 101"));
+        assert!(response.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+
+        let query_only = parse_upgrade(&upgrade_request("/ws?token=q", ""), false)
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(query_only.token.as_deref(), Some("q"));
+
+        assert_eq!(parse_upgrade(&req[..20], false).expect("ok").map(|u| u.consumed), None);
+        assert_eq!(parse_upgrade(&upgrade_request("/other", ""), false).unwrap_err().status, 404);
+        assert_eq!(parse_upgrade(&upgrade_request("/echo", ""), false).unwrap_err().status, 404);
+        assert!(parse_upgrade(&upgrade_request("/echo", ""), true).is_ok());
+        let plain = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(parse_upgrade(plain, false).unwrap_err().status, 400);
+        assert_eq!(parse_upgrade(b"\x16\x03garbage\r\n\r\n", false).unwrap_err().status, 400);
+    }
+}
