@@ -43,7 +43,9 @@ impl PublishRights {
         if patterns.is_empty() {
             return Self::none();
         }
-        PublishRights(Some(patterns.into_iter().map(String::into_boxed_str).collect()))
+        PublishRights(Some(
+            patterns.into_iter().map(String::into_boxed_str).collect(),
+        ))
     }
 
     /// Whether `topic` matches one of the patterns.
@@ -51,10 +53,12 @@ impl PublishRights {
         let Some(patterns) = &self.0 else {
             return false;
         };
-        patterns.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => topic.starts_with(prefix),
-            None => **pattern == *topic,
-        })
+        patterns
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix),
+                None => **pattern == *topic,
+            })
     }
 }
 
@@ -206,19 +210,34 @@ mod tests {
     fn refuses_bad_tokens() {
         let auth = Authenticator::new(Some("s3"), false, 128);
         let wrong_key = token(json!({"sub":"alice"}), "other");
-        assert_eq!(auth.authenticate(Some(&wrong_key), None), Err(AuthError::Invalid));
+        assert_eq!(
+            auth.authenticate(Some(&wrong_key), None),
+            Err(AuthError::Invalid)
+        );
         let expired = token(json!({"sub":"alice","exp":now()-600}), "s3");
-        assert_eq!(auth.authenticate(Some(&expired), None), Err(AuthError::Expired));
+        assert_eq!(
+            auth.authenticate(Some(&expired), None),
+            Err(AuthError::Expired)
+        );
         let empty = token(json!({"sub":""}), "s3");
-        assert_eq!(auth.authenticate(Some(&empty), None), Err(AuthError::BadUser));
-        assert_eq!(auth.authenticate(Some("garbage"), None), Err(AuthError::Invalid));
+        assert_eq!(
+            auth.authenticate(Some(&empty), None),
+            Err(AuthError::BadUser)
+        );
+        assert_eq!(
+            auth.authenticate(Some("garbage"), None),
+            Err(AuthError::Invalid)
+        );
         assert_eq!(auth.authenticate(None, None), Err(AuthError::Missing));
     }
 
     #[test]
     fn dev_user_only_in_dev_mode() {
         let prod = Authenticator::new(Some("s3"), false, 128);
-        assert_eq!(prod.authenticate(None, Some("bob")), Err(AuthError::Missing));
+        assert_eq!(
+            prod.authenticate(None, Some("bob")),
+            Err(AuthError::Missing)
+        );
         let dev = Authenticator::new(None, true, 128);
         let id = dev.authenticate(None, Some("bob")).expect("dev user");
         assert_eq!(&*id.user, "bob");

@@ -31,12 +31,16 @@ pub struct Config {
     /// Pin each shard to its own CPU. Default `true`; turn off when several nodes share a box.
     pub pin_shards: bool,
     /// Redis URL of the cluster bus. Default none: a single node that needs no Redis.
+    #[serde(deserialize_with = "text")]
     pub redis: Option<String>,
     /// Unique node id. Default: generated from the host name and a random suffix.
+    #[serde(deserialize_with = "text")]
     pub node_id: Option<String>,
     /// HS256 secret that client JWTs are signed with. Required unless `dev`.
+    #[serde(deserialize_with = "text")]
     pub secret: Option<String>,
     /// Key backends present to the HTTP API (`Authorization: Bearer <key>`).
+    #[serde(deserialize_with = "text")]
     pub api_key: Option<String>,
     /// Development mode: trust `?user=NAME`, serve `/echo`. Never the default in a file.
     pub dev: bool,
@@ -76,6 +80,25 @@ pub struct Config {
     pub close_timeout_ms: u64,
     /// `human` (default) or `json` log lines.
     pub log_format: LogFormat,
+}
+
+/// Reads an optional string that an environment variable may have turned into a number or a
+/// boolean (`SHARDCAST_SECRET=12345`): text settings keep the text the operator wrote.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        String(String),
+        Integer(i128),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(Option::<Text>::deserialize(d)?.map(|t| match t {
+        Text::String(s) => s,
+        Text::Integer(n) => n.to_string(),
+        Text::Float(f) => f.to_string(),
+        Text::Bool(b) => b.to_string(),
+    }))
 }
 
 /// Log line format.
@@ -197,7 +220,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if !self.dev && self.secret.as_deref().is_none_or(str::is_empty) {
-            problems.push("`secret` is required unless --dev (clients authenticate with JWTs signed by it)".into());
+            problems.push(
+                "`secret` is required unless --dev (clients authenticate with JWTs signed by it)"
+                    .into(),
+            );
         }
         if self.shards > MAX_SHARDS {
             problems.push(format!("`shards` is {}, at most {MAX_SHARDS}", self.shards));
@@ -208,7 +234,10 @@ impl Config {
             ("max_handshake_bytes", self.max_handshake_bytes as u64),
             ("max_connections", self.max_connections as u64),
             ("max_devices_per_user", self.max_devices_per_user as u64),
-            ("max_topics_per_connection", self.max_topics_per_connection as u64),
+            (
+                "max_topics_per_connection",
+                self.max_topics_per_connection as u64,
+            ),
             ("max_name_bytes", self.max_name_bytes as u64),
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_message_bytes", self.max_message_bytes as u64),
@@ -284,9 +313,13 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn flags_override_environment_and_file() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("node.toml", "secret = \"from-file\"\nmax_devices_per_user = 3\nshards = 2")?;
+            jail.create_file(
+                "node.toml",
+                "secret = \"from-file\"\nmax_devices_per_user = 3\nshards = 2",
+            )?;
             jail.set_env("SHARDCAST_SHARDS", "4");
             jail.set_env("SHARDCAST_SECRET", "12345");
             let flags = ServeFlags {
@@ -296,13 +329,18 @@ mod tests {
             };
             let config = Config::load(&flags).map_err(|e| e.to_string())?;
             assert_eq!(config.shards, 1, "flag beats env");
-            assert_eq!(config.secret.as_deref(), Some("12345"), "env beats file, numeric text stays text");
+            assert_eq!(
+                config.secret.as_deref(),
+                Some("12345"),
+                "env beats file, numeric text stays text"
+            );
             assert_eq!(config.max_devices_per_user, 3, "file beats default");
             Ok(())
         });
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn unknown_keys_are_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("node.toml", "secret = \"s\"\nmax_conections = 3")?;

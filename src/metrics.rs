@@ -222,7 +222,9 @@ impl NodeMetrics {
     /// Metrics for `shards` shards, all zero.
     pub fn new(shards: usize) -> Self {
         NodeMetrics {
-            shards: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
+            shards: (0..shards)
+                .map(|_| Arc::new(ShardMetrics::default()))
+                .collect(),
         }
     }
 

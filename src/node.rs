@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
@@ -19,7 +19,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
-use crate::protocol::{self, render, MidGenerator};
+use crate::protocol::{self, render, SharedMidGenerator};
 use crate::router::{Envelope, Mesh};
 use crate::shard;
 
@@ -33,7 +33,7 @@ pub struct NodeShared {
     pub config: Config,
     /// This node's id.
     pub node_id: Arc<str>,
-    /// The node's number in message ids (see [`MidGenerator`]).
+    /// The node's number in message ids (see [`crate::protocol::MidGenerator`]).
     pub node_number: u16,
     /// Handshake authentication.
     pub auth: Authenticator,
@@ -119,7 +119,10 @@ impl Node {
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(config.listen);
-        let node_id: Arc<str> = config.node_id.clone().map_or_else(generate_node_id, Arc::from);
+        let node_id: Arc<str> = config
+            .node_id
+            .clone()
+            .map_or_else(generate_node_id, Arc::from);
         let (mesh, inboxes) = Mesh::new(shards, config.shard_inbox_capacity);
         let shared = Arc::new(NodeShared {
             node_number: node_number(&node_id),
@@ -232,24 +235,20 @@ pub struct Target<'a> {
 /// and handed to the home shards, exactly as a client's `send`/`pub` would be.
 pub struct Publisher {
     node: Arc<NodeShared>,
-    mids: Mutex<MidGenerator>,
+    mids: SharedMidGenerator,
 }
 
 impl Publisher {
     fn new(node: Arc<NodeShared>) -> Self {
         // The shard number past the last shard is reserved for ids made outside the shards.
-        let mids = Mutex::new(MidGenerator::new(node.node_number, MAX_SHARDS));
+        let mids = SharedMidGenerator::new(node.node_number, MAX_SHARDS);
         Publisher { node, mids }
     }
 
     /// Pushes `data` to `target`; returns the message id (the same for every recipient).
     pub fn publish(&self, target: Target<'_>, data: &RawValue) -> u64 {
         let ts = protocol::now_ms();
-        let mid = self
-            .mids
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .next(ts);
+        let mid = self.mids.next(ts);
         let mesh = &self.node.mesh;
         for user in target.users {
             let frame = render::msg(None, user, mid, ts, data.get());
@@ -304,7 +303,11 @@ fn bind_listeners(
     let mut bind_addr = addr;
     for _ in 0..shards {
         let bind = || -> std::io::Result<Socket> {
-            let socket = Socket::new(Domain::for_address(bind_addr), Type::STREAM, Some(Protocol::TCP))?;
+            let socket = Socket::new(
+                Domain::for_address(bind_addr),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
             socket.set_reuse_address(true)?;
             socket.set_reuse_port(true)?;
             socket.set_nodelay(true)?;

@@ -115,8 +115,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 
 fn valid_id(id: &RawValue) -> bool {
     let text = id.get();
-    text.len() <= MAX_ID_BYTES
-        && matches!(text.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+    text.len() <= MAX_ID_BYTES && matches!(text.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
 }
 
 /// Parses one text message. The `id`, when usable, is returned on both paths so the reply
@@ -135,7 +134,10 @@ pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Ref
     };
     if let Some(id) = raw.id {
         if !valid_id(id) {
-            return Err(refuse(None, "id must be a number or a string of at most 64 bytes"));
+            return Err(refuse(
+                None,
+                "id must be a number or a string of at most 64 bytes",
+            ));
         }
     }
     let id = raw.id;
@@ -277,55 +279,95 @@ pub fn now_ms() -> u64 {
 /// Makes 64-bit message ids, unique across the cluster and ordered by time.
 ///
 /// Layout, high to low: 41 bits of milliseconds since 2025-01-01 (good until 2094), 9 bits of
-/// node number, 6 bits of shard, 8 bits of sequence. A shard makes 256 ids per millisecond
+/// node number, 6 bits of shard, 8 bits of sequence. A generator makes 256 ids per millisecond
 /// before it borrows the next millisecond: ids stay unique and ordered, and run ahead of the
-/// wall clock only while a shard sustains more than 256,000 messages per second, catching
-/// up as soon as the rate drops. One generator per shard, so no synchronization.
+/// wall clock only while one generator sustains more than 256,000 messages per second,
+/// catching up as soon as the rate drops. Each shard owns one (no synchronization); code
+/// outside the shards shares a [`SharedMidGenerator`].
 #[derive(Debug)]
 pub struct MidGenerator {
     prefix: u64,
-    last_ms: u64,
-    seq: u64,
+    last: u64,
+}
+
+const SEQ_BITS: u32 = 8;
+const SHARD_BITS: u32 = 6;
+const NODE_BITS: u32 = 9;
+const TIME_SHIFT: u32 = SEQ_BITS + SHARD_BITS + NODE_BITS;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+
+/// Start of the id clock: 2025-01-01T00:00:00Z, in Unix milliseconds.
+pub const MID_EPOCH_MS: u64 = 1_735_689_600_000;
+
+fn mid_prefix(node_number: u16, shard: usize) -> u64 {
+    let node = (node_number as u64) & ((1 << NODE_BITS) - 1);
+    let shard = (shard as u64) & ((1 << SHARD_BITS) - 1);
+    (node << (SEQ_BITS + SHARD_BITS)) | (shard << SEQ_BITS)
+}
+
+/// The id that follows `last` for a generator with `prefix`, at wall clock `now_unix_ms`.
+fn successor(last: u64, prefix: u64, now_unix_ms: u64) -> u64 {
+    let now = (now_unix_ms.saturating_sub(MID_EPOCH_MS) << TIME_SHIFT) | prefix;
+    if now > last {
+        now
+    } else if last & SEQ_MASK < SEQ_MASK {
+        last + 1
+    } else {
+        (((last >> TIME_SHIFT) + 1) << TIME_SHIFT) | prefix
+    }
 }
 
 impl MidGenerator {
-    /// Start of the id clock: 2025-01-01T00:00:00Z.
-    pub const EPOCH_MS: u64 = 1_735_689_600_000;
-    const SEQ_BITS: u32 = 8;
-    const SHARD_BITS: u32 = 6;
-    const NODE_BITS: u32 = 9;
-    const TIME_SHIFT: u32 = Self::SEQ_BITS + Self::SHARD_BITS + Self::NODE_BITS;
-
     /// A generator for one shard of one node. Both numbers are masked to their bit widths.
     pub fn new(node_number: u16, shard: usize) -> Self {
-        let node = (node_number as u64) & ((1 << Self::NODE_BITS) - 1);
-        let shard = (shard as u64) & ((1 << Self::SHARD_BITS) - 1);
         MidGenerator {
-            prefix: (node << (Self::SEQ_BITS + Self::SHARD_BITS)) | (shard << Self::SEQ_BITS),
-            last_ms: 0,
-            seq: 0,
+            prefix: mid_prefix(node_number, shard),
+            last: 0,
         }
     }
 
     /// The next id, given the wall clock in Unix milliseconds.
     pub fn next(&mut self, now_unix_ms: u64) -> u64 {
-        let now = now_unix_ms.saturating_sub(Self::EPOCH_MS);
-        if now > self.last_ms {
-            self.last_ms = now;
-            self.seq = 0;
-        } else {
-            self.seq += 1;
-            if self.seq == 1 << Self::SEQ_BITS {
-                self.last_ms += 1;
-                self.seq = 0;
-            }
-        }
-        (self.last_ms << Self::TIME_SHIFT) | self.prefix | self.seq
+        self.last = successor(self.last, self.prefix, now_unix_ms);
+        self.last
     }
 
     /// The Unix millisecond a message id was made at.
     pub fn timestamp_ms(mid: u64) -> u64 {
-        (mid >> Self::TIME_SHIFT) + Self::EPOCH_MS
+        (mid >> TIME_SHIFT) + MID_EPOCH_MS
+    }
+}
+
+/// A lock-free [`MidGenerator`] for threads outside the shards (the HTTP API).
+#[derive(Debug)]
+pub struct SharedMidGenerator {
+    prefix: u64,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl SharedMidGenerator {
+    /// A generator with its own shard number (one no shard uses).
+    pub fn new(node_number: u16, shard: usize) -> Self {
+        SharedMidGenerator {
+            prefix: mid_prefix(node_number, shard),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The next id, given the wall clock in Unix milliseconds.
+    pub fn next(&self, now_unix_ms: u64) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut last = self.last.load(Relaxed);
+        loop {
+            let next = successor(last, self.prefix, now_unix_ms);
+            match self
+                .last
+                .compare_exchange_weak(last, next, Relaxed, Relaxed)
+            {
+                Ok(_) => return next,
+                Err(current) => last = current,
+            }
+        }
     }
 }
 
@@ -348,8 +390,8 @@ mod tests {
         assert!(matches!(req, Request::Sub { topic } if topic == "a"));
         let (_, req) = parse_request(r#"{"op":"unsub","topic":"a"}"#).expect("unsub");
         assert!(matches!(req, Request::Unsub { topic } if topic == "a"));
-        let (id, req) = parse_request(r#"{"op":"pub","id":"x","topic":"t","data":{"k":[1,2]}}"#)
-            .expect("pub");
+        let (id, req) =
+            parse_request(r#"{"op":"pub","id":"x","topic":"t","data":{"k":[1,2]}}"#).expect("pub");
         assert_eq!(id.map(RawValue::get), Some("\"x\""));
         match req {
             Request::Pub { topic, data } => {
@@ -360,18 +402,35 @@ mod tests {
         }
         let (_, req) = parse_request(r#"{"op":"send","to":"bob","data":null}"#).expect("send");
         assert!(matches!(req, Request::Send { to, data } if to == "bob" && data.get() == "null"));
-        assert!(matches!(parse_request(r#"{"op":"ping"}"#).expect("ping").1, Request::Ping));
+        assert!(matches!(
+            parse_request(r#"{"op":"ping"}"#).expect("ping").1,
+            Request::Ping
+        ));
     }
 
     #[test]
     fn refuses_bad_requests_keeping_the_id() {
-        assert_eq!(parse_request("{not json").unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            parse_request("{not json").unwrap_err().code,
+            ErrorCode::BadRequest
+        );
         let refusal = parse_request(r#"{"op":"dance","id":7}"#).unwrap_err();
         assert_eq!(refusal.msg, "unknown op");
         assert_eq!(refusal.id.map(RawValue::get), Some("7"));
-        assert_eq!(parse_request(r#"{"op":"pub","topic":"t"}"#).unwrap_err().msg, "pub needs data");
-        assert_eq!(parse_request(r#"{"op":"send","data":1}"#).unwrap_err().msg, "send needs to");
-        assert!(parse_request(r#"{"op":"sub","id":{"a":1},"topic":"t"}"#).unwrap_err().id.is_none());
+        assert_eq!(
+            parse_request(r#"{"op":"pub","topic":"t"}"#)
+                .unwrap_err()
+                .msg,
+            "pub needs data"
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"send","data":1}"#).unwrap_err().msg,
+            "send needs to"
+        );
+        assert!(parse_request(r#"{"op":"sub","id":{"a":1},"topic":"t"}"#)
+            .unwrap_err()
+            .id
+            .is_none());
         assert!(parse_request(r#"[1,2]"#).is_err());
     }
 
@@ -382,7 +441,10 @@ mod tests {
             json_of(&render::ack(Some(&id), Some(42))),
             serde_json::json!({"op":"ack","id":"r1","mid":"42"})
         );
-        assert_eq!(json_of(&render::ack(None, None)), serde_json::json!({"op":"ack"}));
+        assert_eq!(
+            json_of(&render::ack(None, None)),
+            serde_json::json!({"op":"ack"})
+        );
         assert_eq!(
             json_of(&render::err(None, ErrorCode::TooMany, "slow \"down\"")),
             serde_json::json!({"op":"err","code":"too_many","msg":"slow \"down\""})
@@ -399,7 +461,10 @@ mod tests {
             json_of(&render::hello("u", 5, "n1", 25)),
             serde_json::json!({"op":"hello","user":"u","conn":"5","node":"n1","hb":25})
         );
-        assert_eq!(json_of(&render::pong(None)), serde_json::json!({"op":"pong"}));
+        assert_eq!(
+            json_of(&render::pong(None)),
+            serde_json::json!({"op":"pong"})
+        );
     }
 
     #[test]
@@ -413,7 +478,7 @@ mod tests {
     fn mids_are_unique_ordered_and_carry_time() {
         let mut a = MidGenerator::new(3, 1);
         let mut b = MidGenerator::new(3, 2);
-        let t = MidGenerator::EPOCH_MS + 1_000_000;
+        let t = MID_EPOCH_MS + 1_000_000;
         let mut seen = std::collections::HashSet::new();
         let mut last = 0;
         for _ in 0..2000 {
@@ -425,5 +490,29 @@ mod tests {
         }
         assert_eq!(MidGenerator::timestamp_ms(a.next(t + 50)), t + 50);
         assert!(MidGenerator::timestamp_ms(last) >= t);
+        assert_eq!(
+            last & !SEQ_MASK & ((1 << TIME_SHIFT) - 1),
+            mid_prefix(3, 1),
+            "prefix kept"
+        );
+    }
+
+    #[test]
+    fn shared_generator_is_unique_across_threads() {
+        let shared = std::sync::Arc::new(SharedMidGenerator::new(1, 63));
+        let t = MID_EPOCH_MS + 5;
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let shared = shared.clone();
+                std::thread::spawn(move || (0..1000).map(|_| shared.next(t)).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut all: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 4000);
     }
 }

@@ -279,7 +279,11 @@ pub struct ShardMask(u64);
 impl ShardMask {
     /// Every shard of `shards`.
     pub fn all(shards: usize) -> Self {
-        ShardMask(if shards >= 64 { u64::MAX } else { (1 << shards) - 1 })
+        ShardMask(if shards >= 64 {
+            u64::MAX
+        } else {
+            (1 << shards) - 1
+        })
     }
 
     /// Adds a shard.
@@ -396,11 +400,21 @@ mod tests {
         let alice: Arc<str> = "alice".into();
         assert_eq!(dir.device_online(alice.clone(), conn_id(0, 1), 2), None);
         assert_eq!(dir.device_online(alice.clone(), conn_id(1, 1), 2), None);
-        assert_eq!(dir.device_online(alice.clone(), conn_id(0, 2), 2), Some(conn_id(0, 1)));
+        assert_eq!(
+            dir.device_online(alice.clone(), conn_id(0, 2), 2),
+            Some(conn_id(0, 1))
+        );
         assert_eq!(dir.devices("alice"), &[conn_id(1, 1), conn_id(0, 2)]);
         dir.device_offline("alice", conn_id(0, 1));
-        assert_eq!(dir.devices("alice").len(), 2, "evicted device going offline is a no-op");
-        assert_eq!(dir.user_shards("alice").iter().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(
+            dir.devices("alice").len(),
+            2,
+            "evicted device going offline is a no-op"
+        );
+        assert_eq!(
+            dir.user_shards("alice").iter().collect::<Vec<_>>(),
+            vec![0, 1]
+        );
         dir.device_offline("alice", conn_id(1, 1));
         dir.device_offline("alice", conn_id(0, 2));
         assert_eq!(dir.user_count(), 0);
@@ -435,7 +449,10 @@ mod tests {
             Poll::Ready(cx.waker().clone())
         }));
         let mut cx = Context::from_waker(&waker);
-        assert!(matches!(inboxes[1].poll_recv(&mut cx), Poll::Ready(Some(Envelope::Shutdown))));
+        assert!(matches!(
+            inboxes[1].poll_recv(&mut cx),
+            Poll::Ready(Some(Envelope::Shutdown))
+        ));
         assert!(inboxes[1].poll_recv(&mut cx).is_pending());
         assert!(mesh.home("alice") < 2);
         assert_eq!(mesh.home("alice"), mesh.clone().home("alice"));

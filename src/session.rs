@@ -60,12 +60,21 @@ const IDLE_QUEUE_CAPACITY: usize = 4;
 struct Outbound {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// The front frame is partly written: dropping it would corrupt the stream.
+    front_started: bool,
 }
 
 impl Outbound {
     fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.frames.push_back(frame);
+    }
+
+    /// Queues the unwritten tail of a frame whose head went out already.
+    fn push_tail(&mut self, tail: Bytes) {
+        debug_assert!(self.frames.is_empty());
+        self.push(tail);
+        self.front_started = true;
     }
 
     /// Forgets `written` bytes from the front.
@@ -76,8 +85,10 @@ impl Outbound {
             if written >= front.len() {
                 written -= front.len();
                 self.frames.pop_front();
+                self.front_started = false;
             } else {
                 front.advance(written);
+                self.front_started = true;
                 written = 0;
             }
         }
@@ -86,9 +97,18 @@ impl Outbound {
         }
     }
 
-    fn clear(&mut self) {
+    /// Drops every frame not yet started (a started one must finish to keep framing intact).
+    fn discard_unstarted(&mut self) {
+        let keep = if self.front_started {
+            self.frames.pop_front()
+        } else {
+            None
+        };
         self.frames = VecDeque::new();
         self.bytes = 0;
+        if let Some(front) = keep {
+            self.push(front);
+        }
     }
 }
 
@@ -146,7 +166,7 @@ impl Conn {
                     metrics.frames_out.inc();
                     return true;
                 }
-                Ok(n) => out.push(frame.slice(n..)),
+                Ok(n) => out.push_tail(frame.slice(n..)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.push(frame.clone()),
                 Err(_) => {
                     drop(out);
@@ -180,7 +200,7 @@ impl Conn {
         self.close.set(Some((code, reason)));
         let mut out = self.out.borrow_mut();
         if reason == metrics::Close::SlowConsumer {
-            out.clear();
+            out.discard_unstarted();
         }
         out.push(ws::close_frame(code, reason.label()));
         drop(out);
@@ -315,7 +335,8 @@ impl RateLimit {
     fn take(&mut self, now_ms: u64, per_sec: u32, burst: u32) -> bool {
         let elapsed = now_ms.saturating_sub(self.refilled_ms);
         if elapsed > 0 {
-            self.tokens = (self.tokens + elapsed as f32 * per_sec as f32 / 1000.0).min(burst as f32);
+            self.tokens =
+                (self.tokens + elapsed as f32 * per_sec as f32 / 1000.0).min(burst as f32);
             self.refilled_ms = now_ms;
         }
         if self.tokens >= 1.0 {
@@ -532,7 +553,11 @@ impl Session {
                 }
                 Event::Pong => {}
                 Event::Ping(_) | Event::Text(_) | Event::Binary(_)
-                    if !rate.take(shard.clock_ms(), config.rate_limit_per_sec, config.rate_limit_burst) =>
+                    if !rate.take(
+                        shard.clock_ms(),
+                        config.rate_limit_per_sec,
+                        config.rate_limit_burst,
+                    ) =>
                 {
                     shard.metrics.rejected(Rejection::RateLimited);
                     if !matches!(event, Event::Ping(_)) {
@@ -541,17 +566,33 @@ impl Session {
                     }
                 }
                 Event::Ping(payload) => {
-                    conn.push(&ws::frame(OpCode::Control(Control::Pong), payload), limit, &shard.metrics);
+                    conn.push(
+                        &ws::frame(OpCode::Control(Control::Pong), payload),
+                        limit,
+                        &shard.metrics,
+                    );
                 }
                 Event::Text(text) if conn.user.is_none() => {
-                    conn.push(&ws::frame(OpCode::Data(Data::Text), text.as_bytes()), limit, &shard.metrics);
+                    conn.push(
+                        &ws::frame(OpCode::Data(Data::Text), text.as_bytes()),
+                        limit,
+                        &shard.metrics,
+                    );
                 }
                 Event::Binary(bytes) if conn.user.is_none() => {
-                    conn.push(&ws::frame(OpCode::Data(Data::Binary), bytes), limit, &shard.metrics);
+                    conn.push(
+                        &ws::frame(OpCode::Data(Data::Binary), bytes),
+                        limit,
+                        &shard.metrics,
+                    );
                 }
                 Event::Binary(_) => {
                     shard.metrics.rejected(Rejection::Binary);
-                    let err = render::err(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text");
+                    let err = render::err(
+                        None,
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported; send JSON text",
+                    );
                     conn.push(&err, limit, &shard.metrics);
                 }
                 Event::Text(text) => {
@@ -627,7 +668,13 @@ impl Session {
                 }
             })
             .await;
-            if flushed.is_ok() && self.stream.shutdown(std::net::Shutdown::Write).await.is_ok() {
+            if flushed.is_ok()
+                && self
+                    .stream
+                    .shutdown(std::net::Shutdown::Write)
+                    .await
+                    .is_ok()
+            {
                 drain_until_eof(&shard, &mut self.stream).await;
             }
             Ok(())
@@ -686,7 +733,11 @@ fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
         },
         Request::Pub { topic, data } => {
             if !valid_name(&topic, max_name) {
-                return refuse(Rejection::BadName, ErrorCode::BadRequest, "invalid topic name");
+                return refuse(
+                    Rejection::BadName,
+                    ErrorCode::BadRequest,
+                    "invalid topic name",
+                );
             }
             if !conn.publish.allows(&topic) {
                 return refuse(

@@ -306,22 +306,22 @@ impl Shard {
                 except,
             } => {
                 let shards = self.directory.borrow().user_shards(&user);
-                self.node.mesh.send_to_mask(shards, &self.metrics, || {
-                    Envelope::DeliverUser {
+                self.node
+                    .mesh
+                    .send_to_mask(shards, &self.metrics, || Envelope::DeliverUser {
                         user: user.clone(),
                         frame: frame.clone(),
                         except,
-                    }
-                });
+                    });
             }
             Envelope::RouteTopic { topic, frame } => {
                 let shards = self.directory.borrow().topic_shards(&topic);
-                self.node.mesh.send_to_mask(shards, &self.metrics, || {
-                    Envelope::DeliverTopic {
+                self.node
+                    .mesh
+                    .send_to_mask(shards, &self.metrics, || Envelope::DeliverTopic {
                         topic: topic.clone(),
                         frame: frame.clone(),
-                    }
-                });
+                    });
             }
             Envelope::DeliverUser {
                 user,
@@ -391,8 +391,13 @@ impl Shard {
                     .topic_interest(topic, shard, active);
             }
             Envelope::CloseUser { user, code, reason } => {
-                let devices: SmallVec<[ConnId; 4]> =
-                    self.directory.borrow().devices(&user).iter().copied().collect();
+                let devices: SmallVec<[ConnId; 4]> = self
+                    .directory
+                    .borrow()
+                    .devices(&user)
+                    .iter()
+                    .copied()
+                    .collect();
                 for conn in devices {
                     self.send(shard_of(conn), Envelope::CloseConn { conn, code, reason });
                 }

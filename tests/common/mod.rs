@@ -103,7 +103,11 @@ impl Client {
 
     /// The shard this connection landed on (top byte of the connection id).
     pub fn shard(&self) -> u64 {
-        let conn: u64 = self.hello["conn"].as_str().expect("conn").parse().expect("u64");
+        let conn: u64 = self.hello["conn"]
+            .as_str()
+            .expect("conn")
+            .parse()
+            .expect("u64");
         conn >> 56
     }
 
@@ -138,10 +142,16 @@ impl Client {
             Ok(Message::Text(t)) => panic!("unexpected message {t}"),
             Ok(_) => {}
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("unexpected error {e}"),
         }
-        self.ws.get_mut().set_read_timeout(Some(WAIT)).expect("timeout");
+        self.ws
+            .get_mut()
+            .set_read_timeout(Some(WAIT))
+            .expect("timeout");
     }
 }
 

@@ -1,0 +1,205 @@
+//! The binary's life: start-up (configuration errors, the start line), the dev-mode echo
+//! endpoint, and graceful stop on SIGTERM and SIGINT (clients closed with 1001, exit 0).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tungstenite::Message;
+
+/// A `shardcast serve` child process, killed if the test fails midway.
+struct Process {
+    child: Child,
+    addr: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn serve(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied())
+            .env("SHARDCAST_PIN_SHARDS", "false")
+            .env("SHARDCAST_GRACE_PERIOD_MS", "3000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn shardcast");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = Process {
+            child,
+            addr: String::new(),
+            stderr: rx,
+        };
+        let deadline = Instant::now() + WAIT;
+        process.addr = loop {
+            let line = process
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("start line");
+            if line.contains("shardcast node started") {
+                let start = line.find("listen=").expect("listen field") + "listen=".len();
+                break line[start..]
+                    .split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .to_owned();
+            }
+        };
+        process
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("node did not exit within {WAIT:?}");
+    }
+
+    fn client(&self, user: &str) -> Client {
+        Client::from_ws(
+            connect_url(&format!("ws://{}/ws?user={user}", self.addr)).expect("upgrade"),
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn graceful_stop_on(signal: i32) {
+    let mut node = Process::serve(&["--dev", "--shards", "2"], &[]);
+    let mut clients: Vec<Client> = (0..6).map(|i| node.client(&format!("u{i}"))).collect();
+    assert_eq!(clients[0].request(json!({"op":"ping"}))["op"], "pong");
+    node.signal(signal);
+    for client in &mut clients {
+        assert_eq!(client.expect_close(), 1001);
+    }
+    assert!(node.wait_exit().success());
+    let log: Vec<String> = node.stderr.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("node stopped")), "{log:?}");
+}
+
+#[test]
+fn sigterm_closes_clients_with_1001_and_exits_0() {
+    graceful_stop_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_stops_the_same_way() {
+    graceful_stop_on(libc::SIGINT);
+}
+
+#[test]
+fn refuses_to_start_without_a_secret_unless_dev() {
+    let output = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`secret` is required"), "{stderr}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--dev",
+            "--shards",
+            "99",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("`shards` is 99"));
+}
+
+#[test]
+fn settings_layer_file_then_environment_then_flags() {
+    let dir = std::env::temp_dir().join(format!("shardcast-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("node.toml");
+    std::fs::write(
+        &file,
+        "node_id = \"from-file\"\nshards = 1\nheartbeat_secs = 7\nsecret = \"file-secret\"\n",
+    )
+    .expect("write");
+    let config = file.to_str().expect("utf8");
+    let t = token(json!({"sub":"layered"}));
+
+    // The file's secret is not the one the token was signed with.
+    let node = Process::serve(&["--config", config], &[]);
+    let err = connect_url(&format!("ws://{}/ws?token={t}", node.addr)).expect_err("wrong secret");
+    assert!(matches!(err, tungstenite::Error::Http(r) if r.status() == 401));
+    drop(node);
+
+    // The environment beats the file; a flag beats both.
+    let node = Process::serve(
+        &["--config", config, "--node-id", "from-flag"],
+        &[
+            ("SHARDCAST_SECRET", SECRET),
+            ("SHARDCAST_NODE_ID", "from-env"),
+        ],
+    );
+    let ws = connect_url(&format!("ws://{}/ws?token={t}", node.addr)).expect("upgrade");
+    let client = Client::from_ws(ws);
+    assert_eq!(client.hello["user"], "layered");
+    assert_eq!(client.hello["node"], "from-flag");
+    assert_eq!(client.hello["hb"], 7);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn echo_endpoint_in_dev_mode() {
+    let node = TestNode::start(dev_config());
+    let mut ws = connect_url(&node.url("/echo")).expect("upgrade");
+    ws.send(Message::text("héllo")).expect("send");
+    assert_eq!(ws.read().expect("echo"), Message::text("héllo"));
+    ws.send(Message::binary(vec![0u8, 1, 2])).expect("send");
+    assert_eq!(ws.read().expect("echo"), Message::binary(vec![0u8, 1, 2]));
+    ws.close(None).expect("close");
+    assert!(matches!(ws.read(), Ok(Message::Close(_))));
+}
+
+#[test]
+fn stopping_in_process_closes_clients_and_refuses_new_ones() {
+    let mut node = TestNode::start(dev_config());
+    let (mut a, mut b) = one_per_shard(&node, "s");
+    let stopper = node.node().stopper();
+    stopper.stop();
+    assert_eq!(a.expect_close(), 1001);
+    assert_eq!(b.expect_close(), 1001);
+    node.node.take().expect("running").join();
+    assert!(
+        std::net::TcpStream::connect(node.addr).is_err(),
+        "the listeners are closed once the node has stopped"
+    );
+}

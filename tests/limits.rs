@@ -1,0 +1,392 @@
+//! Every limit and every kind of bad input: each gets a clear answer (an `err` frame, a close
+//! code or an HTTP status) and a metric, and nothing else is disturbed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, value::RawValue};
+use shardcast::metrics::{Close, Refusal, Rejection};
+use shardcast::Target;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::Frame;
+use tungstenite::Message;
+
+fn http_status(result: Result<Ws, tungstenite::Error>) -> u16 {
+    match result {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
+    }
+}
+
+#[test]
+fn device_limit_closes_the_oldest_with_4001() {
+    let mut config = dev_config();
+    config.max_devices_per_user = 2;
+    let node = TestNode::start(config);
+    let (mut first, mut second) = one_per_shard(&node, "dana");
+    // Whichever of the two registered first is the oldest; make the order explicit.
+    drop(second.ws.close(None));
+    second.ws.flush().ok();
+    let _ = second.expect_close();
+    eventually("second device gone", || {
+        node.node().metrics().connections() == 1
+    });
+
+    let mut newer = Client::dev(&node, "dana");
+    assert_eq!(newer.request(json!({"op":"ping"}))["op"], "pong");
+    let mut newest = Client::dev(&node, "dana");
+    assert_eq!(first.expect_close(), 4001, "the oldest device is replaced");
+    assert_eq!(newer.request(json!({"op":"ping"}))["op"], "pong");
+    assert_eq!(newest.request(json!({"op":"ping"}))["op"], "pong");
+    eventually("replacement counted", || {
+        node.node().metrics().closes(Close::Replaced) == 1
+    });
+}
+
+#[test]
+fn topic_limit_answers_too_many() {
+    let mut config = dev_config();
+    config.max_topics_per_connection = 2;
+    let node = TestNode::start(config);
+    let mut c = Client::dev(&node, "t");
+    assert_eq!(c.request(json!({"op":"sub","topic":"a"}))["op"], "ack");
+    assert_eq!(c.request(json!({"op":"sub","topic":"b"}))["op"], "ack");
+    let err = c.request(json!({"op":"sub","topic":"c","id":3}));
+    assert_eq!(err["code"], "too_many");
+    assert_eq!(err["id"], 3);
+    assert_eq!(c.request(json!({"op":"unsub","topic":"a"}))["op"], "ack");
+    assert_eq!(c.request(json!({"op":"sub","topic":"c"}))["op"], "ack");
+    assert_eq!(
+        node.node().metrics().rejections(Rejection::TooManyTopics),
+        1
+    );
+    let long = "x".repeat(129);
+    assert_eq!(
+        c.request(json!({"op":"sub","topic":long}))["code"],
+        "bad_request"
+    );
+    assert_eq!(
+        c.request(json!({"op":"sub","topic":""}))["code"],
+        "bad_request"
+    );
+}
+
+#[test]
+fn connection_limit_answers_503() {
+    let mut config = dev_config();
+    config.max_connections = 2;
+    let node = TestNode::start(config);
+    let _a = Client::dev(&node, "a");
+    let _b = Client::dev(&node, "b");
+    assert_eq!(http_status(connect_url(&node.url("/ws?user=c"))), 503);
+    assert_eq!(node.node().metrics().refused(Refusal::Unavailable), 1);
+    drop(_a);
+    eventually("a slot frees up", || {
+        connect_url(&node.url("/ws?user=c")).is_ok()
+    });
+}
+
+#[test]
+fn handshake_refusals_are_http_errors() {
+    let mut config = dev_config();
+    config.dev = false;
+    let node = TestNode::start(config);
+    assert_eq!(http_status(connect_url(&node.url("/ws"))), 401);
+    assert_eq!(
+        http_status(connect_url(&node.url("/ws?user=trusted-only-in-dev"))),
+        401
+    );
+    assert_eq!(
+        http_status(connect_url(&node.url("/ws?token=not.a.jwt"))),
+        401
+    );
+    let expired = token(json!({"sub":"x","exp":1_000_000_000}));
+    assert_eq!(
+        http_status(connect_url(&node.url(&format!("/ws?token={expired}")))),
+        401
+    );
+    assert_eq!(http_status(connect_url(&node.url("/elsewhere"))), 404);
+    assert_eq!(
+        http_status(connect_url(&node.url("/echo"))),
+        404,
+        "/echo is dev-only"
+    );
+    assert_eq!(node.node().metrics().refused(Refusal::Unauthorized), 4);
+    assert_eq!(node.node().metrics().refused(Refusal::NotFound), 2);
+
+    let response = raw_exchange(&node, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(
+        response.contains("\"error\":{\"code\":\"bad_request\""),
+        "{response}"
+    );
+
+    let mut huge = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 10_000));
+    let response = raw_exchange(&node, &huge);
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+}
+
+/// Sends raw bytes, returns everything the server answers until it closes.
+fn raw_exchange(node: &TestNode, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(node.addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream.write_all(request).expect("write");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn silent_handshakes_time_out() {
+    let mut config = dev_config();
+    config.handshake_timeout_ms = 200;
+    let node = TestNode::start(config);
+    let mut stream = TcpStream::connect(node.addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(stream.read(&mut buf).expect("eof, not a timeout"), 0);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    eventually("timeout counted", || {
+        node.node().metrics().refused(Refusal::Timeout) == 1
+    });
+}
+
+#[test]
+fn bad_requests_get_err_and_keep_the_connection() {
+    let node = TestNode::start(dev_config());
+    let mut c = Client::dev(&node, "bad");
+    let cases = [
+        ("{oops", "bad_request"),
+        ("[1,2]", "bad_request"),
+        (r#"{"op":"dance","id":1}"#, "bad_request"),
+        (r#"{"op":"pub","topic":"t"}"#, "bad_request"),
+        (r#"{"op":"send","data":1}"#, "bad_request"),
+        (r#"{"op":"sub"}"#, "bad_request"),
+    ];
+    for (text, code) in cases {
+        c.ws.send(Message::text(text)).expect("send");
+        let err = c.recv();
+        assert_eq!(err["op"], "err", "{text}");
+        assert_eq!(err["code"], code, "{text}");
+        assert!(err["msg"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    c.ws.send(Message::binary(vec![1, 2, 3])).expect("send");
+    assert_eq!(c.recv()["code"], "bad_request");
+    assert_eq!(
+        c.request(json!({"op":"ping","id":"still-here"}))["id"],
+        "still-here"
+    );
+    let metrics = node.node().metrics();
+    assert_eq!(metrics.rejections(Rejection::UnknownOp), 1);
+    assert_eq!(metrics.rejections(Rejection::Malformed), 5);
+    assert_eq!(metrics.rejections(Rejection::Binary), 1);
+}
+
+#[test]
+fn fragmented_messages_and_websocket_pings_work() {
+    let node = TestNode::start(dev_config());
+    let mut c = Client::dev(&node, "frag");
+    let text = br#"{"op":"ping","id":"fragmented"}"#;
+    let (head, tail) = text.split_at(10);
+    c.ws.send(Message::Frame(Frame::message(
+        head.to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .expect("first fragment");
+    c.ws.send(Message::Ping(vec![7u8].into()))
+        .expect("ping between fragments");
+    c.ws.send(Message::Frame(Frame::message(
+        tail.to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .expect("last fragment");
+    let mut got_pong = false;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline);
+        match c.ws.read().expect("read") {
+            Message::Pong(payload) => {
+                assert_eq!(&payload[..], &[7u8]);
+                got_pong = true;
+            }
+            Message::Text(reply) => {
+                assert_eq!(reply.as_str(), r#"{"op":"pong","id":"fragmented"}"#);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        got_pong,
+        "the control frame is answered before the message completes"
+    );
+}
+
+#[test]
+fn invalid_utf8_closes_with_1007() {
+    let node = TestNode::start(dev_config());
+    let mut c = Client::dev(&node, "utf");
+    let frame = Frame::message(vec![b'"', 0xff, 0xfe, b'"'], OpCode::Data(Data::Text), true);
+    c.ws.send(Message::Frame(frame)).expect("send");
+    assert_eq!(c.expect_close(), 1007);
+    eventually("counted", || {
+        node.node().metrics().closes(Close::BadUtf8) == 1
+    });
+}
+
+#[test]
+fn oversized_frames_and_messages_close_with_1009() {
+    let mut config = dev_config();
+    config.max_frame_bytes = 1024;
+    config.max_message_bytes = 2048;
+    let node = TestNode::start(config);
+    let mut c = Client::dev(&node, "big");
+    c.ws.send(Message::text("x".repeat(1025))).expect("send");
+    assert_eq!(c.expect_close(), 1009);
+
+    let mut c = Client::dev(&node, "big2");
+    let first = Frame::message(vec![b' '; 1000], OpCode::Data(Data::Text), false);
+    c.ws.send(Message::Frame(first)).expect("fragment");
+    let second = Frame::message(vec![b' '; 1000], OpCode::Data(Data::Continue), false);
+    c.ws.send(Message::Frame(second)).expect("fragment");
+    let last = Frame::message(vec![b' '; 100], OpCode::Data(Data::Continue), true);
+    c.ws.send(Message::Frame(last)).expect("fragment");
+    assert_eq!(c.expect_close(), 1009);
+    eventually("counted", || {
+        node.node().metrics().closes(Close::TooBig) == 2
+    });
+}
+
+#[test]
+fn inbound_rate_limit_answers_too_many() {
+    let mut config = dev_config();
+    config.rate_limit_burst = 5;
+    config.rate_limit_per_sec = 1;
+    let node = TestNode::start(config);
+    let mut c = Client::dev(&node, "fast");
+    for id in 0..8 {
+        c.send(json!({"op":"ping","id":id}));
+    }
+    let replies: Vec<_> = (0..8).map(|_| c.recv()).collect();
+    let pongs = replies.iter().filter(|r| r["op"] == "pong").count();
+    let limited = replies.iter().filter(|r| r["code"] == "too_many").count();
+    assert_eq!((pongs, limited), (5, 3), "{replies:?}");
+    assert_eq!(node.node().metrics().rejections(Rejection::RateLimited), 3);
+}
+
+#[test]
+fn slow_consumer_is_closed_with_1008_while_others_are_served() {
+    let mut config = dev_config();
+    config.max_outbound_bytes = 64 * 1024;
+    config.close_timeout_ms = 5000;
+    let node = TestNode::start(config);
+
+    // A client with a tiny receive buffer that subscribes and then stops reading.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket.connect(&node.addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let (ws, _) = tungstenite::client(node.url("/ws?user=slow"), stream).expect("upgrade");
+    let mut slow = Client::from_ws(ws);
+    assert_eq!(
+        slow.request(json!({"op":"sub","topic":"flood"}))["op"],
+        "ack"
+    );
+
+    let mut healthy = Client::dev(&node, "healthy");
+    let publisher = node.node().publisher();
+    let payload = RawValue::from_string(format!("\"{}\"", "p".repeat(16 * 1024))).expect("raw");
+    let metrics = node.node().metrics();
+    let mut published = 0;
+    while metrics.closes(Close::SlowConsumer) == 0 {
+        assert!(
+            published < 2000,
+            "never detected as slow after {published} publications"
+        );
+        publisher.publish(
+            Target {
+                topics: &["flood"],
+                ..Target::default()
+            },
+            &payload,
+        );
+        published += 1;
+        if published % 50 == 0 {
+            assert_eq!(healthy.request(json!({"op":"ping"}))["op"], "pong");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(healthy.request(json!({"op":"ping"}))["op"], "pong");
+    eventually("slow consumer unregistered", || metrics.connections() == 1);
+
+    // Once it reads again it finds what the kernel held, then the 1008 close.
+    let deadline = Instant::now() + WAIT;
+    let mut received = 0;
+    loop {
+        assert!(Instant::now() < deadline, "no close frame");
+        match slow.ws.read() {
+            Ok(Message::Text(_)) => received += 1,
+            Ok(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 1008);
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("expected the 1008 close, got {e}"),
+        }
+    }
+    assert!(
+        received < published,
+        "frames beyond the queue limit were dropped"
+    );
+}
+
+#[test]
+fn silent_clients_are_closed_after_three_heartbeats() {
+    let mut config = dev_config();
+    config.heartbeat_secs = 1;
+    // Long enough that the silent client can still answer the pings it finds when it reads.
+    config.close_timeout_ms = 5000;
+    let node = TestNode::start(config);
+    let mut silent = Client::dev(&node, "silent");
+    let mut lively = Client::dev(&node, "lively");
+    assert_eq!(lively.hello["hb"], 1);
+    let started = Instant::now();
+    let mut pings = 0;
+    lively
+        .ws
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    while started.elapsed() < Duration::from_millis(4500) {
+        match lively.ws.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    lively
+        .ws
+        .get_mut()
+        .set_read_timeout(Some(WAIT))
+        .expect("timeout");
+    assert!(pings >= 2, "server pings every interval ({pings})");
+    assert_eq!(lively.request(json!({"op":"ping"}))["op"], "pong");
+    assert_eq!(silent.expect_close(), 1008);
+    assert_eq!(node.node().metrics().closes(Close::HeartbeatTimeout), 1);
+}
