@@ -3,8 +3,9 @@
 //! # Layout
 //! - [`config`]: the typed configuration; defaults, TOML, `SHARDCAST_*` env, flags; validation.
 //! - [`node`]: starts a node (listeners, shards), pushes messages in from other threads, stops it.
-//! - [`shard`]: one glommio executor per core owning its listener, connections and tables.
+//! - [`shard`]: one glommio executor per core owning its listener, sockets and tables.
 //! - [`session`]: one client connection: upgrade, protocol v1, write queue, close.
+//! - [`reactor`]: socket readiness (a per-shard epoll set) and cross-thread wake-ups.
 //! - [`router`]: envelopes between shards, their inboxes, and the home-shard directory.
 //! - [`ws`]: RFC 6455 framing on shard-owned buffers; the upgrade request.
 //! - [`protocol`]: client protocol v1 requests, rendered server frames, message ids.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod reactor;
 pub mod router;
 pub mod session;
 pub mod shard;

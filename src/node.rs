@@ -4,7 +4,7 @@
 //!
 //! Listeners are bound here, on the calling thread, before any shard starts, so a bad address
 //! or a port in use fails `Node::start` with a clear error instead of a shard panicking.
-//! glommio's own `TcpListener::bind` hard-codes a backlog of 1024; ours is configurable.
+//! The backlog is configurable (glommio's own `TcpListener::bind` hard-codes 1024).
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -23,8 +23,8 @@ use crate::protocol::{self, render, SharedMidGenerator};
 use crate::router::{Envelope, Mesh};
 use crate::shard;
 
-/// Bytes of glommio I/O memory per shard. Sockets do not use it (reads go through the shard's
-/// scratch buffer); keeping it small keeps many nodes per host under RLIMIT_MEMLOCK.
+/// Bytes of glommio I/O memory per shard. Sockets do not use it (they are driven by the
+/// shard's epoll set); keeping it small keeps many nodes per host under RLIMIT_MEMLOCK.
 const IO_MEMORY_BYTES: usize = 512 * 1024;
 
 /// What every shard of a node shares (read-mostly; counters are atomics).
@@ -45,36 +45,6 @@ pub struct NodeShared {
     pub connections: AtomicUsize,
     /// Set once the node is stopping: new handshakes get 503.
     pub draining: AtomicBool,
-}
-
-impl NodeShared {
-    /// Counts an accepted socket against `max_connections` for as long as the guard lives.
-    pub fn admit(&self) -> Admission<'_> {
-        let before = self.connections.fetch_add(1, Ordering::Relaxed);
-        Admission {
-            node: self,
-            over: before >= self.config.max_connections,
-        }
-    }
-}
-
-/// An accepted socket's place in the connection count.
-pub struct Admission<'a> {
-    node: &'a NodeShared,
-    over: bool,
-}
-
-impl Admission<'_> {
-    /// Whether the node was already full when this socket arrived.
-    pub fn over_limit(&self) -> bool {
-        self.over
-    }
-}
-
-impl Drop for Admission<'_> {
-    fn drop(&mut self) {
-        self.node.connections.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Why a node could not start.
@@ -311,6 +281,7 @@ fn bind_listeners(
             socket.set_reuse_address(true)?;
             socket.set_reuse_port(true)?;
             socket.set_nodelay(true)?;
+            socket.set_nonblocking(true)?;
             socket.bind(&SockAddr::from(bind_addr))?;
             socket.listen(backlog)?;
             Ok(socket)

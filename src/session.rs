@@ -1,53 +1,49 @@
 //! One client connection: the upgrade, the protocol v1 session, and the close.
 //!
+//! Connections are not tasks. The shard's event loop ([`crate::shard`]) calls into this
+//! module when a socket is ready; everything here is synchronous and non-blocking.
+//!
 //! # Memory
-//! A connection is a task (this module's [`serve`] future), a glommio `TcpStream` whose
-//! pending read is a readiness poll (no buffer: glommio's non-buffered stream reads with a
-//! plain `recv` into the buffer it is given, which is the shard's scratch buffer), and a
-//! [`Conn`] shared with the shard's tables. Between messages nothing else is held: the
-//! decoder keeps only an incomplete frame and the outbound queue is an empty `VecDeque`.
+//! An open connection is one [`Conn`] (about 300 bytes) plus its entries in the shard's
+//! tables. Reads go through the shard's scratch buffer; the decoder keeps only an incomplete
+//! frame, and the outbound queue is an empty `VecDeque` between bursts. The upgrade's request
+//! buffer lives in a [`Handshake`] that is gone once the connection is open.
 //!
 //! # Writes
-//! [`Conn::push`] writes through: when nothing is queued it `send`s the frame at once with
-//! `MSG_DONTWAIT`, from whichever task is delivering, so a fan-out costs one syscall per
-//! recipient and no task switch. Only what the socket does not take is queued, as shared
-//! [`Bytes`] (never copied), and the connection's own task flushes it with `sendmsg` once the
-//! socket is writable again. A queue over `max_outbound_bytes` marks a slow consumer: its
-//! frames are dropped at once (memory released) and it is closed with 1008.
+//! [`Conn::push`] writes through: when nothing is queued it `send`s the frame at once from
+//! whichever task is delivering, so a fan-out costs one syscall per recipient. Only what the
+//! socket does not take is queued, as shared [`Bytes`] (never copied), and flushed with
+//! `sendmsg` when epoll reports the socket writable again. A queue over `max_outbound_bytes`
+//! marks a slow consumer: its frames are dropped at once (memory released; a partly written
+//! frame is finished so the close frame stays well-framed) and it is closed with 1008.
 //!
 //! # Close
 //! A close requested by anyone (slow consumer, device limit, kick, shutdown, heartbeat, bad
-//! input) is a flag plus a queued close frame; the connection's task notices it, leaves the
-//! tables, flushes for at most `close_timeout_ms`, half-closes and waits for the peer to
-//! finish, so a client reads every frame that was sent before the close frame.
+//! input) is a flag plus a queued close frame; the shard takes the connection out of its
+//! tables, flushes, half-closes and waits up to `close_timeout_ms` for the peer to finish, so
+//! a client reads every frame sent before the close frame.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use glommio::net::TcpStream;
 use smallvec::SmallVec;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 use crate::auth::{valid_name, Identity, PublishRights};
-use crate::metrics::{self, Refusal, Rejection, ShardMetrics};
+use crate::metrics::{self, Rejection};
 use crate::protocol::{self, render, ErrorCode, Request};
+use crate::reactor;
 use crate::router::ConnId;
 use crate::shard::Shard;
 use crate::ws::{self, close, Endpoint, Event, Flow, HttpRefusal, Inbound, Limits, Violation};
 
-/// Reads per task turn before a busy connection yields to the rest of the shard.
-const READS_PER_TURN: usize = 16;
+/// Reads per readiness event before a busy connection lets the others of the shard go first.
+pub const READS_PER_TURN: usize = 16;
 
 /// Frames per `sendmsg` call when flushing a queue.
 const IOVECS_PER_WRITE: usize = 64;
@@ -112,36 +108,86 @@ impl Outbound {
     }
 }
 
-/// The part of a connection the shard's tables and other tasks see.
+/// Per-connection inbound token bucket (messages per second with a burst).
+#[derive(Clone, Copy)]
+struct RateLimit {
+    tokens: f32,
+    refilled_ms: u64,
+}
+
+impl RateLimit {
+    fn take(&mut self, now_ms: u64, per_sec: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.refilled_ms);
+        if elapsed > 0 {
+            self.tokens =
+                (self.tokens + elapsed as f32 * per_sec as f32 / 1000.0).min(burst as f32);
+            self.refilled_ms = now_ms;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What the shard should do with a connection after it was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Nothing more to read now.
+    Idle,
+    /// The read budget ran out with data possibly left: read again next turn.
+    More,
+    /// The peer sent its close frame: answer it and close.
+    PeerClosed,
+    /// A close was requested (bad input, or by another part of the shard).
+    CloseRequested,
+    /// The peer went away (EOF).
+    Eof,
+    /// A socket error.
+    Failed,
+}
+
+/// An upgraded connection.
 pub struct Conn {
-    /// Node-unique connection id.
+    /// Node-unique connection id (also its epoll token).
     pub id: ConnId,
+    fd: OwnedFd,
     /// The user, or `None` on the dev-mode `/echo` endpoint.
     user: Option<Arc<str>>,
     publish: PublishRights,
-    fd: RawFd,
     out: RefCell<Outbound>,
-    waker: Cell<Option<Waker>>,
+    inbound: RefCell<Inbound>,
+    rate: Cell<RateLimit>,
     close: Cell<Option<(u16, metrics::Close)>>,
+    peer_close: Cell<Option<Option<u16>>>,
     last_seen: Cell<u32>,
     last_ping: Cell<u32>,
     topics: RefCell<Vec<Arc<str>>>,
 }
 
 impl Conn {
-    fn new(id: ConnId, identity: Option<Identity>, fd: RawFd, now: u32) -> Self {
+    /// A connection on `fd` (already upgraded) for `identity` (`None` for `/echo`).
+    pub fn new(id: ConnId, fd: OwnedFd, identity: Option<Identity>, shard: &Shard) -> Self {
         let (user, publish) = match identity {
             Some(identity) => (Some(identity.user), identity.publish),
             None => (None, PublishRights::none()),
         };
+        let now = shard.clock();
         Conn {
             id,
+            fd,
             user,
             publish,
-            fd,
             out: RefCell::default(),
-            waker: Cell::new(None),
+            inbound: RefCell::default(),
+            rate: Cell::new(RateLimit {
+                tokens: shard.node.config.rate_limit_burst as f32,
+                refilled_ms: shard.clock_ms(),
+            }),
             close: Cell::new(None),
+            peer_close: Cell::new(None),
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
             topics: RefCell::default(),
@@ -153,36 +199,36 @@ impl Conn {
         self.user.as_ref()
     }
 
+    /// The close code and reason requested, if any.
+    pub fn close_request(&self) -> Option<(u16, metrics::Close)> {
+        self.close.get()
+    }
+
     /// Queues (or writes at once) a frame. Returns whether it was accepted; a refused frame
     /// means the connection is closing, and a slow consumer is closed here with 1008.
-    pub fn push(&self, frame: &Bytes, limit: usize, metrics: &ShardMetrics) -> bool {
-        if self.close_requested() {
+    pub fn push(&self, frame: &Bytes, shard: &Shard) -> bool {
+        if self.close.get().is_some() {
             return false;
         }
+        let metrics = &shard.metrics;
         let mut out = self.out.borrow_mut();
         if out.frames.is_empty() {
-            match send_nonblocking(self.fd, &[IoSlice::new(frame)]) {
-                Ok(n) if n == frame.len() => {
-                    metrics.frames_out.inc();
-                    return true;
-                }
+            match reactor::send(self.fd.as_raw_fd(), &[IoSlice::new(frame)]) {
+                Ok(n) if n == frame.len() => {}
                 Ok(n) => out.push_tail(frame.slice(n..)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.push(frame.clone()),
                 Err(_) => {
                     drop(out);
-                    self.request_close(close::GOING_AWAY, metrics::Close::IoError);
+                    self.request_close(close::GOING_AWAY, metrics::Close::IoError, shard);
                     return false;
                 }
             }
-            drop(out);
-            self.wake();
             metrics.frames_out.inc();
             return true;
         }
-        if out.bytes + frame.len() > limit {
+        if out.bytes + frame.len() > shard.node.config.max_outbound_bytes {
             drop(out);
-            self.request_close(close::POLICY, metrics::Close::SlowConsumer);
-            metrics.closed(metrics::Close::SlowConsumer);
+            self.request_close(close::POLICY, metrics::Close::SlowConsumer, shard);
             tracing::debug!(conn = self.id, "slow consumer closed");
             return false;
         }
@@ -191,50 +237,40 @@ impl Conn {
         true
     }
 
-    /// Asks the connection to close with `code`. The first request wins. A slow consumer's
+    /// Asks the connection to close with `code`; the first request wins. A slow consumer's
     /// queue is dropped at once; otherwise queued frames go out before the close frame.
-    pub fn request_close(&self, code: u16, reason: metrics::Close) {
-        if self.close_requested() {
+    pub fn request_close(&self, code: u16, reason: metrics::Close, shard: &Shard) {
+        if self.close.get().is_some() {
             return;
         }
         self.close.set(Some((code, reason)));
+        shard.metrics.closed(reason);
         let mut out = self.out.borrow_mut();
         if reason == metrics::Close::SlowConsumer {
             out.discard_unstarted();
         }
         out.push(ws::close_frame(code, reason.label()));
         drop(out);
-        self.wake();
+        shard.schedule_close(self.id);
     }
 
-    fn close_requested(&self) -> bool {
-        self.close.get().is_some()
-    }
-
-    fn wake(&self) {
-        if let Some(waker) = self.waker.take() {
-            waker.wake_by_ref();
-            self.waker.set(Some(waker));
-        }
-    }
-
-    fn set_waker(&self, waker: &Waker) {
-        let current = self.waker.take();
-        match current {
-            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
-            _ => self.waker.set(Some(waker.clone())),
+    /// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
+    pub fn answer_peer_close(&self) {
+        if self.close.get().is_none() {
+            let code = self.peer_close.get().flatten().unwrap_or(close::NORMAL);
+            self.close.set(Some((code, metrics::Close::Peer)));
+            self.out.borrow_mut().push(ws::close_frame(code, ""));
         }
     }
 
     /// Called by the sweeper: pings when an interval has passed since the last ping, closes
     /// when nothing arrived for three intervals.
-    pub fn heartbeat(&self, now: u32, interval: u32, limit: usize, metrics: &ShardMetrics) {
+    pub fn heartbeat(&self, now: u32, interval: u32, shard: &Shard) {
         if now.saturating_sub(self.last_seen.get()) >= 3 * interval {
-            self.request_close(close::POLICY, metrics::Close::HeartbeatTimeout);
-            metrics.closed(metrics::Close::HeartbeatTimeout);
+            self.request_close(close::POLICY, metrics::Close::HeartbeatTimeout, shard);
         } else if now.saturating_sub(self.last_ping.get()) >= interval {
             self.last_ping.set(now);
-            self.push(&ws::ping_frame(), limit, metrics);
+            self.push(&ws::ping_frame(), shard);
         }
     }
 
@@ -270,8 +306,8 @@ impl Conn {
         self.topics.take()
     }
 
-    /// Flushes queued frames; registers for writability when the socket is full.
-    fn poll_flush(&self, stream: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
+    /// Writes queued frames until the socket is full. `Ok(true)` when nothing is left.
+    pub fn flush(&self) -> io::Result<bool> {
         let mut out = self.out.borrow_mut();
         while !out.frames.is_empty() {
             let sent = {
@@ -281,274 +317,79 @@ impl Conn {
                     .take(IOVECS_PER_WRITE)
                     .map(|f| IoSlice::new(f))
                     .collect();
-                send_nonblocking(self.fd, &slices)
+                reactor::send(self.fd.as_raw_fd(), &slices)
             };
-            let written = match sent {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let front = out.frames.front().expect("not empty").clone();
-                    match Pin::new(&mut *stream).poll_write(cx, &front) {
-                        Poll::Ready(Ok(n)) => n,
-                        Poll::Ready(Err(e)) => return Err(e),
-                        Poll::Pending => return Ok(()),
-                    }
-                }
+            match sent {
+                Ok(n) => out.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
-            };
-            out.consume(written);
-        }
-        Ok(())
-    }
-
-    fn is_flushed(&self) -> bool {
-        self.out.borrow().frames.is_empty()
-    }
-}
-
-/// `sendmsg` with `MSG_DONTWAIT | MSG_NOSIGNAL`: never blocks, never raises SIGPIPE.
-fn send_nonblocking(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // IoSlice is guaranteed ABI-compatible with iovec on Unix.
-    msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = slices.len();
-    loop {
-        // SAFETY: fd is an open socket owned by the session; msg points at live slices.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
-}
-
-/// Per-connection inbound token bucket (messages per second with a burst).
-struct RateLimit {
-    tokens: f32,
-    refilled_ms: u64,
-}
-
-impl RateLimit {
-    fn take(&mut self, now_ms: u64, per_sec: u32, burst: u32) -> bool {
-        let elapsed = now_ms.saturating_sub(self.refilled_ms);
-        if elapsed > 0 {
-            self.tokens =
-                (self.tokens + elapsed as f32 * per_sec as f32 / 1000.0).min(burst as f32);
-            self.refilled_ms = now_ms;
-        }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// How the active part of a session ended.
-enum End {
-    /// Someone asked it to close; the close frame is queued.
-    Requested,
-    /// The peer sent a close frame (with its code).
-    PeerClose(Option<u16>),
-    /// The peer vanished (EOF).
-    Eof,
-    /// A socket error.
-    Io,
-}
-
-/// Serves one accepted socket from upgrade to close.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
-    let _session = shard.session_started();
-    let node = shard.node.clone();
-    let admission = node.admit();
-    let _ = stream.set_nodelay(true);
-
-    let timeout = Duration::from_millis(node.config.handshake_timeout_ms);
-    let max_bytes = node.config.max_handshake_bytes;
-    let dev = node.config.dev;
-    let upgrade = glommio::timer::timeout(timeout, async {
-        Ok(read_upgrade(&mut stream, max_bytes, dev).await)
-    })
-    .await;
-    let (upgrade, request) = match upgrade {
-        Ok(Ok(found)) => found,
-        Ok(Err(Some(refusal))) => return refuse(&shard, &mut stream, refusal).await,
-        Ok(Err(None)) => return shard.metrics.refused(Refusal::BadRequest),
-        Err(_) => return shard.metrics.refused(Refusal::Timeout),
-    };
-    if admission.over_limit() || node.draining.load(Ordering::Relaxed) {
-        return refuse(&shard, &mut stream, HttpRefusal::UNAVAILABLE).await;
-    }
-    let identity = match upgrade.endpoint {
-        Endpoint::Echo => None,
-        Endpoint::Push => {
-            match node
-                .auth
-                .authenticate(upgrade.token.as_deref(), upgrade.dev_user.as_deref())
-            {
-                Ok(identity) => Some(identity),
-                Err(e) => {
-                    let refusal = HttpRefusal::unauthorized(e.label());
-                    return refuse(&shard, &mut stream, refusal).await;
-                }
             }
         }
-    };
-    if stream.write_all(&upgrade.response).await.is_err() {
-        return;
+        Ok(true)
     }
-    shard.metrics.handshakes_accepted.inc();
 
-    let conn = Rc::new(Conn::new(
-        shard.new_conn_id(),
-        identity,
-        stream.as_raw_fd(),
-        shard.clock(),
-    ));
-    shard.register(&conn);
-    let limit = node.config.max_outbound_bytes;
-    if let Some(user) = conn.user() {
-        let hello = render::hello(user, conn.id, &node.node_id, node.config.heartbeat_secs);
-        conn.push(&hello, limit, &shard.metrics);
+    /// Half-closes the socket once our close frame is out.
+    pub fn shutdown_write(&self) {
+        reactor::shutdown_write(self.fd.as_raw_fd());
     }
-    let mut session = Session {
-        stream,
-        conn,
-        shard,
-        inbound: Inbound::default(),
-        rate: RateLimit {
-            tokens: node.config.rate_limit_burst as f32,
-            refilled_ms: 0,
-        },
-        peer_close: Cell::new(None),
-    };
-    let mut leftover = request[upgrade.consumed..].to_vec();
-    drop(request);
-    let end = if !leftover.is_empty() && session.on_bytes(&mut leftover) == Flow::Stop {
-        session.end_from_flags()
-    } else {
-        futures_lite::future::poll_fn(|cx| session.poll_active(cx)).await
-    };
-    drop(leftover);
-    session.shard.unregister(&session.conn);
-    session.finish(end).await;
-}
 
-/// Reads the upgrade request. `Err(None)`: the peer went away or sent nothing usable.
-async fn read_upgrade(
-    stream: &mut TcpStream,
-    max_bytes: usize,
-    dev: bool,
-) -> Result<(ws::Upgrade, Vec<u8>), Option<HttpRefusal>> {
-    let mut buf = vec![0u8; 1024.min(max_bytes)];
-    let mut len = 0;
-    loop {
-        if len == buf.len() {
-            if len >= max_bytes {
-                return Err(Some(HttpRefusal::TOO_LARGE));
-            }
-            buf.resize((len * 2).min(max_bytes), 0);
-        }
-        match stream.read(&mut buf[len..]).await {
-            Ok(0) | Err(_) => return Err(None),
-            Ok(n) => len += n,
-        }
-        if let Some(upgrade) = ws::parse_upgrade(&buf[..len], dev)? {
-            buf.truncate(len);
-            return Ok((upgrade, buf));
-        }
-    }
-}
-
-async fn refuse(shard: &Shard, stream: &mut TcpStream, refusal: HttpRefusal) {
-    let reason = match refusal.status {
-        400 => Refusal::BadRequest,
-        401 => Refusal::Unauthorized,
-        404 => Refusal::NotFound,
-        431 => Refusal::TooLarge,
-        _ => Refusal::Unavailable,
-    };
-    shard.metrics.refused(reason);
-    let response = refusal.response();
-    let _ = glommio::timer::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(&response).await;
-        let _ = stream.close().await;
-        Ok(())
-    })
-    .await;
-}
-
-struct Session {
-    stream: TcpStream,
-    conn: Rc<Conn>,
-    shard: Rc<Shard>,
-    inbound: Inbound,
-    rate: RateLimit,
-    /// Set when the peer's close frame arrived (with its code, if any).
-    peer_close: Cell<Option<Option<u16>>>,
-}
-
-impl Session {
-    /// Reads, handles and flushes until the session should end.
-    fn poll_active(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        self.conn.set_waker(cx.waker());
-        let shard = self.shard.clone();
-        for turn in 0..=READS_PER_TURN {
-            if self.conn.close_requested() {
-                return Poll::Ready(End::Requested);
-            }
-            if turn == READS_PER_TURN {
-                cx.waker().wake_by_ref();
-                break;
-            }
+    /// Reads and handles what the socket has, up to [`READS_PER_TURN`] reads.
+    pub fn read(self: &Rc<Self>, shard: &Shard) -> ReadOutcome {
+        for _ in 0..READS_PER_TURN {
             let mut scratch = shard.scratch.borrow_mut();
-            match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(0)) => return Poll::Ready(End::Eof),
-                Poll::Ready(Err(_)) => return Poll::Ready(End::Io),
-                Poll::Ready(Ok(n)) => {
-                    if self.on_bytes(&mut scratch[..n]) == Flow::Stop {
-                        return Poll::Ready(self.end_from_flags());
+            match reactor::recv(self.fd.as_raw_fd(), &mut scratch[..]) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(n) => {
+                    if self.on_bytes(&mut scratch[..n], shard) == Flow::Stop {
+                        return self.stop_reason();
+                    }
+                    if n < scratch.len() {
+                        return ReadOutcome::Idle;
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Idle,
+                Err(_) => return ReadOutcome::Failed,
             }
         }
-        match self.conn.poll_flush(&mut self.stream, cx) {
-            Ok(()) => Poll::Pending,
-            Err(_) => Poll::Ready(End::Io),
-        }
+        ReadOutcome::More
     }
 
-    /// After decoding stopped: the peer closed, or a close was requested.
-    fn end_from_flags(&self) -> End {
-        match self.peer_close.get() {
-            Some(code) => End::PeerClose(code),
-            None => End::Requested,
+    /// Reads and discards after our close frame, until EOF. `true` once the peer is done.
+    pub fn read_discarding(&self, shard: &Shard) -> bool {
+        for _ in 0..READS_PER_TURN {
+            let mut scratch = shard.scratch.borrow_mut();
+            match reactor::recv(self.fd.as_raw_fd(), &mut scratch[..]) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+
+    fn stop_reason(&self) -> ReadOutcome {
+        if self.peer_close.get().is_some() && self.close.get().is_none() {
+            ReadOutcome::PeerClosed
+        } else {
+            ReadOutcome::CloseRequested
         }
     }
 
     /// Decodes freshly read bytes and handles every complete message.
-    fn on_bytes(&mut self, input: &mut [u8]) -> Flow {
-        let shard = &*self.shard;
-        let conn = &self.conn;
-        conn.last_seen.set(shard.clock());
+    pub fn on_bytes(self: &Rc<Self>, input: &mut [u8], shard: &Shard) -> Flow {
+        self.last_seen.set(shard.clock());
         let config = &shard.node.config;
         let limits = Limits {
             max_frame: config.max_frame_bytes,
             max_message: config.max_message_bytes,
         };
-        let rate = &mut self.rate;
-        let peer_close = &self.peer_close;
-        let result = self.inbound.feed(input, limits, |event| {
+        let mut rate = self.rate.get();
+        let result = self.inbound.borrow_mut().feed(input, limits, |event| {
             shard.metrics.frames_in.inc();
-            let limit = config.max_outbound_bytes;
             match event {
                 Event::Close(code) => {
-                    peer_close.set(Some(code));
+                    self.peer_close.set(Some(code));
                     return Flow::Stop;
                 }
                 Event::Pong => {}
@@ -562,29 +403,17 @@ impl Session {
                     shard.metrics.rejected(Rejection::RateLimited);
                     if !matches!(event, Event::Ping(_)) {
                         let err = render::err(None, ErrorCode::TooMany, "rate limit exceeded");
-                        conn.push(&err, limit, &shard.metrics);
+                        self.push(&err, shard);
                     }
                 }
                 Event::Ping(payload) => {
-                    conn.push(
-                        &ws::frame(OpCode::Control(Control::Pong), payload),
-                        limit,
-                        &shard.metrics,
-                    );
+                    self.push(&ws::frame(OpCode::Control(Control::Pong), payload), shard);
                 }
-                Event::Text(text) if conn.user.is_none() => {
-                    conn.push(
-                        &ws::frame(OpCode::Data(Data::Text), text.as_bytes()),
-                        limit,
-                        &shard.metrics,
-                    );
+                Event::Text(text) if self.user.is_none() => {
+                    self.push(&ws::frame(OpCode::Data(Data::Text), text.as_bytes()), shard);
                 }
-                Event::Binary(bytes) if conn.user.is_none() => {
-                    conn.push(
-                        &ws::frame(OpCode::Data(Data::Binary), bytes),
-                        limit,
-                        &shard.metrics,
-                    );
+                Event::Binary(bytes) if self.user.is_none() => {
+                    self.push(&ws::frame(OpCode::Data(Data::Binary), bytes), shard);
                 }
                 Event::Binary(_) => {
                     shard.metrics.rejected(Rejection::Binary);
@@ -593,19 +422,20 @@ impl Session {
                         ErrorCode::BadRequest,
                         "binary frames are not supported; send JSON text",
                     );
-                    conn.push(&err, limit, &shard.metrics);
+                    self.push(&err, shard);
                 }
                 Event::Text(text) => {
-                    let reply = handle_request(shard, conn, text);
-                    conn.push(&reply, limit, &shard.metrics);
+                    let reply = handle_request(shard, self, text);
+                    self.push(&reply, shard);
                 }
             }
-            if conn.close_requested() {
+            if self.close.get().is_some() {
                 Flow::Stop
             } else {
                 Flow::Continue
             }
         });
+        self.rate.set(rate);
         match result {
             Ok(flow) => flow,
             Err(violation) => {
@@ -614,88 +444,115 @@ impl Session {
                     Violation::TooBig => metrics::Close::TooBig,
                     Violation::BadUtf8 => metrics::Close::BadUtf8,
                 };
-                shard.metrics.closed(reason);
-                tracing::debug!(conn = conn.id, %violation, "closing on bad input");
-                conn.request_close(violation.close_code(), reason);
+                tracing::debug!(conn = self.id, %violation, "closing on bad input");
+                self.request_close(violation.close_code(), reason, shard);
                 Flow::Stop
             }
         }
     }
-
-    /// Leaves gracefully: flush (the close frame last), half-close, wait for the peer.
-    async fn finish(mut self, end: End) {
-        let metrics = &self.shard.metrics;
-        let limit = self.shard.node.config.max_outbound_bytes;
-        match end {
-            End::Eof | End::Io => {
-                metrics.closed(if matches!(end, End::Eof) {
-                    metrics::Close::Peer
-                } else {
-                    metrics::Close::IoError
-                });
-                return;
-            }
-            End::PeerClose(code) => {
-                metrics.closed(metrics::Close::Peer);
-                if !self.conn.close_requested() {
-                    let code = code.unwrap_or(close::NORMAL);
-                    self.conn.push(&ws::close_frame(code, ""), limit, metrics);
-                }
-            }
-            End::Requested => {
-                if let Some((_, reason)) = self.conn.close.get() {
-                    if !matches!(
-                        reason,
-                        metrics::Close::SlowConsumer
-                            | metrics::Close::HeartbeatTimeout
-                            | metrics::Close::Protocol
-                            | metrics::Close::TooBig
-                            | metrics::Close::BadUtf8
-                    ) {
-                        metrics.closed(reason);
-                    }
-                }
-            }
-        }
-        let timeout = Duration::from_millis(self.shard.node.config.close_timeout_ms);
-        let shard = self.shard.clone();
-        let _ = glommio::timer::timeout(timeout, async {
-            let flushed = futures_lite::future::poll_fn(|cx| {
-                match self.conn.poll_flush(&mut self.stream, cx) {
-                    Err(e) => Poll::Ready(Err(e)),
-                    Ok(()) if self.conn.is_flushed() => Poll::Ready(Ok(())),
-                    Ok(()) => Poll::Pending,
-                }
-            })
-            .await;
-            if flushed.is_ok()
-                && self
-                    .stream
-                    .shutdown(std::net::Shutdown::Write)
-                    .await
-                    .is_ok()
-            {
-                drain_until_eof(&shard, &mut self.stream).await;
-            }
-            Ok(())
-        })
-        .await;
-    }
 }
 
-/// Reads and discards until the peer closes (after our close frame, RFC 6455 §5.5.1).
-fn drain_until_eof<'a>(
-    shard: &'a Shard,
-    stream: &'a mut TcpStream,
-) -> impl Future<Output = ()> + 'a {
-    futures_lite::future::poll_fn(move |cx| loop {
-        let mut scratch = shard.scratch.borrow_mut();
-        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-            Poll::Ready(Ok(_)) => continue,
-            Poll::Pending => return Poll::Pending,
+/// A socket still in its HTTP upgrade.
+pub struct Handshake {
+    fd: OwnedFd,
+    request: Vec<u8>,
+}
+
+/// What a handshake read came to.
+pub enum HandshakeOutcome {
+    /// Incomplete: wait for more.
+    Pending,
+    /// The peer left or the socket failed before a complete request.
+    Gone,
+    /// Refused with an HTTP error (already written, best effort); close the socket.
+    Refused(HttpRefusal),
+    /// Upgraded: the connection and the bytes the client sent after its request.
+    Open(Rc<Conn>, Vec<u8>),
+}
+
+impl Handshake {
+    /// A socket that has just been accepted.
+    pub fn new(fd: OwnedFd) -> Self {
+        Handshake {
+            fd,
+            request: Vec::new(),
         }
-    })
+    }
+
+    /// The socket's fd (for epoll).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads what arrived and, once the request is complete, answers it.
+    pub fn read(
+        mut self: Box<Self>,
+        id: ConnId,
+        shard: &Shard,
+    ) -> (Option<Box<Self>>, HandshakeOutcome) {
+        let max = shard.node.config.max_handshake_bytes;
+        let upgrade = loop {
+            let len = self.request.len();
+            if len >= max {
+                break Err(HttpRefusal::TOO_LARGE);
+            }
+            self.request.resize((len * 2).clamp(1024, max), 0);
+            match reactor::recv(self.fd.as_raw_fd(), &mut self.request[len..]) {
+                Ok(0) => return (None, HandshakeOutcome::Gone),
+                Ok(n) => self.request.truncate(len + n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.request.truncate(len);
+                    return (Some(self), HandshakeOutcome::Pending);
+                }
+                Err(_) => return (None, HandshakeOutcome::Gone),
+            }
+            match ws::parse_upgrade(&self.request, shard.node.config.dev) {
+                Ok(None) => continue,
+                Ok(Some(upgrade)) => break Ok(upgrade),
+                Err(refusal) => break Err(refusal),
+            }
+        };
+        let outcome = match upgrade.and_then(|upgrade| self.admit(upgrade, shard)) {
+            Ok((identity, response, consumed)) => {
+                if reactor::send(self.fd.as_raw_fd(), &[IoSlice::new(&response)]).ok()
+                    != Some(response.len())
+                {
+                    return (None, HandshakeOutcome::Gone);
+                }
+                let early = self.request.split_off(consumed);
+                let Handshake { fd, .. } = *self;
+                HandshakeOutcome::Open(Rc::new(Conn::new(id, fd, identity, shard)), early)
+            }
+            Err(refusal) => {
+                let _ = reactor::send(self.fd.as_raw_fd(), &[IoSlice::new(&refusal.response())]);
+                HandshakeOutcome::Refused(refusal)
+            }
+        };
+        (None, outcome)
+    }
+
+    /// Capacity and credentials, once the request parsed.
+    #[allow(clippy::type_complexity)]
+    fn admit(
+        &self,
+        upgrade: ws::Upgrade,
+        shard: &Shard,
+    ) -> Result<(Option<Identity>, Vec<u8>, usize), HttpRefusal> {
+        if shard.over_capacity() {
+            return Err(HttpRefusal::UNAVAILABLE);
+        }
+        let identity = match upgrade.endpoint {
+            Endpoint::Echo => None,
+            Endpoint::Push => Some(
+                shard
+                    .node
+                    .auth
+                    .authenticate(upgrade.token.as_deref(), upgrade.dev_user.as_deref())
+                    .map_err(|e| HttpRefusal::unauthorized(e.label()))?,
+            ),
+        };
+        Ok((identity, upgrade.response, upgrade.consumed))
+    }
 }
 
 /// Handles one protocol request and returns the reply frame (`ack`, `err` or `pong`).
@@ -764,5 +621,57 @@ fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
             shard.route_user(from.clone(), frame, Some(conn.id));
             render::ack(id, Some(mid))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_keeps_a_started_frame_when_discarding() {
+        let mut out = Outbound::default();
+        out.push(Bytes::from_static(b"abcdef"));
+        out.push(Bytes::from_static(b"ghij"));
+        out.consume(2);
+        assert_eq!(out.bytes, 8);
+        out.discard_unstarted();
+        assert_eq!(out.frames.len(), 1);
+        assert_eq!(&out.frames[0][..], b"cdef");
+        assert_eq!(out.bytes, 4);
+        out.consume(4);
+        out.push(Bytes::from_static(b"x"));
+        out.discard_unstarted();
+        assert!(out.frames.is_empty(), "an unstarted frame is dropped");
+    }
+
+    #[test]
+    fn consume_spans_frames_and_releases_capacity() {
+        let mut out = Outbound::default();
+        for _ in 0..32 {
+            out.push(Bytes::from_static(b"0123456789"));
+        }
+        out.consume(315);
+        assert_eq!(out.frames.len(), 1);
+        assert_eq!(&out.frames[0][..], b"56789");
+        out.consume(5);
+        assert_eq!(out.bytes, 0);
+        assert_eq!(out.frames.capacity(), 0, "a drained queue holds no memory");
+    }
+
+    #[test]
+    fn rate_limit_refills_over_time() {
+        let mut rate = RateLimit {
+            tokens: 2.0,
+            refilled_ms: 0,
+        };
+        assert!(rate.take(0, 10, 2));
+        assert!(rate.take(0, 10, 2));
+        assert!(!rate.take(0, 10, 2));
+        assert!(rate.take(100, 10, 2), "10/s refills one token per 100 ms");
+        assert!(!rate.take(100, 10, 2));
+        assert!(rate.take(10_000, 10, 2));
+        assert!(rate.take(10_000, 10, 2));
+        assert!(!rate.take(10_000, 10, 2), "never more than the burst");
     }
 }

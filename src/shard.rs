@@ -1,37 +1,42 @@
 //! One shard: a glommio executor pinned to a core that owns its listener, its connections
 //! and its tables outright.
 //!
-//! A shard runs four kinds of task: the acceptor (its own `SO_REUSEPORT` listener), one task
-//! per connection ([`crate::session`]), the inbox task (envelopes from other shards, see
-//! [`crate::router`]) and the heartbeat sweeper. Everything is single-threaded, so tables are
-//! plain `RefCell`s; the rule that keeps them sound is that a connection's own task is the
-//! only one that registers or unregisters it, and no borrow is held across an `.await`.
+//! A shard runs three tasks: the event loop (its `SO_REUSEPORT` listener and every socket,
+//! through its epoll set, see [`crate::reactor`]), the inbox task (envelopes from other
+//! shards, see [`crate::router`]) and the sweeper (heartbeats and deadlines). Connections are
+//! not tasks: the event loop calls into [`crate::session`] when a socket is ready.
+//! Everything is single-threaded, so tables are plain `RefCell`s; no borrow is held across an
+//! `.await`, and a connection enters or leaves the tables only in the event loop.
+//!
+//! Deadlines (upgrade timeout, close timeout) are FIFO queues: every entry of a queue has the
+//! same timeout, so the queue is sorted by construction and the sweeper pops only what expired.
 //!
 //! Fan-out to many local recipients snapshots the recipient list and yields to the executor
 //! every [`FANOUT_CHUNK`] sockets, so a publication to 50,000 subscribers does not stall the
 //! shard's other connections for the whole loop.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::os::fd::{IntoRawFd, OwnedFd};
-use std::os::unix::io::FromRawFd;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use ahash::RandomState;
 use bytes::Bytes;
-use glommio::net::TcpListener;
 use indexmap::IndexMap;
 use smallvec::SmallVec;
 
 use crate::auth::valid_name;
-use crate::metrics::{self, Delivery, Rejection, ShardMetrics};
+use crate::metrics::{self, Delivery, Refusal, Rejection, ShardMetrics};
 use crate::node::NodeShared;
 use crate::protocol::{self, MidGenerator};
+use crate::reactor::{self, Doorbell, Reactor, Ready};
 use crate::router::{conn_id, shard_of, ConnId, Directory, Envelope, Inbox};
-use crate::session::{self, Conn};
+use crate::session::{Conn, Handshake, HandshakeOutcome, ReadOutcome};
+use crate::ws::HttpRefusal;
 
 /// Sockets written per fan-out turn before the shard yields to its other tasks.
 pub const FANOUT_CHUNK: usize = 512;
@@ -39,8 +44,30 @@ pub const FANOUT_CHUNK: usize = 512;
 /// Size of the per-shard read buffer every connection of the shard reads through.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 
-/// How often the sweeper runs (heartbeats are checked at this granularity).
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the sweeper checks deadlines (upgrade and close timeouts).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Sweeps between heartbeat checks (heartbeats are whole seconds).
+const SWEEPS_PER_HEARTBEAT_CHECK: u32 = 10;
+
+/// Events fetched from epoll per call.
+const EVENTS_PER_TURN: usize = 1024;
+
+/// Connections accepted per listener readiness before other sockets get a turn.
+const ACCEPTS_PER_TURN: usize = 64;
+
+/// The listener's epoll token (connection ids have a shard number below 64 in the top byte).
+const LISTENER_TOKEN: u64 = u64::MAX - 1;
+
+/// A socket of the shard, by phase.
+enum Socket {
+    /// In the HTTP upgrade.
+    Handshake(Box<Handshake>),
+    /// Upgraded and in the tables.
+    Open(Rc<Conn>),
+    /// Out of the tables, flushing its close frame and waiting for the peer.
+    Closing(Rc<Conn>),
+}
 
 /// Which local connections belong to which user and topic.
 #[derive(Default)]
@@ -104,12 +131,31 @@ pub struct Shard {
     started: Instant,
     /// Fires when the shard starts shutting down.
     pub stopping: Signal,
-    sessions: Cell<usize>,
+    reactor: Reactor,
+    doorbell: Arc<Doorbell>,
+    listener: RefCell<Option<OwnedFd>>,
+    /// Every socket of the shard by token (its connection id), whatever its phase.
+    sockets: RefCell<HashMap<ConnId, Socket, RandomState>>,
+    /// Connections whose close was requested; the event loop takes them out of the tables.
+    to_close: RefCell<Vec<ConnId>>,
+    /// Connections whose read budget ran out with data left (edge-triggered: no new event).
+    to_read: RefCell<Vec<ConnId>>,
+    /// Upgrade deadlines in deadline order (every entry has the same timeout).
+    handshake_deadlines: RefCell<VecDeque<(u64, ConnId)>>,
+    /// Close deadlines in deadline order.
+    close_deadlines: RefCell<VecDeque<(u64, ConnId)>>,
+    /// The event loop's task, woken when local work is queued.
+    event_loop: Cell<Option<Waker>>,
+    /// When accepting resumes after an accept error (EMFILE), in shard milliseconds.
+    accept_paused_until: Cell<Option<u64>>,
 }
 
 impl Shard {
-    fn new(index: usize, node: Arc<NodeShared>) -> Self {
-        Shard {
+    fn new(index: usize, node: Arc<NodeShared>, listener: OwnedFd) -> std::io::Result<Self> {
+        let doorbell = Arc::new(Doorbell::default());
+        let reactor = Reactor::new(format!("shard-{index}-poll"), doorbell.clone())?;
+        reactor.add_listener(listener.as_raw_fd(), LISTENER_TOKEN)?;
+        Ok(Shard {
             index,
             metrics: node.metrics.shard(index).clone(),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
@@ -119,9 +165,18 @@ impl Shard {
             next_conn: Cell::new(1),
             started: Instant::now(),
             stopping: Signal::default(),
-            sessions: Cell::new(0),
+            reactor,
+            doorbell,
+            listener: RefCell::new(Some(listener)),
+            sockets: RefCell::default(),
+            to_close: RefCell::default(),
+            to_read: RefCell::default(),
+            handshake_deadlines: RefCell::default(),
+            close_deadlines: RefCell::default(),
+            event_loop: Cell::new(None),
+            accept_paused_until: Cell::new(None),
             node,
-        }
+        })
     }
 
     /// Seconds since the shard started: the coarse clock of heartbeats.
@@ -149,12 +204,6 @@ impl Shard {
 
     fn send(&self, shard: usize, envelope: Envelope) {
         self.node.mesh.send(shard, envelope, &self.metrics);
-    }
-
-    /// Counts a session task; the returned guard uncounts it when the task ends.
-    pub fn session_started(self: &Rc<Self>) -> SessionGuard {
-        self.sessions.set(self.sessions.get() + 1);
-        SessionGuard(self.clone())
     }
 
     /// Adds an upgraded connection to the tables and tells the user's home shard.
@@ -405,7 +454,7 @@ impl Shard {
             Envelope::CloseConn { conn, code, reason } => {
                 let conn = self.tables.borrow().conns.get(&conn).cloned();
                 if let Some(conn) = conn {
-                    conn.request_close(code, reason);
+                    conn.request_close(code, reason, self);
                 }
             }
             Envelope::Shutdown => self.begin_stop(),
@@ -414,11 +463,10 @@ impl Shard {
 
     /// Writes `frame` to every recipient, yielding every [`FANOUT_CHUNK`] sockets.
     async fn deliver(&self, recipients: &[Rc<Conn>], frame: &Bytes, kind: Delivery) {
-        let limit = self.node.config.max_outbound_bytes;
         for chunk in recipients.chunks(FANOUT_CHUNK) {
             let mut delivered = 0;
             for conn in chunk {
-                if conn.push(frame, limit, &self.metrics) {
+                if conn.push(frame, self) {
                     delivered += 1;
                 }
             }
@@ -429,58 +477,383 @@ impl Shard {
         }
     }
 
+    /// Queues a connection whose close was requested; the event loop takes it out of the
+    /// tables (it may be in the middle of a fan-out over them right now).
+    pub fn schedule_close(&self, id: ConnId) {
+        self.to_close.borrow_mut().push(id);
+        self.wake_event_loop();
+    }
+
+    fn wake_event_loop(&self) {
+        if let Some(waker) = self.event_loop.take() {
+            waker.wake_by_ref();
+            self.event_loop.set(Some(waker));
+        }
+    }
+
+    /// Whether a new connection must be refused with 503: the node is full or draining.
+    /// (The socket asking is already counted.)
+    pub fn over_capacity(&self) -> bool {
+        self.node.draining.load(Ordering::Relaxed)
+            || self.node.connections.load(Ordering::Relaxed) > self.node.config.max_connections
+    }
+
+    fn insert_socket(&self, id: ConnId, socket: Socket) {
+        if self.sockets.borrow_mut().insert(id, socket).is_none() {
+            self.node.connections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove_socket(&self, id: ConnId) -> Option<Socket> {
+        let removed = self.sockets.borrow_mut().remove(&id);
+        if removed.is_some() {
+            self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// One turn of the event loop: ready sockets, then retried reads, then closes.
+    /// Returns whether epoll may have more events right away.
+    fn turn(&self, events: &mut [libc::epoll_event]) -> bool {
+        let ready: SmallVec<[(u64, Ready); 64]> = self.reactor.drain(events).collect();
+        let full = ready.len() == events.len();
+        for (token, ready) in ready {
+            self.on_ready(token, ready);
+        }
+        let retry = self.to_read.take();
+        for id in retry {
+            if let Some(conn) = self.open_conn(id) {
+                self.read_conn(&conn);
+            }
+        }
+        loop {
+            let closing = self.to_close.take();
+            if closing.is_empty() {
+                break;
+            }
+            for id in closing {
+                self.start_closing(id);
+            }
+        }
+        full
+    }
+
+    fn open_conn(&self, id: ConnId) -> Option<Rc<Conn>> {
+        match self.sockets.borrow().get(&id) {
+            Some(Socket::Open(conn)) => Some(conn.clone()),
+            _ => None,
+        }
+    }
+
+    fn on_ready(&self, token: u64, ready: Ready) {
+        if token == LISTENER_TOKEN {
+            return self.accept_some();
+        }
+        let socket = {
+            let mut sockets = self.sockets.borrow_mut();
+            match sockets.get(&token) {
+                Some(Socket::Handshake(_)) if ready.readable() => sockets.remove(&token),
+                Some(Socket::Open(conn)) => Some(Socket::Open(conn.clone())),
+                Some(Socket::Closing(conn)) => Some(Socket::Closing(conn.clone())),
+                _ => None,
+            }
+        };
+        match socket {
+            Some(Socket::Handshake(handshake)) => self.on_handshake(token, handshake),
+            Some(Socket::Open(conn)) => {
+                if ready.writable() && conn.flush().is_err() {
+                    self.metrics.closed(metrics::Close::IoError);
+                    return self.finish(&conn);
+                }
+                if ready.readable() {
+                    self.read_conn(&conn);
+                }
+            }
+            Some(Socket::Closing(conn)) => {
+                if ready.writable() {
+                    self.flush_closing(&conn);
+                }
+                if ready.readable() && conn.read_discarding(self) {
+                    self.remove_socket(conn.id);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn on_handshake(&self, id: ConnId, handshake: Box<Handshake>) {
+        let (pending, outcome) = handshake.read(id, self);
+        match outcome {
+            HandshakeOutcome::Pending => {
+                let handshake = pending.expect("a pending handshake is handed back");
+                self.sockets
+                    .borrow_mut()
+                    .insert(id, Socket::Handshake(handshake));
+            }
+            HandshakeOutcome::Gone => {
+                self.node.connections.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.refused(Refusal::BadRequest);
+            }
+            HandshakeOutcome::Refused(refusal) => {
+                self.node.connections.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.refused(refusal_reason(refusal));
+            }
+            HandshakeOutcome::Open(conn, mut early) => {
+                self.sockets
+                    .borrow_mut()
+                    .insert(id, Socket::Open(conn.clone()));
+                self.metrics.handshakes_accepted.inc();
+                self.register(&conn);
+                if let Some(user) = conn.user() {
+                    let config = &self.node.config;
+                    let hello =
+                        render_hello(user, conn.id, &self.node.node_id, config.heartbeat_secs);
+                    conn.push(&hello, self);
+                }
+                if !early.is_empty() {
+                    conn.on_bytes(&mut early, self);
+                }
+                if conn.close_request().is_none() {
+                    // Edge-triggered: bytes that arrived with the request raise no new event.
+                    self.read_conn(&conn);
+                }
+            }
+        }
+    }
+
+    fn read_conn(&self, conn: &Rc<Conn>) {
+        match conn.read(self) {
+            ReadOutcome::Idle | ReadOutcome::CloseRequested => {}
+            ReadOutcome::More => {
+                self.to_read.borrow_mut().push(conn.id);
+                self.wake_event_loop();
+            }
+            ReadOutcome::PeerClosed => {
+                self.metrics.closed(metrics::Close::Peer);
+                conn.answer_peer_close();
+                self.start_closing(conn.id);
+            }
+            ReadOutcome::Eof => {
+                self.metrics.closed(metrics::Close::Peer);
+                self.finish(conn);
+            }
+            ReadOutcome::Failed => {
+                self.metrics.closed(metrics::Close::IoError);
+                self.finish(conn);
+            }
+        }
+    }
+
+    /// Takes an open connection out of the tables and starts its close handshake.
+    fn start_closing(&self, id: ConnId) {
+        let Some(conn) = self.open_conn(id) else {
+            return;
+        };
+        self.unregister(&conn);
+        self.sockets
+            .borrow_mut()
+            .insert(id, Socket::Closing(conn.clone()));
+        let deadline = self.clock_ms() + self.node.config.close_timeout_ms;
+        self.close_deadlines.borrow_mut().push_back((deadline, id));
+        self.flush_closing(&conn);
+    }
+
+    fn flush_closing(&self, conn: &Conn) {
+        match conn.flush() {
+            Ok(true) => conn.shutdown_write(),
+            Ok(false) => {}
+            Err(_) => {
+                self.remove_socket(conn.id);
+            }
+        }
+    }
+
+    /// Drops a connection at once (the peer is gone).
+    fn finish(&self, conn: &Conn) {
+        if let Some(Socket::Open(_)) = self.remove_socket(conn.id) {
+            self.unregister(conn);
+        }
+    }
+
+    fn accept_some(&self) {
+        let listener = self.listener.borrow();
+        let Some(listener) = listener.as_ref() else {
+            return;
+        };
+        for _ in 0..ACCEPTS_PER_TURN {
+            match reactor::accept(listener.as_raw_fd()) {
+                Ok(Some(fd)) => self.adopt(fd),
+                Ok(None) => return,
+                Err(error) => {
+                    // EMFILE/ENFILE/ENOBUFS: accepting again at once would spin; pause.
+                    self.metrics.accept_errors.inc();
+                    tracing::warn!(shard = self.index, %error, "accept failed; pausing accepts for 100 ms");
+                    self.reactor.remove(listener.as_raw_fd());
+                    self.accept_paused_until.set(Some(self.clock_ms() + 100));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn adopt(&self, fd: OwnedFd) {
+        let _ = socket2::SockRef::from(&fd).set_nodelay(true);
+        let id = self.new_conn_id();
+        if let Err(error) = self.reactor.add_socket(fd.as_raw_fd(), id) {
+            self.metrics.accept_errors.inc();
+            tracing::warn!(shard = self.index, %error, "cannot watch an accepted socket");
+            return;
+        }
+        self.insert_socket(id, Socket::Handshake(Box::new(Handshake::new(fd))));
+        let deadline = self.clock_ms() + self.node.config.handshake_timeout_ms;
+        self.handshake_deadlines
+            .borrow_mut()
+            .push_back((deadline, id));
+    }
+
     fn begin_stop(&self) {
         if self.stopping.fired() {
             return;
         }
         self.stopping.fire();
+        if let Some(listener) = self.listener.take() {
+            self.reactor.remove(listener.as_raw_fd());
+        }
         let conns: Vec<Rc<Conn>> = self.tables.borrow().conns.values().cloned().collect();
         for conn in conns {
-            conn.request_close(crate::ws::close::GOING_AWAY, metrics::Close::Shutdown);
+            conn.request_close(crate::ws::close::GOING_AWAY, metrics::Close::Shutdown, self);
+        }
+    }
+
+    /// Expires upgrade and close deadlines; resumes accepting after a pause.
+    fn sweep_deadlines(&self) {
+        let now = self.clock_ms();
+        loop {
+            let expired = {
+                let mut queue = self.handshake_deadlines.borrow_mut();
+                match queue.front() {
+                    Some(&(deadline, id)) if deadline <= now => {
+                        queue.pop_front();
+                        id
+                    }
+                    _ => break,
+                }
+            };
+            let still_handshaking = matches!(
+                self.sockets.borrow().get(&expired),
+                Some(Socket::Handshake(_))
+            );
+            if still_handshaking {
+                self.remove_socket(expired);
+                self.metrics.refused(Refusal::Timeout);
+            }
+        }
+        loop {
+            let expired = {
+                let mut queue = self.close_deadlines.borrow_mut();
+                match queue.front() {
+                    Some(&(deadline, id)) if deadline <= now => {
+                        queue.pop_front();
+                        id
+                    }
+                    _ => break,
+                }
+            };
+            let still_closing = matches!(
+                self.sockets.borrow().get(&expired),
+                Some(Socket::Closing(_))
+            );
+            if still_closing {
+                self.remove_socket(expired);
+            }
+        }
+        if self.accept_paused_until.get().is_some_and(|t| t <= now) {
+            self.accept_paused_until.set(None);
+            if let Some(listener) = self.listener.borrow().as_ref() {
+                let _ = self
+                    .reactor
+                    .add_listener(listener.as_raw_fd(), LISTENER_TOKEN);
+            }
         }
     }
 
     /// Pings connections due a heartbeat and closes those silent for three intervals.
-    fn sweep(&self) {
+    fn sweep_heartbeats(&self) {
         let now = self.clock();
         let interval = self.node.config.heartbeat_secs;
-        let limit = self.node.config.max_outbound_bytes;
-        for conn in self.tables.borrow().conns.values() {
-            conn.heartbeat(now, interval, limit, &self.metrics);
+        let conns: Vec<Rc<Conn>> = self.tables.borrow().conns.values().cloned().collect();
+        for conn in conns {
+            conn.heartbeat(now, interval, self);
         }
     }
 }
 
-/// Keeps a shard's session count; dropping it marks the session finished.
-pub struct SessionGuard(Rc<Shard>);
+fn render_hello(user: &str, conn: ConnId, node: &str, hb: u32) -> Bytes {
+    protocol::render::hello(user, conn, node, hb)
+}
 
-impl Drop for SessionGuard {
-    fn drop(&mut self) {
-        self.0.sessions.set(self.0.sessions.get() - 1);
+fn refusal_reason(refusal: HttpRefusal) -> Refusal {
+    match refusal.status {
+        400 => Refusal::BadRequest,
+        401 => Refusal::Unauthorized,
+        404 => Refusal::NotFound,
+        431 => Refusal::TooLarge,
+        _ => Refusal::Unavailable,
     }
 }
 
 /// The shard's main future: runs until shutdown and the grace period are over.
 pub async fn run(index: usize, node: Arc<NodeShared>, listener: OwnedFd, inbox: Inbox) {
-    let shard = Rc::new(Shard::new(index, node));
-    // SAFETY: `listener` is an owned, bound and listening TCP socket handed over whole.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
-    glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
+    let shard = match Shard::new(index, node, listener) {
+        Ok(shard) => Rc::new(shard),
+        Err(error) => {
+            tracing::error!(shard = index, %error, "cannot set up the shard's epoll set");
+            return;
+        }
+    };
+    glommio::spawn_local(event_loop(shard.clone())).detach();
     glommio::spawn_local(sweep_loop(shard.clone())).detach();
     glommio::spawn_local(inbox_loop(shard.clone(), inbox)).detach();
 
     shard.stopping.wait().await;
     let grace = Duration::from_millis(shard.node.config.grace_period_ms);
     let deadline = Instant::now() + grace;
-    while shard.sessions.get() > 0 && Instant::now() < deadline {
+    while !shard.sockets.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    if shard.sessions.get() > 0 {
+    let open = shard.sockets.borrow().len();
+    if open > 0 {
         tracing::warn!(
             shard = index,
-            open = shard.sessions.get(),
-            "grace period over; dropping connections still open"
+            open,
+            "grace period over; dropping sockets still open"
         );
+    }
+}
+
+async fn event_loop(shard: Rc<Shard>) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_TURN];
+    let mut more = false;
+    loop {
+        if !more {
+            futures_lite::future::poll_fn(|cx| {
+                let current = shard.event_loop.take();
+                match current {
+                    Some(w) if w.will_wake(cx.waker()) => shard.event_loop.set(Some(w)),
+                    _ => shard.event_loop.set(Some(cx.waker().clone())),
+                }
+                let rung = shard.doorbell.answer(cx);
+                if rung || !shard.to_close.borrow().is_empty() || !shard.to_read.borrow().is_empty()
+                {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
+        more = shard.turn(&mut events);
+        glommio::yield_if_needed().await;
     }
 }
 
@@ -492,33 +865,13 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: Inbox) {
 }
 
 async fn sweep_loop(shard: Rc<Shard>) {
-    while !shard.stopping.fired() {
-        glommio::timer::sleep(SWEEP_INTERVAL).await;
-        shard.sweep();
-    }
-}
-
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    let mut backoff = Duration::from_millis(5);
+    let mut sweeps = 0u32;
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.stopping.wait().await;
-            None
-        })
-        .await;
-        match accepted {
-            None => break,
-            Some(Ok(stream)) => {
-                backoff = Duration::from_millis(5);
-                glommio::spawn_local(session::serve(shard.clone(), stream)).detach();
-            }
-            Some(Err(error)) => {
-                // EMFILE/ENFILE/ENOBUFS: the failing accept would spin; back off instead.
-                shard.metrics.accept_errors.inc();
-                tracing::warn!(shard = shard.index, %error, ?backoff, "accept failed; backing off");
-                glommio::timer::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+        glommio::timer::sleep(SWEEP_INTERVAL).await;
+        shard.sweep_deadlines();
+        sweeps += 1;
+        if sweeps % SWEEPS_PER_HEARTBEAT_CHECK == 0 && !shard.stopping.fired() {
+            shard.sweep_heartbeats();
         }
     }
 }
