@@ -165,14 +165,18 @@ fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-fn cpu_seconds(pid: u32) -> Result<f64> {
+/// The process's CPU time so far: (user, system) seconds.
+fn cpu_times(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_comm = &stat[stat.rfind(')').context("stat format")? + 2..];
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / hz)
+    Ok((fields[11].parse::<f64>()? / hz, fields[12].parse::<f64>()? / hz))
+}
+
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    cpu_times(pid).map(|(user, system)| user + system)
 }
 
 /// Waits on every socket of a worker, handing each text message to `on_text`, until `stop`.
@@ -326,7 +330,7 @@ fn fanout(common: &Common, subs: usize, pubs: usize, topic: &str) -> Result<()> 
     ready.wait();
 
     let deadline = Instant::now() + Duration::from_secs(common.timeout);
-    let cpu_before = common.pid.map(cpu_seconds).transpose()?;
+    let cpu_before = common.pid.map(cpu_times).transpose()?;
     let mut to_last = Histogram::<u64>::new(3)?;
     for seq in 0..pubs {
         let sent = base.elapsed().as_micros() as u64;
@@ -345,7 +349,7 @@ fn fanout(common: &Common, subs: usize, pubs: usize, topic: &str) -> Result<()> 
         // Drain the publisher's ack.
         publisher.read()?;
     }
-    let cpu_after = common.pid.map(cpu_seconds).transpose()?;
+    let cpu_after = common.pid.map(cpu_times).transpose()?;
     stop.store(true, Ordering::Relaxed);
     let mut latency = Histogram::<u64>::new(3)?;
     for worker in workers {
@@ -355,9 +359,13 @@ fn fanout(common: &Common, subs: usize, pubs: usize, topic: &str) -> Result<()> 
                 .map_err(|_| anyhow::anyhow!("worker panicked"))??,
         )?;
     }
-    let cpu_per_delivery_ns = match (cpu_before, cpu_after) {
-        (Some(b), Some(a)) => Some((a - b) * 1e9 / (subs * pubs) as f64),
-        _ => None,
+    let deliveries = (subs * pubs) as f64;
+    let (cpu_per_delivery_ns, user_per_delivery_ns) = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) => (
+            Some((a.0 + a.1 - b.0 - b.1) * 1e9 / deliveries),
+            Some((a.0 - b.0) * 1e9 / deliveries),
+        ),
+        _ => (None, None),
     };
     let ms = |us: u64| us as f64 / 1000.0;
     println!(
@@ -375,15 +383,15 @@ fn fanout(common: &Common, subs: usize, pubs: usize, topic: &str) -> Result<()> 
         ms(latency.value_at_quantile(0.5)),
         ms(latency.value_at_quantile(0.99))
     );
-    if let Some(ns) = cpu_per_delivery_ns {
-        println!("node CPU per delivery    {ns:.0} ns");
+    if let (Some(ns), Some(user)) = (cpu_per_delivery_ns, user_per_delivery_ns) {
+        println!("node CPU per delivery    {ns:.0} ns (user {user:.0} ns, kernel {:.0} ns)", ns - user);
     }
     println!(
         "{}",
         json!({"scenario":"fanout","subs":subs,"pubs":pubs,
                "to_last_p50_us":to_last.value_at_quantile(0.5),"to_last_max_us":to_last.max(),
                "each_p50_us":latency.value_at_quantile(0.5),"each_p99_us":latency.value_at_quantile(0.99),
-               "cpu_per_delivery_ns":cpu_per_delivery_ns})
+               "cpu_per_delivery_ns":cpu_per_delivery_ns,"user_cpu_per_delivery_ns":user_per_delivery_ns})
     );
     Ok(())
 }
