@@ -4,10 +4,9 @@
 //! # Inboxes
 //! Every shard has one bounded MPSC inbox (crossbeam-channel) that any thread may send to:
 //! other shards, and later the Redis bridge and the HTTP API. crossbeam's receiver is not
-//! awaitable, so each inbox pairs it with an [`AtomicWaker`] and a `notified` flag: a sender
-//! wakes the shard only when the flag was clear, so a burst of envelopes costs one wake-up
-//! (one eventfd write when the shard sleeps, glommio's foreign-wake path) and an idle shard
-//! costs nothing. A full inbox drops the envelope and counts it (`drops{reason=inbox_full}`)
+//! awaitable, so each inbox pairs it with a [`Doorbell`]: a sender wakes the shard only when
+//! the bell was not already rung, so a burst of envelopes costs one wake-up (one eventfd
+//! write when the shard sleeps, glommio's foreign-wake path) and an idle shard costs nothing. A full inbox drops the envelope and counts it (`drops{reason=inbox_full}`)
 //! rather than blocking a shard or growing without bound.
 //!
 //! # Directory
@@ -19,17 +18,16 @@
 //! so a node with a million users holds a million entries, not one per shard.
 
 use std::collections::HashMap;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use ahash::RandomState;
-use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use smallvec::SmallVec;
 
 use crate::metrics::{self, Delivery, ShardMetrics};
+use crate::reactor::Doorbell;
 
 /// A connection id, unique within a node: the shard in the top 8 bits, a per-shard sequence
 /// below. Shown to clients in `hello` as `conn`.
@@ -144,22 +142,17 @@ impl Envelope {
     }
 }
 
-struct InboxShared {
-    waker: AtomicWaker,
-    notified: AtomicBool,
-}
-
 /// Senders to every shard's inbox. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Mesh {
-    senders: Arc<[(Sender<Envelope>, Arc<InboxShared>)]>,
+    senders: Arc<[(Sender<Envelope>, Arc<Doorbell>)]>,
     hasher: RandomState,
 }
 
 /// The receiving end of one shard's inbox.
 pub struct Inbox {
     receiver: Receiver<Envelope>,
-    shared: Arc<InboxShared>,
+    doorbell: Arc<Doorbell>,
 }
 
 impl Mesh {
@@ -170,14 +163,11 @@ impl Mesh {
         let mut inboxes = Vec::with_capacity(shards);
         for _ in 0..shards {
             let (tx, rx) = crossbeam_channel::bounded(capacity);
-            let shared = Arc::new(InboxShared {
-                waker: AtomicWaker::new(),
-                notified: AtomicBool::new(false),
-            });
-            senders.push((tx, shared.clone()));
+            let doorbell = Arc::new(Doorbell::default());
+            senders.push((tx, doorbell.clone()));
             inboxes.push(Inbox {
                 receiver: rx,
-                shared,
+                doorbell,
             });
         }
         let mesh = Mesh {
@@ -201,13 +191,10 @@ impl Mesh {
     /// Hands `envelope` to `shard`, waking it if it sleeps. Never blocks; a full or closed
     /// inbox drops the envelope and counts it on `metrics` (the sender's).
     pub fn send(&self, shard: usize, envelope: Envelope, metrics: &ShardMetrics) -> bool {
-        let (sender, shared) = &self.senders[shard];
+        let (sender, doorbell) = &self.senders[shard];
         match sender.try_send(envelope) {
             Ok(()) => {
-                fence(Ordering::SeqCst);
-                if !shared.notified.swap(true, Ordering::SeqCst) {
-                    shared.waker.wake();
-                }
+                doorbell.ring();
                 true
             }
             Err(TrySendError::Full(dropped)) => {
@@ -246,9 +233,8 @@ impl Inbox {
         if let Ok(envelope) = self.receiver.try_recv() {
             return Poll::Ready(Some(envelope));
         }
-        self.shared.waker.register(cx.waker());
-        self.shared.notified.store(false, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        // Answering clears the bell; an envelope sent after the check below rings it again.
+        self.doorbell.answer(cx);
         match self.receiver.try_recv() {
             Ok(envelope) => Poll::Ready(Some(envelope)),
             Err(TryRecvError::Empty) => Poll::Pending,
@@ -259,16 +245,6 @@ impl Inbox {
     /// Waits for the next envelope.
     pub async fn recv(&self) -> Option<Envelope> {
         futures_lite::future::poll_fn(|cx| self.poll_recv(cx)).await
-    }
-
-    /// Envelopes waiting.
-    pub fn len(&self) -> usize {
-        self.receiver.len()
-    }
-
-    /// Whether no envelope is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.receiver.is_empty()
     }
 }
 

@@ -606,8 +606,12 @@ impl Shard {
                 self.register(&conn);
                 if let Some(user) = conn.user() {
                     let config = &self.node.config;
-                    let hello =
-                        render_hello(user, conn.id, &self.node.node_id, config.heartbeat_secs);
+                    let hello = protocol::render::hello(
+                        user,
+                        conn.id,
+                        &self.node.node_id,
+                        config.heartbeat_secs,
+                    );
                     conn.push(&hello, self);
                 }
                 if !early.is_empty() {
@@ -786,10 +790,6 @@ impl Shard {
             conn.heartbeat(now, interval, self);
         }
     }
-}
-
-fn render_hello(user: &str, conn: ConnId, node: &str, hb: u32) -> Bytes {
-    protocol::render::hello(user, conn, node, hb)
 }
 
 fn refusal_reason(refusal: HttpRefusal) -> Refusal {

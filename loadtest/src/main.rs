@@ -172,7 +172,10 @@ fn cpu_times(pid: u32) -> Result<(f64, f64)> {
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((fields[11].parse::<f64>()? / hz, fields[12].parse::<f64>()? / hz))
+    Ok((
+        fields[11].parse::<f64>()? / hz,
+        fields[12].parse::<f64>()? / hz,
+    ))
 }
 
 fn cpu_seconds(pid: u32) -> Result<f64> {
@@ -384,7 +387,10 @@ fn fanout(common: &Common, subs: usize, pubs: usize, topic: &str) -> Result<()> 
         ms(latency.value_at_quantile(0.99))
     );
     if let (Some(ns), Some(user)) = (cpu_per_delivery_ns, user_per_delivery_ns) {
-        println!("node CPU per delivery    {ns:.0} ns (user {user:.0} ns, kernel {:.0} ns)", ns - user);
+        println!(
+            "node CPU per delivery    {ns:.0} ns (user {user:.0} ns, kernel {:.0} ns)",
+            ns - user
+        );
     }
     println!(
         "{}",
