@@ -43,7 +43,7 @@ use crate::shard::Shard;
 use crate::ws::{self, close, Endpoint, Event, Flow, HttpRefusal, Inbound, Limits, Violation};
 
 /// Reads per readiness event before a busy connection lets the others of the shard go first.
-pub const READS_PER_TURN: usize = 16;
+const READS_PER_TURN: usize = 16;
 
 /// Frames per `sendmsg` call when flushing a queue.
 const IOVECS_PER_WRITE: usize = 64;

@@ -732,43 +732,17 @@ impl Shard {
     /// Expires upgrade and close deadlines; resumes accepting after a pause.
     fn sweep_deadlines(&self) {
         let now = self.clock_ms();
-        loop {
-            let expired = {
-                let mut queue = self.handshake_deadlines.borrow_mut();
-                match queue.front() {
-                    Some(&(deadline, id)) if deadline <= now => {
-                        queue.pop_front();
-                        id
-                    }
-                    _ => break,
-                }
-            };
-            let still_handshaking = matches!(
-                self.sockets.borrow().get(&expired),
-                Some(Socket::Handshake(_))
-            );
-            if still_handshaking {
-                self.remove_socket(expired);
+        while let Some(id) = pop_expired(&self.handshake_deadlines, now) {
+            let handshaking = matches!(self.sockets.borrow().get(&id), Some(Socket::Handshake(_)));
+            if handshaking {
+                self.remove_socket(id);
                 self.metrics.refused(Refusal::Timeout);
             }
         }
-        loop {
-            let expired = {
-                let mut queue = self.close_deadlines.borrow_mut();
-                match queue.front() {
-                    Some(&(deadline, id)) if deadline <= now => {
-                        queue.pop_front();
-                        id
-                    }
-                    _ => break,
-                }
-            };
-            let still_closing = matches!(
-                self.sockets.borrow().get(&expired),
-                Some(Socket::Closing(_))
-            );
-            if still_closing {
-                self.remove_socket(expired);
+        while let Some(id) = pop_expired(&self.close_deadlines, now) {
+            let closing = matches!(self.sockets.borrow().get(&id), Some(Socket::Closing(_)));
+            if closing {
+                self.remove_socket(id);
             }
         }
         if self.accept_paused_until.get().is_some_and(|t| t <= now) {
@@ -789,6 +763,18 @@ impl Shard {
         for conn in conns {
             conn.heartbeat(now, interval, self);
         }
+    }
+}
+
+/// Pops the front of a deadline queue if its deadline has passed.
+fn pop_expired(queue: &RefCell<VecDeque<(u64, ConnId)>>, now: u64) -> Option<ConnId> {
+    let mut queue = queue.borrow_mut();
+    match queue.front() {
+        Some(&(deadline, id)) if deadline <= now => {
+            queue.pop_front();
+            Some(id)
+        }
+        _ => None,
     }
 }
 

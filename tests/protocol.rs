@@ -232,3 +232,119 @@ fn tokens_authenticate_and_limit_publishing() {
     let (ws, _) = tungstenite::client(request, stream).expect("header auth");
     assert_eq!(Client::from_ws(ws).hello["user"], "tok");
 }
+
+#[test]
+fn tables_empty_out_when_everyone_leaves() {
+    let node = TestNode::start(dev_config());
+    let mut clients: Vec<Client> = (0..40)
+        .map(|i| Client::dev(&node, &format!("p{}", i % 10)))
+        .collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.request(json!({"op":"sub","topic":format!("t{}", i % 7)}))["op"],
+            "ack"
+        );
+    }
+    let metrics = node.node().metrics();
+    let gauge = |pick: fn(&shardcast::metrics::ShardMetrics) -> i64| -> i64 {
+        metrics.shards().iter().map(|s| pick(s)).sum()
+    };
+    assert_eq!(gauge(|s| s.connections.get()), 40);
+    assert!(
+        gauge(|s| s.users.get()) >= 10,
+        "each user counted once per shard it is on"
+    );
+    // Half leave with a close handshake, half just drop the TCP connection.
+    for (i, mut c) in clients.drain(..).enumerate() {
+        if i % 2 == 0 {
+            c.ws.close(None).expect("close");
+            let _ = c.ws.read();
+        }
+    }
+    eventually("every table empties", || {
+        gauge(|s| s.connections.get()) == 0
+            && gauge(|s| s.users.get()) == 0
+            && gauge(|s| s.topics.get()) == 0
+    });
+    // A newcomer is served as usual, and topics left behind deliver to nobody.
+    let mut late = Client::dev(&node, "late");
+    assert_eq!(
+        late.request(json!({"op":"pub","topic":"t1","data":1}))["op"],
+        "ack"
+    );
+}
+
+#[test]
+fn frames_sent_with_the_upgrade_request_are_handled() {
+    use std::io::{Read, Write};
+    let node = TestNode::start(dev_config());
+    let mut stream = std::net::TcpStream::connect(node.addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut wire = format!(
+        "GET /ws?user=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    // A masked text frame with {"op":"ping","id":1}, in the same write as the request.
+    let payload = br#"{"op":"ping","id":1}"#;
+    let mask = [9u8, 8, 7, 6];
+    wire.extend([0x81, 0x80 | payload.len() as u8]);
+    wire.extend(mask);
+    wire.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    stream.write_all(&wire).expect("write");
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&seen).contains(r#"{"op":"pong","id":1}"#) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(
+        text.find("\"hello\"") < text.find("\"pong\""),
+        "hello comes first: {text}"
+    );
+}
+
+#[test]
+fn large_fanout_reaches_every_subscriber() {
+    // More subscribers per shard than one fan-out chunk, so delivery yields part-way.
+    let subscribers = 2 * shardcast::shard::FANOUT_CHUNK + 200;
+    let mut config = dev_config();
+    config.max_devices_per_user = subscribers;
+    let node = TestNode::start(config);
+    let mut clients: Vec<Client> = (0..subscribers)
+        .map(|_| Client::dev(&node, "viewer"))
+        .collect();
+    for c in &mut clients {
+        c.send(json!({"op":"sub","topic":"stage"}));
+    }
+    for c in &mut clients {
+        assert_eq!(c.recv()["op"], "ack");
+    }
+    let mid = node.node().publisher().publish(
+        Target {
+            topics: &["stage"],
+            ..Target::default()
+        },
+        &raw(json!("curtain")),
+    );
+    for c in &mut clients {
+        let got = c.recv();
+        assert_eq!(got["data"], "curtain");
+        assert_eq!(got["mid"], mid.to_string());
+    }
+    assert_eq!(
+        node.node()
+            .metrics()
+            .delivered(shardcast::metrics::Delivery::Topic),
+        subscribers as u64
+    );
+}
