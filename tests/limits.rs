@@ -84,7 +84,9 @@ fn connection_limit_answers_503() {
     let _a = Client::dev(&node, "a");
     let _b = Client::dev(&node, "b");
     assert_eq!(http_status(connect_url(&node.url("/ws?user=c"))), 503);
-    assert_eq!(node.node().metrics().refused(Refusal::Unavailable), 1);
+    eventually("503 counted", || {
+        node.node().metrics().refused(Refusal::Unavailable) == 1
+    });
     drop(_a);
     eventually("a slot frees up", || {
         connect_url(&node.url("/ws?user=c")).is_ok()
@@ -116,8 +118,10 @@ fn handshake_refusals_are_http_errors() {
         404,
         "/echo is dev-only"
     );
-    assert_eq!(node.node().metrics().refused(Refusal::Unauthorized), 4);
-    assert_eq!(node.node().metrics().refused(Refusal::NotFound), 2);
+    let metrics = node.node().metrics();
+    eventually("refusals counted", || {
+        metrics.refused(Refusal::Unauthorized) == 4 && metrics.refused(Refusal::NotFound) == 2
+    });
 
     let response = raw_exchange(&node, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");

@@ -280,11 +280,10 @@ fn frames_sent_with_the_upgrade_request_are_handled() {
     let node = TestNode::start(dev_config());
     let mut stream = std::net::TcpStream::connect(node.addr).expect("connect");
     stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    let mut wire = format!(
-        "GET /ws?user=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    let mut wire =
+        b"GET /ws?user=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .into_bytes();
+            .to_vec();
     // A masked text frame with {"op":"ping","id":1}, in the same write as the request.
     let payload = br#"{"op":"ping","id":1}"#;
     let mask = [9u8, 8, 7, 6];
