@@ -254,6 +254,13 @@ impl Conn {
         shard.schedule_close(self.id);
     }
 
+    /// Marks a connection whose socket is gone, so deliveries still holding it skip it.
+    pub fn mark_gone(&self) {
+        if self.close.get().is_none() {
+            self.close.set(Some((close::GOING_AWAY, metrics::Close::Peer)));
+        }
+    }
+
     /// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
     pub fn answer_peer_close(&self) {
         if self.close.get().is_none() {

@@ -674,6 +674,7 @@ impl Shard {
 
     /// Drops a connection at once (the peer is gone).
     fn finish(&self, conn: &Conn) {
+        conn.mark_gone();
         if let Some(Socket::Open(_)) = self.remove_socket(conn.id) {
             self.unregister(conn);
         }
