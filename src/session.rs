@@ -257,7 +257,8 @@ impl Conn {
     /// Marks a connection whose socket is gone, so deliveries still holding it skip it.
     pub fn mark_gone(&self) {
         if self.close.get().is_none() {
-            self.close.set(Some((close::GOING_AWAY, metrics::Close::Peer)));
+            self.close
+                .set(Some((close::GOING_AWAY, metrics::Close::Peer)));
         }
     }
 
