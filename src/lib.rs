@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: the typed configuration; defaults, TOML, `SHARDCAST_*` env, flags; validation.
-//! - [`node`]: starts a node (listeners, shards), pushes messages in from other threads, stops it.
+//! - [`node`]: starts a node (listeners, shards, API), pushes messages in from other threads, stops it.
+//! - [`api`]: the HTTP API for backends (hyper on its own thread).
 //! - [`shard`]: one glommio executor per core owning its listener, sockets and tables.
 //! - [`session`]: one client connection: upgrade, protocol v1, write queue, close.
 //! - [`reactor`]: socket readiness (a per-shard epoll set) and cross-thread wake-ups.
@@ -15,6 +16,7 @@
 //! A message is rendered once per node into a complete WebSocket frame (`bytes::Bytes`),
 //! routed to the shards that hold recipients, and the same buffer is written to each socket.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metrics;

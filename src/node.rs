@@ -16,6 +16,7 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use serde_json::value::RawValue;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::api::ApiServer;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
@@ -45,6 +46,10 @@ pub struct NodeShared {
     pub connections: AtomicUsize,
     /// Set once the node is stopping: new handshakes get 503.
     pub draining: AtomicBool,
+    /// The client listener's bound address.
+    pub client_addr: SocketAddr,
+    /// The API listener's bound address.
+    pub api_addr: SocketAddr,
 }
 
 /// Why a node could not start.
@@ -61,6 +66,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The API server could not start.
+    #[error("cannot start the API server: {0}")]
+    Api(std::io::Error),
     /// A shard executor could not start.
     #[error("cannot start shard {shard}: {message}")]
     Executor {
@@ -75,7 +83,7 @@ pub enum StartError {
 pub struct Node {
     shared: Arc<NodeShared>,
     executors: Vec<ExecutorJoinHandle<()>>,
-    local_addr: SocketAddr,
+    api: ApiServer,
 }
 
 impl Node {
@@ -84,11 +92,17 @@ impl Node {
         config.validate()?;
         let shards = config.shard_count();
         let listeners = bind_listeners(config.listen, shards, config.backlog as i32)?;
-        let local_addr = listeners[0]
+        let client_addr = listeners[0]
             .local_addr()
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(config.listen);
+        let api_listener =
+            std::net::TcpListener::bind(config.api_listen).map_err(|source| StartError::Bind {
+                addr: config.api_listen,
+                source,
+            })?;
+        let api_addr = api_listener.local_addr().unwrap_or(config.api_listen);
         let node_id: Arc<str> = config
             .node_id
             .clone()
@@ -102,6 +116,8 @@ impl Node {
             mesh,
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            client_addr,
+            api_addr,
             config,
         });
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -124,23 +140,34 @@ impl Node {
                 })?;
             executors.push(executor);
         }
+        let api = ApiServer::start(api_listener, shared.clone()).map_err(StartError::Api)?;
+        if shared.config.api_key.is_none() && !shared.config.dev {
+            tracing::warn!(
+                "no api_key configured: the HTTP API refuses every call but /healthz and /readyz"
+            );
+        }
         tracing::info!(
             node_id = %shared.node_id,
-            listen = %local_addr,
-            api_listen = %shared.config.api_listen,
+            listen = %client_addr,
+            api_listen = %api_addr,
             shards,
             "shardcast node started"
         );
         Ok(Node {
             shared,
             executors,
-            local_addr,
+            api,
         })
     }
 
     /// The client listener's bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.shared.client_addr
+    }
+
+    /// The API listener's bound address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.shared.api_addr
     }
 
     /// This node's id.
@@ -163,13 +190,14 @@ impl Node {
         Stopper(self.shared.clone())
     }
 
-    /// Waits for every shard to finish (after [`Stopper::stop`]).
+    /// Waits for every shard to finish (after [`Stopper::stop`]), then stops the API.
     pub fn join(self) {
         for executor in self.executors {
             if let Err(error) = executor.join() {
                 tracing::error!(%error, "shard ended with an error");
             }
         }
+        drop(self.api);
         tracing::info!(node_id = %self.shared.node_id, "node stopped");
     }
 }
@@ -209,7 +237,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    fn new(node: Arc<NodeShared>) -> Self {
+    pub(crate) fn new(node: Arc<NodeShared>) -> Self {
         // The shard number past the last shard is reserved for ids made outside the shards.
         let mids = SharedMidGenerator::new(node.node_number, MAX_SHARDS);
         Publisher { node, mids }

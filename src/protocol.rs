@@ -109,7 +109,7 @@ struct RawRequest<'a> {
 }
 
 /// Keeps an explicit `"data": null` apart from a missing `data`.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+pub(crate) fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
 }
 

@@ -21,6 +21,7 @@ pub fn dev_config() -> Config {
         dev: true,
         secret: Some(SECRET.into()),
         listen: "127.0.0.1:0".parse().expect("addr"),
+        api_listen: "127.0.0.1:0".parse().expect("addr"),
         shards: 2,
         pin_shards: false,
         grace_period_ms: 2000,

@@ -1,0 +1,345 @@
+//! The HTTP API for backends: push messages, disconnect users, health and readiness.
+//!
+//! It runs on its own thread, off the shards: a current-thread tokio runtime driving hyper
+//! (HTTP/1.1 with keep-alive). A request never touches a shard's state directly; pushes go
+//! through the same [`Publisher`] path as any other message (rendered once, handed to the
+//! home shards' inboxes), so API traffic cannot block client delivery.
+//!
+//! Authentication: `Authorization: Bearer <api_key>`, compared in constant time. With no
+//! `api_key` configured, `--dev` accepts every call and a production node refuses every call
+//! but the unauthenticated probes (`/healthz`, `/readyz`). Errors are
+//! `{"error":{"code","message"}}` with the matching status.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::auth::valid_name;
+use crate::node::{NodeShared, Publisher, Target};
+
+/// Largest request body accepted, in bytes; larger is answered 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+type Body = Full<Bytes>;
+
+/// A running API server; stops when dropped.
+pub struct ApiServer {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Serves the API on `listener` (already bound) from a thread of its own.
+    pub fn start(
+        listener: std::net::TcpListener,
+        node: Arc<NodeShared>,
+    ) -> std::io::Result<ApiServer> {
+        listener.set_nonblocking(true)?;
+        let (shutdown, stopped) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || runtime.block_on(serve(listener, node, stopped)))?;
+        Ok(ApiServer {
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    node: Arc<NodeShared>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "API listener unusable");
+            return;
+        }
+    };
+    let api = Arc::new(Api {
+        publisher: Publisher::new(node.clone()),
+        node,
+    });
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stopped => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "API accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(request).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(%error, "API connection ended with an error");
+            }
+        });
+    }
+}
+
+struct Api {
+    node: Arc<NodeShared>,
+    publisher: Publisher,
+}
+
+/// An API error: status, code and message.
+struct Failure(StatusCode, &'static str, String);
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Failure(status, code, message.into())
+    }
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest<'a> {
+    #[serde(default, borrow)]
+    users: Vec<&'a str>,
+    #[serde(default, borrow)]
+    topics: Vec<&'a str>,
+    #[serde(default)]
+    broadcast: bool,
+    #[serde(borrow, default, deserialize_with = "crate::protocol::present")]
+    data: Option<&'a RawValue>,
+}
+
+impl Api {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        match self.route(request).await {
+            Ok(response) => response,
+            Err(Failure(status, code, message)) => {
+                json_response(status, json!({"error": {"code": code, "message": message}}))
+            }
+        }
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, Failure> {
+        let path = request.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (request.method(), segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => {
+                Ok(json_response(StatusCode::OK, json!({"status": "ok"})))
+            }
+            (&Method::GET, ["readyz"]) => Ok(self.readiness()),
+            (method, ["v1", ..]) => {
+                self.authorize(&request)?;
+                match (method, &segments[1..]) {
+                    (&Method::POST, ["publish"]) => self.publish(request).await,
+                    (&Method::DELETE, ["users", user, "connections"]) => self.disconnect(user),
+                    (&Method::GET, ["nodes"]) => Ok(self.nodes()),
+                    _ => Err(not_found()),
+                }
+            }
+            _ => Err(not_found()),
+        }
+    }
+
+    fn authorize(&self, request: &Request<Incoming>) -> Result<(), Failure> {
+        let Some(key) = self
+            .node
+            .config
+            .api_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+        else {
+            return if self.node.config.dev {
+                Ok(())
+            } else {
+                Err(Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "no api_key is configured on this node",
+                ))
+            };
+        };
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(presented.as_bytes().ct_eq(key.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API key",
+            ))
+        }
+    }
+
+    fn draining(&self) -> bool {
+        self.node.draining.load(Ordering::Relaxed)
+    }
+
+    fn readiness(&self) -> Response<Body> {
+        if self.draining() {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ready": false, "reason": "draining"}),
+            )
+        } else {
+            json_response(StatusCode::OK, json!({"ready": true}))
+        }
+    }
+
+    async fn publish(&self, request: Request<Incoming>) -> Result<Response<Body>, Failure> {
+        if self.draining() {
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "node is draining; publish through another node",
+            ));
+        }
+        let body = Limited::new(request.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("body over {MAX_BODY_BYTES} bytes"),
+                )
+            })?
+            .to_bytes();
+        let publish: PublishRequest = serde_json::from_slice(&body).map_err(|e| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("invalid JSON body: {e}"),
+            )
+        })?;
+        let data = publish.data.ok_or_else(|| {
+            Failure::new(StatusCode::BAD_REQUEST, "bad_request", "data is required")
+        })?;
+        if publish.users.is_empty() && publish.topics.is_empty() && !publish.broadcast {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "no_target",
+                "name users, topics or broadcast",
+            ));
+        }
+        let max = self.node.config.max_name_bytes;
+        if let Some(bad) = publish
+            .users
+            .iter()
+            .chain(&publish.topics)
+            .find(|name| !valid_name(name, max))
+        {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_name",
+                format!("invalid user or topic name {bad:?}"),
+            ));
+        }
+        let mid = self.publisher.publish(
+            Target {
+                users: &publish.users,
+                topics: &publish.topics,
+                broadcast: publish.broadcast,
+            },
+            data,
+        );
+        tracing::debug!(
+            mid,
+            users = publish.users.len(),
+            topics = publish.topics.len(),
+            broadcast = publish.broadcast,
+            "published"
+        );
+        Ok(json_response(
+            StatusCode::ACCEPTED,
+            json!({"mid": mid.to_string()}),
+        ))
+    }
+
+    fn disconnect(&self, user: &str) -> Result<Response<Body>, Failure> {
+        let user = percent_decode(user)?;
+        if !valid_name(&user, self.node.config.max_name_bytes) {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_name",
+                "invalid user id",
+            ));
+        }
+        self.publisher.disconnect_user(&user);
+        Ok(json_response(StatusCode::ACCEPTED, json!({"user": user})))
+    }
+
+    fn nodes(&self) -> Response<Body> {
+        let node = &self.node;
+        json_response(
+            StatusCode::OK,
+            json!([{
+                "node": &*node.node_id,
+                "ws": node.client_addr.to_string(),
+                "api": node.api_addr.to_string(),
+                "shards": node.metrics.shards().len(),
+                "connections": node.metrics.connections(),
+            }]),
+        )
+    }
+}
+
+fn not_found() -> Failure {
+    Failure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+fn percent_decode(segment: &str) -> Result<String, Failure> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Failure::new(StatusCode::BAD_REQUEST, "bad_name", "user id is not UTF-8"))
+}
