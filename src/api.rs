@@ -1,4 +1,5 @@
-//! The HTTP API for backends: push messages, disconnect users, health and readiness.
+//! The HTTP API for backends: push messages, presence, disconnect users, topic counts,
+//! nodes, Prometheus metrics, health and readiness.
 //!
 //! It runs on its own thread, off the shards: a current-thread tokio runtime driving hyper
 //! (HTTP/1.1 with keep-alive). A request never touches a shard's state directly; pushes go
@@ -7,7 +8,7 @@
 //!
 //! Authentication: `Authorization: Bearer <api_key>`, compared in constant time. With no
 //! `api_key` configured, `--dev` accepts every call and a production node refuses every call
-//! but the unauthenticated probes (`/healthz`, `/readyz`). Errors are
+//! but the unauthenticated ones (`/healthz`, `/readyz`, `/metrics`). Errors are
 //! `{"error":{"code","message"}}` with the matching status.
 
 use std::convert::Infallible;
@@ -172,11 +173,14 @@ impl Api {
                 Ok(json_response(StatusCode::OK, json!({"status": "ok"})))
             }
             (&Method::GET, ["readyz"]) => Ok(self.readiness()),
+            (&Method::GET, ["metrics"]) => Ok(self.metrics()),
             (method, ["v1", ..]) => {
                 self.authorize(&request)?;
                 match (method, &segments[1..]) {
                     (&Method::POST, ["publish"]) => self.publish(request).await,
                     (&Method::DELETE, ["users", user, "connections"]) => self.disconnect(user),
+                    (&Method::GET, ["users", user]) => self.presence(user).await,
+                    (&Method::GET, ["topics", topic]) => self.topic(topic).await,
                     (&Method::GET, ["nodes"]) => Ok(self.nodes()),
                     _ => Err(not_found()),
                 }
@@ -305,15 +309,68 @@ impl Api {
         ))
     }
 
-    fn disconnect(&self, user: &str) -> Result<Response<Body>, Failure> {
-        let user = percent_decode(user)?;
-        if !valid_name(&user, self.node.config.max_name_bytes) {
-            return Err(Failure::new(
+    fn metrics(&self) -> Response<Body> {
+        let text = crate::metrics::render_prometheus(&self.node.metrics);
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        response
+    }
+
+    /// A name from the path: percent-decoded and checked like client-supplied names.
+    fn name(&self, segment: &str) -> Result<String, Failure> {
+        let name = percent_decode(segment)?;
+        if valid_name(&name, self.node.config.max_name_bytes) {
+            Ok(name)
+        } else {
+            Err(Failure::new(
                 StatusCode::BAD_REQUEST,
                 "bad_name",
-                "invalid user id",
-            ));
+                "invalid user or topic name",
+            ))
         }
+    }
+
+    async fn presence(&self, user: &str) -> Result<Response<Body>, Failure> {
+        let user = self.name(user)?;
+        let connections = self
+            .publisher
+            .user_connections(&user)
+            .await
+            .ok_or_else(busy)?;
+        let nodes: Vec<&str> = if connections > 0 {
+            vec![&self.node.node_id]
+        } else {
+            vec![]
+        };
+        Ok(json_response(
+            StatusCode::OK,
+            json!({"user": user, "online": connections > 0, "connections": connections, "nodes": nodes}),
+        ))
+    }
+
+    async fn topic(&self, topic: &str) -> Result<Response<Body>, Failure> {
+        let topic = self.name(topic)?;
+        let subscribers = self
+            .publisher
+            .topic_subscribers(&topic)
+            .await
+            .ok_or_else(busy)?;
+        let nodes: Vec<serde_json::Value> = if subscribers > 0 {
+            vec![json!({"node": &*self.node.node_id, "subscribers": subscribers})]
+        } else {
+            vec![]
+        };
+        Ok(json_response(
+            StatusCode::OK,
+            json!({"topic": topic, "subscribers": subscribers, "nodes": nodes}),
+        ))
+    }
+
+    fn disconnect(&self, user: &str) -> Result<Response<Body>, Failure> {
+        let user = self.name(user)?;
         self.publisher.disconnect_user(&user);
         Ok(json_response(StatusCode::ACCEPTED, json!({"user": user})))
     }
@@ -331,6 +388,14 @@ impl Api {
             }]),
         )
     }
+}
+
+fn busy() -> Failure {
+    Failure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        "a shard's inbox is full; retry",
+    )
 }
 
 fn not_found() -> Failure {

@@ -269,6 +269,169 @@ impl NodeMetrics {
     }
 }
 
+/// Renders every metric of the node in the Prometheus/OpenMetrics text format
+/// (`shardcast_` prefix, `_total` counters, units in names). A fresh registry per scrape
+/// reads the shards' atomics, so the hot paths never touch the exporter.
+pub fn render_prometheus(node: &NodeMetrics) -> String {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::counter::Counter as Total;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge as Level;
+    use prometheus_client::registry::Registry;
+
+    type Labels = Vec<(&'static str, String)>;
+    let mut registry = Registry::with_prefix("shardcast");
+    let per_shard =
+        |name: &str, help: &str, registry: &mut Registry, pick: fn(&ShardMetrics) -> i64| {
+            let family = Family::<Labels, Level>::default();
+            for (index, shard) in node.shards().iter().enumerate() {
+                family
+                    .get_or_create(&vec![("shard", index.to_string())])
+                    .set(pick(shard));
+            }
+            registry.register(name, help, family);
+        };
+    per_shard(
+        "connections",
+        "Open WebSocket connections",
+        &mut registry,
+        |s| s.connections.get(),
+    );
+    per_shard(
+        "users",
+        "Distinct users with a connection, counted per shard",
+        &mut registry,
+        |s| s.users.get(),
+    );
+    per_shard(
+        "topics",
+        "Distinct topics with a subscriber, counted per shard",
+        &mut registry,
+        |s| s.topics.get(),
+    );
+
+    let total = |name: &str, help: &str, registry: &mut Registry, value: u64| {
+        let counter = Total::<u64>::default();
+        counter.inc_by(value);
+        registry.register(name, help, counter);
+    };
+    total(
+        "handshakes_accepted",
+        "WebSocket upgrades accepted",
+        &mut registry,
+        node.sum(|s| s.handshakes_accepted.get()),
+    );
+    total(
+        "accept_errors",
+        "Failed accept calls (e.g. EMFILE)",
+        &mut registry,
+        node.sum(|s| s.accept_errors.get()),
+    );
+    total(
+        "frames_in",
+        "WebSocket frames received",
+        &mut registry,
+        node.sum(|s| s.frames_in.get()),
+    );
+    total(
+        "frames_out",
+        "WebSocket frames written or queued",
+        &mut registry,
+        node.sum(|s| s.frames_out.get()),
+    );
+    total(
+        "envelopes",
+        "Envelopes handed between shards",
+        &mut registry,
+        node.sum(|s| s.envelopes_in.get()),
+    );
+
+    fn labelled<L: Copy>(
+        registry: &mut Registry,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        values: &[L],
+        name_of: fn(L) -> &'static str,
+        count: impl Fn(usize) -> u64,
+    ) {
+        let family = Family::<Labels, Total<u64>>::default();
+        for (index, value) in values.iter().enumerate() {
+            family
+                .get_or_create(&vec![(label, name_of(*value).to_owned())])
+                .inc_by(count(index));
+        }
+        registry.register(name, help, family);
+    }
+    labelled(
+        &mut registry,
+        "handshakes_refused",
+        "Upgrades refused, by reason",
+        "reason",
+        Refusal::ALL,
+        Refusal::label,
+        |i| node.sum(|s| s.handshakes_refused[i].get()),
+    );
+    labelled(
+        &mut registry,
+        "messages_delivered",
+        "Messages written to client sockets, by kind",
+        "kind",
+        Delivery::ALL,
+        Delivery::label,
+        |i| node.sum(|s| s.delivered[i].get()),
+    );
+    labelled(
+        &mut registry,
+        "closes",
+        "Connections closed, by reason (slow_consumer included)",
+        "reason",
+        Close::ALL,
+        Close::label,
+        |i| node.sum(|s| s.closes[i].get()),
+    );
+    labelled(
+        &mut registry,
+        "rejections",
+        "Requests answered with err, by reason",
+        "reason",
+        Rejection::ALL,
+        Rejection::label,
+        |i| node.sum(|s| s.rejections[i].get()),
+    );
+    labelled(
+        &mut registry,
+        "drops",
+        "Messages dropped between shards, by reason",
+        "reason",
+        Drop::ALL,
+        Drop::label,
+        |i| node.sum(|s| s.drops[i].get()),
+    );
+
+    let rss = Level::<i64>::default();
+    rss.set(resident_bytes() as i64);
+    registry.register(
+        "process_resident_memory_bytes",
+        "Resident set size of the process",
+        rss,
+    );
+
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("writing to a String cannot fail");
+    text
+}
+
+/// The process's resident set size, from `/proc/self/statm` (0 where unavailable).
+pub fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +444,31 @@ mod tests {
         assert_eq!(m.closes.len(), Close::ALL.len());
         assert_eq!(m.rejections.len(), Rejection::ALL.len());
         assert_eq!(m.drops.len(), Drop::ALL.len());
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let node = NodeMetrics::new(2);
+        node.shard(1).connections.add(5);
+        node.shard(0).closed(Close::SlowConsumer);
+        node.shard(1).delivered(Delivery::Topic, 7);
+        let text = render_prometheus(&node);
+        assert!(
+            text.contains("shardcast_connections{shard=\"1\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shardcast_closes_total{reason=\"slow_consumer\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shardcast_messages_delivered_total{kind=\"topic\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shardcast_process_resident_memory_bytes "),
+            "{text}"
+        );
     }
 
     #[test]

@@ -276,6 +276,45 @@ impl Publisher {
         mid
     }
 
+    /// How many connections `user` has on this node; `None` if the home shard's inbox is
+    /// full (the query was dropped and counted).
+    pub async fn user_connections(&self, user: &str) -> Option<usize> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let home = self.node.mesh.home(user);
+        let envelope = Envelope::QueryUser {
+            user: Arc::from(user),
+            reply,
+        };
+        self.node
+            .mesh
+            .send(home, envelope, self.node.metrics.shard(home));
+        answer.await.ok()
+    }
+
+    /// Subscribers of `topic` on this node; `None` if a shard's inbox was full.
+    pub async fn topic_subscribers(&self, topic: &str) -> Option<usize> {
+        let mesh = &self.node.mesh;
+        let topic: Arc<str> = Arc::from(topic);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let home = mesh.home(&topic);
+        let query = Envelope::QueryTopic {
+            topic: topic.clone(),
+            reply,
+        };
+        mesh.send(home, query, self.node.metrics.shard(home));
+        let mut total = 0;
+        for shard in answer.await.ok()?.iter() {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let count = Envelope::CountSubscribers {
+                topic: topic.clone(),
+                reply,
+            };
+            mesh.send(shard, count, self.node.metrics.shard(shard));
+            total += answer.await.ok()?;
+        }
+        Some(total)
+    }
+
     /// Closes every connection of `user` on this node with 4003.
     pub fn disconnect_user(&self, user: &str) {
         let home = self.node.mesh.home(user);

@@ -126,9 +126,33 @@ pub enum Envelope {
         /// Metric label.
         reason: metrics::Close,
     },
+    /// To the user's home shard: how many devices `user` has on this node.
+    QueryUser {
+        /// User.
+        user: Arc<str>,
+        /// Where the count goes.
+        reply: Reply<usize>,
+    },
+    /// To the topic's home shard: which shards have subscribers of `topic`.
+    QueryTopic {
+        /// Topic.
+        topic: Arc<str>,
+        /// Where the shard set goes.
+        reply: Reply<ShardMask>,
+    },
+    /// How many subscribers of `topic` this shard has.
+    CountSubscribers {
+        /// Topic.
+        topic: Arc<str>,
+        /// Where the count goes.
+        reply: Reply<usize>,
+    },
     /// Stop accepting, close every connection with 1001, exit when they are gone.
     Shutdown,
 }
+
+/// The answer channel of a query envelope (the asker awaits the other end).
+pub type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
 impl Envelope {
     /// The kind of delivery a message envelope carries (for metrics).

@@ -457,6 +457,21 @@ impl Shard {
                     conn.request_close(code, reason, self);
                 }
             }
+            Envelope::QueryUser { user, reply } => {
+                let _ = reply.send(self.directory.borrow().devices(&user).len());
+            }
+            Envelope::QueryTopic { topic, reply } => {
+                let _ = reply.send(self.directory.borrow().topic_shards(&topic));
+            }
+            Envelope::CountSubscribers { topic, reply } => {
+                let count = self
+                    .tables
+                    .borrow()
+                    .topics
+                    .get(&topic)
+                    .map_or(0, |s| s.len());
+                let _ = reply.send(count);
+            }
             Envelope::Shutdown => self.begin_stop(),
         }
     }

@@ -235,3 +235,84 @@ fn keep_alive_serves_many_requests_on_one_connection() {
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     }
 }
+
+#[test]
+fn presence_and_topic_counts() {
+    let node = TestNode::start(dev_config());
+    let api = node.node().api_addr();
+    let (mut a, mut b) = one_per_shard(&node, "pat");
+    for c in [&mut a, &mut b] {
+        c.request(json!({"op":"sub","topic":"live"}));
+    }
+    let (status, user) = http(api, "GET", "/v1/users/pat", None, b"");
+    assert_eq!(status, 200);
+    assert_eq!(
+        user,
+        json!({"user":"pat","online":true,"connections":2,"nodes":[node.node().node_id()]})
+    );
+    let (_, nobody) = http(api, "GET", "/v1/users/nobody", None, b"");
+    assert_eq!(
+        nobody,
+        json!({"user":"nobody","online":false,"connections":0,"nodes":[]})
+    );
+
+    let (status, topic) = http(api, "GET", "/v1/topics/live", None, b"");
+    assert_eq!(status, 200);
+    assert_eq!(topic["subscribers"], 2);
+    assert_eq!(topic["nodes"][0]["node"], node.node().node_id());
+    let (_, empty) = http(api, "GET", "/v1/topics/quiet", None, b"");
+    assert_eq!(empty, json!({"topic":"quiet","subscribers":0,"nodes":[]}));
+
+    drop(a);
+    eventually("presence follows disconnects", || {
+        http(api, "GET", "/v1/users/pat", None, b"").1["connections"] == 1
+    });
+}
+
+#[test]
+fn metrics_move_when_traffic_flows() {
+    let node = TestNode::start(dev_config());
+    let api = node.node().api_addr();
+    let scrape = || {
+        let mut stream = TcpStream::connect(api).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    };
+    let value = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = scrape();
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    assert_eq!(value(&before, "shardcast_handshakes_accepted_total"), 0);
+
+    let mut c = Client::dev(&node, "m");
+    c.request(json!({"op":"sub","topic":"t"}));
+    c.request(json!({"op":"dance"}));
+    post(&node, json!({"topics":["t"],"data":1}));
+    assert_eq!(c.recv()["op"], "pub");
+
+    let after = scrape();
+    assert_eq!(value(&after, "shardcast_handshakes_accepted_total"), 1);
+    assert_eq!(
+        value(&after, "shardcast_messages_delivered_total{kind=\"topic\"}"),
+        1
+    );
+    assert_eq!(
+        value(&after, "shardcast_rejections_total{reason=\"unknown_op\"}"),
+        1
+    );
+    assert!(value(&after, "shardcast_frames_in_total") >= 2);
+    assert!(value(&after, "shardcast_process_resident_memory_bytes") > 1_000_000);
+    let connections: u64 = (0..2)
+        .map(|s| value(&after, &format!("shardcast_connections{{shard=\"{s}\"}}")))
+        .sum();
+    assert_eq!(connections, 1);
+}
