@@ -78,6 +78,10 @@ pub struct Config {
     pub shard_inbox_capacity: usize,
     /// On SIGTERM/SIGINT, how long clients get to close before the node exits, in ms. Default 10000.
     pub grace_period_ms: u64,
+    /// On SIGTERM/SIGINT, the window over which clients are closed with 1001, in ms, so their
+    /// reconnects do not stampede the other nodes. Default 3000; 0 closes all at once. Must
+    /// be shorter than `grace_period_ms`.
+    pub drain_window_ms: u64,
     /// How long a closing connection waits for the peer's close frame, in ms. Default 2000.
     pub close_timeout_ms: u64,
     /// `human` (default) or `json` log lines.
@@ -140,6 +144,7 @@ impl Default for Config {
             max_outbound_bytes: 256 * 1024,
             shard_inbox_capacity: 16384,
             grace_period_ms: 10_000,
+            drain_window_ms: 3000,
             close_timeout_ms: 2000,
             log_format: LogFormat::Human,
         }
@@ -253,6 +258,12 @@ impl Config {
             if value == 0 {
                 problems.push(format!("`{name}` must be greater than 0"));
             }
+        }
+        if self.drain_window_ms >= self.grace_period_ms {
+            problems.push(format!(
+                "`drain_window_ms` ({}) must be shorter than `grace_period_ms` ({})",
+                self.drain_window_ms, self.grace_period_ms
+            ));
         }
         if self.max_handshake_bytes < 512 {
             problems.push("`max_handshake_bytes` must be at least 512".into());

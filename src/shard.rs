@@ -148,6 +148,9 @@ pub struct Shard {
     event_loop: Cell<Option<Waker>>,
     /// When accepting resumes after an accept error (EMFILE), in shard milliseconds.
     accept_paused_until: Cell<Option<u64>>,
+    /// Connections still to close while draining, and how many to close per sweep.
+    drain: RefCell<VecDeque<ConnId>>,
+    drain_per_sweep: Cell<usize>,
 }
 
 impl Shard {
@@ -175,6 +178,8 @@ impl Shard {
             close_deadlines: RefCell::default(),
             event_loop: Cell::new(None),
             accept_paused_until: Cell::new(None),
+            drain: RefCell::default(),
+            drain_per_sweep: Cell::new(0),
             node,
         })
     }
@@ -739,9 +744,29 @@ impl Shard {
         if let Some(listener) = self.listener.take() {
             self.reactor.remove(listener.as_raw_fd());
         }
-        let conns: Vec<Rc<Conn>> = self.tables.borrow().conns.values().cloned().collect();
-        for conn in conns {
-            conn.request_close(crate::ws::close::GOING_AWAY, metrics::Close::Shutdown, self);
+        let drain: VecDeque<ConnId> = self.tables.borrow().conns.keys().copied().collect();
+        let window = self.node.config.drain_window_ms;
+        let ticks = (window / SWEEP_INTERVAL.as_millis() as u64).max(1) as usize;
+        self.drain_per_sweep.set(drain.len().div_ceil(ticks).max(1));
+        if window == 0 {
+            self.drain_per_sweep.set(usize::MAX);
+        }
+        *self.drain.borrow_mut() = drain;
+        self.drain_some();
+    }
+
+    /// Closes the next batch of connections with 1001 while draining, so the clients'
+    /// reconnects spread over `drain_window_ms` instead of stampeding the other nodes.
+    fn drain_some(&self) {
+        let batch: Vec<ConnId> = {
+            let mut drain = self.drain.borrow_mut();
+            let n = self.drain_per_sweep.get().min(drain.len());
+            drain.drain(..n).collect()
+        };
+        for id in batch {
+            if let Some(conn) = self.open_conn(id) {
+                conn.request_close(crate::ws::close::GOING_AWAY, metrics::Close::Shutdown, self);
+            }
         }
     }
 
@@ -871,6 +896,7 @@ async fn sweep_loop(shard: Rc<Shard>) {
     loop {
         glommio::timer::sleep(SWEEP_INTERVAL).await;
         shard.sweep_deadlines();
+        shard.drain_some();
         sweeps += 1;
         if sweeps % SWEEPS_PER_HEARTBEAT_CHECK == 0 && !shard.stopping.fired() {
             shard.sweep_heartbeats();

@@ -28,6 +28,7 @@ impl Process {
             .envs(env.iter().copied())
             .env("SHARDCAST_PIN_SHARDS", "false")
             .env("SHARDCAST_GRACE_PERIOD_MS", "3000")
+            .env("SHARDCAST_DRAIN_WINDOW_MS", "1000")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -201,5 +202,28 @@ fn stopping_in_process_closes_clients_and_refuses_new_ones() {
     assert!(
         std::net::TcpStream::connect(node.addr).is_err(),
         "the listeners are closed once the node has stopped"
+    );
+}
+
+#[test]
+fn draining_spreads_closes_over_the_window() {
+    let mut config = dev_config();
+    config.drain_window_ms = 1000;
+    config.grace_period_ms = 4000;
+    let node = TestNode::start(config);
+    let mut clients: Vec<Client> = (0..20)
+        .map(|i| Client::dev(&node, &format!("d{i}")))
+        .collect();
+    node.node().stopper().stop();
+    let started = Instant::now();
+    let mut closed_at = Vec::new();
+    for client in &mut clients {
+        assert_eq!(client.expect_close(), 1001);
+        closed_at.push(started.elapsed());
+    }
+    let last = closed_at.iter().max().expect("closes");
+    assert!(
+        *last >= Duration::from_millis(300),
+        "20 closes over a 1 s window were not spread: {closed_at:?}"
     );
 }

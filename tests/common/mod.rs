@@ -25,6 +25,7 @@ pub fn dev_config() -> Config {
         shards: 2,
         pin_shards: false,
         grace_period_ms: 2000,
+        drain_window_ms: 0,
         close_timeout_ms: 500,
         ..Config::default()
     }
