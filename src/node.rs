@@ -252,6 +252,7 @@ impl Publisher {
             let frame = render::msg(None, user, mid, ts, data.get());
             let home = mesh.home(user);
             let envelope = Envelope::RouteUser {
+                mid,
                 user: Arc::from(*user),
                 frame,
                 except: None,
@@ -262,6 +263,7 @@ impl Publisher {
             let frame = render::publication(Some(topic), mid, ts, data.get());
             let home = mesh.home(topic);
             let envelope = Envelope::RouteTopic {
+                mid,
                 topic: Arc::from(*topic),
                 frame,
             };
@@ -270,6 +272,7 @@ impl Publisher {
         if target.broadcast {
             let frame: Bytes = render::publication(None, mid, ts, data.get());
             mesh.send_to_all(self.node.metrics.shard(0), || Envelope::Broadcast {
+                mid,
                 frame: frame.clone(),
             });
         }

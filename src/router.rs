@@ -50,6 +50,8 @@ pub fn shard_of(conn: ConnId) -> usize {
 pub enum Envelope {
     /// To the user's home shard: deliver `frame` to every device of `user` except `except`.
     RouteUser {
+        /// Message id (for logs).
+        mid: u64,
         /// Recipient.
         user: Arc<str>,
         /// Rendered frame.
@@ -59,6 +61,8 @@ pub enum Envelope {
     },
     /// To the topic's home shard: deliver `frame` to every subscriber.
     RouteTopic {
+        /// Message id (for logs).
+        mid: u64,
         /// Topic.
         topic: Arc<str>,
         /// Rendered frame.
@@ -66,6 +70,8 @@ pub enum Envelope {
     },
     /// Deliver `frame` to this shard's connections of `user` (from the home shard).
     DeliverUser {
+        /// Message id (for logs).
+        mid: u64,
         /// Recipient.
         user: Arc<str>,
         /// Rendered frame.
@@ -75,6 +81,8 @@ pub enum Envelope {
     },
     /// Deliver `frame` to this shard's subscribers of `topic` (from the home shard).
     DeliverTopic {
+        /// Message id (for logs).
+        mid: u64,
         /// Topic.
         topic: Arc<str>,
         /// Rendered frame.
@@ -82,6 +90,8 @@ pub enum Envelope {
     },
     /// Deliver `frame` to every user connection of this shard.
     Broadcast {
+        /// Message id (for logs).
+        mid: u64,
         /// Rendered frame.
         frame: Bytes,
     },
@@ -155,6 +165,18 @@ pub enum Envelope {
 pub type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
 impl Envelope {
+    /// The id of the message an envelope carries, if it carries one.
+    pub fn mid(&self) -> Option<u64> {
+        match self {
+            Envelope::RouteUser { mid, .. }
+            | Envelope::RouteTopic { mid, .. }
+            | Envelope::DeliverUser { mid, .. }
+            | Envelope::DeliverTopic { mid, .. }
+            | Envelope::Broadcast { mid, .. } => Some(*mid),
+            _ => None,
+        }
+    }
+
     /// The kind of delivery a message envelope carries (for metrics).
     pub fn delivery_kind(&self) -> Option<Delivery> {
         match self {
@@ -223,7 +245,12 @@ impl Mesh {
             }
             Err(TrySendError::Full(dropped)) => {
                 metrics.dropped(metrics::Drop::InboxFull);
-                tracing::warn!(shard, kind = ?dropped.delivery_kind(), "shard inbox full, envelope dropped");
+                tracing::warn!(
+                    shard,
+                    mid = dropped.mid(),
+                    kind = ?dropped.delivery_kind(),
+                    "shard inbox full, envelope dropped"
+                );
                 false
             }
             Err(TrySendError::Disconnected(_)) => {

@@ -613,7 +613,8 @@ fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
             }
             let (mid, ts) = shard.stamp();
             let frame = render::publication(Some(&topic), mid, ts, data.get());
-            shard.route_topic(Arc::from(&*topic), frame);
+            tracing::debug!(mid, conn = conn.id, topic = &*topic, "client publication");
+            shard.route_topic(mid, Arc::from(&*topic), frame);
             render::ack(id, Some(mid))
         }
         Request::Send { to, data } => {
@@ -623,10 +624,11 @@ fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
             let from = conn.user().expect("only user sessions handle requests");
             let (mid, ts) = shard.stamp();
             let frame = render::msg(Some(from), &to, mid, ts, data.get());
+            tracing::debug!(mid, conn = conn.id, to = &*to, "client direct message");
             if *to != **from {
-                shard.route_user(Arc::from(&*to), frame.clone(), None);
+                shard.route_user(mid, Arc::from(&*to), frame.clone(), None);
             }
-            shard.route_user(from.clone(), frame, Some(conn.id));
+            shard.route_user(mid, from.clone(), frame, Some(conn.id));
             render::ack(id, Some(mid))
         }
     }

@@ -332,11 +332,12 @@ impl Shard {
 
     /// Sends a message for `user` to the user's home shard, which forwards it to the shards
     /// holding the user's devices.
-    pub fn route_user(&self, user: Arc<str>, frame: Bytes, except: Option<ConnId>) {
+    pub fn route_user(&self, mid: u64, user: Arc<str>, frame: Bytes, except: Option<ConnId>) {
         let home = self.node.mesh.home(&user);
         self.send(
             home,
             Envelope::RouteUser {
+                mid,
                 user,
                 frame,
                 except,
@@ -345,9 +346,9 @@ impl Shard {
     }
 
     /// Sends a publication to the topic's home shard.
-    pub fn route_topic(&self, topic: Arc<str>, frame: Bytes) {
+    pub fn route_topic(&self, mid: u64, topic: Arc<str>, frame: Bytes) {
         let home = self.node.mesh.home(&topic);
-        self.send(home, Envelope::RouteTopic { topic, frame });
+        self.send(home, Envelope::RouteTopic { mid, topic, frame });
     }
 
     /// Handles one envelope from the inbox.
@@ -355,6 +356,7 @@ impl Shard {
         self.metrics.envelopes_in.inc();
         match envelope {
             Envelope::RouteUser {
+                mid,
                 user,
                 frame,
                 except,
@@ -363,16 +365,18 @@ impl Shard {
                 self.node
                     .mesh
                     .send_to_mask(shards, &self.metrics, || Envelope::DeliverUser {
+                        mid,
                         user: user.clone(),
                         frame: frame.clone(),
                         except,
                     });
             }
-            Envelope::RouteTopic { topic, frame } => {
+            Envelope::RouteTopic { mid, topic, frame } => {
                 let shards = self.directory.borrow().topic_shards(&topic);
                 self.node
                     .mesh
                     .send_to_mask(shards, &self.metrics, || Envelope::DeliverTopic {
+                        mid,
                         topic: topic.clone(),
                         frame: frame.clone(),
                     });
@@ -381,6 +385,7 @@ impl Shard {
                 user,
                 frame,
                 except,
+                ..
             } => {
                 let recipients: SmallVec<[Rc<Conn>; 4]> = self
                     .tables
@@ -397,7 +402,7 @@ impl Shard {
                     .unwrap_or_default();
                 self.deliver(&recipients, &frame, Delivery::Direct).await;
             }
-            Envelope::DeliverTopic { topic, frame } => {
+            Envelope::DeliverTopic { topic, frame, .. } => {
                 let recipients: Vec<Rc<Conn>> = self
                     .tables
                     .borrow()
@@ -407,7 +412,7 @@ impl Shard {
                     .unwrap_or_default();
                 self.deliver(&recipients, &frame, Delivery::Topic).await;
             }
-            Envelope::Broadcast { frame } => {
+            Envelope::Broadcast { frame, .. } => {
                 let recipients: Vec<Rc<Conn>> = self
                     .tables
                     .borrow()
