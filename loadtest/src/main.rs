@@ -7,6 +7,10 @@
 //! * `fanout`: N subscribers of one topic, then one publisher sends M publications one at a
 //!   time; for each, the time from sending the `pub` to the last subscriber reading it, and
 //!   the node's CPU time per delivery.
+//! * `api`: K keep-alive HTTP connections post `/v1/publish` to single users (N users online,
+//!   read by workers) for D seconds: requests per second and request latency; meanwhile one
+//!   more client measures `ping` round trips, with and without the API load, to show whether
+//!   API traffic stalls client delivery.
 //!
 //! Connections are spread over worker threads; each worker owns a slice of sockets and waits
 //! on them with `poll(2)`, answering pings (tungstenite does) and reading publications.
@@ -81,6 +85,23 @@ enum Scenario {
         #[arg(long, default_value = "bench")]
         topic: String,
     },
+    /// HTTP publish throughput and latency to single users.
+    Api {
+        #[command(flatten)]
+        common: Common,
+        /// The node's API address.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        api: SocketAddr,
+        /// Users online (recipients).
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Concurrent keep-alive HTTP connections.
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 type Ws = WebSocket<TcpStream>;
@@ -98,6 +119,13 @@ fn main() -> Result<()> {
             pubs,
             topic,
         } => fanout(&common, subs, pubs, &topic),
+        Scenario::Api {
+            common,
+            api,
+            users,
+            conns,
+            seconds,
+        } => api_publish(&common, api, users, conns, seconds),
     }
 }
 
@@ -398,6 +426,166 @@ fn fanout(common: &Common, subs: usize, pubs: usize, topic: &str) -> Result<()> 
                "to_last_p50_us":to_last.value_at_quantile(0.5),"to_last_max_us":to_last.max(),
                "each_p50_us":latency.value_at_quantile(0.5),"each_p99_us":latency.value_at_quantile(0.99),
                "cpu_per_delivery_ns":cpu_per_delivery_ns,"user_cpu_per_delivery_ns":user_per_delivery_ns})
+    );
+    Ok(())
+}
+
+/// One keep-alive HTTP/1.1 POST; returns the status. Reads exactly one response.
+fn post(stream: &mut TcpStream, path: &str, body: &str) -> Result<u16> {
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            bail!("API closed the connection");
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status: u16 = head.get(9..12).context("status line")?.parse()?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .context("content-length")?
+        .parse()?;
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body)?;
+    Ok(status)
+}
+
+/// Round trips of the application `ping` on one connection for `duration`.
+fn ping_rtts(ws: &mut Ws, duration: Duration) -> Result<Histogram<u64>> {
+    let mut rtt = Histogram::<u64>::new(3)?;
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        let sent = Instant::now();
+        ws.send(Message::text(r#"{"op":"ping"}"#))?;
+        loop {
+            if let Message::Text(t) = ws.read()? {
+                if t.contains("pong") {
+                    break;
+                }
+            }
+        }
+        rtt.record(sent.elapsed().as_micros() as u64)?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(rtt)
+}
+
+fn api_publish(
+    common: &Common,
+    api: SocketAddr,
+    users: usize,
+    conns: usize,
+    seconds: u64,
+) -> Result<()> {
+    if !api.ip().is_loopback() {
+        bail!("only loopback addresses are allowed");
+    }
+    let (per_worker, _) = open_all(common, users, "r")?;
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = per_worker
+        .into_iter()
+        .map(|mut sockets| {
+            let (delivered, stop) = (delivered.clone(), stop.clone());
+            std::thread::spawn(move || {
+                pump(&mut sockets, &stop, |_| {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                })
+            })
+        })
+        .collect();
+    let mut probe = open(common.addr, common.sources[0], "probe")?;
+    let idle_rtt = ping_rtts(&mut probe, Duration::from_secs(2))?;
+
+    let load_stop = Arc::new(AtomicBool::new(false));
+    let posters: Vec<_> = (0..conns)
+        .map(|c| {
+            let load_stop = load_stop.clone();
+            std::thread::spawn(move || -> Result<(Histogram<u64>, usize)> {
+                let mut latency = Histogram::<u64>::new(3)?;
+                let mut stream = TcpStream::connect(api)?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut sent = 0;
+                while !load_stop.load(Ordering::Relaxed) {
+                    let user = (c + sent * conns) % users;
+                    let body = format!(r#"{{"users":["r{user}"],"data":{{"n":{sent}}}}}"#);
+                    let started = Instant::now();
+                    let status = post(&mut stream, "/v1/publish", &body)?;
+                    if status != 202 {
+                        bail!("publish answered {status}");
+                    }
+                    latency.record(started.elapsed().as_micros() as u64)?;
+                    sent += 1;
+                }
+                Ok((latency, sent))
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let loaded_rtt = ping_rtts(&mut probe, Duration::from_secs(seconds.min(common.timeout)))?;
+    load_stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latency = Histogram::<u64>::new(3)?;
+    let mut requests = 0;
+    for poster in posters {
+        let (histogram, sent) = poster
+            .join()
+            .map_err(|_| anyhow::anyhow!("poster panicked"))??;
+        latency.add(histogram)?;
+        requests += sent;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while delivered.load(Ordering::Relaxed) < requests && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    }
+    let rps = requests as f64 / elapsed;
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q);
+    println!("publish requests         {requests} over {elapsed:.1} s = {rps:.0} req/s ({conns} keep-alive connections)");
+    println!(
+        "delivered                {} of {requests}",
+        delivered.load(Ordering::Relaxed)
+    );
+    println!(
+        "publish latency          p50 {} us  p99 {} us  p999 {} us",
+        us(&latency, 0.5),
+        us(&latency, 0.99),
+        us(&latency, 0.999)
+    );
+    println!(
+        "client ping RTT idle     p50 {} us  p99 {} us",
+        us(&idle_rtt, 0.5),
+        us(&idle_rtt, 0.99)
+    );
+    println!(
+        "client ping RTT loaded   p50 {} us  p99 {} us",
+        us(&loaded_rtt, 0.5),
+        us(&loaded_rtt, 0.99)
+    );
+    println!(
+        "{}",
+        json!({"scenario":"api","requests":requests,"rps":rps,"delivered":delivered.load(Ordering::Relaxed),
+               "latency_p50_us":us(&latency,0.5),"latency_p99_us":us(&latency,0.99),"latency_p999_us":us(&latency,0.999),
+               "ping_idle_p50_us":us(&idle_rtt,0.5),"ping_idle_p99_us":us(&idle_rtt,0.99),
+               "ping_loaded_p50_us":us(&loaded_rtt,0.5),"ping_loaded_p99_us":us(&loaded_rtt,0.99)})
     );
     Ok(())
 }
