@@ -154,6 +154,87 @@ label_enum! {
     }
 }
 
+/// Nanoseconds on a process-wide monotonic clock (comparable across threads).
+pub fn monotonic_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+/// Upper bounds, in seconds, of the latency histogram's buckets (10 µs to 1 s).
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// A fixed-bucket latency histogram written by one shard without locks.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per-bucket counts ([`LATENCY_BUCKETS`], then +Inf).
+    buckets: [Counter; 17],
+    sum_ns: Counter,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn record(&self, ns: u64) {
+        let seconds = ns as f64 / 1e9;
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].inc();
+        self.sum_ns.add(ns);
+    }
+}
+
+/// Several shards' histograms summed, in the shape the exporter wants.
+#[derive(Debug)]
+struct MergedHistogram {
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl MergedHistogram {
+    fn of<'a>(histograms: impl Iterator<Item = &'a LatencyHistogram>) -> Self {
+        let mut counts = [0u64; 17];
+        let mut sum_ns = 0;
+        for histogram in histograms {
+            for (total, bucket) in counts.iter_mut().zip(&histogram.buckets) {
+                *total += bucket.get();
+            }
+            sum_ns += histogram.sum_ns.get();
+        }
+        let bounds = LATENCY_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        MergedHistogram {
+            buckets: bounds.zip(counts).collect(),
+            sum: sum_ns as f64 / 1e9,
+            count: counts.iter().sum(),
+        }
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for MergedHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 /// One shard's metrics.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
@@ -183,6 +264,9 @@ pub struct ShardMetrics {
     pub drops: [Counter; 2],
     /// Envelopes this shard received from other shards.
     pub envelopes_in: Counter,
+    /// From a message entering the node (client request or API call) to its last socket
+    /// write on this shard.
+    pub delivery_latency: LatencyHistogram,
 }
 
 impl ShardMetrics {
@@ -407,6 +491,13 @@ pub fn render_prometheus(node: &NodeMetrics) -> String {
         Drop::ALL,
         Drop::label,
         |i| node.sum(|s| s.drops[i].get()),
+    );
+
+    registry.register_with_unit(
+        "delivery_latency",
+        "From a message entering the node to its last socket write on a shard",
+        prometheus_client::registry::Unit::Seconds,
+        MergedHistogram::of(node.shards().iter().map(|s| &s.delivery_latency)),
     );
 
     let rss = Level::<i64>::default();

@@ -11,7 +11,6 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use serde_json::value::RawValue;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -21,7 +20,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
-use crate::router::{Envelope, Mesh};
+use crate::router::{Envelope, Mesh, Message};
 use crate::shard;
 
 /// Bytes of glommio I/O memory per shard. Sockets do not use it (they are driven by the
@@ -252,9 +251,8 @@ impl Publisher {
             let frame = render::msg(None, user, mid, ts, data.get());
             let home = mesh.home(user);
             let envelope = Envelope::RouteUser {
-                mid,
                 user: Arc::from(*user),
-                frame,
+                message: Message::new(mid, frame),
                 except: None,
             };
             mesh.send(home, envelope, self.node.metrics.shard(home));
@@ -263,17 +261,15 @@ impl Publisher {
             let frame = render::publication(Some(topic), mid, ts, data.get());
             let home = mesh.home(topic);
             let envelope = Envelope::RouteTopic {
-                mid,
                 topic: Arc::from(*topic),
-                frame,
+                message: Message::new(mid, frame),
             };
             mesh.send(home, envelope, self.node.metrics.shard(home));
         }
         if target.broadcast {
-            let frame: Bytes = render::publication(None, mid, ts, data.get());
+            let message = Message::new(mid, render::publication(None, mid, ts, data.get()));
             mesh.send_to_all(self.node.metrics.shard(0), || Envelope::Broadcast {
-                mid,
-                frame: frame.clone(),
+                message: message.clone(),
             });
         }
         mid

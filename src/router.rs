@@ -45,55 +45,68 @@ pub fn shard_of(conn: ConnId) -> usize {
     (conn >> CONN_SHARD_SHIFT) as usize
 }
 
+/// A message rendered once per node: the complete WebSocket frame every recipient's socket
+/// gets, its id (for logs) and when it entered the node (for the delivery-latency histogram).
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Message id.
+    pub mid: u64,
+    /// [`metrics::monotonic_ns`] when the message entered the node.
+    pub entered_ns: u64,
+    /// The rendered frame.
+    pub frame: Bytes,
+}
+
+impl Message {
+    /// A message entering the node now.
+    pub fn new(mid: u64, frame: Bytes) -> Self {
+        Message {
+            mid,
+            entered_ns: metrics::monotonic_ns(),
+            frame,
+        }
+    }
+}
+
 /// What one shard hands another.
 #[derive(Debug)]
 pub enum Envelope {
-    /// To the user's home shard: deliver `frame` to every device of `user` except `except`.
+    /// To the user's home shard: deliver to every device of `user` except `except`.
     RouteUser {
-        /// Message id (for logs).
-        mid: u64,
         /// Recipient.
         user: Arc<str>,
-        /// Rendered frame.
-        frame: Bytes,
+        /// The message.
+        message: Message,
         /// The sending connection, which does not get its own message back.
         except: Option<ConnId>,
     },
-    /// To the topic's home shard: deliver `frame` to every subscriber.
+    /// To the topic's home shard: deliver to every subscriber.
     RouteTopic {
-        /// Message id (for logs).
-        mid: u64,
         /// Topic.
         topic: Arc<str>,
-        /// Rendered frame.
-        frame: Bytes,
+        /// The message.
+        message: Message,
     },
-    /// Deliver `frame` to this shard's connections of `user` (from the home shard).
+    /// Deliver to this shard's connections of `user` (from the home shard).
     DeliverUser {
-        /// Message id (for logs).
-        mid: u64,
         /// Recipient.
         user: Arc<str>,
-        /// Rendered frame.
-        frame: Bytes,
+        /// The message.
+        message: Message,
         /// Connection to skip.
         except: Option<ConnId>,
     },
-    /// Deliver `frame` to this shard's subscribers of `topic` (from the home shard).
+    /// Deliver to this shard's subscribers of `topic` (from the home shard).
     DeliverTopic {
-        /// Message id (for logs).
-        mid: u64,
         /// Topic.
         topic: Arc<str>,
-        /// Rendered frame.
-        frame: Bytes,
+        /// The message.
+        message: Message,
     },
-    /// Deliver `frame` to every user connection of this shard.
+    /// Deliver to every user connection of this shard.
     Broadcast {
-        /// Message id (for logs).
-        mid: u64,
-        /// Rendered frame.
-        frame: Bytes,
+        /// The message.
+        message: Message,
     },
     /// To the user's home shard: a device connected.
     DeviceOnline {
@@ -168,11 +181,11 @@ impl Envelope {
     /// The id of the message an envelope carries, if it carries one.
     pub fn mid(&self) -> Option<u64> {
         match self {
-            Envelope::RouteUser { mid, .. }
-            | Envelope::RouteTopic { mid, .. }
-            | Envelope::DeliverUser { mid, .. }
-            | Envelope::DeliverTopic { mid, .. }
-            | Envelope::Broadcast { mid, .. } => Some(*mid),
+            Envelope::RouteUser { message, .. }
+            | Envelope::RouteTopic { message, .. }
+            | Envelope::DeliverUser { message, .. }
+            | Envelope::DeliverTopic { message, .. }
+            | Envelope::Broadcast { message } => Some(message.mid),
             _ => None,
         }
     }

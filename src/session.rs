@@ -38,7 +38,7 @@ use crate::auth::{valid_name, Identity, PublishRights};
 use crate::metrics::{self, Rejection};
 use crate::protocol::{self, render, ErrorCode, Request};
 use crate::reactor;
-use crate::router::ConnId;
+use crate::router::{ConnId, Message};
 use crate::shard::Shard;
 use crate::ws::{self, close, Endpoint, Event, Flow, HttpRefusal, Inbound, Limits, Violation};
 
@@ -614,7 +614,7 @@ fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
             let (mid, ts) = shard.stamp();
             let frame = render::publication(Some(&topic), mid, ts, data.get());
             tracing::debug!(mid, conn = conn.id, topic = &*topic, "client publication");
-            shard.route_topic(mid, Arc::from(&*topic), frame);
+            shard.route_topic(Arc::from(&*topic), Message::new(mid, frame));
             render::ack(id, Some(mid))
         }
         Request::Send { to, data } => {
@@ -625,10 +625,11 @@ fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
             let (mid, ts) = shard.stamp();
             let frame = render::msg(Some(from), &to, mid, ts, data.get());
             tracing::debug!(mid, conn = conn.id, to = &*to, "client direct message");
+            let message = Message::new(mid, frame);
             if *to != **from {
-                shard.route_user(mid, Arc::from(&*to), frame.clone(), None);
+                shard.route_user(Arc::from(&*to), message.clone(), None);
             }
-            shard.route_user(mid, from.clone(), frame, Some(conn.id));
+            shard.route_user(from.clone(), message, Some(conn.id));
             render::ack(id, Some(mid))
         }
     }

@@ -25,7 +25,6 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use ahash::RandomState;
-use bytes::Bytes;
 use indexmap::IndexMap;
 use smallvec::SmallVec;
 
@@ -34,7 +33,7 @@ use crate::metrics::{self, Delivery, Refusal, Rejection, ShardMetrics};
 use crate::node::NodeShared;
 use crate::protocol::{self, MidGenerator};
 use crate::reactor::{self, Doorbell, Reactor, Ready};
-use crate::router::{conn_id, shard_of, ConnId, Directory, Envelope, Inbox};
+use crate::router::{conn_id, shard_of, ConnId, Directory, Envelope, Inbox, Message};
 use crate::session::{Conn, Handshake, HandshakeOutcome, ReadOutcome};
 use crate::ws::HttpRefusal;
 
@@ -332,23 +331,22 @@ impl Shard {
 
     /// Sends a message for `user` to the user's home shard, which forwards it to the shards
     /// holding the user's devices.
-    pub fn route_user(&self, mid: u64, user: Arc<str>, frame: Bytes, except: Option<ConnId>) {
+    pub fn route_user(&self, user: Arc<str>, message: Message, except: Option<ConnId>) {
         let home = self.node.mesh.home(&user);
         self.send(
             home,
             Envelope::RouteUser {
-                mid,
                 user,
-                frame,
+                message,
                 except,
             },
         );
     }
 
     /// Sends a publication to the topic's home shard.
-    pub fn route_topic(&self, mid: u64, topic: Arc<str>, frame: Bytes) {
+    pub fn route_topic(&self, topic: Arc<str>, message: Message) {
         let home = self.node.mesh.home(&topic);
-        self.send(home, Envelope::RouteTopic { mid, topic, frame });
+        self.send(home, Envelope::RouteTopic { topic, message });
     }
 
     /// Handles one envelope from the inbox.
@@ -356,36 +354,32 @@ impl Shard {
         self.metrics.envelopes_in.inc();
         match envelope {
             Envelope::RouteUser {
-                mid,
                 user,
-                frame,
+                message,
                 except,
             } => {
                 let shards = self.directory.borrow().user_shards(&user);
                 self.node
                     .mesh
                     .send_to_mask(shards, &self.metrics, || Envelope::DeliverUser {
-                        mid,
                         user: user.clone(),
-                        frame: frame.clone(),
+                        message: message.clone(),
                         except,
                     });
             }
-            Envelope::RouteTopic { mid, topic, frame } => {
+            Envelope::RouteTopic { topic, message } => {
                 let shards = self.directory.borrow().topic_shards(&topic);
                 self.node
                     .mesh
                     .send_to_mask(shards, &self.metrics, || Envelope::DeliverTopic {
-                        mid,
                         topic: topic.clone(),
-                        frame: frame.clone(),
+                        message: message.clone(),
                     });
             }
             Envelope::DeliverUser {
                 user,
-                frame,
+                message,
                 except,
-                ..
             } => {
                 let recipients: SmallVec<[Rc<Conn>; 4]> = self
                     .tables
@@ -400,9 +394,9 @@ impl Shard {
                             .collect()
                     })
                     .unwrap_or_default();
-                self.deliver(&recipients, &frame, Delivery::Direct).await;
+                self.deliver(&recipients, &message, Delivery::Direct).await;
             }
-            Envelope::DeliverTopic { topic, frame, .. } => {
+            Envelope::DeliverTopic { topic, message } => {
                 let recipients: Vec<Rc<Conn>> = self
                     .tables
                     .borrow()
@@ -410,9 +404,9 @@ impl Shard {
                     .get(&topic)
                     .map(|subs| subs.values().cloned().collect())
                     .unwrap_or_default();
-                self.deliver(&recipients, &frame, Delivery::Topic).await;
+                self.deliver(&recipients, &message, Delivery::Topic).await;
             }
-            Envelope::Broadcast { frame, .. } => {
+            Envelope::Broadcast { message } => {
                 let recipients: Vec<Rc<Conn>> = self
                     .tables
                     .borrow()
@@ -421,7 +415,8 @@ impl Shard {
                     .flatten()
                     .cloned()
                     .collect();
-                self.deliver(&recipients, &frame, Delivery::Broadcast).await;
+                self.deliver(&recipients, &message, Delivery::Broadcast)
+                    .await;
             }
             Envelope::DeviceOnline { user, conn } => {
                 let max = self.node.config.max_devices_per_user;
@@ -487,11 +482,13 @@ impl Shard {
     }
 
     /// Writes `frame` to every recipient, yielding every [`FANOUT_CHUNK`] sockets.
-    async fn deliver(&self, recipients: &[Rc<Conn>], frame: &Bytes, kind: Delivery) {
+    /// Writes the message to every recipient, yielding every [`FANOUT_CHUNK`] sockets, and
+    /// records how long the message took from entering the node to its last write here.
+    async fn deliver(&self, recipients: &[Rc<Conn>], message: &Message, kind: Delivery) {
         for chunk in recipients.chunks(FANOUT_CHUNK) {
             let mut delivered = 0;
             for conn in chunk {
-                if conn.push(frame, self) {
+                if conn.push(&message.frame, self) {
                     delivered += 1;
                 }
             }
@@ -499,6 +496,10 @@ impl Shard {
             if recipients.len() > FANOUT_CHUNK {
                 glommio::yield_if_needed().await;
             }
+        }
+        if !recipients.is_empty() {
+            let took = metrics::monotonic_ns().saturating_sub(message.entered_ns);
+            self.metrics.delivery_latency.record(took);
         }
     }
 

@@ -311,6 +311,7 @@ fn metrics_move_when_traffic_flows() {
     );
     assert!(value(&after, "shardcast_frames_in_total") >= 2);
     assert!(value(&after, "shardcast_process_resident_memory_bytes") > 1_000_000);
+    assert_eq!(value(&after, "shardcast_delivery_latency_seconds_count"), 1);
     let connections: u64 = (0..2)
         .map(|s| value(&after, &format!("shardcast_connections{{shard=\"{s}\"}}")))
         .sum();
