@@ -29,9 +29,6 @@ use subtle::ConstantTimeEq;
 use crate::auth::valid_name;
 use crate::node::{NodeShared, Publisher, Target};
 
-/// Largest request body accepted, in bytes; larger is answered 413.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
 type Body = Full<Bytes>;
 
 /// A running API server; stops when dropped.
@@ -247,14 +244,15 @@ impl Api {
                 "node is draining; publish through another node",
             ));
         }
-        let body = Limited::new(request.into_body(), MAX_BODY_BYTES)
+        let limit = self.node.config.max_api_body_bytes;
+        let body = Limited::new(request.into_body(), limit)
             .collect()
             .await
             .map_err(|_| {
                 Failure::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large",
-                    format!("body over {MAX_BODY_BYTES} bytes"),
+                    format!("body over {limit} bytes"),
                 )
             })?
             .to_bytes();

@@ -72,6 +72,8 @@ pub struct Config {
     /// Bytes of frames queued for one connection before it counts as a slow consumer and is
     /// closed with 1008. Default 262144 (256 KiB); the kernel socket buffer comes on top.
     pub max_outbound_bytes: usize,
+    /// Largest HTTP API request body, in bytes; larger is answered 413. Default 1048576.
+    pub max_api_body_bytes: usize,
     /// Envelopes one shard's inbox holds before senders count drops. Default 16384: a
     /// message costs at most one envelope per shard, and the ring is allocated up front
     /// (about 80 bytes a slot, 1.3 MiB per shard).
@@ -143,6 +145,7 @@ impl Default for Config {
             rate_limit_burst: 100,
             max_outbound_bytes: 256 * 1024,
             shard_inbox_capacity: 16384,
+            max_api_body_bytes: 1024 * 1024,
             grace_period_ms: 10_000,
             drain_window_ms: 3000,
             close_timeout_ms: 2000,
@@ -252,6 +255,7 @@ impl Config {
             ("rate_limit_burst", self.rate_limit_burst as u64),
             ("max_outbound_bytes", self.max_outbound_bytes as u64),
             ("shard_inbox_capacity", self.shard_inbox_capacity as u64),
+            ("max_api_body_bytes", self.max_api_body_bytes as u64),
             ("backlog", self.backlog as u64),
         ];
         for (name, value) in positive {

@@ -80,7 +80,9 @@ fn publish_reaches_users_topics_and_everyone() {
 
 #[test]
 fn publish_errors_have_status_and_json() {
-    let node = TestNode::start(dev_config());
+    let mut config = dev_config();
+    config.max_api_body_bytes = 4096;
+    let node = TestNode::start(config);
     let api = node.node().api_addr();
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"{not json".to_vec(), 400, "bad_request"),
