@@ -15,7 +15,7 @@ pub const WAIT: Duration = Duration::from_secs(5);
 
 pub const SECRET: &str = "test-secret";
 
-/// A test configuration: dev mode, 2 unpinned shards, a free port on 127.0.0.1.
+/// A test configuration: dev mode, 2 unpinned shards, free ports on 127.0.0.1.
 pub fn dev_config() -> Config {
     Config {
         dev: true,
@@ -26,6 +26,8 @@ pub fn dev_config() -> Config {
         pin_shards: false,
         grace_period_ms: 2000,
         drain_window_ms: 0,
+        // one_per_shard opens up to 64 devices of one user while probing for both shards.
+        max_devices_per_user: 64,
         close_timeout_ms: 500,
         ..Config::default()
     }
