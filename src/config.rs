@@ -31,6 +31,7 @@ pub struct Config {
     /// Pin each shard to its own CPU. Default `true`; turn off when several nodes share a box.
     pub pin_shards: bool,
     /// Redis URL of the cluster bus. Default none: a single node that needs no Redis.
+    /// (Cluster mode is not built yet; a node given a URL refuses to start.)
     #[serde(deserialize_with = "text")]
     pub redis: Option<String>,
     /// Unique node id. Default: generated from the host name and a random suffix.
@@ -234,6 +235,11 @@ impl Config {
                 "`secret` is required unless --dev (clients authenticate with JWTs signed by it)"
                     .into(),
             );
+        }
+        if self.redis.is_some() {
+            // Refused rather than ignored: a node that believed it was clustered would
+            // silently drop every cross-node message.
+            problems.push("`redis` (cluster mode) is not available in this build yet; run without it for a single node".into());
         }
         if self.shards > MAX_SHARDS {
             problems.push(format!("`shards` is {}, at most {MAX_SHARDS}", self.shards));

@@ -141,6 +141,23 @@ fn refuses_to_start_without_a_secret_unless_dev() {
         .expect("run");
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("`shards` is 99"));
+
+    let output = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--dev",
+            "--redis",
+            "redis://127.0.0.1:1",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(
+        output.status.code(),
+        Some(64),
+        "cluster mode is refused, not ignored"
+    );
 }
 
 #[test]
