@@ -3,42 +3,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
 
 use common::*;
 use serde_json::Value;
 
-fn call(
-    api: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let mut stream = TcpStream::connect(api).expect("connect");
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{} {path} HTTP/1.1\r\nHost: api\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        method.to_uppercase(),
-        body.len()
-    )
-    .expect("write");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let status = response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
+fn call(api: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
+    http_text(api, &method.to_uppercase(), path, key, body.as_bytes())
 }
 
 /// Follows a local `$ref` (`#/components/...`).
