@@ -4,9 +4,9 @@
 //! module when a socket is ready; everything here is synchronous and non-blocking.
 //!
 //! # Memory
-//! An open connection is one [`Conn`] (about 300 bytes) plus its entries in the shard's
+//! An open connection is one [`Conn`] (about 160 bytes) plus its entries in the shard's
 //! tables. Reads go through the shard's scratch buffer; the decoder keeps only an incomplete
-//! frame, and the outbound queue is an empty `VecDeque` between bursts. The upgrade's request
+//! frame, and the outbound queue exists only while the socket is refusing data. The upgrade's request
 //! buffer lives in a [`Handshake`] that is gone once the connection is open.
 //!
 //! # Writes
@@ -48,9 +48,6 @@ const READS_PER_TURN: usize = 16;
 /// Frames per `sendmsg` call when flushing a queue.
 const IOVECS_PER_WRITE: usize = 64;
 
-/// A queue keeps at most this many slots of capacity once it drains.
-const IDLE_QUEUE_CAPACITY: usize = 4;
-
 /// Frames waiting for the socket.
 #[derive(Default)]
 struct Outbound {
@@ -88,9 +85,6 @@ impl Outbound {
                 written = 0;
             }
         }
-        if self.frames.is_empty() && self.frames.capacity() > IDLE_QUEUE_CAPACITY {
-            self.frames = VecDeque::new();
-        }
     }
 
     /// Drops every frame not yet started (a started one must finish to keep framing intact).
@@ -112,12 +106,14 @@ impl Outbound {
 #[derive(Clone, Copy)]
 struct RateLimit {
     tokens: f32,
-    refilled_ms: u64,
+    /// Shard clock in milliseconds, wrapping (every 49 days; only differences matter).
+    refilled_ms: u32,
 }
 
 impl RateLimit {
     fn take(&mut self, now_ms: u64, per_sec: u32, burst: u32) -> bool {
-        let elapsed = now_ms.saturating_sub(self.refilled_ms);
+        let now_ms = now_ms as u32;
+        let elapsed = now_ms.wrapping_sub(self.refilled_ms);
         if elapsed > 0 {
             self.tokens =
                 (self.tokens + elapsed as f32 * per_sec as f32 / 1000.0).min(burst as f32);
@@ -157,7 +153,8 @@ pub struct Conn {
     /// The user, or `None` on the dev-mode `/echo` endpoint.
     user: Option<Arc<str>>,
     publish: PublishRights,
-    out: RefCell<Outbound>,
+    /// Frames the socket has not taken yet; allocated only while there are some.
+    out: RefCell<Option<Box<Outbound>>>,
     inbound: RefCell<Inbound>,
     rate: Cell<RateLimit>,
     close: Cell<Option<(u16, metrics::Close)>>,
@@ -184,7 +181,7 @@ impl Conn {
             inbound: RefCell::default(),
             rate: Cell::new(RateLimit {
                 tokens: shard.node.config.rate_limit_burst as f32,
-                refilled_ms: shard.clock_ms(),
+                refilled_ms: shard.clock_ms() as u32,
             }),
             close: Cell::new(None),
             peer_close: Cell::new(None),
@@ -211,23 +208,27 @@ impl Conn {
             return false;
         }
         let metrics = &shard.metrics;
-        let mut out = self.out.borrow_mut();
-        if out.frames.is_empty() {
+        let mut slot = self.out.borrow_mut();
+        let Some(out) = slot.as_deref_mut() else {
+            let mut queued = Outbound::default();
             match reactor::send(self.fd.as_raw_fd(), &[IoSlice::new(frame)]) {
                 Ok(n) if n == frame.len() => {}
-                Ok(n) => out.push_tail(frame.slice(n..)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.push(frame.clone()),
+                Ok(n) => queued.push_tail(frame.slice(n..)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => queued.push(frame.clone()),
                 Err(_) => {
-                    drop(out);
+                    drop(slot);
                     self.request_close(close::GOING_AWAY, metrics::Close::IoError, shard);
                     return false;
                 }
             }
+            if !queued.frames.is_empty() {
+                *slot = Some(Box::new(queued));
+            }
             metrics.frames_out.inc();
             return true;
-        }
+        };
         if out.bytes + frame.len() > shard.node.config.max_outbound_bytes {
-            drop(out);
+            drop(slot);
             self.request_close(close::POLICY, metrics::Close::SlowConsumer, shard);
             tracing::debug!(conn = self.id, "slow consumer closed");
             return false;
@@ -245,12 +246,13 @@ impl Conn {
         }
         self.close.set(Some((code, reason)));
         shard.metrics.closed(reason);
-        let mut out = self.out.borrow_mut();
+        let mut slot = self.out.borrow_mut();
+        let out = slot.get_or_insert_with(Box::default);
         if reason == metrics::Close::SlowConsumer {
             out.discard_unstarted();
         }
         out.push(ws::close_frame(code, reason.label()));
-        drop(out);
+        drop(slot);
         shard.schedule_close(self.id);
     }
 
@@ -267,7 +269,10 @@ impl Conn {
         if self.close.get().is_none() {
             let code = self.peer_close.get().flatten().unwrap_or(close::NORMAL);
             self.close.set(Some((code, metrics::Close::Peer)));
-            self.out.borrow_mut().push(ws::close_frame(code, ""));
+            self.out
+                .borrow_mut()
+                .get_or_insert_with(Box::default)
+                .push(ws::close_frame(code, ""));
         }
     }
 
@@ -316,7 +321,10 @@ impl Conn {
 
     /// Writes queued frames until the socket is full. `Ok(true)` when nothing is left.
     pub fn flush(&self) -> io::Result<bool> {
-        let mut out = self.out.borrow_mut();
+        let mut slot = self.out.borrow_mut();
+        let Some(out) = slot.as_deref_mut() else {
+            return Ok(true);
+        };
         while !out.frames.is_empty() {
             let sent = {
                 let slices: SmallVec<[IoSlice<'_>; IOVECS_PER_WRITE]> = out
@@ -333,6 +341,7 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+        *slot = None;
         Ok(true)
     }
 
@@ -657,7 +666,7 @@ mod tests {
     }
 
     #[test]
-    fn consume_spans_frames_and_releases_capacity() {
+    fn consume_spans_frames() {
         let mut out = Outbound::default();
         for _ in 0..32 {
             out.push(Bytes::from_static(b"0123456789"));
@@ -667,7 +676,19 @@ mod tests {
         assert_eq!(&out.frames[0][..], b"56789");
         out.consume(5);
         assert_eq!(out.bytes, 0);
-        assert_eq!(out.frames.capacity(), 0, "a drained queue holds no memory");
+        assert!(out.frames.is_empty());
+    }
+
+    #[test]
+    fn an_idle_connection_stays_small() {
+        // Every byte here is paid once per connection: a million connections, a megabyte
+        // per byte. Grow it only on purpose.
+        assert!(
+            std::mem::size_of::<Conn>() <= 160,
+            "{}",
+            std::mem::size_of::<Conn>()
+        );
+        assert_eq!(std::mem::size_of::<Inbound>(), 8);
     }
 
     #[test]

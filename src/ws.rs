@@ -167,9 +167,14 @@ pub struct Limits {
     pub max_message: usize,
 }
 
-/// A connection's inbound decoding state: empty (no allocation) between messages.
+/// A connection's inbound decoding state: one empty pointer between messages; the state of
+/// an incomplete frame or message is allocated only while there is one.
 #[derive(Debug, Default)]
-pub struct Inbound {
+pub struct Inbound(Option<Box<Pending>>);
+
+/// What an [`Inbound`] holds between reads.
+#[derive(Debug, Default)]
+struct Pending {
     /// Bytes of an incomplete frame.
     partial: Vec<u8>,
     /// Fragments of an unfinished message: the opcode of its first frame and its payload.
@@ -180,6 +185,39 @@ impl Inbound {
     /// Decodes `input` (freshly read bytes; unmasked in place), calling `on_event` for every
     /// complete message and control frame. Keeps what is incomplete for the next call.
     pub fn feed(
+        &mut self,
+        input: &mut [u8],
+        limits: Limits,
+        on_event: impl FnMut(Event<'_>) -> Flow,
+    ) -> Result<Flow, Violation> {
+        let mut fresh = Pending::default();
+        let state = match self.0.as_deref_mut() {
+            Some(pending) => pending,
+            None => &mut fresh,
+        };
+        let result = state.feed(input, limits, on_event);
+        match &self.0 {
+            None if !fresh.is_empty() => self.0 = Some(Box::new(fresh)),
+            Some(pending) if pending.is_empty() => self.0 = None,
+            _ => {}
+        }
+        result
+    }
+
+    /// Bytes held for incomplete frames and messages (for memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.0.as_ref().map_or(0, |p| {
+            p.partial.capacity() + p.fragments.as_ref().map_or(0, |(_, b)| b.capacity())
+        })
+    }
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.partial.is_empty() && self.fragments.is_none()
+    }
+
+    fn feed(
         &mut self,
         input: &mut [u8],
         limits: Limits,
@@ -201,11 +239,6 @@ impl Inbound {
             }
             Ok(flow)
         }
-    }
-
-    /// Bytes held for incomplete frames and messages (for memory accounting).
-    pub fn buffered(&self) -> usize {
-        self.partial.capacity() + self.fragments.as_ref().map_or(0, |(_, b)| b.capacity())
     }
 
     fn decode(
