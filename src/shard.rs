@@ -68,10 +68,10 @@ enum Socket {
     Closing(Rc<Conn>),
 }
 
-/// Which local connections belong to which user and topic.
+/// Which local connections belong to which user and topic (every connection is in
+/// the shard's socket map).
 #[derive(Default)]
 struct LocalTables {
-    conns: HashMap<ConnId, Rc<Conn>, RandomState>,
     users: HashMap<Arc<str>, SmallVec<[Rc<Conn>; 1]>, RandomState>,
     topics: HashMap<Arc<str>, IndexMap<ConnId, Rc<Conn>, RandomState>, RandomState>,
 }
@@ -211,9 +211,8 @@ impl Shard {
     }
 
     /// Adds an upgraded connection to the tables and tells the user's home shard.
-    pub fn register(&self, conn: &Rc<Conn>) {
+    fn register(&self, conn: &Rc<Conn>) {
         let mut tables = self.tables.borrow_mut();
-        tables.conns.insert(conn.id, conn.clone());
         self.metrics.connections.add(1);
         if let Some(user) = conn.user() {
             let devices = tables.users.entry(user.clone()).or_default();
@@ -232,12 +231,10 @@ impl Shard {
     }
 
     /// Removes a connection from every table; the last subscriber of a topic leaving tells
-    /// the topic's home shard, and the user's home shard forgets the device.
-    pub fn unregister(&self, conn: &Conn) {
+    /// the topic's home shard, and the user's home shard forgets the device. Called exactly
+    /// once, when its socket leaves the `Open` phase.
+    fn unregister(&self, conn: &Conn) {
         let mut tables = self.tables.borrow_mut();
-        if tables.conns.remove(&conn.id).is_none() {
-            return;
-        }
         self.metrics.connections.add(-1);
         for topic in conn.take_topics() {
             self.remove_subscriber(&mut tables, &topic, conn.id);
@@ -457,8 +454,7 @@ impl Shard {
                 }
             }
             Envelope::CloseConn { conn, code, reason } => {
-                let conn = self.tables.borrow().conns.get(&conn).cloned();
-                if let Some(conn) = conn {
+                if let Some(conn) = self.open_conn(conn) {
                     conn.request_close(code, reason, self);
                 }
             }
@@ -562,6 +558,16 @@ impl Shard {
             }
         }
         full
+    }
+
+    /// Every upgraded connection still in the tables.
+    fn open_conns(&self) -> Vec<Rc<Conn>> {
+        let sockets = self.sockets.borrow();
+        let open = sockets.values().filter_map(|socket| match socket {
+            Socket::Open(conn) => Some(conn.clone()),
+            _ => None,
+        });
+        open.collect()
     }
 
     fn open_conn(&self, id: ConnId) -> Option<Rc<Conn>> {
@@ -750,7 +756,7 @@ impl Shard {
         if let Some(listener) = self.listener.take() {
             self.reactor.remove(listener.as_raw_fd());
         }
-        let drain: VecDeque<ConnId> = self.tables.borrow().conns.keys().copied().collect();
+        let drain: VecDeque<ConnId> = self.open_conns().iter().map(|c| c.id).collect();
         let window = self.node.config.drain_window_ms;
         let ticks = (window / SWEEP_INTERVAL.as_millis() as u64).max(1) as usize;
         self.drain_per_sweep.set(drain.len().div_ceil(ticks).max(1));
@@ -806,8 +812,7 @@ impl Shard {
     fn sweep_heartbeats(&self) {
         let now = self.clock();
         let interval = self.node.config.heartbeat_secs;
-        let conns: Vec<Rc<Conn>> = self.tables.borrow().conns.values().cloned().collect();
-        for conn in conns {
+        for conn in self.open_conns() {
             conn.heartbeat(now, interval, self);
         }
     }
