@@ -118,45 +118,32 @@ fn sigint_stops_the_same_way() {
     graceful_stop_on(libc::SIGINT);
 }
 
+/// Runs `shardcast serve` with `args`, expects it to refuse to start (exit 64, EX_USAGE),
+/// and returns what it printed.
+fn refused_start(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64), "{args:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
-fn refuses_to_start_without_a_secret_unless_dev() {
-    let output = Command::new(env!("CARGO_BIN_EXE_shardcast"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .output()
-        .expect("run");
-    assert_eq!(output.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("`secret` is required"), "{stderr}");
-
-    let output = Command::new(env!("CARGO_BIN_EXE_shardcast"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--dev",
-            "--shards",
-            "99",
-        ])
-        .output()
-        .expect("run");
-    assert_eq!(output.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("`shards` is 99"));
-
-    let output = Command::new(env!("CARGO_BIN_EXE_shardcast"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--dev",
-            "--redis",
-            "redis://127.0.0.1:1",
-        ])
-        .output()
-        .expect("run");
-    assert_eq!(
-        output.status.code(),
-        Some(64),
-        "cluster mode is refused, not ignored"
+fn refuses_to_start_on_bad_configuration() {
+    assert!(refused_start(&[]).contains("`secret` is required"));
+    assert!(refused_start(&["--dev", "--shards", "99"]).contains("`shards` is 99"));
+    let cluster = refused_start(&["--dev", "--redis", "redis://127.0.0.1:1"]);
+    assert!(
+        cluster.contains("`redis`"),
+        "cluster mode is refused, not ignored: {cluster}"
     );
 }
 
