@@ -634,6 +634,56 @@ mod tests {
         );
     }
 
+    /// Arbitrary bytes, split arbitrarily, never panic the decoder: every input ends in
+    /// events, a wait for more, or a violation.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..5000 {
+            let len = (next() % 300) as usize;
+            let mut wire: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Often start from a plausible masked header so deeper paths are reached.
+            if next() % 2 == 0 && wire.len() > 6 {
+                wire[0] = [0x81, 0x01, 0x80, 0x88, 0x89, 0x8a, 0x02][(next() % 7) as usize];
+                wire[1] = 0x80 | (next() % 126) as u8;
+            }
+            let split = (next() as usize) % (wire.len() + 1);
+            let mut inbound = Inbound::default();
+            let mut first = wire[..split].to_vec();
+            let mut second = wire[split..].to_vec();
+            let flow = inbound.feed(&mut first, LIMITS, |_| Flow::Continue);
+            if flow == Ok(Flow::Continue) {
+                let _ = inbound.feed(&mut second, LIMITS, |_| Flow::Continue);
+            }
+            assert!(inbound.buffered() <= LIMITS.max_frame + 14 + LIMITS.max_message);
+        }
+    }
+
+    #[test]
+    fn arbitrary_upgrade_requests_never_panic() {
+        let valid = upgrade_request("/ws?user=a", "Authorization: Bearer t\r\n");
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..5000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let mut request = valid.clone();
+            // Corrupt a few bytes of a valid request, or truncate it.
+            for k in 0..(state % 4) {
+                let at = ((state >> (8 * k)) as usize) % request.len();
+                request[at] = (state >> (16 + k)) as u8;
+            }
+            request.truncate(request.len() - (state as usize % 8));
+            let _ = parse_upgrade(&request, state % 2 == 0);
+        }
+    }
+
     #[test]
     fn close_stops_decoding() {
         let mut wire = client_frame(OpCode::Control(Control::Close), true, &[0x03, 0xe8]);
