@@ -1,6 +1,7 @@
-//! Micro-benchmarks of the per-message hot paths, each beside a naive baseline:
-//! rendering a publication frame once for fan-out, parsing a client request, decoding inbound
-//! frames, unmasking, and making message ids.
+//! Micro-benchmarks of the per-message hot paths, each beside a naive baseline where one
+//! makes sense: rendering a publication frame once for fan-out, parsing a client request,
+//! decoding inbound frames, unmasking, making message ids, handing an envelope to another
+//! shard, and looking up which shards hold a user.
 
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
@@ -108,5 +109,72 @@ fn mids(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, rendering, parsing, decoding, mids);
+fn handoff(c: &mut Criterion) {
+    use shardcast::metrics::ShardMetrics;
+    use shardcast::router::{Envelope, Mesh};
+    let mut group = c.benchmark_group("handoff_envelope");
+    let (mesh, inboxes) = Mesh::new(2, 1024);
+    let metrics = ShardMetrics::default();
+    let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
+        std::task::Poll::Ready(cx.waker().clone())
+    }));
+    let mut cx = std::task::Context::from_waker(&waker);
+    group.bench_function("shardcast_mesh", |b| {
+        b.iter(|| {
+            mesh.send(1, Envelope::Shutdown, &metrics);
+            inboxes[1].poll_recv(&mut cx)
+        })
+    });
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Envelope>(1024);
+    group.bench_function("std_sync_channel", |b| {
+        b.iter(|| {
+            tx.send(Envelope::Shutdown).expect("send");
+            rx.recv().expect("recv")
+        })
+    });
+    group.finish();
+}
+
+// The baseline is the naive shared map a multi-threaded gateway would lock.
+#[allow(clippy::disallowed_types)]
+fn user_lookup(c: &mut Criterion) {
+    use shardcast::router::{conn_id, Directory};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    let mut directory = Directory::default();
+    let mut naive: HashMap<String, Vec<u64>> = HashMap::new();
+    for i in 0..10_000u64 {
+        let user = format!("user{i}");
+        directory.device_online(Arc::from(user.as_str()), conn_id((i % 8) as usize, i), 8);
+        naive
+            .entry(user)
+            .or_default()
+            .push(conn_id((i % 8) as usize, i));
+    }
+    let naive = std::sync::Mutex::new(naive);
+    let mut group = c.benchmark_group("user_shards_lookup");
+    group.bench_function("shardcast_home_directory", |b| {
+        b.iter(|| directory.user_shards(black_box("user4242")))
+    });
+    group.bench_function("naive_mutex_hashmap", |b| {
+        b.iter(|| {
+            naive
+                .lock()
+                .expect("lock")
+                .get(black_box("user4242"))
+                .cloned()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    rendering,
+    parsing,
+    decoding,
+    mids,
+    handoff,
+    user_lookup
+);
 criterion_main!(benches);
