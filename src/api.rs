@@ -286,7 +286,7 @@ impl Api {
                 format!("invalid user or topic name {bad:?}"),
             ));
         }
-        let mid = self.publisher.publish(
+        let published = self.publisher.publish(
             Target {
                 users: &publish.users,
                 topics: &publish.topics,
@@ -294,6 +294,22 @@ impl Api {
             },
             data,
         );
+        let mid = published.mid;
+        if published.dropped > 0 {
+            tracing::warn!(
+                mid,
+                dropped = published.dropped,
+                "publish partly dropped: shard inboxes full"
+            );
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "message {mid}: {} route(s) could not be queued (shard inbox full); retry",
+                    published.dropped
+                ),
+            ));
+        }
         tracing::debug!(
             mid,
             users = publish.users.len(),

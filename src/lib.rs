@@ -29,4 +29,4 @@ pub mod shard;
 pub mod ws;
 
 pub use config::Config;
-pub use node::{Node, Publisher, Stopper, Target};
+pub use node::{Node, Published, Publisher, Stopper, Target};

@@ -228,6 +228,15 @@ pub struct Target<'a> {
     pub broadcast: bool,
 }
 
+/// What [`Publisher::publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The message id.
+    pub mid: u64,
+    /// Routes that could not be queued (a shard's inbox was full).
+    pub dropped: usize,
+}
+
 /// Pushes server messages into the node from any thread. Frames are rendered once here
 /// and handed to the home shards, exactly as a client's `send`/`pub` would be.
 pub struct Publisher {
@@ -242,11 +251,14 @@ impl Publisher {
         Publisher { node, mids }
     }
 
-    /// Pushes `data` to `target`; returns the message id (the same for every recipient).
-    pub fn publish(&self, target: Target<'_>, data: &RawValue) -> u64 {
+    /// Pushes `data` to `target`. The message id is the same for every recipient; `dropped`
+    /// counts the routes (one per user, per topic, per shard for a broadcast) that could not
+    /// be queued because a shard's inbox was full (also counted in `drops{inbox_full}`).
+    pub fn publish(&self, target: Target<'_>, data: &RawValue) -> Published {
         let ts = protocol::now_ms();
         let mid = self.mids.next(ts);
         let mesh = &self.node.mesh;
+        let mut dropped = 0;
         for user in target.users {
             let frame = render::msg(None, user, mid, ts, data.get());
             let home = mesh.home(user);
@@ -255,7 +267,7 @@ impl Publisher {
                 message: Message::new(mid, frame),
                 except: None,
             };
-            mesh.send(home, envelope, self.node.metrics.shard(home));
+            dropped += usize::from(!mesh.send(home, envelope, self.node.metrics.shard(home)));
         }
         for topic in target.topics {
             let frame = render::publication(Some(topic), mid, ts, data.get());
@@ -264,15 +276,15 @@ impl Publisher {
                 topic: Arc::from(*topic),
                 message: Message::new(mid, frame),
             };
-            mesh.send(home, envelope, self.node.metrics.shard(home));
+            dropped += usize::from(!mesh.send(home, envelope, self.node.metrics.shard(home)));
         }
         if target.broadcast {
             let message = Message::new(mid, render::publication(None, mid, ts, data.get()));
-            mesh.send_to_all(self.node.metrics.shard(0), || Envelope::Broadcast {
+            dropped += mesh.send_to_all(self.node.metrics.shard(0), || Envelope::Broadcast {
                 message: message.clone(),
             });
         }
-        mid
+        Published { mid, dropped }
     }
 
     /// How many connections `user` has on this node; `None` if the home shard's inbox is

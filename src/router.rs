@@ -273,21 +273,21 @@ impl Mesh {
         }
     }
 
-    /// Sends `make()` to every shard in `mask`.
+    /// Sends `make()` to every shard in `mask`; returns how many could not be queued.
     pub fn send_to_mask(
         &self,
         mask: ShardMask,
         metrics: &ShardMetrics,
         mut make: impl FnMut() -> Envelope,
-    ) {
-        for shard in mask.iter() {
-            self.send(shard, make(), metrics);
-        }
+    ) -> usize {
+        mask.iter()
+            .filter(|shard| !self.send(*shard, make(), metrics))
+            .count()
     }
 
-    /// Sends `make()` to every shard.
-    pub fn send_to_all(&self, metrics: &ShardMetrics, make: impl FnMut() -> Envelope) {
-        self.send_to_mask(ShardMask::all(self.shards()), metrics, make);
+    /// Sends `make()` to every shard; returns how many could not be queued.
+    pub fn send_to_all(&self, metrics: &ShardMetrics, make: impl FnMut() -> Envelope) -> usize {
+        self.send_to_mask(ShardMask::all(self.shards()), metrics, make)
     }
 }
 

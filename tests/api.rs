@@ -294,3 +294,21 @@ fn metrics_move_when_traffic_flows() {
         .sum();
     assert_eq!(connections, 1);
 }
+
+#[test]
+fn full_shard_inboxes_answer_503_and_count_drops() {
+    let mut config = dev_config();
+    config.shard_inbox_capacity = 1;
+    let node = TestNode::start(config);
+    let users: Vec<String> = (0..200).map(|i| format!("u{i}")).collect();
+    let (status, reply) = post(&node, json!({"users": users, "data": 1}));
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (503, Some("busy")),
+        "{reply}"
+    );
+    assert!(
+        node.node().metrics().sum(|s| s.drops[0].get()) > 0,
+        "inbox_full drops counted"
+    );
+}

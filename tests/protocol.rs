@@ -130,13 +130,15 @@ fn publisher_pushes_to_users_topics_and_everyone() {
     let publisher = node.node().publisher();
 
     let data = raw(json!({"k":"v"}));
-    let mid = publisher.publish(
+    let published = publisher.publish(
         Target {
             users: &["ann"],
             ..Target::default()
         },
         &data,
     );
+    assert_eq!(published.dropped, 0);
+    let mid = published.mid;
     for c in [&mut a0, &mut a1] {
         let msg = c.recv();
         assert_eq!(msg["op"], "msg");
@@ -169,7 +171,7 @@ fn publisher_pushes_to_users_topics_and_everyone() {
         assert_eq!(msg["op"], "pub");
         assert!(msg.get("topic").is_none(), "broadcast has no topic: {msg}");
         assert_eq!(msg["data"], json!([1, 2]));
-        assert_eq!(msg["mid"], everyone.to_string());
+        assert_eq!(msg["mid"], everyone.mid.to_string());
     }
 }
 
@@ -328,13 +330,17 @@ fn large_fanout_reaches_every_subscriber() {
     for c in &mut clients {
         assert_eq!(c.recv()["op"], "ack");
     }
-    let mid = node.node().publisher().publish(
-        Target {
-            topics: &["stage"],
-            ..Target::default()
-        },
-        &raw(json!("curtain")),
-    );
+    let mid = node
+        .node()
+        .publisher()
+        .publish(
+            Target {
+                topics: &["stage"],
+                ..Target::default()
+            },
+            &raw(json!("curtain")),
+        )
+        .mid;
     for c in &mut clients {
         let got = c.recv();
         assert_eq!(got["data"], "curtain");
