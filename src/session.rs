@@ -496,11 +496,6 @@ impl Handshake {
         }
     }
 
-    /// The socket's fd (for epoll).
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// Reads what arrived and, once the request is complete, answers it.
     pub fn read(
         mut self: Box<Self>,

@@ -71,8 +71,9 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     frame(OpCode::Control(Control::Close), &payload)
 }
 
-/// Length of the header of an unmasked server frame (for tests and tools that read frames).
-pub fn text_frame_header_len(frame: &[u8]) -> usize {
+/// Length of the header of an unmasked server frame (tests read frames with it).
+#[cfg(test)]
+pub(crate) fn text_frame_header_len(frame: &[u8]) -> usize {
     match frame[1] & 0x7f {
         126 => 4,
         127 => 10,
