@@ -113,6 +113,11 @@ fn handoff(c: &mut Criterion) {
     use shardcast::metrics::ShardMetrics;
     use shardcast::router::{Envelope, Mesh};
     let mut group = c.benchmark_group("handoff_envelope");
+    use shardcast::router::Message;
+    let frame = bytes::Bytes::from_static(b"frame");
+    let envelope = || Envelope::Broadcast {
+        message: Message::new(1, frame.clone()),
+    };
     let (mesh, inboxes) = Mesh::new(2, 1024);
     let metrics = ShardMetrics::default();
     let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
@@ -121,14 +126,14 @@ fn handoff(c: &mut Criterion) {
     let mut cx = std::task::Context::from_waker(&waker);
     group.bench_function("shardcast_mesh", |b| {
         b.iter(|| {
-            mesh.send(1, Envelope::Shutdown, &metrics);
+            mesh.send(1, envelope(), &metrics);
             inboxes[1].poll_recv(&mut cx)
         })
     });
     let (tx, rx) = std::sync::mpsc::sync_channel::<Envelope>(1024);
     group.bench_function("std_sync_channel", |b| {
         b.iter(|| {
-            tx.send(Envelope::Shutdown).expect("send");
+            tx.send(envelope()).expect("send");
             rx.recv().expect("recv")
         })
     });

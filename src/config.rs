@@ -75,9 +75,9 @@ pub struct Config {
     pub max_outbound_bytes: usize,
     /// Largest HTTP API request body, in bytes; larger is answered 413. Default 1048576.
     pub max_api_body_bytes: usize,
-    /// Envelopes one shard's inbox holds before senders count drops. Default 16384: a
-    /// message costs at most one envelope per shard, and the ring is allocated up front
-    /// (about 80 bytes a slot, 1.3 MiB per shard).
+    /// Messages one shard's inbox holds before senders drop and count them. Default 16384:
+    /// a message costs at most one envelope per shard, and the ring is allocated up front
+    /// (about 80 bytes a slot, 1.3 MiB per shard). Control envelopes are never dropped.
     pub shard_inbox_capacity: usize,
     /// On SIGTERM/SIGINT, how long clients get to close before the node exits, in ms. Default 10000.
     pub grace_period_ms: u64,

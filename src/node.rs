@@ -212,8 +212,8 @@ impl Stopper {
             return;
         }
         tracing::info!(node_id = %self.0.node_id, "stopping: closing clients with 1001");
-        let metrics = self.0.metrics.shard(0);
-        self.0.mesh.send_to_all(metrics, || Envelope::Shutdown);
+        // A flag and a wake, not an envelope: nothing can drop it.
+        self.0.mesh.wake_all();
     }
 }
 

@@ -2,12 +2,21 @@
 //! and the directory that says which shards hold a user's devices or a topic's subscribers.
 //!
 //! # Inboxes
-//! Every shard has one bounded MPSC inbox (crossbeam-channel) that any thread may send to:
-//! other shards, and later the Redis bridge and the HTTP API. crossbeam's receiver is not
-//! awaitable, so each inbox pairs it with a [`Doorbell`]: a sender wakes the shard only when
-//! the bell was not already rung, so a burst of envelopes costs one wake-up (one eventfd
-//! write when the shard sleeps, glommio's foreign-wake path) and an idle shard costs nothing. A full inbox drops the envelope and counts it (`drops{reason=inbox_full}`)
-//! rather than blocking a shard or growing without bound.
+//! Every shard has an inbox that any thread may send to: other shards, the HTTP API, later
+//! the Redis bridge. crossbeam's receiver is not awaitable, so each inbox pairs its channels
+//! with a [`Doorbell`]: a sender wakes the shard only when the bell was not already rung, so
+//! a burst of envelopes costs one wake-up (one eventfd write when the shard sleeps, glommio's
+//! foreign-wake path) and an idle shard costs nothing.
+//!
+//! An inbox has two lanes. **Messages** (routes and deliveries) go through a bounded
+//! channel: when it is full the envelope is dropped and counted (`drops{reason=inbox_full}`)
+//! rather than blocking a shard or growing without bound. **Control** envelopes (devices
+//! coming and going, topic interest, closes, queries) must never be lost: a lost
+//! `DeviceOffline` would leave a ghost device, a lost `TopicInterest` a topic nobody on that
+//! shard hears. They go through an unbounded channel, read first; its length is bounded by
+//! the events that produce it (one per connection, subscription or API query, all of which
+//! are limited), not by message traffic. Stopping is a flag plus a ring of every bell, so it
+//! cannot be lost either.
 //!
 //! # Directory
 //! Each user and each topic has a *home shard*, a pure function of its name. The home shard
@@ -170,8 +179,6 @@ pub enum Envelope {
         /// Where the count goes.
         reply: Reply<usize>,
     },
-    /// Stop accepting, close every connection with 1001, exit when they are gone.
-    Shutdown,
 }
 
 /// The answer channel of a query envelope (the asker awaits the other end).
@@ -190,6 +197,11 @@ impl Envelope {
         }
     }
 
+    /// Whether this is a control envelope (never dropped) rather than a message.
+    pub fn is_control(&self) -> bool {
+        self.mid().is_none()
+    }
+
     /// The kind of delivery a message envelope carries (for metrics).
     pub fn delivery_kind(&self) -> Option<Delivery> {
         match self {
@@ -201,36 +213,50 @@ impl Envelope {
     }
 }
 
+/// The sending end of one shard's inbox.
+struct Lane {
+    messages: Sender<Envelope>,
+    control: Sender<Envelope>,
+    doorbell: Arc<Doorbell>,
+}
+
 /// Senders to every shard's inbox. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Mesh {
-    senders: Arc<[(Sender<Envelope>, Arc<Doorbell>)]>,
+    lanes: Arc<[Lane]>,
     hasher: RandomState,
 }
 
 /// The receiving end of one shard's inbox.
 pub struct Inbox {
-    receiver: Receiver<Envelope>,
+    messages: Receiver<Envelope>,
+    control: Receiver<Envelope>,
     doorbell: Arc<Doorbell>,
 }
 
 impl Mesh {
-    /// A mesh of `shards` inboxes of `capacity` envelopes each, and their receivers in
+    /// A mesh of `shards` inboxes holding `capacity` messages each, and their receivers in
     /// shard order.
     pub fn new(shards: usize, capacity: usize) -> (Mesh, Vec<Inbox>) {
-        let mut senders = Vec::with_capacity(shards);
+        let mut lanes = Vec::with_capacity(shards);
         let mut inboxes = Vec::with_capacity(shards);
         for _ in 0..shards {
-            let (tx, rx) = crossbeam_channel::bounded(capacity);
+            let (messages, message_rx) = crossbeam_channel::bounded(capacity);
+            let (control, control_rx) = crossbeam_channel::unbounded();
             let doorbell = Arc::new(Doorbell::default());
-            senders.push((tx, doorbell.clone()));
+            lanes.push(Lane {
+                messages,
+                control,
+                doorbell: doorbell.clone(),
+            });
             inboxes.push(Inbox {
-                receiver: rx,
+                messages: message_rx,
+                control: control_rx,
                 doorbell,
             });
         }
         let mesh = Mesh {
-            senders: senders.into(),
+            lanes: lanes.into(),
             // Fixed seeds: every shard (and, later, every node) must agree on home shards.
             hasher: RandomState::with_seeds(0x5348_4152, 0x4443_4153, 0x5421_7a17, 0x0b5e_55ed),
         };
@@ -239,21 +265,29 @@ impl Mesh {
 
     /// Number of shards.
     pub fn shards(&self) -> usize {
-        self.senders.len()
+        self.lanes.len()
     }
 
     /// The home shard of a user id or topic name.
     pub fn home(&self, key: &str) -> usize {
-        (self.hasher.hash_one(key) % self.senders.len() as u64) as usize
+        (self.hasher.hash_one(key) % self.lanes.len() as u64) as usize
     }
 
-    /// Hands `envelope` to `shard`, waking it if it sleeps. Never blocks; a full or closed
-    /// inbox drops the envelope and counts it on `metrics` (the sender's).
+    /// Hands `envelope` to `shard`, waking it if it sleeps. Never blocks. A message is
+    /// dropped and counted on `metrics` (the sender's) when the shard's message lane is
+    /// full; a control envelope is never dropped while the shard runs.
     pub fn send(&self, shard: usize, envelope: Envelope, metrics: &ShardMetrics) -> bool {
-        let (sender, doorbell) = &self.senders[shard];
-        match sender.try_send(envelope) {
+        let lane = &self.lanes[shard];
+        let sent = if envelope.is_control() {
+            lane.control
+                .send(envelope)
+                .map_err(|e| TrySendError::Disconnected(e.into_inner()))
+        } else {
+            lane.messages.try_send(envelope)
+        };
+        match sent {
             Ok(()) => {
-                doorbell.ring();
+                lane.doorbell.ring();
                 true
             }
             Err(TrySendError::Full(dropped)) => {
@@ -262,7 +296,7 @@ impl Mesh {
                     shard,
                     mid = dropped.mid(),
                     kind = ?dropped.delivery_kind(),
-                    "shard inbox full, envelope dropped"
+                    "shard inbox full, message dropped"
                 );
                 false
             }
@@ -270,6 +304,13 @@ impl Mesh {
                 metrics.dropped(metrics::Drop::ShardGone);
                 false
             }
+        }
+    }
+
+    /// Wakes every shard (after a node-wide flag such as draining changed).
+    pub fn wake_all(&self) {
+        for lane in self.lanes.iter() {
+            lane.doorbell.ring();
         }
     }
 
@@ -292,23 +333,29 @@ impl Mesh {
 }
 
 impl Inbox {
-    /// The next envelope, or `Ready(None)` once every sender is gone.
+    /// The next envelope, control first, or `Ready(None)` once every sender is gone.
     pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Envelope>> {
-        if let Ok(envelope) = self.receiver.try_recv() {
+        if let Some(envelope) = self.try_recv() {
             return Poll::Ready(Some(envelope));
         }
         // Answering clears the bell; an envelope sent after the check below rings it again.
         self.doorbell.answer(cx);
-        match self.receiver.try_recv() {
-            Ok(envelope) => Poll::Ready(Some(envelope)),
-            Err(TryRecvError::Empty) => Poll::Pending,
-            Err(TryRecvError::Disconnected) => Poll::Ready(None),
+        if let Some(envelope) = self.try_recv() {
+            return Poll::Ready(Some(envelope));
         }
+        if self.messages.is_empty()
+            && matches!(self.control.try_recv(), Err(TryRecvError::Disconnected))
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 
-    /// Waits for the next envelope.
-    pub async fn recv(&self) -> Option<Envelope> {
-        futures_lite::future::poll_fn(|cx| self.poll_recv(cx)).await
+    fn try_recv(&self) -> Option<Envelope> {
+        self.control
+            .try_recv()
+            .ok()
+            .or_else(|| self.messages.try_recv().ok())
     }
 }
 
@@ -482,16 +529,40 @@ mod tests {
     fn inbox_delivers_and_counts_overflow() {
         let (mesh, inboxes) = Mesh::new(2, 1);
         let metrics = ShardMetrics::default();
-        assert!(mesh.send(1, Envelope::Shutdown, &metrics));
-        assert!(!mesh.send(1, Envelope::Shutdown, &metrics), "full");
+        let message = || Envelope::Broadcast {
+            message: Message::new(7, Bytes::from_static(b"x")),
+        };
+        let control = || Envelope::CloseConn {
+            conn: 1,
+            code: 1000,
+            reason: metrics::Close::Kicked,
+        };
+        assert!(mesh.send(1, message(), &metrics));
+        assert!(!mesh.send(1, message(), &metrics), "message lane full");
         assert_eq!(metrics.drops[metrics::Drop::InboxFull as usize].get(), 1);
+        for _ in 0..10 {
+            assert!(
+                mesh.send(1, control(), &metrics),
+                "control is never dropped"
+            );
+        }
         let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
             Poll::Ready(cx.waker().clone())
         }));
         let mut cx = Context::from_waker(&waker);
+        assert!(
+            matches!(
+                inboxes[1].poll_recv(&mut cx),
+                Poll::Ready(Some(Envelope::CloseConn { .. }))
+            ),
+            "control comes first"
+        );
+        for _ in 0..9 {
+            assert!(inboxes[1].poll_recv(&mut cx).is_ready());
+        }
         assert!(matches!(
             inboxes[1].poll_recv(&mut cx),
-            Poll::Ready(Some(Envelope::Shutdown))
+            Poll::Ready(Some(Envelope::Broadcast { .. }))
         ));
         assert!(inboxes[1].poll_recv(&mut cx).is_pending());
         assert!(mesh.home("alice") < 2);

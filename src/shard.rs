@@ -473,7 +473,6 @@ impl Shard {
                     .map_or(0, |s| s.len());
                 let _ = reply.send(count);
             }
-            Envelope::Shutdown => self.begin_stop(),
         }
     }
 
@@ -895,9 +894,25 @@ async fn event_loop(shard: Rc<Shard>) {
     }
 }
 
+/// Handles envelopes until every sender is gone; starts the stop when the node drains
+/// (the stopper sets the flag and rings every shard's bell).
 async fn inbox_loop(shard: Rc<Shard>, inbox: Inbox) {
-    while let Some(envelope) = inbox.recv().await {
-        shard.handle(envelope).await;
+    loop {
+        let next = futures_lite::future::poll_fn(|cx| match inbox.poll_recv(cx) {
+            Poll::Ready(envelope) => Poll::Ready(envelope.map(Some)),
+            Poll::Pending
+                if shard.node.draining.load(Ordering::SeqCst) && !shard.stopping.fired() =>
+            {
+                Poll::Ready(Some(None))
+            }
+            Poll::Pending => Poll::Pending,
+        })
+        .await;
+        match next {
+            Some(Some(envelope)) => shard.handle(envelope).await,
+            Some(None) => shard.begin_stop(),
+            None => break,
+        }
         glommio::yield_if_needed().await;
     }
 }

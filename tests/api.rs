@@ -276,6 +276,10 @@ fn metrics_move_when_traffic_flows() {
     post(&node, json!({"topics":["t"],"data":1}));
     assert_eq!(c.recv()["op"], "pub");
 
+    // Counters move right after the socket write the client just read: poll briefly.
+    eventually("delivery counted", || {
+        value(&scrape(), "shardcast_delivery_latency_seconds_count") == 1
+    });
     let after = scrape();
     assert_eq!(value(&after, "shardcast_handshakes_accepted_total"), 1);
     assert_eq!(
