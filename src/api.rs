@@ -27,6 +27,7 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::auth::valid_name;
+use crate::cluster::BusError;
 use crate::node::{NodeShared, Publisher, Target};
 
 type Body = Full<Bytes>;
@@ -178,7 +179,7 @@ impl Api {
                     (&Method::DELETE, ["users", user, "connections"]) => self.disconnect(user),
                     (&Method::GET, ["users", user]) => self.presence(user).await,
                     (&Method::GET, ["topics", topic]) => self.topic(topic).await,
-                    (&Method::GET, ["nodes"]) => Ok(self.nodes()),
+                    (&Method::GET, ["nodes"]) => self.nodes().await,
                     _ => Err(not_found()),
                 }
             }
@@ -230,6 +231,12 @@ impl Api {
             json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"ready": false, "reason": "draining"}),
+            )
+        } else if self.node.bus.is_some() && !self.node.bus_up() {
+            // Never look healthy while cross-node delivery silently cannot happen.
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ready": false, "reason": "redis"}),
             )
         } else {
             json_response(StatusCode::OK, json!({"ready": true}))
@@ -324,7 +331,7 @@ impl Api {
     }
 
     fn metrics(&self) -> Response<Body> {
-        let text = crate::metrics::render_prometheus(&self.node.metrics);
+        let text = crate::metrics::render_prometheus(&self.node.metrics, self.node.bus.as_ref());
         let mut response = Response::new(Full::new(Bytes::from(text)));
         response.headers_mut().insert(
             CONTENT_TYPE,
@@ -349,6 +356,18 @@ impl Api {
 
     async fn presence(&self, user: &str) -> Result<Response<Body>, Failure> {
         let user = self.name(user)?;
+        if let Some(bus) = &self.node.bus {
+            let presence = bus.presence(&user).await.map_err(cluster_failure)?;
+            return Ok(json_response(
+                StatusCode::OK,
+                json!({
+                    "user": user,
+                    "online": presence.connections > 0,
+                    "connections": presence.connections,
+                    "nodes": presence.nodes,
+                }),
+            ));
+        }
         let connections = self
             .publisher
             .user_connections(&user)
@@ -367,6 +386,19 @@ impl Api {
 
     async fn topic(&self, topic: &str) -> Result<Response<Body>, Failure> {
         let topic = self.name(topic)?;
+        if let Some(bus) = &self.node.bus {
+            let counts = bus.topic(&topic).await.map_err(cluster_failure)?;
+            let subscribers: u64 = counts.iter().map(|(_, n)| n).sum();
+            let nodes: Vec<serde_json::Value> = counts
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(node, n)| json!({"node": node, "subscribers": n}))
+                .collect();
+            return Ok(json_response(
+                StatusCode::OK,
+                json!({"topic": topic, "subscribers": subscribers, "nodes": nodes}),
+            ));
+        }
         let subscribers = self
             .publisher
             .topic_subscribers(&topic)
@@ -385,13 +417,23 @@ impl Api {
 
     fn disconnect(&self, user: &str) -> Result<Response<Body>, Failure> {
         let user = self.name(user)?;
-        self.publisher.disconnect_user(&user);
+        if !self.publisher.disconnect_user(&user) {
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "closed on this node, but the kick for other nodes could not be queued; retry",
+            ));
+        }
         Ok(json_response(StatusCode::ACCEPTED, json!({"user": user})))
     }
 
-    fn nodes(&self) -> Response<Body> {
+    async fn nodes(&self) -> Result<Response<Body>, Failure> {
         let node = &self.node;
-        json_response(
+        if let Some(bus) = &node.bus {
+            let nodes = bus.nodes().await.map_err(cluster_failure)?;
+            return Ok(json_response(StatusCode::OK, json!(nodes)));
+        }
+        Ok(json_response(
             StatusCode::OK,
             json!([{
                 "node": &*node.node_id,
@@ -400,8 +442,18 @@ impl Api {
                 "shards": node.metrics.shards().len(),
                 "connections": node.metrics.connections(),
             }]),
-        )
+        ))
     }
+}
+
+/// A cluster question the bus could not answer.
+fn cluster_failure(error: BusError) -> Failure {
+    let code = match error {
+        BusError::Down => "redis_unavailable",
+        BusError::Busy => "busy",
+        BusError::Redis => "redis_error",
+    };
+    Failure::new(StatusCode::SERVICE_UNAVAILABLE, code, error.to_string())
 }
 
 fn busy() -> Failure {

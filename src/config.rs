@@ -30,10 +30,28 @@ pub struct Config {
     pub shards: usize,
     /// Pin each shard to its own CPU. Default `true`; turn off when several nodes share a box.
     pub pin_shards: bool,
-    /// Redis URL of the cluster bus. Default none: a single node that needs no Redis.
-    /// (Cluster mode is not built yet; a node given a URL refuses to start.)
+    /// Redis URL of the cluster bus (`redis://host:port/db`, `rediss://` for TLS is not
+    /// built in). Default none: a single node that needs no Redis.
     #[serde(deserialize_with = "text")]
     pub redis: Option<String>,
+    /// Namespace of every Redis key and channel, so several clusters can share one Redis.
+    /// Default `shardcast`.
+    pub redis_prefix: String,
+    /// How often a node refreshes its lease and registry entry in Redis, in ms. Default 2000.
+    pub cluster_heartbeat_ms: u64,
+    /// How long a node's lease lives without a heartbeat, in ms: a node killed with
+    /// `kill -9` stops receiving traffic and counting in presence after at most this long.
+    /// Default 10000; at least three heartbeats.
+    pub cluster_node_ttl_ms: u64,
+    /// Longest wait between attempts to reach Redis, in ms (the delay starts at 100 ms and
+    /// doubles). Default 2000.
+    pub redis_backoff_max_ms: u64,
+    /// Messages for other nodes the bridge's lane holds (while Redis is slow or down) before
+    /// new ones are dropped and counted. Default 16384.
+    pub bridge_queue_capacity: usize,
+    /// How long a message for other nodes may wait for Redis, in ms; older ones are dropped
+    /// and counted when Redis returns rather than delivered late. Default 5000.
+    pub bridge_hold_ms: u64,
     /// Unique node id. Default: generated from the host name and a random suffix.
     #[serde(deserialize_with = "text")]
     pub node_id: Option<String>,
@@ -128,6 +146,12 @@ impl Default for Config {
             shards: 0,
             pin_shards: true,
             redis: None,
+            redis_prefix: "shardcast".into(),
+            cluster_heartbeat_ms: 2000,
+            cluster_node_ttl_ms: 10_000,
+            redis_backoff_max_ms: 2000,
+            bridge_queue_capacity: 16384,
+            bridge_hold_ms: 5000,
             node_id: None,
             secret: None,
             api_key: None,
@@ -236,10 +260,20 @@ impl Config {
                     .into(),
             );
         }
-        if self.redis.is_some() {
-            // Refused rather than ignored: a node that believed it was clustered would
-            // silently drop every cross-node message.
-            problems.push("`redis` (cluster mode) is not available in this build yet; run without it for a single node".into());
+        if let Some(url) = &self.redis {
+            if let Err(error) = redis::Client::open(url.as_str()) {
+                problems.push(format!("`redis` is not a usable Redis URL: {error}"));
+            }
+        }
+        if self.redis_prefix.is_empty() || !self.redis_prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            problems.push("`redis_prefix` must be printable ASCII without spaces".into());
+        }
+        if self.cluster_node_ttl_ms < 3 * self.cluster_heartbeat_ms {
+            problems.push(format!(
+                "`cluster_node_ttl_ms` ({}) must be at least three `cluster_heartbeat_ms` ({})",
+                self.cluster_node_ttl_ms, self.cluster_heartbeat_ms
+            ));
         }
         if self.shards > MAX_SHARDS {
             problems.push(format!("`shards` is {}, at most {MAX_SHARDS}", self.shards));
@@ -263,6 +297,10 @@ impl Config {
             ("shard_inbox_capacity", self.shard_inbox_capacity as u64),
             ("max_api_body_bytes", self.max_api_body_bytes as u64),
             ("backlog", self.backlog as u64),
+            ("cluster_heartbeat_ms", self.cluster_heartbeat_ms),
+            ("redis_backoff_max_ms", self.redis_backoff_max_ms),
+            ("bridge_queue_capacity", self.bridge_queue_capacity as u64),
+            ("bridge_hold_ms", self.bridge_hold_ms),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -4,6 +4,7 @@
 //! - [`config`]: the typed configuration; defaults, TOML, `SHARDCAST_*` env, flags; validation.
 //! - [`node`]: starts a node (listeners, shards, API), pushes messages in from other threads, stops it.
 //! - [`api`]: the HTTP API for backends (hyper on its own thread).
+//! - [`cluster`]: the Redis bus between nodes: the bridge thread, routes, envelopes.
 //! - [`shard`]: one glommio executor per core owning its listener, sockets and tables.
 //! - [`session`]: one client connection: upgrade, protocol v1, write queue, close.
 //! - [`reactor`]: socket readiness (a per-shard epoll set) and cross-thread wake-ups.
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod node;

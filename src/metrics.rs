@@ -154,6 +154,57 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// Why a message for other nodes was dropped.
+    BusDrop {
+        /// The bridge's message lane was full (Redis slow or down for long).
+        BusFull => "bus_full",
+        /// Held longer than `bridge_hold_ms` while Redis was down.
+        Stale => "stale",
+        /// Redis refused the command that carried it.
+        RedisError => "redis_error",
+    }
+}
+
+/// The cluster bridge's counters (one per node).
+#[derive(Debug, Default)]
+pub struct BusMetrics {
+    /// Whether Redis is reachable and the node registered.
+    pub up: std::sync::atomic::AtomicBool,
+    /// Redis commands sent (pipelined commands counted one by one).
+    pub commands: Counter,
+    /// Envelope bytes handed to Redis (publish payloads, script arguments).
+    pub bytes_out: Counter,
+    /// Envelope bytes received from Redis pub/sub.
+    pub bytes_in: Counter,
+    /// Envelopes sent to other nodes (one per message, however many nodes get it).
+    pub envelopes_out: Counter,
+    /// Envelopes received from other nodes.
+    pub envelopes_in: Counter,
+    /// Envelopes received that could not be read (other version, malformed).
+    pub envelopes_invalid: Counter,
+    /// Messages for other nodes dropped, by [`BusDrop`].
+    pub drops: [Counter; 3],
+    /// Redis errors: failed connections, commands refused, lost subscriptions.
+    pub errors: Counter,
+    /// Sessions with Redis started (the first connection included).
+    pub sessions: Counter,
+    /// Round trip of one pipelined batch of commands.
+    pub roundtrip: LatencyHistogram,
+}
+
+impl BusMetrics {
+    /// Counts a dropped message.
+    pub fn dropped(&self, reason: BusDrop) {
+        self.drops[reason as usize].inc();
+    }
+
+    /// Messages dropped for any reason.
+    pub fn drops_total(&self) -> u64 {
+        self.drops.iter().map(Counter::get).sum()
+    }
+}
+
 /// Nanoseconds on a process-wide monotonic clock (comparable across threads).
 pub fn monotonic_ns() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -356,7 +407,7 @@ impl NodeMetrics {
 /// Renders every metric of the node in the Prometheus/OpenMetrics text format
 /// (`shardcast_` prefix, `_total` counters, units in names). A fresh registry per scrape
 /// reads the shards' atomics, so the hot paths never touch the exporter.
-pub fn render_prometheus(node: &NodeMetrics) -> String {
+pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) -> String {
     use prometheus_client::encoding::text::encode;
     use prometheus_client::metrics::counter::Counter as Total;
     use prometheus_client::metrics::family::Family;
@@ -500,6 +551,82 @@ pub fn render_prometheus(node: &NodeMetrics) -> String {
         MergedHistogram::of(node.shards().iter().map(|s| &s.delivery_latency)),
     );
 
+    if let Some(bus) = bus {
+        let metrics = &bus.state().metrics;
+        let level = |registry: &mut Registry, name: &str, help: &str, value: i64| {
+            let gauge = Level::<i64>::default();
+            gauge.set(value);
+            registry.register(name, help, gauge);
+        };
+        level(
+            &mut registry,
+            "redis_up",
+            "1 while Redis is reachable and this node is registered in the cluster",
+            i64::from(bus.is_up()),
+        );
+        level(
+            &mut registry,
+            "bridge_queue_depth",
+            "Messages for other nodes waiting for the bridge",
+            bus.queue_depth() as i64,
+        );
+        for (name, help, value) in [
+            ("redis_commands", "Redis commands sent", &metrics.commands),
+            (
+                "redis_errors",
+                "Redis failures: connections, refused commands, lost subscriptions",
+                &metrics.errors,
+            ),
+            (
+                "redis_sessions",
+                "Sessions with Redis started (reconnects plus one)",
+                &metrics.sessions,
+            ),
+            (
+                "bus_bytes_out",
+                "Envelope bytes sent to Redis",
+                &metrics.bytes_out,
+            ),
+            (
+                "bus_bytes_in",
+                "Envelope bytes received from Redis",
+                &metrics.bytes_in,
+            ),
+            (
+                "bus_envelopes_out",
+                "Messages sent to other nodes",
+                &metrics.envelopes_out,
+            ),
+            (
+                "bus_envelopes_in",
+                "Envelopes received from other nodes",
+                &metrics.envelopes_in,
+            ),
+            (
+                "bus_envelopes_invalid",
+                "Envelopes received that could not be read (version, format)",
+                &metrics.envelopes_invalid,
+            ),
+        ] {
+            total(name, help, &mut registry, value.get());
+        }
+        labelled(
+            &mut registry,
+            "bus_drops",
+            "Messages for other nodes dropped, by reason",
+            "reason",
+            BusDrop::ALL,
+            BusDrop::label,
+            |i| metrics.drops[i].get(),
+        );
+        registry.register_with_unit(
+            "redis_roundtrip",
+            "Round trip of one pipelined batch of Redis commands",
+            prometheus_client::registry::Unit::Seconds,
+            MergedHistogram::of(std::iter::once(&metrics.roundtrip)),
+        );
+    }
+
     let rss = Level::<i64>::default();
     rss.set(resident_bytes() as i64);
     registry.register(
@@ -543,7 +670,7 @@ mod tests {
         node.shard(1).connections.add(5);
         node.shard(0).closed(Close::SlowConsumer);
         node.shard(1).delivered(Delivery::Topic, 7);
-        let text = render_prometheus(&node);
+        let text = render_prometheus(&node, None);
         assert!(
             text.contains("shardcast_connections{shard=\"1\"} 5"),
             "{text}"

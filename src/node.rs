@@ -17,6 +17,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::api::ApiServer;
 use crate::auth::Authenticator;
+use crate::cluster::{bridge, Bus, Outbound};
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
@@ -49,6 +50,44 @@ pub struct NodeShared {
     pub client_addr: SocketAddr,
     /// The API listener's bound address.
     pub api_addr: SocketAddr,
+    /// The cluster bus (with `redis` configured); `None` for a single node.
+    pub bus: Option<Bus>,
+}
+
+impl NodeShared {
+    /// Whether the cluster bus is configured and Redis is reachable.
+    pub fn bus_up(&self) -> bool {
+        self.bus.as_ref().is_some_and(Bus::is_up)
+    }
+
+    /// Hands a message to the bus for other nodes, if clustered; `false` if it was dropped.
+    pub fn to_other_nodes(&self, outbound: impl FnOnce() -> Outbound) -> bool {
+        self.bus.as_ref().is_none_or(|bus| bus.send(outbound()))
+    }
+
+    /// Subscribers of `topic` on this node; `None` if a shard's inbox was full.
+    pub async fn topic_subscribers(&self, topic: &str) -> Option<usize> {
+        let mesh = &self.mesh;
+        let topic: Arc<str> = Arc::from(topic);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let home = mesh.home(&topic);
+        let query = Envelope::QueryTopic {
+            topic: topic.clone(),
+            reply,
+        };
+        mesh.send(home, query, self.metrics.shard(home));
+        let mut total = 0;
+        for shard in answer.await.ok()?.iter() {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let count = Envelope::CountSubscribers {
+                topic: topic.clone(),
+                reply,
+            };
+            mesh.send(shard, count, self.metrics.shard(shard));
+            total += answer.await.ok()?;
+        }
+        Some(total)
+    }
 }
 
 /// Why a node could not start.
@@ -68,6 +107,9 @@ pub enum StartError {
     /// The API server could not start.
     #[error("cannot start the API server: {0}")]
     Api(std::io::Error),
+    /// The cluster bridge could not start.
+    #[error("cannot start the cluster bridge: {0}")]
+    Bridge(std::io::Error),
     /// A shard executor could not start.
     #[error("cannot start shard {shard}: {message}")]
     Executor {
@@ -82,6 +124,7 @@ pub enum StartError {
 pub struct Node {
     shared: Arc<NodeShared>,
     executors: Vec<ExecutorJoinHandle<()>>,
+    bridge: Option<std::thread::JoinHandle<()>>,
     api: ApiServer,
 }
 
@@ -107,6 +150,13 @@ impl Node {
             .clone()
             .map_or_else(generate_node_id, Arc::from);
         let (mesh, inboxes) = Mesh::new(shards, config.shard_inbox_capacity);
+        let (bus, bridge_ends) = match config.redis {
+            Some(_) => {
+                let (bus, ends) = Bus::new(config.bridge_queue_capacity);
+                (Some(bus), Some(ends))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(NodeShared {
             node_number: node_number(&node_id),
             auth: Authenticator::new(config.secret.as_deref(), config.dev, config.max_name_bytes),
@@ -117,8 +167,13 @@ impl Node {
             draining: AtomicBool::new(false),
             client_addr,
             api_addr,
+            bus,
             config,
         });
+        let bridge = bridge_ends
+            .map(|ends| bridge::spawn(shared.clone(), ends))
+            .transpose()
+            .map_err(StartError::Bridge)?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut executors = Vec::with_capacity(shards);
         for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
@@ -150,11 +205,13 @@ impl Node {
             listen = %client_addr,
             api_listen = %api_addr,
             shards,
+            cluster = shared.config.redis.is_some(),
             "shardcast node started"
         );
         Ok(Node {
             shared,
             executors,
+            bridge,
             api,
         })
     }
@@ -189,11 +246,18 @@ impl Node {
         Stopper(self.shared.clone())
     }
 
-    /// Waits for every shard to finish (after [`Stopper::stop`]), then stops the API.
+    /// Waits for every shard to finish (after [`Stopper::stop`]), then stops the bridge
+    /// (which removes this node's last routes from Redis) and the API.
     pub fn join(self) {
         for executor in self.executors {
             if let Err(error) = executor.join() {
                 tracing::error!(%error, "shard ended with an error");
+            }
+        }
+        if let (Some(bus), Some(bridge)) = (&self.shared.bus, self.bridge) {
+            bus.stop();
+            if bridge.join().is_err() {
+                tracing::error!("the cluster bridge panicked");
             }
         }
         drop(self.api);
@@ -214,6 +278,9 @@ impl Stopper {
         tracing::info!(node_id = %self.0.node_id, "stopping: closing clients with 1001");
         // A flag and a wake, not an envelope: nothing can drop it.
         self.0.mesh.wake_all();
+        if let Some(bus) = &self.0.bus {
+            bus.wake();
+        }
     }
 }
 
@@ -259,28 +326,40 @@ impl Publisher {
         let mid = self.mids.next(ts);
         let mesh = &self.node.mesh;
         let mut dropped = 0;
+        let node = &self.node;
         for user in target.users {
-            let frame = render::msg(None, user, mid, ts, data.get());
-            let home = mesh.home(user);
+            let user: Arc<str> = Arc::from(*user);
+            let message = Message::new(mid, render::msg(None, &user, mid, ts, data.get()));
+            let home = mesh.home(&user);
+            dropped += usize::from(!node.to_other_nodes(|| Outbound::User {
+                user: user.clone(),
+                message: message.clone(),
+            }));
             let envelope = Envelope::RouteUser {
-                user: Arc::from(*user),
-                message: Message::new(mid, frame),
+                user,
+                message,
                 except: None,
             };
-            dropped += usize::from(!mesh.send(home, envelope, self.node.metrics.shard(home)));
+            dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
         }
         for topic in target.topics {
-            let frame = render::publication(Some(topic), mid, ts, data.get());
-            let home = mesh.home(topic);
-            let envelope = Envelope::RouteTopic {
-                topic: Arc::from(*topic),
-                message: Message::new(mid, frame),
-            };
-            dropped += usize::from(!mesh.send(home, envelope, self.node.metrics.shard(home)));
+            let topic: Arc<str> = Arc::from(*topic);
+            let frame = render::publication(Some(&topic), mid, ts, data.get());
+            let message = Message::new(mid, frame);
+            let home = mesh.home(&topic);
+            dropped += usize::from(!node.to_other_nodes(|| Outbound::Topic {
+                topic: topic.clone(),
+                message: message.clone(),
+            }));
+            let envelope = Envelope::RouteTopic { topic, message };
+            dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
         }
         if target.broadcast {
             let message = Message::new(mid, render::publication(None, mid, ts, data.get()));
-            dropped += mesh.send_to_all(self.node.metrics.shard(0), || Envelope::Broadcast {
+            dropped += usize::from(!node.to_other_nodes(|| Outbound::Broadcast {
+                message: message.clone(),
+            }));
+            dropped += mesh.send_to_all(node.metrics.shard(0), || Envelope::Broadcast {
                 message: message.clone(),
             });
         }
@@ -304,39 +383,28 @@ impl Publisher {
 
     /// Subscribers of `topic` on this node; `None` if a shard's inbox was full.
     pub async fn topic_subscribers(&self, topic: &str) -> Option<usize> {
-        let mesh = &self.node.mesh;
-        let topic: Arc<str> = Arc::from(topic);
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let home = mesh.home(&topic);
-        let query = Envelope::QueryTopic {
-            topic: topic.clone(),
-            reply,
-        };
-        mesh.send(home, query, self.node.metrics.shard(home));
-        let mut total = 0;
-        for shard in answer.await.ok()?.iter() {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let count = Envelope::CountSubscribers {
-                topic: topic.clone(),
-                reply,
-            };
-            mesh.send(shard, count, self.node.metrics.shard(shard));
-            total += answer.await.ok()?;
-        }
-        Some(total)
+        self.node.topic_subscribers(topic).await
     }
 
-    /// Closes every connection of `user` on this node with 4003.
-    pub fn disconnect_user(&self, user: &str) {
-        let home = self.node.mesh.home(user);
+    /// Closes every connection of `user` with 4003: on this node, and through the bus on
+    /// every other node that holds one. `false` if the bus dropped the kick (lane full).
+    pub fn disconnect_user(&self, user: &str) -> bool {
+        let user: Arc<str> = Arc::from(user);
+        let home = self.node.mesh.home(&user);
+        let code = crate::ws::close::KICKED;
+        let sent = self.node.to_other_nodes(|| Outbound::Kick {
+            user: user.clone(),
+            code,
+        });
         let envelope = Envelope::CloseUser {
-            user: Arc::from(user),
-            code: crate::ws::close::KICKED,
+            user,
+            code,
             reason: metrics::Close::Kicked,
         };
         self.node
             .mesh
             .send(home, envelope, self.node.metrics.shard(home));
+        sent
     }
 }
 
@@ -386,8 +454,9 @@ fn generate_node_id() -> Arc<str> {
     Arc::from(format!("{host}-{:08x}", seed as u32))
 }
 
-/// The 9-bit node number in message ids, derived from the node id. In a cluster two nodes
-/// could share one; the cluster bridge replaces this with a number leased from Redis.
+/// The 9-bit node number in message ids, derived from the node id. Two nodes of a cluster
+/// can share one (about a 10 % chance among 10 nodes); their ids then stay distinct unless
+/// both make one in the same millisecond on the same shard with the same sequence number.
 fn node_number(node_id: &str) -> u16 {
     (ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(node_id) % 512) as u16
 }

@@ -447,15 +447,24 @@ impl Directory {
         mask
     }
 
-    /// Records that `shard` has (or no longer has) subscribers of `topic`.
-    pub fn topic_interest(&mut self, topic: Arc<str>, shard: usize, active: bool) {
+    /// Records that `shard` has (or no longer has) subscribers of `topic`. Returns whether
+    /// the node as a whole just gained its first (`Some(true)`) or lost its last
+    /// (`Some(false)`) subscribing shard: the moments the cluster bus (un)subscribes.
+    pub fn topic_interest(&mut self, topic: Arc<str>, shard: usize, active: bool) -> Option<bool> {
         if active {
-            self.topics.entry(topic).or_default().insert(shard);
+            let mask = self.topics.entry(topic).or_default();
+            let was_empty = mask.is_empty();
+            mask.insert(shard);
+            was_empty.then_some(true)
         } else if let Some(mask) = self.topics.get_mut(&*topic) {
             mask.remove(shard);
             if mask.is_empty() {
                 self.topics.remove(&*topic);
+                return Some(false);
             }
+            None
+        } else {
+            None
         }
     }
 
@@ -510,11 +519,12 @@ mod tests {
     #[test]
     fn topic_interest_tracks_shards() {
         let mut dir = Directory::default();
-        dir.topic_interest("t".into(), 3, true);
-        dir.topic_interest("t".into(), 5, true);
+        assert_eq!(dir.topic_interest("t".into(), 3, true), Some(true));
+        assert_eq!(dir.topic_interest("t".into(), 5, true), None);
         assert_eq!(dir.topic_shards("t").iter().collect::<Vec<_>>(), vec![3, 5]);
-        dir.topic_interest("t".into(), 3, false);
-        dir.topic_interest("t".into(), 5, false);
+        assert_eq!(dir.topic_interest("t".into(), 3, false), None);
+        assert_eq!(dir.topic_interest("t".into(), 5, false), Some(false));
+        assert_eq!(dir.topic_interest("t".into(), 5, false), None);
         assert!(dir.topic_shards("t").is_empty());
         assert!(dir.topics.is_empty());
     }

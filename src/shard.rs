@@ -29,6 +29,7 @@ use indexmap::IndexMap;
 use smallvec::SmallVec;
 
 use crate::auth::valid_name;
+use crate::cluster::{Control, Outbound};
 use crate::metrics::{self, Delivery, Refusal, Rejection, ShardMetrics};
 use crate::node::NodeShared;
 use crate::protocol::{self, MidGenerator};
@@ -227,6 +228,13 @@ impl Shard {
                     conn: conn.id,
                 },
             );
+            if let Some(bus) = &self.node.bus {
+                bus.control(Control::DeviceOnline {
+                    user: user.clone(),
+                    conn: conn.id,
+                    since_ms: protocol::now_ms(),
+                });
+            }
         }
     }
 
@@ -254,6 +262,12 @@ impl Shard {
                     conn: conn.id,
                 },
             );
+            if let Some(bus) = &self.node.bus {
+                bus.control(Control::DeviceOffline {
+                    user: user.clone(),
+                    conn: conn.id,
+                });
+            }
         }
     }
 
@@ -327,8 +341,12 @@ impl Shard {
     }
 
     /// Sends a message for `user` to the user's home shard, which forwards it to the shards
-    /// holding the user's devices.
+    /// holding the user's devices, and (clustered) to the other nodes holding some.
     pub fn route_user(&self, user: Arc<str>, message: Message, except: Option<ConnId>) {
+        self.node.to_other_nodes(|| Outbound::User {
+            user: user.clone(),
+            message: message.clone(),
+        });
         let home = self.node.mesh.home(&user);
         self.send(
             home,
@@ -340,8 +358,12 @@ impl Shard {
         );
     }
 
-    /// Sends a publication to the topic's home shard.
+    /// Sends a publication to the topic's home shard and (clustered) to the other nodes.
     pub fn route_topic(&self, topic: Arc<str>, message: Message) {
+        self.node.to_other_nodes(|| Outbound::Topic {
+            topic: topic.clone(),
+            message: message.clone(),
+        });
         let home = self.node.mesh.home(&topic);
         self.send(home, Envelope::RouteTopic { topic, message });
     }
@@ -416,7 +438,13 @@ impl Shard {
                     .await;
             }
             Envelope::DeviceOnline { user, conn } => {
-                let max = self.node.config.max_devices_per_user;
+                // While the bus is up the cluster enforces the device limit (it knows the
+                // oldest device on any node); this shard enforces it only as a fallback.
+                let max = if self.node.bus_up() {
+                    usize::MAX
+                } else {
+                    self.node.config.max_devices_per_user
+                };
                 let evicted = self.directory.borrow_mut().device_online(user, conn, max);
                 if let Some(oldest) = evicted {
                     self.send(
@@ -437,9 +465,13 @@ impl Shard {
                 shard,
                 active,
             } => {
-                self.directory
-                    .borrow_mut()
-                    .topic_interest(topic, shard, active);
+                let changed =
+                    self.directory
+                        .borrow_mut()
+                        .topic_interest(topic.clone(), shard, active);
+                if let (Some(active), Some(bus)) = (changed, &self.node.bus) {
+                    bus.control(Control::TopicActive { topic, active });
+                }
             }
             Envelope::CloseUser { user, code, reason } => {
                 let devices: SmallVec<[ConnId; 4]> = self

@@ -1,0 +1,1137 @@
+//! The bridge: one thread that owns every Redis connection of the node.
+//!
+//! It runs a single-threaded tokio runtime with two Redis connections per session: a
+//! multiplexed one for commands (pipelined) and a pub/sub one for what other nodes send.
+//! Three loops share the thread and end the session together when any of them fails:
+//!
+//! - **writer**: woken by the bus doorbell, it takes every pending control change and up to
+//!   [`MAX_BATCH`] messages and sends them as one pipeline, so under load one Redis round
+//!   trip carries thousands of messages and at idle a message waits for nothing. Topic
+//!   interest becomes `SUBSCRIBE`/`UNSUBSCRIBE` on the pub/sub connection. It also beats
+//!   the heartbeat: refresh the lease (`SET … XX`: a missing key means Redis restarted or
+//!   was flushed, so the session is rebuilt), the registry entry and a slice of the route
+//!   keys' TTLs, and publish a probe to its own channel.
+//! - **reader**: decodes envelopes from pub/sub and hands them to the home shard of their
+//!   user or topic (or every shard, for a broadcast), exactly as local messages travel. A
+//!   probe not seen back within three heartbeats means the subscription is gone although
+//!   the socket looks fine, and the session is rebuilt.
+//! - **queries**: answers the API's presence, node and topic questions.
+//!
+//! A session starts with a fresh *instance* id (see [`super::redis_layout`]): it loads the
+//! scripts, subscribes the node's channels and topics, registers the node and re-publishes
+//! every device it holds. So a Redis that came back empty, or a connection blip during which
+//! devices came and went, heals the same way: within one backoff plus one re-publish.
+//! Between sessions control changes keep being folded into the bridge's tables, messages
+//! wait in the bounded lane, and API queries are answered "down" at once.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use ahash::RandomState;
+use bytes::Bytes;
+use futures_lite::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::{AsyncConnectionConfig, Script, Value};
+use smallvec::SmallVec;
+use tokio::sync::mpsc;
+
+use super::redis_layout::{self as layout, Names};
+use super::wire::{self, Body};
+use super::{BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Presence, Query};
+use crate::metrics::{self, BusDrop};
+use crate::node::NodeShared;
+use crate::router::{shard_of, ConnId, Envelope, Message};
+use crate::ws::close;
+
+/// Messages sent in one pipeline at most; the rest wait for the next round trip.
+const MAX_BATCH: usize = 4096;
+
+/// Route-key TTL refreshes sent per heartbeat at most (a full round is spread over
+/// [`layout::ROUTE_REFRESH_ROUND_SECS`]; this caps a heartbeat's share on huge nodes).
+const MAX_REFRESH_PER_BEAT: usize = 50_000;
+
+/// Devices re-published per pipeline when a session starts.
+const RESYNC_BATCH: usize = 1000;
+
+/// First reconnect delay; it doubles up to `redis_backoff_max_ms`.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long Redis may take to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long one command or pipeline may take before the session is considered broken.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a topic query waits for the nodes' answers.
+const TOPIC_QUERY_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Heartbeats without our own probe coming back before the subscription counts as lost.
+const PROBE_MISSES: u32 = 3;
+
+/// Why a session with Redis ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("timed out talking to Redis")]
+    Timeout,
+    #[error("this node's registration vanished (Redis restarted or was flushed)")]
+    RegistrationLost,
+    #[error("the pub/sub subscription stopped delivering")]
+    SubscriptionLost,
+    #[error("Redis has lost the scripts (NOSCRIPT)")]
+    ScriptsLost,
+}
+
+/// Starts the bridge thread. It is pinned to the first core after the shards' when the
+/// machine has one to spare, so Redis I/O never competes with a shard for its core.
+pub fn spawn(
+    node: Arc<NodeShared>,
+    ends: BridgeEnds,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let url = node.config.redis.clone().unwrap_or_default();
+    let client = redis::Client::open(url.as_str()).map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("bridge".into())
+        .spawn(move || {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let shards = node.mesh.shards();
+            if node.config.pin_shards && cpus > shards {
+                pin_to_cpu(shards);
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the bridge runtime; cluster disabled");
+                    return;
+                }
+            };
+            let BridgeEnds {
+                messages,
+                control,
+                queries,
+                doorbell,
+                state,
+            } = ends;
+            let bridge = Rc::new(Bridge {
+                names: Names::new(&node.config.redis_prefix),
+                scripts: Scripts::new(),
+                node,
+                client,
+                messages,
+                control,
+                doorbell,
+                state,
+                devices: RefCell::default(),
+                topics: RefCell::default(),
+                instance: Cell::new(0),
+                deregistered: Cell::new(false),
+                last_probe: Cell::new(Instant::now()),
+                probe_nonce: Cell::new(0),
+                refresh_queue: RefCell::default(),
+                refresh_round_started: Cell::new(Instant::now()),
+                topic_requests: RefCell::default(),
+                commands: RefCell::default(),
+            });
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, bridge.run(queries));
+        })
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // read and write that set, and pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, "could not pin the bridge thread");
+        }
+    }
+}
+
+/// The server-side scripts, with their SHA1s.
+struct Scripts {
+    route: Script,
+    device_online: Script,
+    presence: Script,
+    nodes: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            route: Script::new(layout::ROUTE),
+            device_online: Script::new(layout::DEVICE_ONLINE),
+            presence: Script::new(layout::PRESENCE),
+            nodes: Script::new(layout::NODES),
+        }
+    }
+
+    /// Every script with its source, for `SCRIPT LOAD`.
+    fn sources(&self) -> [(&Script, &'static str); 4] {
+        [
+            (&self.route, layout::ROUTE),
+            (&self.device_online, layout::DEVICE_ONLINE),
+            (&self.presence, layout::PRESENCE),
+            (&self.nodes, layout::NODES),
+        ]
+    }
+}
+
+/// A user's devices on this node: connection and connect time (ms), oldest first.
+type Devices = SmallVec<[(ConnId, u64); 2]>;
+
+/// What to do with one pipelined command's answer.
+enum Answer {
+    /// Nothing (count errors only).
+    Ignore,
+    /// A message: an error answer drops it.
+    Message,
+    /// Device members the cluster device limit evicted: close them.
+    Evictions,
+}
+
+/// One pipeline being built.
+struct Batch {
+    pipe: redis::Pipeline,
+    answers: Vec<Answer>,
+    bytes: u64,
+    messages: u64,
+}
+
+impl Batch {
+    fn new() -> Self {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        Batch {
+            pipe,
+            answers: Vec::new(),
+            bytes: 0,
+            messages: 0,
+        }
+    }
+
+    fn push(&mut self, cmd: redis::Cmd, answer: Answer) {
+        self.pipe.add_command(cmd);
+        self.answers.push(answer);
+    }
+}
+
+struct Bridge {
+    node: Arc<NodeShared>,
+    client: redis::Client,
+    names: Names,
+    scripts: Scripts,
+    messages: crossbeam_channel::Receiver<Outbound>,
+    control: crossbeam_channel::Receiver<Control>,
+    doorbell: Arc<crate::reactor::Doorbell>,
+    state: Arc<BusState>,
+    /// Every device of this node by user: what a new session re-publishes.
+    devices: RefCell<HashMap<Arc<str>, Devices, RandomState>>,
+    /// Topics with local subscribers: what a new session subscribes.
+    topics: RefCell<HashSet<Arc<str>, RandomState>>,
+    /// This session's instance id (0 before the first).
+    instance: Cell<u64>,
+    /// The node is draining and its registration and lease are gone from Redis.
+    deregistered: Cell<bool>,
+    last_probe: Cell<Instant>,
+    probe_nonce: Cell<u64>,
+    /// Users whose route key TTL this round still has to refresh.
+    refresh_queue: RefCell<Vec<Arc<str>>>,
+    refresh_round_started: Cell<Instant>,
+    /// Topic queries waiting for the nodes' counts, by request id.
+    topic_requests: RefCell<HashMap<u64, mpsc::UnboundedSender<(String, u64)>>>,
+    /// The current session's command connection, for spawned query tasks.
+    commands: RefCell<Option<MultiplexedConnection>>,
+}
+
+/// A live session's pub/sub half and the topics it has subscribed.
+struct Subscriptions {
+    sink: PubSubSink,
+    topics: HashSet<Arc<str>, RandomState>,
+}
+
+impl Bridge {
+    async fn run(self: Rc<Self>, mut queries: mpsc::Receiver<Query>) {
+        let mut backoff = MIN_BACKOFF;
+        let max_backoff = Duration::from_millis(self.node.config.redis_backoff_max_ms);
+        loop {
+            if self.state.stopping() {
+                return;
+            }
+            self.state.metrics.sessions.inc();
+            match self.connect().await {
+                Ok((conn, subscriptions, stream)) => {
+                    backoff = MIN_BACKOFF;
+                    let ended = self.serve(conn, subscriptions, stream, &mut queries).await;
+                    self.state.set_up(false);
+                    *self.commands.borrow_mut() = None;
+                    match ended {
+                        Ok(()) => return,
+                        Err(error) => {
+                            self.state.metrics.errors.inc();
+                            tracing::warn!(%error, "Redis bus down; cross-node delivery paused, reconnecting");
+                        }
+                    }
+                }
+                Err(error) => {
+                    self.state.metrics.errors.inc();
+                    tracing::warn!(%error, retry_ms = backoff.as_millis() as u64, "cannot reach Redis");
+                }
+            }
+            if self.state.stopping() {
+                return;
+            }
+            self.wait_down(backoff, &mut queries).await;
+            backoff = (backoff * 2).min(max_backoff);
+        }
+    }
+
+    /// Resolves when the doorbell was rung since the last call.
+    fn rung(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.doorbell.answer(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Between sessions: keep the tables current, answer queries "down", wait out `delay`.
+    async fn wait_down(&self, delay: Duration, queries: &mut mpsc::Receiver<Query>) {
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            while let Ok(change) = self.control.try_recv() {
+                self.apply(change, None, &mut Vec::new());
+            }
+            if self.state.stopping() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = self.rung() => {}
+                Some(query) = queries.recv() => answer_down(query),
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<(MultiplexedConnection, Subscriptions, PubSubStream), SessionError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let pubsub = timed(self.client.get_async_pubsub()).await?;
+        let (mut sink, stream) = pubsub.split();
+        for (script, source) in self.scripts.sources() {
+            let hash: String = timed(
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(source)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            debug_assert_eq!(hash, script.get_hash());
+        }
+        let previous = self.instance.get();
+        let instance = loop {
+            let candidate: u64 = rand_u64();
+            if candidate != 0 && candidate != previous {
+                break candidate;
+            }
+        };
+        self.instance.set(instance);
+        timed(sink.subscribe(&[
+            self.names.broadcast(),
+            self.names.instance_channel(instance),
+        ]))
+        .await?;
+        let topics: Vec<Arc<str>> = self.topics.borrow().iter().cloned().collect();
+        for chunk in topics.chunks(RESYNC_BATCH) {
+            let channels: Vec<String> = chunk.iter().map(|t| self.names.topic(t)).collect();
+            timed(sink.subscribe(&channels)).await?;
+        }
+        if !self.deregistered.get() {
+            let mut register = redis::pipe();
+            if previous != 0 {
+                register.del(self.names.alive(previous)).ignore();
+            }
+            register
+                .cmd("SET")
+                .arg(self.names.alive(instance))
+                .arg(&*self.node.node_id)
+                .arg("PX")
+                .arg(self.node.config.cluster_node_ttl_ms)
+                .ignore();
+            self.registry_update(&mut register, true);
+            register
+                .sadd(self.names.nodes(), &*self.node.node_id)
+                .ignore();
+            let _: () = register.query_async(&mut conn).await?;
+            self.republish_devices(&mut conn).await?;
+        }
+        self.last_probe.set(Instant::now());
+        tracing::info!(
+            node_id = %self.node.node_id,
+            instance = %layout::instance_hex(instance),
+            devices = self.devices.borrow().values().map(|d| d.len()).sum::<usize>(),
+            topics = topics.len(),
+            "Redis bus up: node registered, routes and subscriptions published"
+        );
+        Ok((
+            conn,
+            Subscriptions {
+                sink,
+                topics: topics.into_iter().collect(),
+            },
+            stream,
+        ))
+    }
+
+    /// Adds the registry hash update (and its TTL) to `pipe`.
+    fn registry_update(&self, pipe: &mut redis::Pipeline, full: bool) {
+        let key = self.names.node(&self.node.node_id);
+        let connections = self.node.metrics.connections().max(0);
+        if full {
+            pipe.hset_multiple(
+                &key,
+                &[
+                    ("ws", self.node.client_addr.to_string()),
+                    ("api", self.node.api_addr.to_string()),
+                    ("shards", self.node.mesh.shards().to_string()),
+                    ("connections", connections.to_string()),
+                    ("instance", layout::instance_hex(self.instance.get())),
+                ],
+            )
+            .ignore();
+        } else {
+            pipe.hset(&key, "connections", connections).ignore();
+        }
+        pipe.pexpire(&key, self.node.config.cluster_node_ttl_ms as i64)
+            .ignore();
+    }
+
+    /// Writes every device this node holds under the current instance.
+    async fn republish_devices(
+        &self,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), SessionError> {
+        let users: Vec<(Arc<str>, Devices)> = self
+            .devices
+            .borrow()
+            .iter()
+            .map(|(user, devices)| (user.clone(), devices.clone()))
+            .collect();
+        let instance = self.instance.get();
+        for chunk in users.chunks(RESYNC_BATCH) {
+            let mut pipe = redis::pipe();
+            for (user, devices) in chunk {
+                let key = self.names.user(user);
+                for (conn_id, since) in devices {
+                    pipe.zadd(&key, layout::device_member(instance, *conn_id), *since)
+                        .ignore();
+                }
+                pipe.expire(&key, layout::ROUTE_KEY_TTL_SECS as i64)
+                    .ignore();
+            }
+            self.state.metrics.commands.add(pipe.len() as u64);
+            let _: () = self.timed_query(&pipe, conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn serve(
+        self: &Rc<Self>,
+        conn: MultiplexedConnection,
+        mut subscriptions: Subscriptions,
+        mut stream: PubSubStream,
+        queries: &mut mpsc::Receiver<Query>,
+    ) -> Result<(), SessionError> {
+        *self.commands.borrow_mut() = Some(conn.clone());
+        self.state.set_up(true);
+        tokio::select! {
+            ended = self.write_loop(conn.clone(), &mut subscriptions) => ended,
+            ended = self.read_loop(&mut stream) => ended,
+            ended = self.query_loop(conn, queries) => ended,
+        }
+    }
+
+    async fn write_loop(
+        &self,
+        mut conn: MultiplexedConnection,
+        subscriptions: &mut Subscriptions,
+    ) -> Result<(), SessionError> {
+        let beat = Duration::from_millis(self.node.config.cluster_heartbeat_ms);
+        let mut next_beat = tokio::time::Instant::now() + beat;
+        loop {
+            if self
+                .node
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+                && !self.deregistered.get()
+            {
+                self.deregister(&mut conn).await?;
+            }
+            let stopping = self.state.stopping();
+            let more = self.flush(&mut conn, subscriptions).await?;
+            if stopping {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= next_beat {
+                self.heartbeat(&mut conn).await?;
+                next_beat = tokio::time::Instant::now() + beat;
+            }
+            if more {
+                continue;
+            }
+            tokio::select! {
+                _ = self.rung() => {}
+                _ = tokio::time::sleep_until(next_beat) => {}
+            }
+        }
+    }
+
+    /// Sends what the lanes hold as one pipeline. `true` if messages were left for the next.
+    async fn flush(
+        &self,
+        conn: &mut MultiplexedConnection,
+        subscriptions: &mut Subscriptions,
+    ) -> Result<bool, SessionError> {
+        let mut batch = Batch::new();
+        let mut touched_topics = Vec::new();
+        while let Ok(change) = self.control.try_recv() {
+            self.apply(change, Some(&mut batch), &mut touched_topics);
+        }
+        let mut taken = 0;
+        while taken < MAX_BATCH {
+            let Ok(outbound) = self.messages.try_recv() else {
+                break;
+            };
+            taken += 1;
+            self.encode(outbound, &mut batch);
+        }
+        self.sync_topics(&touched_topics, subscriptions).await?;
+        if !batch.answers.is_empty() {
+            self.send_batch(batch, conn).await?;
+        }
+        Ok(taken == MAX_BATCH)
+    }
+
+    /// Folds one control change into the tables and, in a session, into `batch`.
+    fn apply(&self, change: Control, batch: Option<&mut Batch>, touched: &mut Vec<Arc<str>>) {
+        let instance = self.instance.get();
+        match change {
+            Control::DeviceOnline {
+                user,
+                conn,
+                since_ms,
+            } => {
+                self.devices
+                    .borrow_mut()
+                    .entry(user.clone())
+                    .or_default()
+                    .push((conn, since_ms));
+                if let Some(batch) = batch.filter(|_| !self.deregistered.get()) {
+                    let mut cmd = redis::cmd("EVALSHA");
+                    cmd.arg(self.scripts.device_online.get_hash())
+                        .arg(1)
+                        .arg(self.names.user(&user))
+                        .arg(self.names.prefix())
+                        .arg(layout::instance_hex(instance))
+                        .arg(layout::device_member(instance, conn))
+                        .arg(since_ms)
+                        .arg(self.node.config.max_devices_per_user)
+                        .arg(layout::ROUTE_KEY_TTL_SECS);
+                    batch.push(cmd, Answer::Evictions);
+                }
+            }
+            Control::DeviceOffline { user, conn } => {
+                let mut devices = self.devices.borrow_mut();
+                if let Some(list) = devices.get_mut(&user) {
+                    list.retain(|(c, _)| *c != conn);
+                    if list.is_empty() {
+                        devices.remove(&user);
+                    }
+                }
+                if let Some(batch) = batch {
+                    let mut cmd = redis::cmd("ZREM");
+                    cmd.arg(self.names.user(&user))
+                        .arg(layout::device_member(instance, conn));
+                    batch.push(cmd, Answer::Ignore);
+                }
+            }
+            Control::TopicActive { topic, active } => {
+                let mut topics = self.topics.borrow_mut();
+                if active {
+                    topics.insert(topic.clone());
+                } else {
+                    topics.remove(&topic);
+                }
+                touched.push(topic);
+            }
+        }
+    }
+
+    /// Subscribes or unsubscribes the topics whose local interest changed.
+    async fn sync_topics(
+        &self,
+        touched: &[Arc<str>],
+        subscriptions: &mut Subscriptions,
+    ) -> Result<(), SessionError> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let mut subscribe = Vec::new();
+        let mut unsubscribe = Vec::new();
+        {
+            let wanted = self.topics.borrow();
+            for topic in touched {
+                let want = wanted.contains(topic);
+                if want && subscriptions.topics.insert(topic.clone()) {
+                    subscribe.push(self.names.topic(topic));
+                } else if !want && subscriptions.topics.remove(topic) {
+                    unsubscribe.push(self.names.topic(topic));
+                }
+            }
+        }
+        if !subscribe.is_empty() {
+            self.state.metrics.commands.inc();
+            timed(subscriptions.sink.subscribe(&subscribe)).await?;
+        }
+        if !unsubscribe.is_empty() {
+            self.state.metrics.commands.inc();
+            timed(subscriptions.sink.unsubscribe(&unsubscribe)).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds one message for other nodes to `batch`, unless it waited too long.
+    fn encode(&self, outbound: Outbound, batch: &mut Batch) {
+        let instance = self.instance.get();
+        let message = match &outbound {
+            Outbound::User { message, .. }
+            | Outbound::Topic { message, .. }
+            | Outbound::Broadcast { message } => Some(message),
+            Outbound::Kick { .. } => None,
+        };
+        if let Some(message) = message {
+            let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
+            if waited > self.node.config.bridge_hold_ms.saturating_mul(1_000_000) {
+                self.state.metrics.dropped(BusDrop::Stale);
+                self.state.log_drop(BusDrop::Stale, Some(message.mid));
+                return;
+            }
+        }
+        let (cmd, payload_len) = match outbound {
+            Outbound::User { user, message } => {
+                let payload = wire::user(instance, message.mid, &user, &message.frame);
+                (self.route_cmd(&user, &payload), payload.len())
+            }
+            Outbound::Kick { user, code } => {
+                let payload = wire::kick(instance, &user, code);
+                (self.route_cmd(&user, &payload), payload.len())
+            }
+            Outbound::Topic { topic, message } => {
+                let payload = wire::topic(instance, message.mid, &topic, &message.frame);
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(self.names.topic(&topic)).arg(&payload[..]);
+                (cmd, payload.len())
+            }
+            Outbound::Broadcast { message } => {
+                let payload = wire::broadcast(instance, message.mid, &message.frame);
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(self.names.broadcast()).arg(&payload[..]);
+                (cmd, payload.len())
+            }
+        };
+        batch.bytes += payload_len as u64;
+        batch.messages += 1;
+        batch.push(cmd, Answer::Message);
+    }
+
+    /// `EVALSHA route`: publish `payload` to every other node holding a device of `user`.
+    fn route_cmd(&self, user: &str, payload: &[u8]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.scripts.route.get_hash())
+            .arg(1)
+            .arg(self.names.user(user))
+            .arg(self.names.prefix())
+            .arg(layout::instance_hex(self.instance.get()))
+            .arg(payload);
+        cmd
+    }
+
+    async fn send_batch(
+        &self,
+        batch: Batch,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), SessionError> {
+        let metrics = &self.state.metrics;
+        metrics.commands.add(batch.answers.len() as u64);
+        metrics.bytes_out.add(batch.bytes);
+        metrics.envelopes_out.add(batch.messages);
+        let answers: Vec<Value> = self.timed_query(&batch.pipe, conn).await?;
+        let mut evictions = Vec::new();
+        for (answer, value) in batch.answers.iter().zip(answers) {
+            if let Value::ServerError(error) = &value {
+                if error.code() == "NOSCRIPT" {
+                    return Err(SessionError::ScriptsLost);
+                }
+                metrics.errors.inc();
+                if matches!(answer, Answer::Message) {
+                    metrics.dropped(BusDrop::RedisError);
+                    self.state.log_drop(BusDrop::RedisError, None);
+                }
+                tracing::warn!(error = %error.code(), "Redis refused a command");
+                continue;
+            }
+            if let (Answer::Evictions, Value::Array(members)) = (answer, value) {
+                evictions.extend(members.into_iter().filter_map(|m| match m {
+                    Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+                    _ => None,
+                }));
+            }
+        }
+        if !evictions.is_empty() {
+            self.evict(&evictions, conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes devices the cluster device limit evicted: ours directly, others' through
+    /// their node's channel.
+    async fn evict(
+        &self,
+        members: &[String],
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), SessionError> {
+        let instance = self.instance.get();
+        let mut pipe = redis::pipe();
+        for member in members {
+            let Some((owner, conn_id)) = layout::parse_device_member(member) else {
+                continue;
+            };
+            if owner == instance {
+                self.close_local(conn_id, close::REPLACED, metrics::Close::Replaced);
+            } else {
+                pipe.publish(
+                    format!(
+                        "{}:inst:{}",
+                        self.names.prefix(),
+                        layout::instance_hex(owner)
+                    ),
+                    &wire::evict(instance, conn_id)[..],
+                )
+                .ignore();
+            }
+        }
+        if !pipe.is_empty() {
+            self.state.metrics.commands.add(pipe.len() as u64);
+            let _: () = self.timed_query(&pipe, conn).await?;
+        }
+        Ok(())
+    }
+
+    fn close_local(&self, conn: ConnId, code: u16, reason: metrics::Close) {
+        let shard = shard_of(conn);
+        if shard < self.node.mesh.shards() {
+            self.node.mesh.send(
+                shard,
+                Envelope::CloseConn { conn, code, reason },
+                self.node.metrics.shard(shard),
+            );
+        }
+    }
+
+    async fn timed_query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<T, SessionError> {
+        let started = metrics::monotonic_ns();
+        let answer = timed(pipe.query_async(conn)).await?;
+        self.state
+            .metrics
+            .roundtrip
+            .record(metrics::monotonic_ns().saturating_sub(started));
+        Ok(answer)
+    }
+
+    /// Lease, registry, probe and a slice of route-key TTLs, in one pipeline.
+    async fn heartbeat(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+        let beat = Duration::from_millis(self.node.config.cluster_heartbeat_ms);
+        if self.last_probe.get().elapsed() > beat * PROBE_MISSES {
+            return Err(SessionError::SubscriptionLost);
+        }
+        let instance = self.instance.get();
+        let nonce = self.probe_nonce.get() + 1;
+        self.probe_nonce.set(nonce);
+        let mut pipe = redis::pipe();
+        if !self.deregistered.get() {
+            pipe.cmd("SET")
+                .arg(self.names.alive(instance))
+                .arg(&*self.node.node_id)
+                .arg("XX")
+                .arg("PX")
+                .arg(self.node.config.cluster_node_ttl_ms);
+            self.registry_update(&mut pipe, false);
+        }
+        pipe.publish(
+            self.names.instance_channel(instance),
+            &wire::probe(instance, nonce)[..],
+        );
+        let refreshed = self.next_refresh_slice();
+        for user in &refreshed {
+            pipe.expire(self.names.user(user), layout::ROUTE_KEY_TTL_SECS as i64)
+                .ignore();
+        }
+        self.state.metrics.commands.add(pipe.len() as u64);
+        let answers: Vec<Value> = self.timed_query(&pipe, conn).await?;
+        let (lease, receivers) = match answers.as_slice() {
+            [lease, receivers] => (Some(lease), receivers),
+            [receivers] => (None, receivers),
+            _ => return Err(SessionError::RegistrationLost),
+        };
+        if matches!(lease, Some(Value::Nil)) {
+            return Err(SessionError::RegistrationLost);
+        }
+        if matches!(receivers, Value::Int(0)) {
+            return Err(SessionError::SubscriptionLost);
+        }
+        Ok(())
+    }
+
+    /// The users whose route-key TTL this heartbeat refreshes: a round over every user
+    /// takes [`layout::ROUTE_REFRESH_ROUND_SECS`], a new round starts when one ends.
+    fn next_refresh_slice(&self) -> Vec<Arc<str>> {
+        let mut queue = self.refresh_queue.borrow_mut();
+        let round = Duration::from_secs(layout::ROUTE_REFRESH_ROUND_SECS);
+        if queue.is_empty() && self.refresh_round_started.get().elapsed() >= round {
+            queue.extend(self.devices.borrow().keys().cloned());
+            self.refresh_round_started.set(Instant::now());
+        }
+        let beats_per_round = (round.as_millis() as usize
+            / self.node.config.cluster_heartbeat_ms.max(1) as usize)
+            .max(1);
+        let per_beat = queue
+            .len()
+            .div_ceil(beats_per_round)
+            .clamp(1, MAX_REFRESH_PER_BEAT)
+            .min(queue.len());
+        let at = queue.len() - per_beat;
+        queue.split_off(at)
+    }
+
+    /// The node is draining: delete its lease and registry entry, so no node routes to it
+    /// and presence stops counting it at once.
+    async fn deregister(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+        let mut pipe = redis::pipe();
+        pipe.del(self.names.alive(self.instance.get()))
+            .ignore()
+            .del(self.names.node(&self.node.node_id))
+            .ignore()
+            .srem(self.names.nodes(), &*self.node.node_id)
+            .ignore();
+        self.state.metrics.commands.add(3);
+        let _: () = self.timed_query(&pipe, conn).await?;
+        self.deregistered.set(true);
+        tracing::info!(node_id = %self.node.node_id, "deregistered from the cluster");
+        Ok(())
+    }
+
+    async fn read_loop(&self, stream: &mut PubSubStream) -> Result<(), SessionError> {
+        while let Some(message) = stream.next().await {
+            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+            self.state.metrics.bytes_in.add(payload.len() as u64);
+            self.receive(payload);
+        }
+        Err(SessionError::SubscriptionLost)
+    }
+
+    /// Hands one envelope from another node to the shards that need it.
+    fn receive(&self, payload: Bytes) {
+        let metrics = &self.state.metrics;
+        let envelope = match wire::decode(payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                metrics.envelopes_invalid.inc();
+                tracing::warn!(%error, "dropping an envelope this node cannot read");
+                return;
+            }
+        };
+        let own = envelope.origin == self.instance.get();
+        let mesh = &self.node.mesh;
+        let shard_metrics = |shard: usize| self.node.metrics.shard(shard);
+        match envelope.body {
+            Body::Probe { .. } => {
+                if own {
+                    self.last_probe.set(Instant::now());
+                }
+                return;
+            }
+            // This node delivered its own topic publications and broadcasts locally.
+            Body::Topic { .. } | Body::Broadcast { .. } | Body::User { .. } if own => return,
+            Body::User { mid, user, frame } => {
+                let home = mesh.home(&user);
+                mesh.send(
+                    home,
+                    Envelope::RouteUser {
+                        user: Arc::from(user),
+                        message: Message::new(mid, frame),
+                        except: None,
+                    },
+                    shard_metrics(home),
+                );
+            }
+            Body::Topic { mid, topic, frame } => {
+                let home = mesh.home(&topic);
+                mesh.send(
+                    home,
+                    Envelope::RouteTopic {
+                        topic: Arc::from(topic),
+                        message: Message::new(mid, frame),
+                    },
+                    shard_metrics(home),
+                );
+            }
+            Body::Broadcast { mid, frame } => {
+                let message = Message::new(mid, frame);
+                mesh.send_to_all(shard_metrics(0), || Envelope::Broadcast {
+                    message: message.clone(),
+                });
+            }
+            Body::Kick { user, code } => {
+                let home = mesh.home(&user);
+                mesh.send(
+                    home,
+                    Envelope::CloseUser {
+                        user: Arc::from(user),
+                        code,
+                        reason: metrics::Close::Kicked,
+                    },
+                    shard_metrics(home),
+                );
+            }
+            Body::Evict { conn } => {
+                self.close_local(conn, close::REPLACED, metrics::Close::Replaced);
+            }
+            Body::TopicQuery { request, topic } => {
+                let node = self.node.clone();
+                let channel = format!(
+                    "{}:inst:{}",
+                    self.names.prefix(),
+                    layout::instance_hex(envelope.origin)
+                );
+                let instance = self.instance.get();
+                let Some(mut conn) = self.commands.borrow().clone() else {
+                    return;
+                };
+                tokio::task::spawn_local(async move {
+                    let count = node.topic_subscribers(&topic).await.unwrap_or(0);
+                    let answer = wire::topic_count(instance, request, count as u64, &node.node_id);
+                    let sent: Result<(), _> = timed(
+                        redis::cmd("PUBLISH")
+                            .arg(channel)
+                            .arg(&answer[..])
+                            .query_async(&mut conn),
+                    )
+                    .await;
+                    if let Err(error) = sent {
+                        tracing::warn!(%error, "could not answer a topic query");
+                    }
+                });
+            }
+            Body::TopicCount {
+                request,
+                count,
+                node,
+            } => {
+                if let Some(waiting) = self.topic_requests.borrow().get(&request) {
+                    let _ = waiting.send((node, count));
+                }
+            }
+        }
+        metrics.envelopes_in.inc();
+    }
+
+    async fn query_loop(
+        self: &Rc<Self>,
+        conn: MultiplexedConnection,
+        queries: &mut mpsc::Receiver<Query>,
+    ) -> Result<(), SessionError> {
+        while let Some(query) = queries.recv().await {
+            let bridge = self.clone();
+            let conn = conn.clone();
+            tokio::task::spawn_local(async move { bridge.answer(query, conn).await });
+        }
+        std::future::pending().await
+    }
+
+    async fn answer(&self, query: Query, mut conn: MultiplexedConnection) {
+        self.state.metrics.commands.inc();
+        match query {
+            Query::Presence { user, reply } => {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.scripts.presence.get_hash())
+                    .arg(1)
+                    .arg(self.names.user(&user))
+                    .arg(self.names.prefix());
+                let answer: Result<Vec<Value>, _> = timed(cmd.query_async(&mut conn)).await;
+                let _ = reply.send(answer.map_err(|_| BusError::Redis).and_then(presence_of));
+            }
+            Query::Nodes { reply } => {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.scripts.nodes.get_hash())
+                    .arg(0)
+                    .arg(self.names.prefix());
+                let answer: Result<Vec<String>, _> = timed(cmd.query_async(&mut conn)).await;
+                let _ = reply.send(
+                    answer
+                        .map_err(|_| BusError::Redis)
+                        .map(|flat| nodes_of(&flat)),
+                );
+            }
+            Query::Topic { topic, reply } => {
+                let _ = reply.send(self.topic_counts(&topic, &mut conn).await);
+            }
+        }
+    }
+
+    /// Asks every node subscribed to `topic` (through the topic's own channel: `PUBLISH`
+    /// says how many nodes heard it) and gathers their counts.
+    async fn topic_counts(
+        &self,
+        topic: &str,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<Vec<(String, u64)>, BusError> {
+        let request = rand_u64();
+        let (sender, mut answers) = mpsc::unbounded_channel();
+        self.topic_requests.borrow_mut().insert(request, sender);
+        let query = wire::topic_query(self.instance.get(), request, topic);
+        let asked: Result<i64, SessionError> = timed(
+            redis::cmd("PUBLISH")
+                .arg(self.names.topic(topic))
+                .arg(&query[..])
+                .query_async(conn),
+        )
+        .await;
+        let mut counts = Vec::new();
+        if let Ok(nodes) = asked {
+            let deadline = tokio::time::Instant::now() + TOPIC_QUERY_TIMEOUT;
+            while counts.len() < nodes as usize {
+                match tokio::time::timeout_at(deadline, answers.recv()).await {
+                    Ok(Some(count)) => counts.push(count),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        self.topic_requests.borrow_mut().remove(&request);
+        asked.map_err(|_| BusError::Redis)?;
+        Ok(counts)
+    }
+}
+
+fn answer_down(query: Query) {
+    match query {
+        Query::Presence { reply, .. } => {
+            let _ = reply.send(Err(BusError::Down));
+        }
+        Query::Nodes { reply } => {
+            let _ = reply.send(Err(BusError::Down));
+        }
+        Query::Topic { reply, .. } => {
+            let _ = reply.send(Err(BusError::Down));
+        }
+    }
+}
+
+fn presence_of(answer: Vec<Value>) -> Result<Presence, BusError> {
+    let mut values = answer.into_iter();
+    let Some(Value::Int(connections)) = values.next() else {
+        return Err(BusError::Redis);
+    };
+    let mut nodes: Vec<String> = values
+        .filter_map(|v| match v {
+            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+            _ => None,
+        })
+        .collect();
+    nodes.sort();
+    Ok(Presence {
+        connections: connections.max(0) as u64,
+        nodes,
+    })
+}
+
+fn nodes_of(flat: &[String]) -> Vec<NodeInfo> {
+    flat.chunks_exact(5)
+        .map(|f| NodeInfo {
+            node: f[0].clone(),
+            ws: f[1].clone(),
+            api: f[2].clone(),
+            shards: f[3].parse().unwrap_or(0),
+            connections: f[4].parse().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// A Redis future bounded by [`RESPONSE_TIMEOUT`].
+async fn timed<T>(future: impl Future<Output = redis::RedisResult<T>>) -> Result<T, SessionError> {
+    match tokio::time::timeout(RESPONSE_TIMEOUT, future).await {
+        Ok(result) => result.map_err(SessionError::from),
+        Err(_) => Err(SessionError::Timeout),
+    }
+}
+
+/// 64 random bits (instance ids, request ids).
+fn rand_u64() -> u64 {
+    ahash::RandomState::new().hash_one((std::process::id(), metrics::monotonic_ns()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_answers_parse() {
+        let answer = vec![
+            Value::Int(3),
+            Value::BulkString(b"b".to_vec()),
+            Value::BulkString(b"a".to_vec()),
+        ];
+        assert_eq!(
+            presence_of(answer),
+            Ok(Presence {
+                connections: 3,
+                nodes: vec!["a".into(), "b".into()]
+            })
+        );
+        assert_eq!(presence_of(vec![]), Err(BusError::Redis));
+    }
+
+    #[test]
+    fn node_answers_parse() {
+        let flat: Vec<String> = ["a", "127.0.0.1:1", "127.0.0.1:2", "2", "10"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let nodes = nodes_of(&flat);
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].connections, 10);
+        assert_eq!(nodes[0].shards, 2);
+    }
+}

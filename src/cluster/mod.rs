@@ -1,0 +1,350 @@
+//! The cluster: nodes made one gateway through Redis.
+//!
+//! This module owns the [`Bus`], the handle shards and the HTTP API use to reach other nodes,
+//! and the bridge thread behind it ([`bridge`]), which owns every Redis connection. Nothing
+//! else in the process talks to Redis, and nothing here ever blocks a shard:
+//!
+//! - **Messages** (direct, topic, broadcast, kick) go to the bridge over a bounded crossbeam
+//!   lane. When it is full (Redis slow or down for long) the message is dropped and counted
+//!   (`shardcast_bus_drops_total{reason="bus_full"}`), never waited for. While Redis is down
+//!   the lane is the holding queue; messages older than `bridge_hold_ms` when Redis returns
+//!   are dropped and counted (`reason="stale"`) rather than delivered late.
+//! - **Control** (a device came or went, a topic gained its first or lost its last local
+//!   subscriber) goes over an unbounded lane, because losing one would leave a ghost route or
+//!   a deaf topic. It is bounded by connection and subscription events, not by traffic, and
+//!   the bridge folds it into its own tables at once, Redis up or not: those tables are what
+//!   it re-publishes when Redis comes back.
+//! - **Queries** from the API (presence, nodes, topic counts) go over a small bounded tokio
+//!   channel and are answered asynchronously; a full channel or a down bus answers 503.
+//!
+//! The bridge is woken through a [`Doorbell`], as shards are: a burst of sends costs one
+//! wake-up. Local delivery never waits for any of this: shards deliver to their own sockets
+//! first and hand the bus a copy of the already-rendered frame for the other nodes.
+//!
+//! The Redis layout, and why routes are leased per node rather than per user, is in
+//! [`redis_layout`]; the envelope format in [`wire`].
+
+pub mod bridge;
+pub mod redis_layout;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::metrics::{BusDrop, BusMetrics};
+use crate::reactor::Doorbell;
+use crate::router::{ConnId, Message};
+
+/// Queries the API may have waiting for the bridge at once; more are answered 503.
+const QUERY_CAPACITY: usize = 1024;
+
+/// A message for other nodes.
+#[derive(Debug)]
+pub enum Outbound {
+    /// To every device of `user` on other nodes.
+    User {
+        /// Recipient.
+        user: Arc<str>,
+        /// The rendered message.
+        message: Message,
+    },
+    /// To every subscriber of `topic` on other nodes.
+    Topic {
+        /// Topic.
+        topic: Arc<str>,
+        /// The rendered message.
+        message: Message,
+    },
+    /// To every user connection on other nodes.
+    Broadcast {
+        /// The rendered message.
+        message: Message,
+    },
+    /// Close every connection of `user` on other nodes.
+    Kick {
+        /// User.
+        user: Arc<str>,
+        /// WebSocket close code.
+        code: u16,
+    },
+}
+
+/// A change of what this node holds, which the bridge mirrors into Redis.
+#[derive(Debug)]
+pub enum Control {
+    /// A device of `user` connected (from the connection's shard).
+    DeviceOnline {
+        /// User.
+        user: Arc<str>,
+        /// The connection.
+        conn: ConnId,
+        /// Connect time, ms since the epoch (orders devices for the cluster device limit).
+        since_ms: u64,
+    },
+    /// A device of `user` disconnected.
+    DeviceOffline {
+        /// User.
+        user: Arc<str>,
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The node gained its first (`active`) or lost its last subscriber of `topic` (from the
+    /// topic's home shard, which sees every shard's interest).
+    TopicActive {
+        /// Topic.
+        topic: Arc<str>,
+        /// Whether the node now has subscribers.
+        active: bool,
+    },
+}
+
+/// Why the bus could not answer a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// Redis is unreachable; the bridge is reconnecting.
+    #[error("the Redis bus is down")]
+    Down,
+    /// Too many queries are waiting.
+    #[error("too many cluster queries in flight")]
+    Busy,
+    /// Redis answered with an error or something unexpected.
+    #[error("Redis answered with an error")]
+    Redis,
+}
+
+/// A user's devices across the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// Live devices.
+    pub connections: u64,
+    /// Ids of the nodes holding them.
+    pub nodes: Vec<String>,
+}
+
+/// One live node, as registered in Redis.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub node: String,
+    /// Client WebSocket address.
+    pub ws: String,
+    /// HTTP API address.
+    pub api: String,
+    /// Shards.
+    pub shards: u64,
+    /// Open connections at its last heartbeat.
+    pub connections: u64,
+}
+
+/// A question from the API for the bridge.
+#[derive(Debug)]
+pub enum Query {
+    /// A user's devices cluster-wide.
+    Presence {
+        /// User.
+        user: String,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<Presence, BusError>>,
+    },
+    /// Live nodes.
+    Nodes {
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<Vec<NodeInfo>, BusError>>,
+    },
+    /// Subscribers of a topic per node (nodes without subscribers do not answer).
+    Topic {
+        /// Topic.
+        topic: String,
+        /// Where the answer goes: `(node id, subscribers)`.
+        reply: tokio::sync::oneshot::Sender<Result<Vec<(String, u64)>, BusError>>,
+    },
+}
+
+/// What the bus and its bridge share.
+#[derive(Debug, Default)]
+pub struct BusState {
+    up: AtomicBool,
+    stopping: AtomicBool,
+    /// The bridge's counters.
+    pub metrics: BusMetrics,
+    last_drop_log_ms: AtomicU64,
+}
+
+impl BusState {
+    /// Whether Redis is reachable and this node is registered.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        self.metrics.up.store(up, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Logs a dropped message, at most once a second: a Redis outage under load drops
+    /// thousands a second, and the metric counts each of them.
+    pub(crate) fn log_drop(&self, reason: BusDrop, mid: Option<u64>) {
+        let now = crate::metrics::monotonic_ns() / 1_000_000;
+        let last = self.last_drop_log_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_drop_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                reason = reason.label(),
+                mid,
+                dropped_total = self.metrics.drops_total(),
+                "cross-node message dropped (logged at most once a second)"
+            );
+        }
+    }
+}
+
+/// The shards' and the API's handle to the bridge. Cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Bus {
+    messages: Sender<Outbound>,
+    control: Sender<Control>,
+    queries: tokio::sync::mpsc::Sender<Query>,
+    doorbell: Arc<Doorbell>,
+    state: Arc<BusState>,
+}
+
+/// The bridge's ends of the bus.
+pub struct BridgeEnds {
+    messages: Receiver<Outbound>,
+    control: Receiver<Control>,
+    queries: tokio::sync::mpsc::Receiver<Query>,
+    doorbell: Arc<Doorbell>,
+    state: Arc<BusState>,
+}
+
+impl Bus {
+    /// A bus whose message lane holds `capacity` messages, and the bridge's ends of it.
+    pub fn new(capacity: usize) -> (Bus, BridgeEnds) {
+        let (messages, messages_rx) = crossbeam_channel::bounded(capacity);
+        let (control, control_rx) = crossbeam_channel::unbounded();
+        let (queries, queries_rx) = tokio::sync::mpsc::channel(QUERY_CAPACITY);
+        let doorbell = Arc::new(Doorbell::default());
+        let state = Arc::new(BusState::default());
+        let bus = Bus {
+            messages,
+            control,
+            queries,
+            doorbell: doorbell.clone(),
+            state: state.clone(),
+        };
+        let ends = BridgeEnds {
+            messages: messages_rx,
+            control: control_rx,
+            queries: queries_rx,
+            doorbell,
+            state,
+        };
+        (bus, ends)
+    }
+
+    /// What the bus and the bridge share (up flag, metrics).
+    pub fn state(&self) -> &BusState {
+        &self.state
+    }
+
+    /// Whether Redis is reachable and this node is registered.
+    pub fn is_up(&self) -> bool {
+        self.state.is_up()
+    }
+
+    /// Messages waiting for the bridge.
+    pub fn queue_depth(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Hands a message for other nodes to the bridge; `false` if it was dropped (lane full,
+    /// counted and logged).
+    pub fn send(&self, outbound: Outbound) -> bool {
+        let mid = match &outbound {
+            Outbound::User { message, .. }
+            | Outbound::Topic { message, .. }
+            | Outbound::Broadcast { message } => Some(message.mid),
+            Outbound::Kick { .. } => None,
+        };
+        match self.messages.try_send(outbound) {
+            Ok(()) => {
+                self.doorbell.ring();
+                true
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.state.metrics.dropped(BusDrop::BusFull);
+                self.state.log_drop(BusDrop::BusFull, mid);
+                false
+            }
+        }
+    }
+
+    /// Tells the bridge what changed; never dropped while the bridge runs.
+    pub fn control(&self, control: Control) {
+        if self.control.send(control).is_ok() {
+            self.doorbell.ring();
+        }
+    }
+
+    /// Wakes the bridge (after the node started draining).
+    pub fn wake(&self) {
+        self.doorbell.ring();
+    }
+
+    /// Asks the bridge to finish: remove what it still holds from Redis and exit.
+    pub fn stop(&self) {
+        self.state.stopping.store(true, Ordering::Release);
+        self.doorbell.ring();
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, BusError>>) -> Query,
+    ) -> Result<T, BusError> {
+        if !self.is_up() {
+            return Err(BusError::Down);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queries
+            .try_send(make(reply))
+            .map_err(|_| BusError::Busy)?;
+        self.doorbell.ring();
+        // The bridge answers every query it takes, within its Redis response timeout.
+        match tokio::time::timeout(Duration::from_secs(10), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) | Err(_) => Err(BusError::Down),
+        }
+    }
+
+    /// A user's devices across the cluster.
+    pub async fn presence(&self, user: &str) -> Result<Presence, BusError> {
+        let user = user.to_owned();
+        self.ask(|reply| Query::Presence { user, reply }).await
+    }
+
+    /// Live nodes, least-loaded first.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, BusError> {
+        let mut nodes = self.ask(|reply| Query::Nodes { reply }).await?;
+        nodes.sort_by(|a, b| a.connections.cmp(&b.connections).then(a.node.cmp(&b.node)));
+        Ok(nodes)
+    }
+
+    /// Subscribers of `topic` per node, across the cluster.
+    pub async fn topic(&self, topic: &str) -> Result<Vec<(String, u64)>, BusError> {
+        let topic = topic.to_owned();
+        let mut counts = self.ask(|reply| Query::Topic { topic, reply }).await?;
+        counts.sort();
+        Ok(counts)
+    }
+}

@@ -1,0 +1,235 @@
+//! Where the cluster keeps things in Redis: key and channel names, and the server-side
+//! scripts that read and write them. Pure text, no I/O.
+//!
+//! Every name starts with the configured prefix `P` (default `shardcast`):
+//!
+//! | name | type | what |
+//! |---|---|---|
+//! | `P:nodes` | set | node ids that registered (dead ones are pruned when listed) |
+//! | `P:node:ID` | hash, TTL | one node: `ws`, `api`, `shards`, `connections`, `instance` |
+//! | `P:alive:INST` | string, TTL | the lease of one bridge instance; its value is the node id |
+//! | `P:user:USER` | sorted set | the user's devices: member `INST/CONN`, score = connect time (ms) |
+//! | `P:inst:INST` | channel | envelopes for one node: directed messages, kicks, evictions |
+//! | `P:topic:TOPIC` | channel | a topic's publications; subscribed by nodes with subscribers |
+//! | `P:broadcast` | channel | broadcasts; every node subscribes |
+//!
+//! An *instance* is one connection session of a node's bridge (64 random bits, in hex). A
+//! device entry is valid only while its instance's `alive` key exists. That key is the
+//! per-node lease of every route the node holds: one `SET … XX PX` per heartbeat keeps a
+//! million routes alive, a node killed with `kill -9` loses all of them when the lease runs
+//! out (`cluster_node_ttl_ms`), and a node that stops cleanly deletes its lease and so its
+//! routes at once. Entries of dead instances are skipped by every reader and removed by the
+//! scripts that meet them; the user key itself also carries a long TTL
+//! ([`ROUTE_KEY_TTL_SECS`]) that live owners refresh in batches, so keys whose every owner
+//! died are collected too. A bridge that reconnects starts a new instance, deletes the old
+//! lease and re-publishes its devices: whatever Redis still held or lost of the old one
+//! stops mattering at once.
+//!
+//! The scripts read keys they are not passed (`alive` keys) and publish to channels, which
+//! standalone Redis and replicated setups allow; Redis Cluster would need hash tags.
+
+/// Seconds a user's device set lives without a refresh by one of its live owners.
+pub const ROUTE_KEY_TTL_SECS: u64 = 3600;
+
+/// How long a full round of route-key TTL refreshes takes (spread over heartbeats).
+pub const ROUTE_REFRESH_ROUND_SECS: u64 = ROUTE_KEY_TTL_SECS / 4;
+
+/// Key and channel names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Names under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Names {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The prefix (scripts build `alive` and channel names from it).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Set of registered node ids.
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// One node's registry hash.
+    pub fn node(&self, node_id: &str) -> String {
+        format!("{}:node:{node_id}", self.prefix)
+    }
+
+    /// One instance's lease.
+    pub fn alive(&self, instance: u64) -> String {
+        format!("{}:alive:{}", self.prefix, instance_hex(instance))
+    }
+
+    /// One user's device set.
+    pub fn user(&self, user: &str) -> String {
+        format!("{}:user:{user}", self.prefix)
+    }
+
+    /// One instance's channel.
+    pub fn instance_channel(&self, instance: u64) -> String {
+        format!("{}:inst:{}", self.prefix, instance_hex(instance))
+    }
+
+    /// One topic's channel.
+    pub fn topic(&self, topic: &str) -> String {
+        format!("{}:topic:{topic}", self.prefix)
+    }
+
+    /// The broadcast channel.
+    pub fn broadcast(&self) -> String {
+        format!("{}:broadcast", self.prefix)
+    }
+}
+
+/// An instance id as it appears in names and device members.
+pub fn instance_hex(instance: u64) -> String {
+    format!("{instance:016x}")
+}
+
+/// A device's member in its user's sorted set.
+pub fn device_member(instance: u64, conn: u64) -> String {
+    format!("{}/{conn}", instance_hex(instance))
+}
+
+/// Splits a device member into its instance and connection id.
+pub fn parse_device_member(member: &str) -> Option<(u64, u64)> {
+    let (instance, conn) = member.split_once('/')?;
+    Some((u64::from_str_radix(instance, 16).ok()?, conn.parse().ok()?))
+}
+
+/// `KEYS[1]` user key; `ARGV` prefix, own instance, payload. Publishes the payload once to
+/// every other live instance holding a device of the user; prunes dead instances' devices.
+/// Returns how many nodes it published to.
+pub const ROUTE: &str = r#"
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local state = {}
+local dead = {}
+local sent = 0
+for _, member in ipairs(members) do
+  local instance = string.match(member, '^([^/]+)/') or ''
+  local s = state[instance]
+  if s == nil then
+    if instance == ARGV[2] then
+      s = 'self'
+    elseif instance ~= '' and redis.call('EXISTS', ARGV[1] .. ':alive:' .. instance) == 1 then
+      s = 'live'
+      redis.call('PUBLISH', ARGV[1] .. ':inst:' .. instance, ARGV[3])
+      sent = sent + 1
+    else
+      s = 'dead'
+    end
+    state[instance] = s
+  end
+  if s == 'dead' then dead[#dead + 1] = member end
+end
+if #dead > 0 then redis.call('ZREM', KEYS[1], unpack(dead)) end
+return sent
+"#;
+
+/// `KEYS[1]` user key; `ARGV` prefix, own instance, member, connect time (ms), device limit,
+/// key TTL (s). Adds the device; when the user's live devices exceed the limit, removes the
+/// oldest and returns their members (the caller closes them with 4001). Dead instances'
+/// devices are pruned first and never count.
+pub const DEVICE_ONLINE: &str = r#"
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+local max = tonumber(ARGV[5])
+if redis.call('ZCARD', KEYS[1]) <= max then return {} end
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local state = {}
+local live = {}
+for _, member in ipairs(members) do
+  local instance = string.match(member, '^([^/]+)/') or ''
+  local alive = state[instance]
+  if alive == nil then
+    alive = instance == ARGV[2]
+      or (instance ~= '' and redis.call('EXISTS', ARGV[1] .. ':alive:' .. instance) == 1)
+    state[instance] = alive
+  end
+  if alive then live[#live + 1] = member else redis.call('ZREM', KEYS[1], member) end
+end
+local evicted = {}
+for i = 1, #live - max do
+  evicted[#evicted + 1] = live[i]
+  redis.call('ZREM', KEYS[1], live[i])
+end
+return evicted
+"#;
+
+/// `KEYS[1]` user key; `ARGV` prefix. Returns `{live devices, node id, node id, …}`.
+pub const PRESENCE: &str = r#"
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local node_of = {}
+local listed = {}
+local result = {0}
+for _, member in ipairs(members) do
+  local instance = string.match(member, '^([^/]+)/') or ''
+  local node = node_of[instance]
+  if node == nil then
+    node = instance ~= '' and redis.call('GET', ARGV[1] .. ':alive:' .. instance)
+    node_of[instance] = node
+  end
+  if node then
+    result[1] = result[1] + 1
+    if not listed[node] then
+      listed[node] = true
+      result[#result + 1] = node
+    end
+  end
+end
+return result
+"#;
+
+/// `ARGV` prefix. Returns `{id, ws, api, shards, connections, …}` for every registered
+/// node whose registry hash is still alive; prunes the others from the node set.
+pub const NODES: &str = r#"
+local set = ARGV[1] .. ':nodes'
+local result = {}
+for _, id in ipairs(redis.call('SMEMBERS', set)) do
+  local f = redis.call('HMGET', ARGV[1] .. ':node:' .. id, 'ws', 'api', 'shards', 'connections')
+  if f[1] then
+    result[#result + 1] = id
+    result[#result + 1] = f[1]
+    result[#result + 1] = f[2] or ''
+    result[#result + 1] = f[3] or '0'
+    result[#result + 1] = f[4] or '0'
+  else
+    redis.call('SREM', set, id)
+  end
+end
+return result
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_members_round_trip() {
+        let member = device_member(0xdead_beef, 72_057_594_037_927_941);
+        assert_eq!(member, "00000000deadbeef/72057594037927941");
+        assert_eq!(
+            parse_device_member(&member),
+            Some((0xdead_beef, 72_057_594_037_927_941))
+        );
+        assert_eq!(parse_device_member("nope"), None);
+        assert_eq!(parse_device_member("zz/1"), None);
+    }
+
+    #[test]
+    fn names_share_the_prefix() {
+        let names = Names::new("sc");
+        assert_eq!(names.user("alice"), "sc:user:alice");
+        assert_eq!(names.topic("room"), "sc:topic:room");
+        assert_eq!(names.alive(1), "sc:alive:0000000000000001");
+        assert_eq!(names.instance_channel(1), "sc:inst:0000000000000001");
+    }
+}

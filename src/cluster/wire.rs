@@ -1,0 +1,391 @@
+//! The binary envelopes nodes exchange through Redis pub/sub. Pure data, no I/O.
+//!
+//! Every envelope starts with a version byte and a kind byte, then the sending bridge's
+//! instance id (so a node skips what it published itself when it comes back on a topic or
+//! the broadcast channel). Message envelopes end with the complete, already-rendered
+//! WebSocket frame: the receiving node slices it out of the payload (one `Bytes`, no copy)
+//! and writes it to its sockets without parsing or re-serializing the JSON inside.
+//!
+//! ```text
+//! version u8 = 1 | kind u8 | origin u64 | body
+//!   user, topic:   mid u64 | name_len u16 | name | frame…
+//!   broadcast:     mid u64 | frame…
+//!   kick:          code u16 | name_len u16 | user
+//!   evict:         conn u64
+//!   probe:         nonce u64
+//!   topic_query:   request u64 | name_len u16 | topic
+//!   topic_count:   request u64 | count u64 | name_len u16 | node id
+//! ```
+//! Integers are little-endian. A node that receives another version counts the envelope in
+//! `shardcast_bus_envelopes_invalid_total`, logs it and drops it: nodes of two versions can
+//! share a Redis during a rolling upgrade without misreading each other.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The envelope format this build writes and reads.
+pub const VERSION: u8 = 1;
+
+/// What a decoded envelope asks the receiving node to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Deliver `frame` to every local device of `user`.
+    User {
+        /// Message id (for logs).
+        mid: u64,
+        /// Recipient.
+        user: String,
+        /// The rendered WebSocket frame.
+        frame: Bytes,
+    },
+    /// Deliver `frame` to every local subscriber of `topic`.
+    Topic {
+        /// Message id.
+        mid: u64,
+        /// Topic.
+        topic: String,
+        /// The rendered WebSocket frame.
+        frame: Bytes,
+    },
+    /// Deliver `frame` to every local user connection.
+    Broadcast {
+        /// Message id.
+        mid: u64,
+        /// The rendered WebSocket frame.
+        frame: Bytes,
+    },
+    /// Close every local connection of `user` with `code`.
+    Kick {
+        /// User.
+        user: String,
+        /// WebSocket close code.
+        code: u16,
+    },
+    /// Close one local connection with 4001: the user is over the cluster's device limit.
+    Evict {
+        /// The connection (an id of the receiving node).
+        conn: u64,
+    },
+    /// The bridge's own liveness probe of its subscription.
+    Probe {
+        /// Which probe.
+        nonce: u64,
+    },
+    /// Answer with this node's subscriber count of `topic` (to the origin's node channel).
+    TopicQuery {
+        /// The asker's request id.
+        request: u64,
+        /// Topic.
+        topic: String,
+    },
+    /// One node's answer to a [`Body::TopicQuery`].
+    TopicCount {
+        /// The request answered.
+        request: u64,
+        /// Local subscribers.
+        count: u64,
+        /// The answering node's id.
+        node: String,
+    },
+}
+
+/// A decoded envelope: who sent it and what it asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The sending bridge's instance id.
+    pub origin: u64,
+    /// What to do.
+    pub body: Body,
+}
+
+/// Why an envelope could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Written by a build speaking another envelope version.
+    #[error("unknown envelope version {0}")]
+    Version(u8),
+    /// A kind this version does not know.
+    #[error("unknown envelope kind {0}")]
+    Kind(u8),
+    /// Shorter than its fields say, or a name that is not UTF-8.
+    #[error("truncated or malformed envelope")]
+    Malformed,
+}
+
+mod kind {
+    pub const USER: u8 = 1;
+    pub const TOPIC: u8 = 2;
+    pub const BROADCAST: u8 = 3;
+    pub const KICK: u8 = 4;
+    pub const EVICT: u8 = 5;
+    pub const PROBE: u8 = 6;
+    pub const TOPIC_QUERY: u8 = 7;
+    pub const TOPIC_COUNT: u8 = 8;
+}
+
+const HEADER: usize = 2 + 8;
+
+fn header(kind: u8, origin: u64, body: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(HEADER + body);
+    out.put_u8(VERSION);
+    out.put_u8(kind);
+    out.put_u64_le(origin);
+    out
+}
+
+fn put_name(out: &mut BytesMut, name: &str) {
+    // Names are checked against max_name_bytes (well under 64 KiB) before they get here.
+    let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+    out.put_u16_le(len);
+    out.put_slice(&name.as_bytes()[..len as usize]);
+}
+
+/// A message for a user's devices on other nodes.
+pub fn user(origin: u64, mid: u64, user: &str, frame: &[u8]) -> Bytes {
+    let mut out = header(kind::USER, origin, 8 + 2 + user.len() + frame.len());
+    out.put_u64_le(mid);
+    put_name(&mut out, user);
+    out.put_slice(frame);
+    out.freeze()
+}
+
+/// A publication for a topic's subscribers on other nodes.
+pub fn topic(origin: u64, mid: u64, topic: &str, frame: &[u8]) -> Bytes {
+    let mut out = header(kind::TOPIC, origin, 8 + 2 + topic.len() + frame.len());
+    out.put_u64_le(mid);
+    put_name(&mut out, topic);
+    out.put_slice(frame);
+    out.freeze()
+}
+
+/// A broadcast for every other node.
+pub fn broadcast(origin: u64, mid: u64, frame: &[u8]) -> Bytes {
+    let mut out = header(kind::BROADCAST, origin, 8 + frame.len());
+    out.put_u64_le(mid);
+    out.put_slice(frame);
+    out.freeze()
+}
+
+/// Close a user's connections on other nodes.
+pub fn kick(origin: u64, user: &str, code: u16) -> Bytes {
+    let mut out = header(kind::KICK, origin, 4 + user.len());
+    out.put_u16_le(code);
+    put_name(&mut out, user);
+    out.freeze()
+}
+
+/// Close one connection of another node (device limit).
+pub fn evict(origin: u64, conn: u64) -> Bytes {
+    let mut out = header(kind::EVICT, origin, 8);
+    out.put_u64_le(conn);
+    out.freeze()
+}
+
+/// The subscription liveness probe.
+pub fn probe(origin: u64, nonce: u64) -> Bytes {
+    let mut out = header(kind::PROBE, origin, 8);
+    out.put_u64_le(nonce);
+    out.freeze()
+}
+
+/// Ask every node subscribed to `topic` for its subscriber count.
+pub fn topic_query(origin: u64, request: u64, topic: &str) -> Bytes {
+    let mut out = header(kind::TOPIC_QUERY, origin, 10 + topic.len());
+    out.put_u64_le(request);
+    put_name(&mut out, topic);
+    out.freeze()
+}
+
+/// Answer a topic query.
+pub fn topic_count(origin: u64, request: u64, count: u64, node: &str) -> Bytes {
+    let mut out = header(kind::TOPIC_COUNT, origin, 18 + node.len());
+    out.put_u64_le(request);
+    out.put_u64_le(count);
+    put_name(&mut out, node);
+    out.freeze()
+}
+
+/// Reads an envelope. Frames are slices of `payload` (no copy).
+pub fn decode(payload: Bytes) -> Result<Envelope, DecodeError> {
+    let mut rest = payload.clone();
+    if rest.remaining() < HEADER {
+        return Err(DecodeError::Malformed);
+    }
+    let version = rest.get_u8();
+    if version != VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let kind = rest.get_u8();
+    let origin = rest.get_u64_le();
+    let body = match kind {
+        kind::USER | kind::TOPIC => {
+            let mid = u64_of(&mut rest)?;
+            let name = name_of(&mut rest)?;
+            let frame = rest;
+            if kind == kind::USER {
+                Body::User {
+                    mid,
+                    user: name,
+                    frame,
+                }
+            } else {
+                Body::Topic {
+                    mid,
+                    topic: name,
+                    frame,
+                }
+            }
+        }
+        kind::BROADCAST => Body::Broadcast {
+            mid: u64_of(&mut rest)?,
+            frame: rest,
+        },
+        kind::KICK => {
+            if rest.remaining() < 2 {
+                return Err(DecodeError::Malformed);
+            }
+            let code = rest.get_u16_le();
+            Body::Kick {
+                user: name_of(&mut rest)?,
+                code,
+            }
+        }
+        kind::EVICT => Body::Evict {
+            conn: u64_of(&mut rest)?,
+        },
+        kind::PROBE => Body::Probe {
+            nonce: u64_of(&mut rest)?,
+        },
+        kind::TOPIC_QUERY => Body::TopicQuery {
+            request: u64_of(&mut rest)?,
+            topic: name_of(&mut rest)?,
+        },
+        kind::TOPIC_COUNT => Body::TopicCount {
+            request: u64_of(&mut rest)?,
+            count: u64_of(&mut rest)?,
+            node: name_of(&mut rest)?,
+        },
+        other => return Err(DecodeError::Kind(other)),
+    };
+    Ok(Envelope { origin, body })
+}
+
+fn u64_of(rest: &mut Bytes) -> Result<u64, DecodeError> {
+    if rest.remaining() < 8 {
+        return Err(DecodeError::Malformed);
+    }
+    Ok(rest.get_u64_le())
+}
+
+fn name_of(rest: &mut Bytes) -> Result<String, DecodeError> {
+    if rest.remaining() < 2 {
+        return Err(DecodeError::Malformed);
+    }
+    let len = rest.get_u16_le() as usize;
+    if rest.remaining() < len {
+        return Err(DecodeError::Malformed);
+    }
+    let name = rest.split_to(len);
+    String::from_utf8(name.to_vec()).map_err(|_| DecodeError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips() {
+        let frame = b"\x81\x05hello";
+        let cases = [
+            (
+                user(7, 42, "alice", frame),
+                Body::User {
+                    mid: 42,
+                    user: "alice".into(),
+                    frame: Bytes::from_static(frame),
+                },
+            ),
+            (
+                topic(7, 43, "room", frame),
+                Body::Topic {
+                    mid: 43,
+                    topic: "room".into(),
+                    frame: Bytes::from_static(frame),
+                },
+            ),
+            (
+                broadcast(7, 44, frame),
+                Body::Broadcast {
+                    mid: 44,
+                    frame: Bytes::from_static(frame),
+                },
+            ),
+            (
+                kick(7, "bob", 4003),
+                Body::Kick {
+                    user: "bob".into(),
+                    code: 4003,
+                },
+            ),
+            (evict(7, 99), Body::Evict { conn: 99 }),
+            (probe(7, 5), Body::Probe { nonce: 5 }),
+            (
+                topic_query(7, 8, "room"),
+                Body::TopicQuery {
+                    request: 8,
+                    topic: "room".into(),
+                },
+            ),
+            (
+                topic_count(7, 8, 12, "node-a"),
+                Body::TopicCount {
+                    request: 8,
+                    count: 12,
+                    node: "node-a".into(),
+                },
+            ),
+        ];
+        for (encoded, body) in cases {
+            assert_eq!(decode(encoded), Ok(Envelope { origin: 7, body }));
+        }
+    }
+
+    #[test]
+    fn frames_are_slices_of_the_payload() {
+        let payload = user(1, 2, "u", b"frame");
+        let base = payload.as_ptr() as usize;
+        let Ok(Envelope {
+            body: Body::User { frame, .. },
+            ..
+        }) = decode(payload.clone())
+        else {
+            panic!("decodes");
+        };
+        assert_eq!(frame.as_ptr() as usize, base + payload.len() - 5);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let mut other_version = user(1, 2, "u", b"f").to_vec();
+        other_version[0] = 2;
+        assert_eq!(decode(other_version.into()), Err(DecodeError::Version(2)));
+        assert_eq!(
+            decode(Bytes::from_static(&[1, 99, 0, 0, 0, 0, 0, 0, 0, 0])),
+            Err(DecodeError::Kind(99))
+        );
+        let good = topic_count(1, 2, 3, "node");
+        for cut in 0..good.len() {
+            assert!(decode(good.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let mut seed = 0x1234_5678_u64;
+        for _ in 0..2000 {
+            let len = (seed % 40) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (seed >> 33) as u8
+                })
+                .collect();
+            let _ = decode(bytes.into());
+        }
+    }
+}
