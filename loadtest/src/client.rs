@@ -1,5 +1,6 @@
-//! Opening dev-mode client connections: one at a time ([`open`]) or many over worker threads
-//! ([`open_many`]).
+//! Opening dev-mode client connections: one at a time ([`open`]) or many over threads
+//! ([`open_many`]), and who each connection is ([`Population`]) and where it goes
+//! ([`Spread`]: nodes and source addresses).
 //!
 //! A connection is counted as open once the TCP connect, the HTTP upgrade and the server's
 //! first frame (`hello`) are done; that span is its handshake time. Sockets are blocking while
@@ -8,8 +9,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -18,8 +18,6 @@ use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
-
-use crate::Common;
 
 /// A client WebSocket over a plain TCP stream.
 pub type Ws = WebSocket<TcpStream>;
@@ -83,9 +81,19 @@ impl Target {
 pub struct Deadline(Instant);
 
 impl Deadline {
-    /// `secs` seconds from now.
-    pub fn after(secs: u64) -> Self {
-        Deadline(Instant::now() + Duration::from_secs(secs))
+    /// `limit` from now.
+    pub fn after(limit: Duration) -> Self {
+        Deadline(Instant::now() + limit)
+    }
+
+    /// Time left (zero once it has passed).
+    pub fn left(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+
+    /// The moment itself.
+    pub fn at(&self) -> Instant {
+        self.0
     }
 
     /// Time left, or an error once it has passed.
@@ -108,17 +116,9 @@ impl Deadline {
     }
 }
 
-/// Checks the source addresses and that this process may hold `sockets` more descriptors,
-/// raising its soft `RLIMIT_NOFILE` to the hard limit if needed.
-pub fn preflight(common: &Common, sockets: usize) -> Result<()> {
-    ensure!(!common.sources.is_empty(), "--sources is empty");
-    ensure!(common.workers > 0, "--workers must be at least 1");
-    for source in &common.sources {
-        ensure!(
-            matches!(source, IpAddr::V4(v4) if v4.is_loopback()),
-            "source {source} is not in 127.0.0.0/8"
-        );
-    }
+/// Checks that this process may hold `sockets` more descriptors, raising its soft
+/// `RLIMIT_NOFILE` to the hard limit if needed.
+pub fn raise_fd_limit(sockets: usize) -> Result<()> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -137,10 +137,80 @@ pub fn preflight(common: &Common, sockets: usize) -> Result<()> {
     }
     ensure!(
         limit.rlim_cur >= needed,
-        "{sockets} sockets need RLIMIT_NOFILE >= {needed}; this process has {}",
+        "{sockets} sockets need RLIMIT_NOFILE >= {needed}; this process has {} \
+         (use more worker processes: lower --per-process)",
         limit.rlim_cur
     );
     Ok(())
+}
+
+/// Refuses any source address outside `127.0.0.0/8`.
+pub fn check_sources(sources: &[IpAddr]) -> Result<()> {
+    ensure!(!sources.is_empty(), "--sources is empty");
+    for source in sources {
+        ensure!(
+            matches!(source, IpAddr::V4(v4) if v4.is_loopback()),
+            "source {source} is not in 127.0.0.0/8"
+        );
+    }
+    Ok(())
+}
+
+/// Where connections go: connection `i` goes to URL `i % urls` from source
+/// `(i / urls) % sources`, so every node sees every source address.
+#[derive(Clone, Debug)]
+pub struct Spread {
+    /// The nodes' WebSocket endpoints.
+    pub urls: Vec<Target>,
+    /// Loopback source addresses.
+    pub sources: Vec<IpAddr>,
+}
+
+impl Spread {
+    /// The endpoint and source address of connection `i`.
+    pub fn route(&self, i: usize) -> (&Target, IpAddr) {
+        let url = &self.urls[i % self.urls.len()];
+        let source = self.sources[(i / self.urls.len()) % self.sources.len()];
+        (url, source)
+    }
+}
+
+/// Who connection `i` is: the first `subs` connections are topic subscribers `s0`, `s1`, ...;
+/// the rest are users `p0`, `p1`, ... (user `p{u}` is connection `subs + u`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Population {
+    /// Topic subscribers.
+    pub subs: usize,
+    /// Users that receive (and may send) direct messages.
+    pub users: usize,
+    /// The subscribers' topic.
+    pub topic: String,
+}
+
+impl Population {
+    /// Every connection.
+    pub fn total(&self) -> usize {
+        self.subs + self.users
+    }
+
+    /// Connection `i`'s user name.
+    pub fn user_name(&self, i: usize) -> String {
+        if i < self.subs {
+            format!("s{i}")
+        } else {
+            user_name(i - self.subs)
+        }
+    }
+
+    /// The topic connection `i` subscribes to, if any.
+    pub fn topic_of(&self, i: usize) -> Option<&str> {
+        (i < self.subs).then_some(self.topic.as_str())
+    }
+}
+
+/// The name of direct-message user `u`.
+pub fn user_name(u: usize) -> String {
+    format!("p{u}")
 }
 
 /// Opens one dev-mode connection for `user` from `source` and reads its `hello`.
@@ -207,38 +277,39 @@ pub fn subscribe(ws: &mut Ws, topic: &str) -> Result<()> {
 
 /// What [`open_many`] opened.
 pub struct Opened {
-    /// The connections, one group per worker thread.
-    pub groups: Vec<Vec<Ws>>,
-    /// Wall time from the first connect to the last `hello` (and `ack` if subscribing).
-    pub elapsed: Duration,
+    /// The connections, one group per thread, with their connection numbers.
+    pub groups: Vec<Vec<(usize, Ws)>>,
     /// Handshake time of each connection (connect, upgrade, `hello`), microseconds.
     pub handshake_us: Histogram<u64>,
 }
 
 /// How [`open_many`] opens its connections.
 pub struct Plan<'a> {
-    /// How many.
-    pub count: usize,
-    /// User names are this prefix and the connection's number (`u0`, `u1`, ...).
-    pub prefix: &'a str,
-    /// Handshakes per second to stay under; 0 for as fast as the workers go.
+    /// Where connections go.
+    pub spread: &'a Spread,
+    /// Who they are.
+    pub population: &'a Population,
+    /// The connection numbers to open, in order.
+    pub indices: &'a [usize],
+    /// Threads opening them (and, later, reading them: one group each).
+    pub threads: usize,
+    /// Handshakes per second to stay under; 0 for as fast as the threads go.
     pub rate: f64,
-    /// Subscribe every connection to this topic once open.
-    pub subscribe: Option<&'a str>,
 }
 
-/// Opens `plan.count` connections over `common.workers` threads. Connection `i` goes from
-/// source `i % sources`; worker `w` opens connections `w`, `w + workers`, ... The first
-/// failure stops every worker and is returned.
-pub fn open_many(common: &Common, plan: &Plan<'_>, deadline: Deadline) -> Result<Opened> {
-    let failed = Arc::new(AtomicBool::new(false));
+/// Opens `plan.indices` over `plan.threads` threads; thread `t` opens positions `t`,
+/// `t + threads`, ... and counts each open connection in `opened`. The first failure stops
+/// every thread and is returned.
+pub fn open_many(plan: &Plan<'_>, opened: &AtomicUsize, deadline: Deadline) -> Result<Opened> {
+    ensure!(plan.threads > 0, "at least one thread is needed");
+    let failed = AtomicBool::new(false);
     let started = Instant::now();
-    let results: Vec<Result<(Vec<Ws>, Histogram<u64>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..common.workers)
-            .map(|w| {
-                let failed = failed.clone();
+    let results: Vec<Result<Share>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..plan.threads)
+            .map(|t| {
+                let failed = &failed;
                 scope.spawn(move || {
-                    let result = open_share(common, plan, w, started, deadline, &failed);
+                    let result = open_share(plan, t, started, opened, deadline, failed);
                     if result.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
@@ -248,10 +319,12 @@ pub fn open_many(common: &Common, plan: &Plan<'_>, deadline: Deadline) -> Result
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("worker panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("opening thread panicked")))
+            })
             .collect()
     });
-    let elapsed = started.elapsed();
     let mut groups = Vec::new();
     let mut handshake_us = Histogram::new(3)?;
     for result in results {
@@ -261,45 +334,53 @@ pub fn open_many(common: &Common, plan: &Plan<'_>, deadline: Deadline) -> Result
     }
     Ok(Opened {
         groups,
-        elapsed,
         handshake_us,
     })
 }
 
-/// One worker's share of [`open_many`]. Stops early (with what it has) when another failed.
+/// One thread's connections (with their numbers) and handshake times.
+type Share = (Vec<(usize, Ws)>, Histogram<u64>);
+
+/// One thread's share of [`open_many`]. Stops early (with what it has) when another failed.
 fn open_share(
-    common: &Common,
     plan: &Plan<'_>,
-    worker: usize,
+    thread: usize,
     started: Instant,
+    opened: &AtomicUsize,
     deadline: Deadline,
     failed: &AtomicBool,
-) -> Result<(Vec<Ws>, Histogram<u64>)> {
-    let mut opened = Vec::with_capacity(plan.count / common.workers + 1);
+) -> Result<Share> {
+    let mut group = Vec::with_capacity(plan.indices.len() / plan.threads + 1);
     let mut handshake_us = Histogram::new(3)?;
-    for i in (worker..plan.count).step_by(common.workers) {
+    for position in (thread..plan.indices.len()).step_by(plan.threads) {
         if failed.load(Ordering::Relaxed) {
             break;
         }
-        deadline
-            .remaining()
-            .with_context(|| format!("{} of {} connections opened", i, plan.count))?;
+        deadline.remaining().with_context(|| {
+            format!(
+                "{} of {} connections opened",
+                opened.load(Ordering::Relaxed),
+                plan.indices.len()
+            )
+        })?;
         if plan.rate > 0.0 {
-            let due = started + Duration::from_secs_f64(i as f64 / plan.rate);
+            let due = started + Duration::from_secs_f64(position as f64 / plan.rate);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
-        let source = common.sources[i % common.sources.len()];
-        let user = format!("{}{i}", plan.prefix);
+        let i = plan.indices[position];
+        let (url, source) = plan.spread.route(i);
+        let user = plan.population.user_name(i);
         let began = Instant::now();
-        let mut ws = open(&common.url, source, &user, deadline)
-            .with_context(|| format!("connection {i} ({user} from {source})"))?;
-        handshake_us.record(began.elapsed().as_micros() as u64)?;
-        if let Some(topic) = plan.subscribe {
+        let mut ws = open(url, source, &user, deadline)
+            .with_context(|| format!("connection {i} ({user} from {source} to {url})"))?;
+        handshake_us.saturating_record(began.elapsed().as_micros() as u64);
+        if let Some(topic) = plan.population.topic_of(i) {
             subscribe(&mut ws, topic).with_context(|| format!("subscribing {user}"))?;
         }
-        opened.push(ws);
+        group.push((i, ws));
+        opened.fetch_add(1, Ordering::Relaxed);
     }
-    Ok((opened, handshake_us))
+    Ok((group, handshake_us))
 }
 
 /// Sets `IP_BIND_ADDRESS_NO_PORT` (Linux 4.2+); without it, bind picks a port at once.

@@ -1,89 +1,255 @@
-//! `shardcast-loadtest`: the load driver behind the single-node figures in BENCHMARKS.md.
+//! `shardcast-loadtest`: the load generator for shardcast, from a few connections to C1M-style
+//! runs spread over many processes, source addresses and nodes.
 //!
-//! Every scenario talks to one node on loopback (only `127.0.0.0/8` is accepted, as target and
-//! as source), spreads its client sockets over several source addresses (`--sources`, bound
-//! before `connect`, so 18,000 sockets do not exhaust one address's ephemeral ports), and
-//! gives up after `--timeout` seconds. Each prints a human table and, last, one JSON line.
+//! Scenarios ([`scenario`]): `connect`, `fanout`, `p2p`, `churn`, `mixed` run through the
+//! coordinator ([`run`]), which re-executes this binary as hidden `worker` processes
+//! ([`worker`], [`fleet`], protocol in [`wire`]) holding at most `--per-process` sockets
+//! each, because `RLIMIT_NOFILE` caps one process. `api` ([`api`]) is a single-process
+//! benchmark of the HTTP publish path.
 //!
-//! * `connect` ([`connect`]): N idle dev-mode connections. Handshakes per second, the node's
-//!   RSS per connection and its CPU while they sit idle.
-//! * `fanout` ([`fanout`]): N subscribers of one topic and one publisher sending M
-//!   publications one at a time. Time from the `pub` to the last (and the median) subscriber,
-//!   and the node's CPU time per delivery.
-//! * `api` ([`api`]): keep-alive HTTP `POST /v1/publish` to single users: requests per second,
-//!   request latency, and whether API load delays a client's `ping` round trip.
+//! Everything is loopback only: targets, API addresses and source addresses must be in
+//! `127.0.0.0/8`. Client sockets are spread over the nodes (`--url`, comma-separated) and
+//! source addresses (`--sources`, bound before `connect`, so one address's ephemeral ports
+//! do not run out). `--spawn-cluster K` ([`cluster`]) starts redis and K nodes for the run
+//! and stops them after. With node pids (`--pid`, or the spawned nodes), RSS, descriptors
+//! and CPU come from `/proc` ([`probe`]). Every run ends within `--timeout` seconds and
+//! prints a table, then exactly one JSON line.
 //!
-//! With `--pid`, the node's memory and CPU are read from `/proc/PID/status` (`VmRSS`) and
-//! `/proc/PID/stat` (`utime`, `stime`), see [`probe`]. The load generator shares the machine
-//! with the node, so latencies and node CPU under load are upper bounds.
-//!
-//! Client sockets are read by a few worker threads, each owning a slice of them and waiting on
-//! them with its own epoll set ([`readers`]); tungstenite answers the server's pings.
+//! Within a process, threads open the sockets ([`client`]) and then read them, and send what
+//! the scenario schedules, each with its own epoll set ([`readers`], [`traffic`], [`churn`]).
 
 mod api;
+mod churn;
 mod client;
-mod connect;
-mod fanout;
+mod cluster;
+mod fleet;
+mod http;
 mod probe;
 mod readers;
+mod report;
+mod run;
+mod scenario;
+mod traffic;
+mod wire;
+mod worker;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::client::Target;
+use crate::client::{Deadline, Target};
+use crate::cluster::{Cluster, ClusterSpec};
 
 #[derive(Parser)]
-#[command(about = "Load driver for shardcast (single node, loopback only)")]
+#[command(about = "Load generator for shardcast (loopback only)")]
 struct Cli {
     #[command(subcommand)]
-    scenario: Scenario,
+    command: Command,
 }
 
 /// Options every scenario takes.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Common {
-    /// The node's WebSocket endpoint, e.g. `ws://127.0.0.1:8080/ws` (loopback only).
+    /// The nodes' WebSocket endpoints, comma-separated, e.g. `ws://127.0.0.1:8080/ws`
+    /// (loopback only). Connection i goes to the (i mod n)-th.
+    #[arg(long, value_delimiter = ',', required_unless_present = "spawn_cluster")]
+    pub url: Vec<Target>,
+    /// The nodes' HTTP API addresses, comma-separated (loopback only), for scenarios that
+    /// publish through the API.
+    #[arg(long, value_delimiter = ',')]
+    pub api: Vec<SocketAddr>,
+    /// API key, if the nodes have one.
     #[arg(long)]
-    pub url: Target,
-    /// Source addresses to spread client sockets over (comma-separated, loopback only).
+    pub api_key: Option<String>,
+    /// The nodes' pids, comma-separated: RSS, descriptors and CPU from /proc.
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// Source addresses to spread client sockets over (comma-separated, 127.0.0.0/8).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
     )]
     pub sources: Vec<IpAddr>,
-    /// Client threads opening and reading the sockets.
-    #[arg(long, default_value_t = 4)]
-    pub workers: usize,
-    /// The node's pid: read its RSS and CPU time from /proc.
-    #[arg(long)]
-    pub pid: Option<u32>,
+    /// Threads per worker process (opening, then reading and sending).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Most sockets per worker process (RLIMIT_NOFILE is capped per process).
+    #[arg(long, default_value_t = 18_000)]
+    pub per_process: usize,
     /// Give up after this many seconds, whatever the phase.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Start redis-server and K shardcast nodes for this run (and stop them after), instead
+    /// of --url/--api/--pid.
+    #[arg(long, conflicts_with_all = ["url", "api", "pid"])]
+    pub spawn_cluster: Option<usize>,
+    /// The shardcast binary for --spawn-cluster [default: `shardcast` next to this binary].
+    #[arg(long)]
+    pub shardcast_bin: Option<PathBuf>,
+    /// The redis-server binary for --spawn-cluster.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: PathBuf,
+    /// With --spawn-cluster: no redis, nodes run alone (only sensible with one node).
+    #[arg(long, requires = "spawn_cluster")]
+    pub without_redis: bool,
 }
 
 #[derive(Subcommand)]
-enum Scenario {
-    /// N idle connections: handshake rate, node RSS per connection, idle node CPU.
-    Connect(connect::Args),
-    /// N subscribers of one topic, M publications one at a time: time to the last delivery.
-    Fanout(fanout::Args),
-    /// HTTP publish to single users: requests per second, latency, client ping under load.
-    Api(api::Args),
+enum Command {
+    /// N idle connections: connect rate, node RSS per connection, idle node CPU.
+    Connect {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenario::ConnectArgs,
+    },
+    /// N topic subscribers, M API publications one at a time: time to the last subscriber.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenario::FanoutArgs,
+    },
+    /// N users, M direct messages at a rate (API or client frames): delivered, lost,
+    /// duplicated, latency.
+    P2p {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenario::P2pArgs,
+    },
+    /// Connections opened and closed at a rate while direct messages flow.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenario::ChurnScenarioArgs,
+    },
+    /// Fan-out, direct messages and churn at once.
+    Mixed {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: scenario::MixedArgs,
+    },
+    /// HTTP publish to single users (one process): requests per second, latency, client
+    /// ping under load.
+    Api {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: api::Args,
+    },
+    /// A worker process (started by the coordinator).
+    #[command(hide = true)]
+    Worker,
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().scenario {
-        Scenario::Connect(args) => connect::run(&args),
-        Scenario::Fanout(args) => fanout::run(&args),
-        Scenario::Api(args) => api::run(&args),
+/// Where a run's nodes are, and the cluster started for it (stopped when dropped).
+pub struct Endpoints {
+    /// The options given.
+    pub common: Common,
+    /// WebSocket endpoints.
+    pub urls: Vec<Target>,
+    /// API addresses.
+    pub apis: Vec<SocketAddr>,
+    /// Node pids to observe.
+    pub pids: Vec<u32>,
+    /// The spawned cluster, if any.
+    cluster: Option<Cluster>,
+}
+
+impl Endpoints {
+    /// Checks `common`, starting a cluster if it asks for one.
+    fn resolve(common: Common, deadline: Deadline) -> Result<Self> {
+        client::check_sources(&common.sources)?;
+        run::check_apis(&common.api)?;
+        let Some(nodes) = common.spawn_cluster else {
+            return Ok(Endpoints {
+                urls: common.url.clone(),
+                apis: common.api.clone(),
+                pids: common.pid.clone(),
+                common,
+                cluster: None,
+            });
+        };
+        ensure!(nodes > 0, "--spawn-cluster needs at least one node");
+        ensure!(
+            nodes == 1 || !common.without_redis,
+            "--without-redis runs unconnected nodes: use it with one node only"
+        );
+        let shardcast = match &common.shardcast_bin {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("finding this executable")?
+                .with_file_name("shardcast"),
+        };
+        ensure!(
+            shardcast.is_file(),
+            "{} does not exist (build it: cargo build --release -p shardcast, or give \
+             --shardcast-bin)",
+            shardcast.display()
+        );
+        let spec = ClusterSpec {
+            nodes,
+            shardcast: &shardcast,
+            redis_server: &common.redis_server,
+            without_redis: common.without_redis,
+        };
+        let cluster = Cluster::start(&spec, deadline)?;
+        eprintln!(
+            "started {nodes} node(s){}; logs in {}",
+            if common.without_redis {
+                " without redis"
+            } else {
+                " and redis"
+            },
+            cluster.log_dir.display()
+        );
+        Ok(Endpoints {
+            urls: cluster.urls(),
+            apis: cluster.apis(),
+            pids: cluster.pids(),
+            common,
+            cluster: Some(cluster),
+        })
     }
 }
 
-/// Prints one line of a scenario's human-readable table.
-pub fn row(label: &str, value: impl std::fmt::Display) {
-    println!("  {label:<40}{value}");
+/// Makes every process this one starts get SIGTERM if this one dies (Ctrl-C included), so
+/// no worker, node or redis outlives a run.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+fn main() -> Result<()> {
+    let (common, plan) = match Cli::parse().command {
+        Command::Worker => return worker::run(),
+        Command::Api { common, args } => {
+            let deadline = Deadline::after(Duration::from_secs(common.timeout));
+            let endpoints = Endpoints::resolve(common, deadline)?;
+            return api::run(&args, &endpoints, deadline);
+        }
+        Command::Connect { common, args } => (common, args.plan()?),
+        Command::Fanout { common, args } => (common, args.plan()?),
+        Command::P2p { common, args } => (common, args.plan()?),
+        Command::Churn { common, args } => (common, args.plan()?),
+        Command::Mixed { common, args } => (common, args.plan()?),
+    };
+    let deadline = Deadline::after(Duration::from_secs(common.timeout));
+    let endpoints = Endpoints::resolve(common, deadline)?;
+    let result = run::run(&plan, &endpoints, deadline);
+    drop(endpoints.cluster);
+    result
 }

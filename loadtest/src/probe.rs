@@ -33,7 +33,7 @@ impl CpuTime {
     }
 }
 
-/// A process to observe; `"self"` is this process.
+/// A process to observe.
 #[derive(Clone, Debug)]
 pub struct Probe {
     proc_dir: String,
@@ -44,13 +44,6 @@ impl Probe {
     pub fn pid(pid: u32) -> Self {
         Probe {
             proc_dir: format!("/proc/{pid}"),
-        }
-    }
-
-    /// Observes the load driver itself.
-    pub fn this_process() -> Self {
-        Probe {
-            proc_dir: "/proc/self".to_owned(),
         }
     }
 
@@ -108,7 +101,7 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        let me = Probe::this_process();
+        let me = Probe::pid(std::process::id());
         assert!(me.rss_bytes().expect("rss") > 0);
         let cpu = me.cpu().expect("cpu");
         assert!(cpu.user >= 0.0 && cpu.system >= 0.0);
