@@ -5,7 +5,7 @@
 #   e.g. loadtest/bench.sh connect --conns 10000 --hold 20
 #
 # Starts `shardcast serve --dev` on free loopback ports with $NODE_FLAGS (default
-# "--shards 2"), passes --url, --pid (and --api for the api scenario) to
+# "--shards 2"), passes --url, --api and --pid to
 # `shardcast-loadtest SCENARIO`, then SIGTERMs the node and waits for it (SIGKILL after
 # 20 s). The scenario's output goes to stdout; its final JSON line is also appended to
 # $RESULTS (default /tmp/shardcast-bench.jsonl). Build first:
@@ -34,10 +34,8 @@ stop_node() {
 }
 trap stop_node EXIT
 
-extra=()
-[ "$scenario" = api ] && extra=(--api "127.0.0.1:$api")
 out=$(mktemp /tmp/shardcast-bench-out.XXXXXX)
 target/release/shardcast-loadtest "$scenario" --url "ws://127.0.0.1:$port/ws" --pid "$pid" \
-  "${extra[@]}" "$@" | tee "$out"
+  --api "127.0.0.1:$api" "$@" | tee "$out"
 tail -n 1 "$out" >>"$results"
 rm -f "$out"

@@ -23,6 +23,9 @@ use crate::http::Api;
 /// How long a node has to become ready.
 const READY_WAIT: Duration = Duration::from_secs(30);
 
+/// Pause after the last node is ready.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// How long stopping processes have before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
@@ -115,6 +118,8 @@ impl Cluster {
         for n in 0..cluster.nodes.len() {
             cluster.wait_until_ready(n, deadline)?;
         }
+        // Let the nodes close the readiness probes' connections before baselines are read.
+        std::thread::sleep(deadline.cap(SETTLE));
         Ok(cluster)
     }
 
