@@ -1,13 +1,14 @@
 //! Micro-benchmarks of the per-message hot paths, each beside a naive baseline where one
 //! makes sense: rendering a publication frame once for fan-out, parsing a client request,
 //! decoding inbound frames, unmasking, making message ids, handing an envelope to another
-//! shard, and looking up which shards hold a user.
+//! shard, looking up which shards hold a user, and a cross-node envelope round trip.
 
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use serde_json::{json, Value};
+use shardcast::cluster::wire;
 use shardcast::protocol::{self, render, MidGenerator};
 use shardcast::ws::{self, Flow, Inbound, Limits};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -173,6 +174,36 @@ fn user_lookup(c: &mut Criterion) {
     group.finish();
 }
 
+/// A cross-node envelope: binary with the rendered frame inside (what nodes exchange),
+/// against the JSON-in-JSON envelope many gateways use (the receiving node parses the
+/// envelope and re-renders the client frame).
+fn envelopes(c: &mut Criterion) {
+    let frame = render::publication(Some("room.1"), 1, 2, DATA);
+    let mut group = c.benchmark_group("cross_node_envelope");
+    group.bench_function("shardcast_binary_encode_decode", |b| {
+        b.iter(|| {
+            let payload = wire::topic(7, 1, black_box("room.1"), black_box(&frame));
+            wire::decode(payload).is_ok()
+        })
+    });
+    group.bench_function("naive_json_in_json", |b| {
+        let data: Value = serde_json::from_str(DATA).expect("json");
+        b.iter(|| {
+            let envelope = serde_json::to_vec(
+                &json!({"v":1,"origin":"7","topic":black_box("room.1"),"mid":"1","ts":2,"data":data}),
+            )
+            .expect("json");
+            let parsed: Value = serde_json::from_slice(&envelope).expect("json");
+            let client = json!({"op":"pub","topic":parsed["topic"],"mid":parsed["mid"],"ts":parsed["ts"],"data":parsed["data"]});
+            ws::frame(
+                OpCode::Data(Data::Text),
+                &serde_json::to_vec(&client).expect("json"),
+            )
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     rendering,
@@ -180,6 +211,7 @@ criterion_group!(
     decoding,
     mids,
     handoff,
-    user_lookup
+    user_lookup,
+    envelopes
 );
 criterion_main!(benches);
