@@ -3,97 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
 use tungstenite::Message;
-
-/// A `shardcast serve` child process, killed if the test fails midway.
-struct Process {
-    child: Child,
-    addr: String,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Process {
-    fn serve(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
-            .args(args)
-            .envs(env.iter().copied())
-            .env("SHARDCAST_PIN_SHARDS", "false")
-            .env("SHARDCAST_GRACE_PERIOD_MS", "3000")
-            .env("SHARDCAST_DRAIN_WINDOW_MS", "1000")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn shardcast");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut process = Process {
-            child,
-            addr: String::new(),
-            stderr: rx,
-        };
-        let deadline = Instant::now() + WAIT;
-        process.addr = loop {
-            let line = process
-                .stderr
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("start line");
-            if line.contains("shardcast node started") {
-                let start = line.find("listen=").expect("listen field") + "listen=".len();
-                break line[start..]
-                    .split_whitespace()
-                    .next()
-                    .expect("addr")
-                    .to_owned();
-            }
-        };
-        process
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("node did not exit within {WAIT:?}");
-    }
-
-    fn client(&self, user: &str) -> Client {
-        Client::from_ws(
-            connect_url(&format!("ws://{}/ws?user={user}", self.addr)).expect("upgrade"),
-        )
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn graceful_stop_on(signal: i32) {
     let mut node = Process::serve(&["--dev", "--shards", "2"], &[]);

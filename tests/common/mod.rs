@@ -1,8 +1,11 @@
-//! Helpers for integration tests: in-process nodes on free loopback ports and real
-//! tungstenite clients with bounded waits.
+//! Helpers for integration tests: in-process nodes on free loopback ports, `shardcast serve`
+//! child processes, throwaway `redis-server`s, and real tungstenite clients with bounded waits.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -204,15 +207,22 @@ pub fn one_per_shard(node: &TestNode, user: &str) -> (Client, Client) {
 }
 
 /// Polls `check` until it holds, for at most `WAIT`.
-pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
+pub fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_within(WAIT, what, check);
+}
+
+/// Polls `check` until it holds, for at most `bound` (it is tried at least once).
+pub fn eventually_within(bound: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    loop {
         if check() {
             return;
         }
+        if Instant::now() >= deadline {
+            panic!("timed out after {bound:?} waiting for: {what}");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("timed out waiting for: {what}");
 }
 
 /// Signs a client token with the test secret.
@@ -252,4 +262,259 @@ pub fn http_text(
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, body.to_owned())
+}
+
+/// [`http_text`] without a key, with the body parsed as JSON (`null` if it is not JSON).
+pub fn http_json(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let (status, text) = http_text(addr, method, path, None, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A `shardcast serve` child process (dev flags are the caller's), killed if the test fails
+/// midway. Its stderr lines arrive on `stderr`.
+pub struct Process {
+    pub child: Child,
+    /// The client listener, from the start line's `listen=`.
+    pub addr: String,
+    /// The API listener, from the start line's `api_listen=`.
+    pub api: SocketAddr,
+    /// The node id, from the start line's `node_id=`.
+    pub node_id: String,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts `shardcast serve` on free loopback ports with `args` and `env` (which override
+    /// the test defaults) and waits for its start line.
+    pub fn serve(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .args(args)
+            .env("SHARDCAST_PIN_SHARDS", "false")
+            .env("SHARDCAST_GRACE_PERIOD_MS", "3000")
+            .env("SHARDCAST_DRAIN_WINDOW_MS", "1000")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn shardcast");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let line = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("start line");
+            if line.contains("shardcast node started") {
+                break line;
+            }
+        };
+        let field = |key: &str| -> String {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no `{key}=` in the start line: {line}"))
+                .to_owned()
+        };
+        Process {
+            addr: field("listen"),
+            api: field("api_listen").parse().expect("api address"),
+            node_id: field("node_id"),
+            child,
+            stderr: rx,
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("node did not exit within {WAIT:?}");
+    }
+
+    pub fn client(&self, user: &str) -> Client {
+        Client::from_ws(
+            connect_url(&format!("ws://{}/ws?user={user}", self.addr)).expect("upgrade"),
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A throwaway `redis-server` on a free loopback port, with nothing saved to disk; killed on
+/// drop.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start() -> RedisServer {
+        // Another process may take the probed port before redis-server binds it: try again.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let mut server = RedisServer { port, child: None };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// Spawns redis-server on `self.port`; false if it exited (port taken) before answering.
+    fn spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (scripts/test installs it)");
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if child.try_wait().expect("try_wait").is_some() {
+                return false;
+            }
+            if ping(&self.url()) {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "redis-server on port {} did not answer PING within {WAIT:?}",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGKILLs the server and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL redis-server");
+            child.wait().expect("reap redis-server");
+        }
+    }
+
+    /// Kills the server (if running) and starts a new, empty one on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "port {} was taken while redis was down",
+            self.port
+        );
+    }
+
+    /// A fresh synchronous connection, for inspecting what the nodes did.
+    pub fn connection(&self) -> redis::Connection {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let con = client
+            .get_connection_with_timeout(WAIT)
+            .expect("connect to redis");
+        con.set_read_timeout(Some(WAIT)).expect("timeout");
+        con
+    }
+
+    /// `PUBSUB NUMSUB channel`: how many connections (nodes) are subscribed to `channel`.
+    pub fn numsub(&self, channel: &str) -> u64 {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query(&mut self.connection())
+            .expect("PUBSUB NUMSUB");
+        counts.first().map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Whether a Redis server at `url` answers PING.
+fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    client
+        .get_connection_with_timeout(Duration::from_millis(200))
+        .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con))
+        .is_ok_and(|pong| pong == "PONG")
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cluster node's test configuration: [`dev_config`] joined to `redis_url` as `node_id`.
+pub fn cluster_config(redis_url: &str, node_id: &str) -> Config {
+    Config {
+        redis: Some(redis_url.to_owned()),
+        node_id: Some(node_id.to_owned()),
+        ..dev_config()
+    }
+}
+
+/// Starts `n` in-process nodes `n0`, `n1`, ... on `redis`, each from [`cluster_config`]
+/// passed through `tweak`, and waits until they form one cluster (see [`await_cluster`]).
+pub fn start_cluster(redis: &RedisServer, n: usize, tweak: impl Fn(&mut Config)) -> Vec<TestNode> {
+    let nodes: Vec<TestNode> = (0..n)
+        .map(|i| {
+            let mut config = cluster_config(&redis.url(), &format!("n{i}"));
+            tweak(&mut config);
+            TestNode::start(config)
+        })
+        .collect();
+    await_cluster(redis, &nodes);
+    nodes
+}
+
+/// Waits until every node in `nodes` is subscribed to `shardcast:broadcast` and sees all of
+/// them (and no other) in `/v1/nodes`.
+pub fn await_cluster(redis: &RedisServer, nodes: &[TestNode]) {
+    let mut ids: Vec<&str> = nodes.iter().map(|n| n.node().node_id()).collect();
+    ids.sort_unstable();
+    eventually("every node subscribed to the broadcast channel", || {
+        redis.numsub("shardcast:broadcast") == nodes.len() as u64
+    });
+    for node in nodes {
+        eventually("every node registered", || {
+            let (_, listed) = http_json(node.node().api_addr(), "GET", "/v1/nodes", b"");
+            let mut seen: Vec<&str> = listed
+                .as_array()
+                .map(|a| a.iter().filter_map(|n| n["node"].as_str()).collect())
+                .unwrap_or_default();
+            seen.sort_unstable();
+            seen == ids
+        });
+    }
 }

@@ -1,0 +1,658 @@
+//! Cluster mode over a real `redis-server`: nodes in this process (and `shardcast serve`
+//! children where a node must die by SIGKILL) on loopback ports, real WebSocket clients.
+//!
+//! Covers cross-node direct messages and the sender's copies, topics (exactly once per
+//! subscriber, and a node's Redis subscription following its local subscribers), broadcast
+//! and API publish, the cluster-wide API (presence, nodes, topics, kick), the cluster-wide
+//! device limit, a node killed with SIGKILL falling out within the node TTL, a cleanly stopped
+//! node leaving at once, healing after Redis is killed and restarted empty, and the Redis
+//! prefix keeping two clusters on one Redis apart.
+//!
+//! Each test starts its own Redis. Waits on Redis-side state (subscriptions, registry,
+//! routes) poll with explicit bounds before a message is sent, so a lost message is a failure
+//! and not a race.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// How long a node killed with SIGKILL may linger: the default 10 s node TTL plus slack.
+const TTL_BOUND: Duration = Duration::from_secs(15);
+
+/// How long after Redis comes back the cluster must work again.
+const HEAL_BOUND: Duration = Duration::from_secs(15);
+
+/// How long a cleanly stopped node's routes and registry entry may linger.
+const CLEAN_STOP_BOUND: Duration = Duration::from_secs(3);
+
+/// How long to listen for a duplicate or a stray message.
+const QUIET: Duration = Duration::from_millis(300);
+
+fn api(node: &TestNode) -> SocketAddr {
+    node.node().api_addr()
+}
+
+fn id(node: &TestNode) -> &str {
+    node.node().node_id()
+}
+
+fn publish(api: SocketAddr, body: Value) -> Value {
+    let (status, reply) = http_json(api, "POST", "/v1/publish", body.to_string().as_bytes());
+    assert_eq!(status, 202, "{reply}");
+    reply
+}
+
+fn presence(api: SocketAddr, user: &str) -> Value {
+    let (status, reply) = http_json(api, "GET", &format!("/v1/users/{user}"), b"");
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+fn listed_nodes(api: SocketAddr) -> Vec<String> {
+    let (status, reply) = http_json(api, "GET", "/v1/nodes", b"");
+    assert_eq!(status, 200, "{reply}");
+    reply
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|n| n["node"].as_str().expect("node").to_owned())
+        .collect()
+}
+
+/// Waits until `api` reports `user` with `connections` connections on exactly `nodes`.
+fn await_presence(api: SocketAddr, user: &str, connections: u64, nodes: &[&str]) {
+    await_presence_within(WAIT, api, user, connections, nodes);
+}
+
+fn await_presence_within(
+    bound: Duration,
+    api: SocketAddr,
+    user: &str,
+    connections: u64,
+    nodes: &[&str],
+) {
+    let mut last = Value::Null;
+    let what = format!("{user} on {nodes:?} with {connections} connections");
+    eventually_within(bound, &what, || {
+        last = presence(api, user);
+        last["connections"] == connections && last["nodes"] == json!(nodes)
+    });
+}
+
+fn topic_channel(topic: &str) -> String {
+    format!("shardcast:topic:{topic}")
+}
+
+/// Waits until exactly `nodes` nodes are subscribed to `topic`'s channel.
+fn await_numsub(redis: &RedisServer, topic: &str, nodes: u64) {
+    await_numsub_within(WAIT, redis, topic, nodes);
+}
+
+fn await_numsub_within(bound: Duration, redis: &RedisServer, topic: &str, nodes: u64) {
+    eventually_within(
+        bound,
+        &format!("{nodes} nodes subscribed to {topic}"),
+        || redis.numsub(&topic_channel(topic)) == nodes,
+    );
+}
+
+fn readyz(api: SocketAddr) -> (u16, Value) {
+    http_json(api, "GET", "/readyz", b"")
+}
+
+/// The value of the unlabelled series `name` in the node's Prometheus text.
+fn metric(api: SocketAddr, name: &str) -> Option<f64> {
+    let (status, text) = http_text(api, "GET", "/metrics", None, b"");
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Reads one direct message and checks who it is from and to, and its data.
+fn expect_msg(client: &mut Client, from: &str, to: &str, data: &Value) -> Value {
+    let msg = client.recv();
+    assert_eq!(msg["op"], "msg", "{msg}");
+    assert_eq!(msg["from"], from, "{msg}");
+    assert_eq!(msg["to"], to, "{msg}");
+    assert_eq!(&msg["data"], data, "{msg}");
+    msg
+}
+
+/// Sends `data` from `client` to `to` and returns the ack's mid.
+fn send(client: &mut Client, to: &str, data: Value) -> String {
+    let ack = client.request(json!({"op":"send","to":to,"data":data,"id":1}));
+    assert_eq!(ack["op"], "ack", "{ack}");
+    ack["mid"].as_str().expect("mid").to_owned()
+}
+
+fn subscribe(client: &mut Client, topic: &str) {
+    let ack = client.request(json!({"op":"sub","topic":topic,"id":1}));
+    assert_eq!(ack["op"], "ack", "{ack}");
+}
+
+fn ping(client: &mut Client) {
+    assert_eq!(client.request(json!({"op":"ping"}))["op"], "pong");
+}
+
+#[test]
+fn send_reaches_a_user_on_another_node() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, |_| {});
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut alice = Client::dev(a, "alice");
+    let mut bob = Client::dev(b, "bob");
+    await_presence(api(a), "bob", 1, &[id(b)]);
+    await_presence(api(b), "alice", 1, &[id(a)]);
+
+    let mid = send(&mut alice, "bob", json!({"text":"hi bob"}));
+    let msg = expect_msg(&mut bob, "alice", "bob", &json!({"text":"hi bob"}));
+    assert_eq!(msg["mid"], mid.as_str());
+    assert!(msg["ts"].as_u64().expect("ts") > 1_700_000_000_000);
+
+    let mid = send(&mut bob, "alice", json!("hi alice"));
+    assert_eq!(
+        expect_msg(&mut alice, "bob", "alice", &json!("hi alice"))["mid"],
+        mid.as_str()
+    );
+    alice.expect_silence(QUIET);
+    bob.expect_silence(QUIET);
+}
+
+#[test]
+fn every_device_on_every_node_gets_messages_and_the_senders_copies() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut alice_a = Client::dev(a, "alice");
+    let mut alice_b = Client::dev(b, "alice");
+    let mut carol = Client::dev(c, "carol");
+    await_presence(api(c), "alice", 2, &[id(a), id(b)]);
+    await_presence(api(a), "carol", 1, &[id(c)]);
+
+    // Carol on C reaches both of alice's devices, once each.
+    let mid = send(&mut carol, "alice", json!(1));
+    for alice in [&mut alice_a, &mut alice_b] {
+        assert_eq!(
+            expect_msg(alice, "carol", "alice", &json!(1))["mid"],
+            mid.as_str()
+        );
+    }
+
+    // Alice on A writes to carol on C: carol gets it, alice's device on B gets the copy,
+    // the sending connection only its ack.
+    let mid = send(&mut alice_a, "carol", json!(2));
+    assert_eq!(
+        expect_msg(&mut carol, "alice", "carol", &json!(2))["mid"],
+        mid.as_str()
+    );
+    assert_eq!(
+        expect_msg(&mut alice_b, "alice", "carol", &json!(2))["mid"],
+        mid.as_str()
+    );
+
+    // A message to oneself reaches one's devices on other nodes only.
+    send(&mut alice_b, "alice", json!(3));
+    expect_msg(&mut alice_a, "alice", "alice", &json!(3));
+
+    for client in [&mut alice_a, &mut alice_b, &mut carol] {
+        client.expect_silence(QUIET);
+    }
+}
+
+#[test]
+fn topics_reach_every_node_once_and_unsubscribe_with_the_last_local_subscriber() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut on_a = Client::dev(a, "viewer-a");
+    let mut on_b1 = Client::dev(b, "viewer-b1");
+    let mut on_b2 = Client::dev(b, "viewer-b2");
+    let mut on_c = Client::dev(c, "viewer-c");
+    assert_eq!(redis.numsub(&topic_channel("room")), 0);
+    for client in [&mut on_a, &mut on_b1, &mut on_b2, &mut on_c] {
+        subscribe(client, "room");
+    }
+    await_numsub(&redis, "room", 3);
+
+    // A client publishing on A: each subscriber on each node, exactly once.
+    let mut host = Client::dev(a, "host");
+    let ack = host.request(json!({"op":"pub","topic":"room","data":{"n":1},"id":2}));
+    assert_eq!(ack["op"], "ack", "{ack}");
+    for client in [&mut on_a, &mut on_b1, &mut on_b2, &mut on_c] {
+        let got = client.recv();
+        assert_eq!(got["op"], "pub", "{got}");
+        assert_eq!(got["topic"], "room");
+        assert_eq!(got["data"], json!({"n":1}));
+        assert_eq!(got["mid"], ack["mid"]);
+    }
+    // The API on C, likewise.
+    let reply = publish(api(c), json!({"topics":["room"],"data":2}));
+    for client in [&mut on_a, &mut on_b1, &mut on_b2, &mut on_c] {
+        let got = client.recv();
+        assert_eq!(
+            (got["data"].as_i64(), &got["mid"]),
+            (Some(2), &reply["mid"])
+        );
+    }
+    for client in [&mut on_a, &mut on_b1, &mut on_b2, &mut on_c, &mut host] {
+        client.expect_silence(QUIET);
+    }
+
+    // A's only subscriber leaves: A unsubscribes.
+    assert_eq!(
+        on_a.request(json!({"op":"unsub","topic":"room"}))["op"],
+        "ack"
+    );
+    await_numsub(&redis, "room", 2);
+    // One of B's two leaves: B stays subscribed and its other subscriber still gets messages.
+    assert_eq!(
+        on_b1.request(json!({"op":"unsub","topic":"room"}))["op"],
+        "ack"
+    );
+    publish(api(a), json!({"topics":["room"],"data":3}));
+    assert_eq!(on_b2.recv()["data"], 3);
+    assert_eq!(on_c.recv()["data"], 3);
+    assert_eq!(redis.numsub(&topic_channel("room")), 2);
+    on_a.expect_silence(QUIET);
+    on_b1.expect_silence(QUIET);
+    // The last subscribers on B and C disconnect without unsubscribing.
+    drop(on_b2);
+    await_numsub(&redis, "room", 1);
+    drop(on_c);
+    await_numsub(&redis, "room", 0);
+}
+
+#[test]
+fn broadcast_and_api_publish_reach_every_node_once() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    let mut clients: Vec<Client> = nodes
+        .iter()
+        .flat_map(|node| {
+            let name = id(node).to_owned();
+            [
+                Client::dev(node, &format!("u-{name}")),
+                Client::dev(node, &format!("u-{name}")),
+                Client::dev(node, "everywhere"),
+            ]
+        })
+        .collect();
+    let node_ids: Vec<&str> = nodes.iter().map(id).collect();
+    await_presence(api(&nodes[1]), "everywhere", 3, &node_ids);
+    await_presence(api(&nodes[0]), "u-n2", 2, &[id(&nodes[2])]);
+
+    let reply = publish(api(&nodes[1]), json!({"broadcast":true,"data":{"all":1}}));
+    for client in &mut clients {
+        let got = client.recv();
+        assert_eq!(got["op"], "pub", "{got}");
+        assert_eq!(got.get("topic"), None, "a broadcast has no topic: {got}");
+        assert_eq!(got["data"], json!({"all":1}));
+        assert_eq!(got["mid"], reply["mid"]);
+    }
+    for client in &mut clients {
+        client.expect_silence(QUIET);
+    }
+
+    // The API on A to users on other nodes: every device of each named user, once.
+    let reply = publish(
+        api(&nodes[0]),
+        json!({"users":["everywhere", "u-n2"],"data":"direct"}),
+    );
+    for (i, client) in clients.iter_mut().enumerate() {
+        let (node, device) = (i / 3, i % 3);
+        if device == 2 || node == 2 {
+            let got = client.recv();
+            assert_eq!(got["op"], "msg", "{got}");
+            assert_eq!(got.get("from"), None, "from the server: {got}");
+            assert_eq!(
+                (&got["data"], &got["mid"]),
+                (&json!("direct"), &reply["mid"])
+            );
+        }
+        client.expect_silence(QUIET);
+    }
+}
+
+#[test]
+fn presence_is_cluster_wide() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut on_a: Vec<Client> = (0..2).map(|_| Client::dev(a, "pat")).collect();
+    let _on_c = Client::dev(c, "pat");
+    let mut sorted = [id(a), id(c)];
+    sorted.sort_unstable();
+    await_presence(api(b), "pat", 3, &sorted);
+    assert_eq!(
+        presence(api(b), "pat"),
+        json!({"user":"pat","online":true,"connections":3,"nodes":sorted})
+    );
+    assert_eq!(
+        presence(api(a), "nobody"),
+        json!({"user":"nobody","online":false,"connections":0,"nodes":[]})
+    );
+
+    // Both of A's devices leave: A drops out of pat's nodes.
+    on_a.clear();
+    await_presence(api(b), "pat", 1, &[id(c)]);
+    assert_eq!(presence(api(a), "pat")["online"], true);
+}
+
+#[test]
+fn nodes_lists_every_node_least_loaded_first() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    // A holds 3 connections, B 1, C 2: least-loaded first is B, C, A.
+    let load = [3, 1, 2];
+    let _clients: Vec<Client> = nodes
+        .iter()
+        .zip(load)
+        .flat_map(|(node, n)| (0..n).map(|i| Client::dev(node, &format!("load{i}"))))
+        .collect();
+    let expected_order = [id(&nodes[1]), id(&nodes[2]), id(&nodes[0])];
+    // Connection counts travel with the heartbeat (2 s by default).
+    let mut listed = Value::Null;
+    eventually_within(
+        Duration::from_secs(10),
+        "every node's connection count",
+        || {
+            let (status, reply) = http_json(api(&nodes[2]), "GET", "/v1/nodes", b"");
+            assert_eq!(status, 200, "{reply}");
+            listed = reply;
+            listed.as_array().is_some_and(|a| {
+                a.iter()
+                    .map(|n| n["connections"].as_u64())
+                    .eq([1, 2, 3].map(Some))
+            })
+        },
+    );
+    let listed = listed.as_array().expect("array");
+    for (entry, id) in listed.iter().zip(expected_order) {
+        let node = nodes
+            .iter()
+            .find(|n| n.node().node_id() == id)
+            .expect("node");
+        assert_eq!(entry["node"], id, "{listed:?}");
+        assert_eq!(entry["ws"], node.addr.to_string());
+        assert_eq!(entry["api"], api(node).to_string());
+        assert_eq!(entry["shards"], 2);
+    }
+}
+
+#[test]
+fn topic_counts_are_cluster_wide() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut subscribers: Vec<Client> = [a, a, c]
+        .into_iter()
+        .enumerate()
+        .map(|(i, node)| Client::dev(node, &format!("fan{i}")))
+        .collect();
+    for client in &mut subscribers {
+        subscribe(client, "live");
+    }
+    await_numsub(&redis, "live", 2);
+
+    let mut expected = vec![
+        json!({"node": id(a), "subscribers": 2}),
+        json!({"node": id(c), "subscribers": 1}),
+    ];
+    expected.sort_by_key(|n| n["node"].to_string());
+    let mut last = Value::Null;
+    eventually("topic counts from every node", || {
+        let (status, mut reply) = http_json(api(b), "GET", "/v1/topics/live", b"");
+        assert_eq!(status, 200, "{reply}");
+        if let Some(per_node) = reply["nodes"].as_array_mut() {
+            per_node.sort_by_key(|n| n["node"].to_string());
+        }
+        last = reply;
+        last == json!({"topic":"live","subscribers":3,"nodes":expected})
+    });
+    let (_, empty) = http_json(api(b), "GET", "/v1/topics/quiet", b"");
+    assert_eq!(empty, json!({"topic":"quiet","subscribers":0,"nodes":[]}));
+
+    subscribers.truncate(1);
+    eventually("topic counts follow disconnects", || {
+        http_json(api(c), "GET", "/v1/topics/live", b"").1
+            == json!({"topic":"live","subscribers":1,"nodes":[{"node": id(a),"subscribers":1}]})
+    });
+}
+
+#[test]
+fn kick_closes_a_users_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    let mut kicked: Vec<Client> = nodes.iter().map(|n| Client::dev(n, "troll")).collect();
+    let mut bystander = Client::dev(&nodes[0], "bystander");
+    let ids: Vec<&str> = nodes.iter().map(id).collect();
+    await_presence(api(&nodes[1]), "troll", 3, &ids);
+
+    let (status, reply) = http_json(api(&nodes[1]), "DELETE", "/v1/users/troll/connections", b"");
+    assert_eq!(status, 202, "{reply}");
+    for client in &mut kicked {
+        assert_eq!(client.expect_close(), 4003);
+    }
+    ping(&mut bystander);
+    await_presence(api(&nodes[1]), "troll", 0, &[]);
+    assert_eq!(presence(api(&nodes[2]), "troll")["online"], false);
+}
+
+#[test]
+fn device_limit_is_cluster_wide() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |config| config.max_devices_per_user = 2);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut first = Client::dev(a, "alice");
+    await_presence(api(c), "alice", 1, &[id(a)]);
+    let mut second = Client::dev(b, "alice");
+    let mut sorted = [id(a), id(b)];
+    sorted.sort_unstable();
+    await_presence(api(c), "alice", 2, &sorted);
+
+    let mut third = Client::dev(c, "alice");
+    assert_eq!(first.expect_close(), 4001, "the oldest device is replaced");
+    ping(&mut second);
+    ping(&mut third);
+    let mut sorted = [id(b), id(c)];
+    sorted.sort_unstable();
+    await_presence(api(a), "alice", 2, &sorted);
+}
+
+#[test]
+fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
+    let redis = RedisServer::start();
+    let survivor = TestNode::start(cluster_config(&redis.url(), "survivor"));
+    let mut doomed = Process::serve(
+        &[
+            "--dev",
+            "--shards",
+            "2",
+            "--redis",
+            &redis.url(),
+            "--node-id",
+            "doomed",
+        ],
+        &[],
+    );
+    assert_eq!(doomed.node_id, "doomed");
+    let mut bob_here = Client::dev(&survivor, "bob");
+    let _bob_there = doomed.client("bob");
+    let _dave = doomed.client("dave");
+    let mut sender = Client::dev(&survivor, "sender");
+    let mut sorted = ["doomed", "survivor"];
+    sorted.sort_unstable();
+    await_presence(api(&survivor), "bob", 2, &sorted);
+    await_presence(doomed.api, "dave", 1, &["doomed"]);
+    eventually("both nodes listed", || {
+        listed_nodes(api(&survivor)).len() == 2
+    });
+
+    doomed.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    assert!(!doomed.wait_exit().success());
+    let left = || TTL_BOUND.saturating_sub(killed.elapsed());
+    await_presence_within(left(), api(&survivor), "dave", 0, &[]);
+    await_presence_within(left(), api(&survivor), "bob", 1, &["survivor"]);
+    eventually_within(left(), "the dead node leaves /v1/nodes", || {
+        listed_nodes(api(&survivor)) == ["survivor"]
+    });
+
+    // Bob's remaining device still gets messages.
+    send(&mut sender, "bob", json!("still here"));
+    expect_msg(&mut bob_here, "sender", "bob", &json!("still here"));
+}
+
+/// `stop` cleanly stops the node `stopped_id`, which holds the only connection of `leaver`
+/// and is in a cluster with `observer`: from the moment `stop` is called, the user must
+/// vanish from presence and the node from `/v1/nodes` well within the node TTL.
+fn clean_stop_leaves_at_once(observer: &TestNode, stopped_id: &str, stop: impl FnOnce()) {
+    await_presence(api(observer), "leaver", 1, &[stopped_id]);
+    eventually("both nodes listed", || {
+        listed_nodes(api(observer)).len() == 2
+    });
+    let stopping = Instant::now();
+    stop();
+    let left = || CLEAN_STOP_BOUND.saturating_sub(stopping.elapsed());
+    await_presence_within(left(), api(observer), "leaver", 0, &[]);
+    eventually_within(left(), "the stopped node leaves /v1/nodes", || {
+        listed_nodes(api(observer)) == [id(observer)]
+    });
+}
+
+#[test]
+fn a_node_stopped_in_process_removes_its_routes_at_once() {
+    let redis = RedisServer::start();
+    let mut nodes = start_cluster(&redis, 2, |_| {});
+    let mut leaver = Client::dev(&nodes[1], "leaver");
+    let stopped = nodes.pop().expect("node");
+    clean_stop_leaves_at_once(&nodes[0], id(&stopped), || {
+        stopped.node().stopper().stop();
+        assert_eq!(leaver.expect_close(), 1001);
+    });
+}
+
+#[test]
+fn a_node_stopped_by_sigterm_removes_its_routes_at_once() {
+    let redis = RedisServer::start();
+    let observer = TestNode::start(cluster_config(&redis.url(), "observer"));
+    let mut node = Process::serve(
+        &["--dev", "--shards", "2", "--redis", &redis.url()],
+        &[("SHARDCAST_DRAIN_WINDOW_MS", "0")],
+    );
+    let mut leaver = node.client("leaver");
+    let stopped_id = node.node_id.clone();
+    clean_stop_leaves_at_once(&observer, &stopped_id, || {
+        node.signal(libc::SIGTERM);
+        assert_eq!(leaver.expect_close(), 1001);
+    });
+    assert!(node.wait_exit().success());
+}
+
+#[test]
+fn the_cluster_heals_after_redis_restarts_empty() {
+    let mut redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, |_| {});
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut alice = Client::dev(a, "alice");
+    let mut carol = Client::dev(a, "carol");
+    let mut bob = Client::dev(b, "bob");
+    subscribe(&mut alice, "news");
+    subscribe(&mut alice, "local");
+    subscribe(&mut bob, "news");
+    await_presence(api(a), "bob", 1, &[id(b)]);
+    await_numsub(&redis, "news", 2);
+    await_numsub(&redis, "local", 1);
+    assert_eq!(readyz(api(a)), (200, json!({"ready":true})));
+    assert_eq!(metric(api(a), "shardcast_redis_up"), Some(1.0));
+    assert!(metric(api(a), "shardcast_bridge_queue_depth").is_some());
+    send(&mut alice, "bob", json!("before"));
+    expect_msg(&mut bob, "alice", "bob", &json!("before"));
+
+    redis.kill();
+    for node in [a, b] {
+        eventually("readiness reports the Redis outage", || {
+            readyz(api(node)) == (503, json!({"ready":false,"reason":"redis"}))
+        });
+        eventually("the Redis gauge drops", || {
+            metric(api(node), "shardcast_redis_up") == Some(0.0)
+        });
+    }
+    // Local delivery goes on: a direct message, a topic publication, a new connection.
+    // (Whatever the bridge queued meanwhile may still go out once Redis is back, but must
+    // not reach alice a second time: the silence checks at the end would catch it.)
+    send(&mut carol, "alice", json!("local"));
+    expect_msg(&mut alice, "carol", "alice", &json!("local"));
+    let ack = carol.request(json!({"op":"pub","topic":"local","data":"local news"}));
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(alice.recv()["data"], "local news");
+    let mut dan = Client::dev(b, "dan");
+    ping(&mut dan);
+
+    redis.restart();
+    let back = Instant::now();
+    let left = || HEAL_BOUND.saturating_sub(back.elapsed());
+    for node in [a, b] {
+        eventually_within(left(), "readiness once Redis is back", || {
+            readyz(api(node)) == (200, json!({"ready":true}))
+        });
+    }
+    // Routes, subscriptions and the registry are re-published into the empty Redis.
+    await_presence_within(left(), api(a), "bob", 1, &[id(b)]);
+    await_presence_within(left(), api(a), "dan", 1, &[id(b)]);
+    await_numsub_within(left(), &redis, "news", 2);
+    eventually_within(left(), "both nodes registered again", || {
+        redis.numsub("shardcast:broadcast") == 2 && listed_nodes(api(a)).len() == 2
+    });
+    eventually("the Redis gauge is back", || {
+        metric(api(a), "shardcast_redis_up") == Some(1.0)
+    });
+
+    send(&mut alice, "dan", json!("after"));
+    expect_msg(&mut dan, "alice", "dan", &json!("after"));
+    send(&mut bob, "alice", json!("after"));
+    expect_msg(&mut alice, "bob", "alice", &json!("after"));
+    let ack = carol.request(json!({"op":"pub","topic":"news","data":"cluster news"}));
+    assert_eq!(ack["op"], "ack", "{ack}");
+    for client in [&mut alice, &mut bob] {
+        assert_eq!(client.recv()["data"], "cluster news");
+    }
+    let reply = publish(api(b), json!({"broadcast":true,"data":"all"}));
+    for client in [&mut alice, &mut carol, &mut bob, &mut dan] {
+        assert_eq!(client.recv()["mid"], reply["mid"]);
+        client.expect_silence(QUIET);
+    }
+}
+
+#[test]
+fn the_redis_prefix_keeps_clusters_on_one_redis_apart() {
+    let redis = RedisServer::start();
+    let [one, two] = ["one", "two"].map(|prefix| {
+        let mut config = cluster_config(&redis.url(), prefix);
+        config.redis_prefix = prefix.into();
+        TestNode::start(config)
+    });
+    for prefix in ["one", "two"] {
+        eventually("each node subscribed under its own prefix", || {
+            redis.numsub(&format!("{prefix}:broadcast")) == 1
+        });
+    }
+    assert_eq!(redis.numsub("shardcast:broadcast"), 0);
+    let mut bob = Client::dev(&two, "bob");
+    subscribe(&mut bob, "t");
+    await_presence(api(&two), "bob", 1, &["two"]);
+    eventually("the topic channel is under the prefix", || {
+        redis.numsub("two:topic:t") == 1
+    });
+    assert_eq!(redis.numsub(&topic_channel("t")), 0);
+
+    assert_eq!(presence(api(&one), "bob")["online"], false);
+    assert_eq!(listed_nodes(api(&one)), ["one"]);
+    publish(api(&one), json!({"broadcast":true,"data":1}));
+    publish(api(&one), json!({"users":["bob"],"topics":["t"],"data":2}));
+    bob.expect_silence(QUIET);
+}
