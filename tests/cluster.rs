@@ -1,12 +1,14 @@
 //! Cluster mode over a real `redis-server`: nodes in this process (and `shardcast serve`
 //! children where a node must die by SIGKILL) on loopback ports, real WebSocket clients.
 //!
-//! Covers cross-node direct messages and the sender's copies, topics (exactly once per
-//! subscriber, and a node's Redis subscription following its local subscribers), broadcast
-//! and API publish, the cluster-wide API (presence, nodes, topics, kick), the cluster-wide
-//! device limit, a node killed with SIGKILL falling out within the node TTL, a cleanly stopped
-//! node leaving at once, healing after Redis is killed and restarted empty, and the Redis
-//! prefix keeping two clusters on one Redis apart.
+//! Covers cross-node direct messages and the sender's copies, directed delivery (a user
+//! message is published only to the nodes holding the user, seen through Redis MONITOR),
+//! topics (exactly once per subscriber, and a node's Redis subscription following its local
+//! subscribers, also under sub/unsub churn), broadcast and API publish, the cluster-wide API
+//! (presence, nodes, topics, kick), the cluster-wide device limit, a node killed with SIGKILL
+//! falling out within the node TTL (also when it comes back under the same id), a cleanly
+//! stopped node leaving at once, healing after Redis is killed and restarted empty, and the
+//! Redis prefix keeping two clusters on one Redis apart.
 //!
 //! Each test starts its own Redis. Waits on Redis-side state (subscriptions, registry,
 //! routes) poll with explicit bounds before a message is sent, so a lost message is a failure
@@ -162,6 +164,88 @@ fn send_reaches_a_user_on_another_node() {
     bob.expect_silence(QUIET);
 }
 
+/// Runs `action` under Redis MONITOR and returns the channel of every PUBLISH (direct or from
+/// a script) whose payload carries `token`: envelopes carry the rendered client frame, so a
+/// unique string in a message's data marks that message's publications.
+fn publishes_carrying(redis: &RedisServer, token: &str, action: impl FnOnce()) -> Vec<String> {
+    let mut monitor = redis.connection();
+    monitor
+        .send_packed_command(&redis::cmd("MONITOR").get_packed_command())
+        .expect("MONITOR");
+    let reply = monitor.recv_response().expect("MONITOR reply");
+    assert!(
+        matches!(&reply, redis::Value::Okay)
+            || matches!(&reply, redis::Value::SimpleString(ok) if ok == "OK"),
+        "{reply:?}"
+    );
+    action();
+    // Everything the action made Redis run is in the stream before this command.
+    let marker = "end-of-monitored-action";
+    let _: String = redis::cmd("ECHO")
+        .arg(marker)
+        .query(&mut redis.connection())
+        .expect("ECHO");
+    let mut channels = Vec::new();
+    loop {
+        let line = match monitor.recv_response().expect("MONITOR line") {
+            redis::Value::SimpleString(line) => line,
+            other => panic!("unexpected MONITOR output {other:?}"),
+        };
+        if line.contains(marker) {
+            return channels;
+        }
+        // `<time> [<db> <client or lua>] "PUBLISH" "<channel>" "<payload>"`
+        let lower = line.to_ascii_lowercase();
+        if let Some(at) = lower.find("\"publish\" \"") {
+            if line.contains(token) {
+                let rest = &line[at + "\"publish\" \"".len()..];
+                let channel = rest.split('"').next().expect("channel");
+                channels.push(channel.to_owned());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_user_message_goes_only_to_the_nodes_holding_the_user() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |_| {});
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut alice = Client::dev(a, "alice");
+    let mut dan = Client::dev(a, "dan");
+    let mut bob_b = Client::dev(b, "bob");
+    let mut bob_c = Client::dev(c, "bob");
+    let mut carol = Client::dev(b, "carol");
+    await_presence(api(a), "bob", 2, &[id(b), id(c)]);
+    await_presence(api(a), "carol", 1, &[id(b)]);
+
+    // Bob is on B and C: one publication to each, none to the broadcast channel.
+    let to_bob = publishes_carrying(&redis, "token-to-bob", || {
+        send(&mut alice, "bob", json!("token-to-bob"));
+        for bob in [&mut bob_b, &mut bob_c] {
+            expect_msg(bob, "alice", "bob", &json!("token-to-bob"));
+        }
+    });
+    assert_eq!(to_bob.len(), 2, "{to_bob:?}");
+    assert_ne!(to_bob[0], to_bob[1], "one channel per node: {to_bob:?}");
+    assert!(!to_bob.iter().any(|c| c == "shardcast:broadcast"));
+
+    // Carol is on B only: one publication, on one of the two channels above.
+    let to_carol = publishes_carrying(&redis, "token-to-carol", || {
+        send(&mut alice, "carol", json!("token-to-carol"));
+        expect_msg(&mut carol, "alice", "carol", &json!("token-to-carol"));
+    });
+    assert_eq!(to_carol.len(), 1, "{to_carol:?}");
+    assert!(to_bob.contains(&to_carol[0]), "{to_carol:?} {to_bob:?}");
+
+    // Dan is on the sender's node only: nothing crosses Redis.
+    let to_dan = publishes_carrying(&redis, "token-to-dan", || {
+        send(&mut alice, "dan", json!("token-to-dan"));
+        expect_msg(&mut dan, "alice", "dan", &json!("token-to-dan"));
+    });
+    assert_eq!(to_dan, Vec::<String>::new());
+}
+
 #[test]
 fn every_device_on_every_node_gets_messages_and_the_senders_copies() {
     let redis = RedisServer::start();
@@ -267,6 +351,47 @@ fn topics_reach_every_node_once_and_unsubscribe_with_the_last_local_subscriber()
 }
 
 #[test]
+fn a_nodes_topic_subscription_follows_churn_across_its_shards() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, |config| config.rate_limit_burst = 1000);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (mut s0, mut s1) = one_per_shard(a, "churner");
+    // The node's local count goes 0, 1, 2, 1, 0 many times over, on both shards at once;
+    // requests are pipelined so subscribe and unsubscribe race in the bridge.
+    let churn = |s0: &mut Client, s1: &mut Client| {
+        let rounds = 30;
+        for _ in 0..rounds {
+            s0.send(json!({"op":"sub","topic":"flip"}));
+            s1.send(json!({"op":"sub","topic":"flip"}));
+            s0.send(json!({"op":"unsub","topic":"flip"}));
+            s1.send(json!({"op":"unsub","topic":"flip"}));
+        }
+        for client in [s0, s1] {
+            for _ in 0..2 * rounds {
+                let reply = client.recv();
+                assert_eq!(reply["op"], "ack", "{reply}");
+            }
+        }
+    };
+    churn(&mut s0, &mut s1);
+    await_numsub(&redis, "flip", 0);
+    publish(api(b), json!({"topics":["flip"],"data":"nobody"}));
+    s0.expect_silence(QUIET);
+    s1.expect_silence(QUIET);
+
+    // The same burst, then one subscriber stays: A must end up subscribed.
+    churn(&mut s0, &mut s1);
+    subscribe(&mut s1, "flip");
+    await_numsub(&redis, "flip", 1);
+    let reply = publish(api(b), json!({"topics":["flip"],"data":"one"}));
+    let got = s1.recv();
+    assert_eq!((&got["data"], &got["mid"]), (&json!("one"), &reply["mid"]));
+    s0.expect_silence(QUIET);
+    s1.expect_silence(QUIET);
+    assert_eq!(redis.numsub(&topic_channel("flip")), 1);
+}
+
+#[test]
 fn broadcast_and_api_publish_reach_every_node_once() {
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 3, |_| {});
@@ -322,7 +447,8 @@ fn presence_is_cluster_wide() {
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 3, |_| {});
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
-    let mut on_a: Vec<Client> = (0..2).map(|_| Client::dev(a, "pat")).collect();
+    // Two devices on A's two shards: A holds pat until the last of them leaves.
+    let (on_a0, on_a1) = one_per_shard(a, "pat");
     let _on_c = Client::dev(c, "pat");
     let mut sorted = [id(a), id(c)];
     sorted.sort_unstable();
@@ -336,8 +462,9 @@ fn presence_is_cluster_wide() {
         json!({"user":"nobody","online":false,"connections":0,"nodes":[]})
     );
 
-    // Both of A's devices leave: A drops out of pat's nodes.
-    on_a.clear();
+    drop(on_a0);
+    await_presence(api(b), "pat", 2, &sorted);
+    drop(on_a1);
     await_presence(api(b), "pat", 1, &[id(c)]);
     assert_eq!(presence(api(a), "pat")["online"], true);
 }
@@ -467,6 +594,7 @@ fn device_limit_is_cluster_wide() {
 fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
     let redis = RedisServer::start();
     let survivor = TestNode::start(cluster_config(&redis.url(), "survivor"));
+    await_ready(api(&survivor));
     let mut doomed = Process::serve(
         &[
             "--dev",
@@ -480,6 +608,7 @@ fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
         &[],
     );
     assert_eq!(doomed.node_id, "doomed");
+    await_ready(doomed.api);
     let mut bob_here = Client::dev(&survivor, "bob");
     let _bob_there = doomed.client("bob");
     let _dave = doomed.client("dave");
@@ -507,6 +636,45 @@ fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
     expect_msg(&mut bob_here, "sender", "bob", &json!("still here"));
 }
 
+#[test]
+fn a_node_restarted_under_the_same_id_after_sigkill_forgets_its_old_users() {
+    let redis = RedisServer::start();
+    let survivor = TestNode::start(cluster_config(&redis.url(), "survivor"));
+    await_ready(api(&survivor));
+    let serve = || {
+        let node = Process::serve(
+            &[
+                "--dev",
+                "--shards",
+                "2",
+                "--redis",
+                &redis.url(),
+                "--node-id",
+                "phoenix",
+            ],
+            &[],
+        );
+        await_ready(node.api);
+        node
+    };
+    let mut first = serve();
+    let _dave = first.client("dave");
+    await_presence(api(&survivor), "dave", 1, &["phoenix"]);
+    first.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    assert!(!first.wait_exit().success());
+
+    let second = serve();
+    let mut erin = second.client("erin");
+    let mut sender = Client::dev(&survivor, "sender");
+    await_presence(api(&survivor), "erin", 1, &["phoenix"]);
+    let left = || TTL_BOUND.saturating_sub(killed.elapsed());
+    await_presence_within(left(), api(&survivor), "dave", 0, &[]);
+    assert_eq!(listed_nodes(api(&survivor)).len(), 2);
+    send(&mut sender, "erin", json!("welcome back"));
+    expect_msg(&mut erin, "sender", "erin", &json!("welcome back"));
+}
+
 /// `stop` cleanly stops the node `stopped_id`, which holds the only connection of `leaver`
 /// and is in a cluster with `observer`: from the moment `stop` is called, the user must
 /// vanish from presence and the node from `/v1/nodes` well within the node TTL.
@@ -532,6 +700,10 @@ fn a_node_stopped_in_process_removes_its_routes_at_once() {
     let stopped = nodes.pop().expect("node");
     clean_stop_leaves_at_once(&nodes[0], id(&stopped), || {
         stopped.node().stopper().stop();
+        assert_eq!(
+            readyz(api(&stopped)),
+            (503, json!({"ready":false,"reason":"draining"}))
+        );
         assert_eq!(leaver.expect_close(), 1001);
     });
 }
@@ -540,10 +712,12 @@ fn a_node_stopped_in_process_removes_its_routes_at_once() {
 fn a_node_stopped_by_sigterm_removes_its_routes_at_once() {
     let redis = RedisServer::start();
     let observer = TestNode::start(cluster_config(&redis.url(), "observer"));
+    await_ready(api(&observer));
     let mut node = Process::serve(
         &["--dev", "--shards", "2", "--redis", &redis.url()],
         &[("SHARDCAST_DRAIN_WINDOW_MS", "0")],
     );
+    await_ready(node.api);
     let mut leaver = node.client("leaver");
     let stopped_id = node.node_id.clone();
     clean_stop_leaves_at_once(&observer, &stopped_id, || {
@@ -634,7 +808,9 @@ fn the_redis_prefix_keeps_clusters_on_one_redis_apart() {
     let [one, two] = ["one", "two"].map(|prefix| {
         let mut config = cluster_config(&redis.url(), prefix);
         config.redis_prefix = prefix.into();
-        TestNode::start(config)
+        let node = TestNode::start(config);
+        await_ready(api(&node));
+        node
     });
     for prefix in ["one", "two"] {
         eventually("each node subscribed under its own prefix", || {

@@ -498,9 +498,20 @@ pub fn start_cluster(redis: &RedisServer, n: usize, tweak: impl Fn(&mut Config))
     nodes
 }
 
-/// Waits until every node in `nodes` is subscribed to `shardcast:broadcast` and sees all of
-/// them (and no other) in `/v1/nodes`.
+/// Waits until the node whose API listens on `api` answers `/readyz` with 200 (in cluster
+/// mode: its Redis bus is up; until then cluster-wide API calls answer 503).
+pub fn await_ready(api: SocketAddr) {
+    eventually("the node is ready", || {
+        http_text(api, "GET", "/readyz", None, b"").0 == 200
+    });
+}
+
+/// Waits until every node in `nodes` is ready, subscribed to `shardcast:broadcast`, and sees
+/// all of them (and no other) in `/v1/nodes`.
 pub fn await_cluster(redis: &RedisServer, nodes: &[TestNode]) {
+    for node in nodes {
+        await_ready(node.node().api_addr());
+    }
     let mut ids: Vec<&str> = nodes.iter().map(|n| n.node().node_id()).collect();
     ids.sort_unstable();
     eventually("every node subscribed to the broadcast channel", || {
