@@ -766,6 +766,11 @@ fn the_cluster_heals_after_redis_restarts_empty() {
     assert_eq!(alice.recv()["data"], "local news");
     let mut dan = Client::dev(b, "dan");
     ping(&mut dan);
+    // A message for another node is held by the bridge meanwhile.
+    send(&mut alice, "bob", json!("held"));
+    eventually("the bridge holds the message for bob", || {
+        metric(api(a), "shardcast_bridge_queue_depth").is_some_and(|depth| depth >= 1.0)
+    });
 
     redis.restart();
     let back = Instant::now();
@@ -785,9 +790,24 @@ fn the_cluster_heals_after_redis_restarts_empty() {
     eventually("the Redis gauge is back", || {
         metric(api(a), "shardcast_redis_up") == Some(1.0)
     });
+    eventually("the bridge queue drains", || {
+        metric(api(a), "shardcast_bridge_queue_depth") == Some(0.0)
+    });
 
     send(&mut alice, "dan", json!("after"));
     expect_msg(&mut dan, "alice", "dan", &json!("after"));
+    // The held message reaches bob once, ahead of a later one from the same sender (or never,
+    // had it waited past `bridge_hold_ms`).
+    send(&mut alice, "bob", json!("after"));
+    let mut got = bob.recv();
+    if got["data"] == "held" {
+        assert_eq!((&got["op"], &got["from"]), (&json!("msg"), &json!("alice")));
+        got = bob.recv();
+    }
+    assert_eq!(
+        (&got["from"], &got["data"]),
+        (&json!("alice"), &json!("after"))
+    );
     send(&mut bob, "alice", json!("after"));
     expect_msg(&mut alice, "bob", "alice", &json!("after"));
     let ack = carol.request(json!({"op":"pub","topic":"news","data":"cluster news"}));
