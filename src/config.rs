@@ -374,6 +374,28 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked() {
+        let bad = Config {
+            dev: true,
+            redis: Some("not-a-url".into()),
+            redis_prefix: "has space".into(),
+            cluster_heartbeat_ms: 5000,
+            cluster_node_ttl_ms: 10_000,
+            ..Config::default()
+        };
+        match bad.validate() {
+            Err(ConfigError::Invalid(problems)) => assert_eq!(problems.len(), 3, "{problems:?}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        let good = Config {
+            dev: true,
+            redis: Some("redis://127.0.0.1:6379/0".into()),
+            ..Config::default()
+        };
+        assert!(good.validate().is_ok());
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)]
     fn flags_override_environment_and_file() {
         figment::Jail::expect_with(|jail| {
