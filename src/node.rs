@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use serde_json::value::RawValue;
@@ -17,7 +18,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::api::ApiServer;
 use crate::auth::Authenticator;
-use crate::cluster::{bridge, Bus, Outbound};
+use crate::cluster::{bridge, redis_layout, Bus, Outbound};
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
@@ -157,8 +158,9 @@ impl Node {
             }
             None => (None, None),
         };
+        let node_number = lease_node_number(&config, &node_id);
         let shared = Arc::new(NodeShared {
-            node_number: node_number(&node_id),
+            node_number,
             auth: Authenticator::new(config.secret.as_deref(), config.dev, config.max_name_bytes),
             metrics: NodeMetrics::new(shards),
             node_id,
@@ -454,9 +456,43 @@ fn generate_node_id() -> Arc<str> {
     Arc::from(format!("{host}-{:08x}", seed as u32))
 }
 
-/// The 9-bit node number in message ids, derived from the node id. Two nodes of a cluster
-/// can share one (about a 10 % chance among 10 nodes); their ids then stay distinct unless
-/// both make one in the same millisecond on the same shard with the same sequence number.
-fn node_number(node_id: &str) -> u16 {
-    (ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(node_id) % 512) as u16
+/// The 9-bit node number in message ids. Alone, a hash of the node id. In a cluster, a
+/// number leased in Redis at start (the bridge keeps the lease alive), so no two live nodes
+/// share one and message ids are unique cluster-wide. If Redis cannot be reached at start the
+/// node still starts, on the hashed number, and says so: ids then collide only if another
+/// node holds the same number and both make an id in the same millisecond on the same shard
+/// with the same sequence number.
+fn lease_node_number(config: &Config, node_id: &str) -> u16 {
+    let hashed = (ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(node_id)
+        % u64::from(redis_layout::NODE_NUMBERS)) as u16;
+    let Some(url) = &config.redis else {
+        return hashed;
+    };
+    let names = redis_layout::Names::new(&config.redis_prefix);
+    let leased = redis::Client::open(url.as_str())
+        .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
+        .and_then(|mut conn| {
+            conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+            redis_layout::lease_node_number(
+                &mut conn,
+                &names,
+                node_id,
+                hashed,
+                config.cluster_node_ttl_ms,
+            )
+        });
+    match leased {
+        Ok(Some(number)) => number,
+        Ok(None) => {
+            tracing::warn!(
+                number = hashed,
+                "every message-id node number is leased; using the hashed one"
+            );
+            hashed
+        }
+        Err(error) => {
+            tracing::warn!(%error, number = hashed, "cannot lease a message-id node number from Redis; using the hashed one");
+            hashed
+        }
+    }
 }

@@ -855,3 +855,35 @@ fn the_redis_prefix_keeps_clusters_on_one_redis_apart() {
     publish(api(&one), json!({"users":["bob"],"topics":["t"],"data":2}));
     bob.expect_silence(QUIET);
 }
+
+#[test]
+fn message_id_node_numbers_are_leased_one_per_node() {
+    use shardcast::cluster::redis_layout::{lease_node_number, Names};
+    let redis = RedisServer::start();
+    let names = Names::new("shardcast");
+    let mut conn = redis.connection();
+    let mut lease = |node: &str, preferred| {
+        lease_node_number(&mut conn, &names, node, preferred, 10_000).expect("redis")
+    };
+    assert_eq!(lease("a", 511), Some(511));
+    assert_eq!(
+        lease("b", 511),
+        Some(0),
+        "taken numbers are skipped, wrapping"
+    );
+    assert_eq!(
+        lease("a", 511),
+        Some(511),
+        "a node restarted under its id takes its number back"
+    );
+    assert_eq!(lease("c", 511), Some(1));
+
+    let nodes = start_cluster(&redis, 2, |_| {});
+    let mut ids = Vec::new();
+    for node in &nodes {
+        let mut client = Client::dev(node, "mids");
+        let mid: u64 = send(&mut client, "nobody", json!(1)).parse().expect("mid");
+        ids.push((mid >> 14) & 511);
+    }
+    assert_ne!(ids[0], ids[1], "two live nodes never share a node number");
+}

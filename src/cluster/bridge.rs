@@ -381,7 +381,25 @@ impl Bridge {
             register
                 .sadd(self.names.nodes(), &*self.node.node_id)
                 .ignore();
-            let _: () = register.query_async(&mut conn).await?;
+            let mid_node = self.names.mid_node(self.node.node_number);
+            register
+                .cmd("SET")
+                .arg(&mid_node)
+                .arg(&*self.node.node_id)
+                .arg("NX")
+                .arg("PX")
+                .arg(self.node.config.cluster_node_ttl_ms)
+                .ignore()
+                .get(&mid_node);
+            let (holder,): (Option<String>,) = register.query_async(&mut conn).await?;
+            if holder.as_deref() != Some(&*self.node.node_id) {
+                self.state.metrics.errors.inc();
+                tracing::error!(
+                    number = self.node.node_number,
+                    holder = holder.as_deref().unwrap_or("nobody"),
+                    "another node holds this node's message-id number; message ids may collide until one of them restarts"
+                );
+            }
             self.republish_devices(&mut conn).await?;
         }
         self.last_probe.set(Instant::now());
@@ -789,6 +807,11 @@ impl Bridge {
                 .arg("PX")
                 .arg(self.node.config.cluster_node_ttl_ms);
             self.registry_update(&mut pipe, false);
+            pipe.pexpire(
+                self.names.mid_node(self.node.node_number),
+                self.node.config.cluster_node_ttl_ms as i64,
+            )
+            .ignore();
         }
         pipe.publish(
             self.names.instance_channel(instance),
@@ -845,8 +868,10 @@ impl Bridge {
             .del(self.names.node(&self.node.node_id))
             .ignore()
             .srem(self.names.nodes(), &*self.node.node_id)
+            .ignore()
+            .del(self.names.mid_node(self.node.node_number))
             .ignore();
-        self.state.metrics.commands.add(3);
+        self.state.metrics.commands.add(4);
         let _: () = self.timed_query(&pipe, conn).await?;
         self.deregistered.set(true);
         tracing::info!(node_id = %self.node.node_id, "deregistered from the cluster");

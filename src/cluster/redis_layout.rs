@@ -12,6 +12,7 @@
 //! | `P:inst:INST` | channel | envelopes for one node: directed messages, kicks, evictions |
 //! | `P:topic:TOPIC` | channel | a topic's publications; subscribed by nodes with subscribers |
 //! | `P:broadcast` | channel | broadcasts; every node subscribes |
+//! | `P:mid-node:N` | string, TTL | lease of node number `N` (0–511) in message ids; value = node id |
 //!
 //! An *instance* is one connection session of a node's bridge (64 random bits, in hex). A
 //! device entry is valid only while its instance's `alive` key exists. That key is the
@@ -83,10 +84,51 @@ impl Names {
         format!("{}:topic:{topic}", self.prefix)
     }
 
+    /// The lease of node number `number` in message ids.
+    pub fn mid_node(&self, number: u16) -> String {
+        format!("{}:mid-node:{number}", self.prefix)
+    }
+
     /// The broadcast channel.
     pub fn broadcast(&self) -> String {
         format!("{}:broadcast", self.prefix)
     }
+}
+
+/// How many node numbers message ids have room for (9 bits).
+pub const NODE_NUMBERS: u16 = 512;
+
+/// Claims a node number for message ids: the first of `preferred`, `preferred + 1`, ...
+/// that is free or already this node's (a node restarted under its id takes its number
+/// back). Blocking; runs once, at start, before any shard makes an id. `Ok(None)` when
+/// every number is taken.
+pub fn lease_node_number(
+    conn: &mut redis::Connection,
+    names: &Names,
+    node_id: &str,
+    preferred: u16,
+    ttl_ms: u64,
+) -> redis::RedisResult<Option<u16>> {
+    for offset in 0..NODE_NUMBERS {
+        let number = (preferred + offset) % NODE_NUMBERS;
+        let key = names.mid_node(number);
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(node_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query(conn)?;
+        if claimed.is_some() {
+            return Ok(Some(number));
+        }
+        let holder: Option<String> = redis::cmd("GET").arg(&key).query(conn)?;
+        if holder.as_deref() == Some(node_id) {
+            let _: () = redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms).query(conn)?;
+            return Ok(Some(number));
+        }
+    }
+    Ok(None)
 }
 
 /// An instance id as it appears in names and device members.
