@@ -169,8 +169,6 @@ label_enum! {
 /// The cluster bridge's counters (one per node).
 #[derive(Debug, Default)]
 pub struct BusMetrics {
-    /// Whether Redis is reachable and the node registered.
-    pub up: std::sync::atomic::AtomicBool,
     /// Redis commands sent (pipelined commands counted one by one).
     pub commands: Counter,
     /// Envelope bytes handed to Redis (publish payloads, script arguments).

@@ -747,11 +747,7 @@ impl Bridge {
                 self.close_local(conn_id, close::REPLACED, metrics::Close::Replaced);
             } else {
                 pipe.publish(
-                    format!(
-                        "{}:inst:{}",
-                        self.names.prefix(),
-                        layout::instance_hex(owner)
-                    ),
+                    self.names.instance_channel(owner),
                     &wire::evict(instance, conn_id)[..],
                 )
                 .ignore();
@@ -956,11 +952,7 @@ impl Bridge {
             }
             Body::TopicQuery { request, topic } => {
                 let node = self.node.clone();
-                let channel = format!(
-                    "{}:inst:{}",
-                    self.names.prefix(),
-                    layout::instance_hex(envelope.origin)
-                );
+                let channel = self.names.instance_channel(envelope.origin);
                 let instance = self.instance.get();
                 let Some(mut conn) = self.commands.borrow().clone() else {
                     return;

@@ -181,7 +181,6 @@ impl BusState {
 
     pub(crate) fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Release);
-        self.metrics.up.store(up, Ordering::Relaxed);
     }
 
     pub(crate) fn stopping(&self) -> bool {
