@@ -306,13 +306,13 @@ impl Api {
             tracing::warn!(
                 mid,
                 dropped = published.dropped,
-                "publish partly dropped: shard inboxes full"
+                "publish partly dropped: shard inboxes or the cluster bus full"
             );
             return Err(Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
                 format!(
-                    "message {mid}: {} route(s) could not be queued (shard inbox full); retry",
+                    "message {mid}: {} route(s) could not be queued (shard inbox or cluster bus full); retry",
                     published.dropped
                 ),
             ));

@@ -302,7 +302,7 @@ pub struct Target<'a> {
 pub struct Published {
     /// The message id.
     pub mid: u64,
-    /// Routes that could not be queued (a shard's inbox was full).
+    /// Routes that could not be queued (a shard's inbox or the cluster bus was full).
     pub dropped: usize,
 }
 
@@ -320,9 +320,11 @@ impl Publisher {
         Publisher { node, mids }
     }
 
-    /// Pushes `data` to `target`. The message id is the same for every recipient; `dropped`
-    /// counts the routes (one per user, per topic, per shard for a broadcast) that could not
-    /// be queued because a shard's inbox was full (also counted in `drops{inbox_full}`).
+    /// Pushes `data` to `target`, on this node and (clustered) through the bus to the others.
+    /// The message id is the same for every recipient; `dropped` counts the routes (per user
+    /// and per topic: one to the home shard and one to the bus; per shard and one to the bus
+    /// for a broadcast) that could not be queued because a shard's inbox or the bus was full
+    /// (also counted in `drops{inbox_full}` or `bus_drops{bus_full}`).
     pub fn publish(&self, target: Target<'_>, data: &RawValue) -> Published {
         let ts = protocol::now_ms();
         let mid = self.mids.next(ts);
