@@ -399,11 +399,7 @@ impl Api {
                 json!({"topic": topic, "subscribers": subscribers, "nodes": nodes}),
             ));
         }
-        let subscribers = self
-            .publisher
-            .topic_subscribers(&topic)
-            .await
-            .ok_or_else(busy)?;
+        let subscribers = self.node.topic_subscribers(&topic).await.ok_or_else(busy)?;
         let nodes: Vec<serde_json::Value> = if subscribers > 0 {
             vec![json!({"node": &*self.node.node_id, "subscribers": subscribers})]
         } else {

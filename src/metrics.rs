@@ -549,13 +549,13 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
         MergedHistogram::of(node.shards().iter().map(|s| &s.delivery_latency)),
     );
 
+    let level = |registry: &mut Registry, name: &str, help: &str, value: i64| {
+        let gauge = Level::<i64>::default();
+        gauge.set(value);
+        registry.register(name, help, gauge);
+    };
     if let Some(bus) = bus {
         let metrics = &bus.state().metrics;
-        let level = |registry: &mut Registry, name: &str, help: &str, value: i64| {
-            let gauge = Level::<i64>::default();
-            gauge.set(value);
-            registry.register(name, help, gauge);
-        };
         level(
             &mut registry,
             "redis_up",
@@ -625,12 +625,11 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
         );
     }
 
-    let rss = Level::<i64>::default();
-    rss.set(resident_bytes() as i64);
-    registry.register(
+    level(
+        &mut registry,
         "process_resident_memory_bytes",
         "Resident set size of the process",
-        rss,
+        resident_bytes() as i64,
     );
 
     let mut text = String::new();

@@ -336,7 +336,7 @@ impl Publisher {
             let message = Message::new(mid, render::msg(None, &user, mid, ts, data.get()));
             let home = mesh.home(&user);
             dropped += usize::from(!node.to_other_nodes(|| Outbound::User {
-                user: user.clone(),
+                users: smallvec::smallvec![user.clone()],
                 message: message.clone(),
             }));
             let envelope = Envelope::RouteUser {
@@ -383,11 +383,6 @@ impl Publisher {
             .mesh
             .send(home, envelope, self.node.metrics.shard(home));
         answer.await.ok()
-    }
-
-    /// Subscribers of `topic` on this node; `None` if a shard's inbox was full.
-    pub async fn topic_subscribers(&self, topic: &str) -> Option<usize> {
-        self.node.topic_subscribers(topic).await
     }
 
     /// Closes every connection of `user` with 4003: on this node, and through the bus on

@@ -629,11 +629,7 @@ fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
             let (mid, ts) = shard.stamp();
             let frame = render::msg(Some(from), &to, mid, ts, data.get());
             tracing::debug!(mid, conn = conn.id, to = &*to, "client direct message");
-            let message = Message::new(mid, frame);
-            if *to != **from {
-                shard.route_user(Arc::from(&*to), message.clone(), None);
-            }
-            shard.route_user(from.clone(), message, Some(conn.id));
+            shard.route_direct(Arc::from(&*to), from, Message::new(mid, frame), conn.id);
             render::ack(id, Some(mid))
         }
     }

@@ -29,7 +29,7 @@ use indexmap::IndexMap;
 use smallvec::SmallVec;
 
 use crate::auth::valid_name;
-use crate::cluster::{Control, Outbound};
+use crate::cluster::{Control, Outbound, Users};
 use crate::metrics::{self, Delivery, Refusal, Rejection, ShardMetrics};
 use crate::node::NodeShared;
 use crate::protocol::{self, MidGenerator};
@@ -340,13 +340,28 @@ impl Shard {
         }
     }
 
-    /// Sends a message for `user` to the user's home shard, which forwards it to the shards
-    /// holding the user's devices, and (clustered) to the other nodes holding some.
-    pub fn route_user(&self, user: Arc<str>, message: Message, except: Option<ConnId>) {
+    /// Routes a client's direct message from `from` (connection `sender`) to `to`: every
+    /// device of `to` and every other device of `from`, on this node through their home
+    /// shards and (clustered) on the other nodes through one bus message naming both users.
+    pub fn route_direct(&self, to: Arc<str>, from: &Arc<str>, message: Message, sender: ConnId) {
+        let users: Users = if to == *from {
+            smallvec::smallvec![to.clone()]
+        } else {
+            smallvec::smallvec![to.clone(), from.clone()]
+        };
         self.node.to_other_nodes(|| Outbound::User {
-            user: user.clone(),
+            users,
             message: message.clone(),
         });
+        if to != *from {
+            self.route_user(to, message.clone(), None);
+        }
+        self.route_user(from.clone(), message, Some(sender));
+    }
+
+    /// Sends a message for `user` to the user's home shard, which forwards it to the shards
+    /// of this node holding the user's devices.
+    fn route_user(&self, user: Arc<str>, message: Message, except: Option<ConnId>) {
         let home = self.node.mesh.home(&user);
         self.send(
             home,

@@ -133,6 +133,7 @@ pub fn spawn(
                 devices: RefCell::default(),
                 topics: RefCell::default(),
                 instance: Cell::new(0),
+                instance_hex: RefCell::default(),
                 deregistered: Cell::new(false),
                 last_probe: Cell::new(Instant::now()),
                 probe_nonce: Cell::new(0),
@@ -241,6 +242,8 @@ struct Bridge {
     topics: RefCell<HashSet<Arc<str>, RandomState>>,
     /// This session's instance id (0 before the first).
     instance: Cell<u64>,
+    /// The same in hex, as keys, members and script arguments spell it.
+    instance_hex: RefCell<String>,
     /// The node is draining and its registration and lease are gone from Redis.
     deregistered: Cell<bool>,
     last_probe: Cell<Instant>,
@@ -337,16 +340,17 @@ impl Bridge {
             .await?;
         let pubsub = timed(self.client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
-        for (script, source) in self.scripts.sources() {
-            let hash: String = timed(
-                redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(source)
-                    .query_async(&mut conn),
-            )
-            .await?;
-            debug_assert_eq!(hash, script.get_hash());
+        let mut load = redis::pipe();
+        for (_, source) in self.scripts.sources() {
+            load.cmd("SCRIPT").arg("LOAD").arg(source);
         }
+        let hashes: Vec<String> = self.timed_query(&load, &mut conn).await?;
+        debug_assert!(self
+            .scripts
+            .sources()
+            .iter()
+            .zip(&hashes)
+            .all(|((script, _), hash)| script.get_hash() == hash));
         let previous = self.instance.get();
         let instance = loop {
             let candidate: u64 = rand_u64();
@@ -355,6 +359,7 @@ impl Bridge {
             }
         };
         self.instance.set(instance);
+        *self.instance_hex.borrow_mut() = layout::instance_hex(instance);
         timed(sink.subscribe(&[
             self.names.broadcast(),
             self.names.instance_channel(instance),
@@ -391,7 +396,7 @@ impl Bridge {
                 .arg(self.node.config.cluster_node_ttl_ms)
                 .ignore()
                 .get(&mid_node);
-            let (holder,): (Option<String>,) = register.query_async(&mut conn).await?;
+            let (holder,): (Option<String>,) = self.timed_query(&register, &mut conn).await?;
             if holder.as_deref() != Some(&*self.node.node_id) {
                 self.state.metrics.errors.inc();
                 tracing::error!(
@@ -405,7 +410,7 @@ impl Bridge {
         self.last_probe.set(Instant::now());
         tracing::info!(
             node_id = %self.node.node_id,
-            instance = %layout::instance_hex(instance),
+            instance = %self.instance_hex.borrow(),
             devices = self.devices.borrow().values().map(|d| d.len()).sum::<usize>(),
             topics = topics.len(),
             "Redis bus up: node registered, routes and subscriptions published"
@@ -432,7 +437,7 @@ impl Bridge {
                     ("api", self.node.api_addr.to_string()),
                     ("shards", self.node.mesh.shards().to_string()),
                     ("connections", connections.to_string()),
-                    ("instance", layout::instance_hex(self.instance.get())),
+                    ("instance", self.instance_hex.borrow().clone()),
                 ],
             )
             .ignore();
@@ -466,7 +471,6 @@ impl Bridge {
                 pipe.expire(&key, layout::ROUTE_KEY_TTL_SECS as i64)
                     .ignore();
             }
-            self.state.metrics.commands.add(pipe.len() as u64);
             let _: () = self.timed_query(&pipe, conn).await?;
         }
         Ok(())
@@ -569,7 +573,7 @@ impl Bridge {
                         .arg(1)
                         .arg(self.names.user(&user))
                         .arg(self.names.prefix())
-                        .arg(layout::instance_hex(instance))
+                        .arg(&*self.instance_hex.borrow())
                         .arg(layout::device_member(instance, conn))
                         .arg(since_ms)
                         .arg(self.node.config.max_devices_per_user)
@@ -640,13 +644,7 @@ impl Bridge {
     /// Adds one message for other nodes to `batch`, unless it waited too long.
     fn encode(&self, outbound: Outbound, batch: &mut Batch) {
         let instance = self.instance.get();
-        let message = match &outbound {
-            Outbound::User { message, .. }
-            | Outbound::Topic { message, .. }
-            | Outbound::Broadcast { message } => Some(message),
-            Outbound::Kick { .. } => None,
-        };
-        if let Some(message) = message {
+        if let Some(message) = outbound.message() {
             let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
             if waited > self.node.config.bridge_hold_ms.saturating_mul(1_000_000) {
                 self.state.metrics.dropped(BusDrop::Stale);
@@ -655,13 +653,13 @@ impl Bridge {
             }
         }
         let (cmd, payload_len) = match outbound {
-            Outbound::User { user, message } => {
-                let payload = wire::user(instance, message.mid, &user, &message.frame);
-                (self.route_cmd(&user, &payload), payload.len())
+            Outbound::User { users, message } => {
+                let payload = wire::user(instance, message.mid, &users, &message.frame);
+                (self.route_cmd(&users, &payload), payload.len())
             }
             Outbound::Kick { user, code } => {
                 let payload = wire::kick(instance, &user, code);
-                (self.route_cmd(&user, &payload), payload.len())
+                (self.route_cmd(&[user], &payload), payload.len())
             }
             Outbound::Topic { topic, message } => {
                 let payload = wire::topic(instance, message.mid, &topic, &message.frame);
@@ -681,14 +679,16 @@ impl Bridge {
         batch.push(cmd, Answer::Message);
     }
 
-    /// `EVALSHA route`: publish `payload` to every other node holding a device of `user`.
-    fn route_cmd(&self, user: &str, payload: &[u8]) -> redis::Cmd {
+    /// `EVALSHA route`: publish `payload` once to every other node holding a device of any
+    /// of `users`.
+    fn route_cmd(&self, users: &[Arc<str>], payload: &[u8]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.route.get_hash())
-            .arg(1)
-            .arg(self.names.user(user))
-            .arg(self.names.prefix())
-            .arg(layout::instance_hex(self.instance.get()))
+        cmd.arg(self.scripts.route.get_hash()).arg(users.len());
+        for user in users {
+            cmd.arg(self.names.user(user));
+        }
+        cmd.arg(self.names.prefix())
+            .arg(&*self.instance_hex.borrow())
             .arg(payload);
         cmd
     }
@@ -699,7 +699,6 @@ impl Bridge {
         conn: &mut MultiplexedConnection,
     ) -> Result<(), SessionError> {
         let metrics = &self.state.metrics;
-        metrics.commands.add(batch.answers.len() as u64);
         metrics.bytes_out.add(batch.bytes);
         metrics.envelopes_out.add(batch.messages);
         let answers: Vec<Value> = self.timed_query(&batch.pipe, conn).await?;
@@ -754,7 +753,6 @@ impl Bridge {
             }
         }
         if !pipe.is_empty() {
-            self.state.metrics.commands.add(pipe.len() as u64);
             let _: () = self.timed_query(&pipe, conn).await?;
         }
         Ok(())
@@ -771,11 +769,13 @@ impl Bridge {
         }
     }
 
+    /// Sends one pipeline, counting its commands and timing its round trip.
     async fn timed_query<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
         conn: &mut MultiplexedConnection,
     ) -> Result<T, SessionError> {
+        self.state.metrics.commands.add(pipe.len() as u64);
         let started = metrics::monotonic_ns();
         let answer = timed(pipe.query_async(conn)).await?;
         self.state
@@ -818,7 +818,6 @@ impl Bridge {
             pipe.expire(self.names.user(user), layout::ROUTE_KEY_TTL_SECS as i64)
                 .ignore();
         }
-        self.state.metrics.commands.add(pipe.len() as u64);
         let answers: Vec<Value> = self.timed_query(&pipe, conn).await?;
         let (lease, receivers) = match answers.as_slice() {
             [lease, receivers] => (Some(lease), receivers),
@@ -867,7 +866,6 @@ impl Bridge {
             .ignore()
             .del(self.names.mid_node(self.node.node_number))
             .ignore();
-        self.state.metrics.commands.add(4);
         let _: () = self.timed_query(&pipe, conn).await?;
         self.deregistered.set(true);
         tracing::info!(node_id = %self.node.node_id, "deregistered from the cluster");
@@ -906,17 +904,20 @@ impl Bridge {
             }
             // This node delivered its own topic publications and broadcasts locally.
             Body::Topic { .. } | Body::Broadcast { .. } | Body::User { .. } if own => return,
-            Body::User { mid, user, frame } => {
-                let home = mesh.home(&user);
-                mesh.send(
-                    home,
-                    Envelope::RouteUser {
-                        user: Arc::from(user),
-                        message: Message::new(mid, frame),
-                        except: None,
-                    },
-                    shard_metrics(home),
-                );
+            Body::User { mid, users, frame } => {
+                let message = Message::new(mid, frame);
+                for user in users {
+                    let home = mesh.home(&user);
+                    mesh.send(
+                        home,
+                        Envelope::RouteUser {
+                            user: Arc::from(user),
+                            message: message.clone(),
+                            except: None,
+                        },
+                        shard_metrics(home),
+                    );
+                }
             }
             Body::Topic { mid, topic, frame } => {
                 let home = mesh.home(&topic);

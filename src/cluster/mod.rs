@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use smallvec::SmallVec;
 
 use crate::metrics::{BusDrop, BusMetrics};
 use crate::reactor::Doorbell;
@@ -44,10 +45,12 @@ const QUERY_CAPACITY: usize = 1024;
 /// A message for other nodes.
 #[derive(Debug)]
 pub enum Outbound {
-    /// To every device of `user` on other nodes.
+    /// To every device of each of `users` on other nodes: the recipient of a direct message,
+    /// and its sender (whose other devices get a copy). One bus message, one Redis round-trip
+    /// slot and at most one envelope per node, however many of the users a node holds.
     User {
-        /// Recipient.
-        user: Arc<str>,
+        /// The users (one or two).
+        users: Users,
         /// The rendered message.
         message: Message,
     },
@@ -70,6 +73,21 @@ pub enum Outbound {
         /// WebSocket close code.
         code: u16,
     },
+}
+
+/// The users a direct message goes to (the recipient, and the sender for its copies).
+pub type Users = SmallVec<[Arc<str>; 2]>;
+
+impl Outbound {
+    /// The message carried (a kick carries none).
+    pub fn message(&self) -> Option<&Message> {
+        match self {
+            Outbound::User { message, .. }
+            | Outbound::Topic { message, .. }
+            | Outbound::Broadcast { message } => Some(message),
+            Outbound::Kick { .. } => None,
+        }
+    }
 }
 
 /// A change of what this node holds, which the bridge mirrors into Redis.
@@ -270,12 +288,7 @@ impl Bus {
     /// Hands a message for other nodes to the bridge; `false` if it was dropped (lane full,
     /// counted and logged).
     pub fn send(&self, outbound: Outbound) -> bool {
-        let mid = match &outbound {
-            Outbound::User { message, .. }
-            | Outbound::Topic { message, .. }
-            | Outbound::Broadcast { message } => Some(message.mid),
-            Outbound::Kick { .. } => None,
-        };
+        let mid = outbound.message().map(|m| m.mid);
         match self.messages.try_send(outbound) {
             Ok(()) => {
                 self.doorbell.ring();

@@ -147,32 +147,34 @@ pub fn parse_device_member(member: &str) -> Option<(u64, u64)> {
     Some((u64::from_str_radix(instance, 16).ok()?, conn.parse().ok()?))
 }
 
-/// `KEYS[1]` user key; `ARGV` prefix, own instance, payload. Publishes the payload once to
-/// every other live instance holding a device of the user; prunes dead instances' devices.
-/// Returns how many nodes it published to.
+/// `KEYS` user keys; `ARGV` prefix, own instance, payload. Publishes the payload once to
+/// every other live instance holding a device of any of the users (a node holding both a
+/// direct message's recipient and its sender gets one envelope); prunes dead instances'
+/// devices. Returns how many nodes it published to.
 pub const ROUTE: &str = r#"
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local state = {}
-local dead = {}
 local sent = 0
-for _, member in ipairs(members) do
-  local instance = string.match(member, '^([^/]+)/') or ''
-  local s = state[instance]
-  if s == nil then
-    if instance == ARGV[2] then
-      s = 'self'
-    elseif instance ~= '' and redis.call('EXISTS', ARGV[1] .. ':alive:' .. instance) == 1 then
-      s = 'live'
-      redis.call('PUBLISH', ARGV[1] .. ':inst:' .. instance, ARGV[3])
-      sent = sent + 1
-    else
-      s = 'dead'
+for _, key in ipairs(KEYS) do
+  local dead = {}
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local instance = string.match(member, '^([^/]+)/') or ''
+    local s = state[instance]
+    if s == nil then
+      if instance == ARGV[2] then
+        s = 'self'
+      elseif instance ~= '' and redis.call('EXISTS', ARGV[1] .. ':alive:' .. instance) == 1 then
+        s = 'live'
+        redis.call('PUBLISH', ARGV[1] .. ':inst:' .. instance, ARGV[3])
+        sent = sent + 1
+      else
+        s = 'dead'
+      end
+      state[instance] = s
     end
-    state[instance] = s
+    if s == 'dead' then dead[#dead + 1] = member end
   end
-  if s == 'dead' then dead[#dead + 1] = member end
+  if #dead > 0 then redis.call('ZREM', key, unpack(dead)) end
 end
-if #dead > 0 then redis.call('ZREM', KEYS[1], unpack(dead)) end
 return sent
 "#;
 

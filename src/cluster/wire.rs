@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! version u8 = 1 | kind u8 | origin u64 | body
-//!   user, topic:   mid u64 | name_len u16 | name | frame…
+//!   user:          mid u64 | users u8 | (name_len u16 | name)… | frame…
+//!   topic:         mid u64 | name_len u16 | name | frame…
 //!   broadcast:     mid u64 | frame…
 //!   kick:          code u16 | name_len u16 | user
 //!   evict:         conn u64
@@ -28,12 +29,13 @@ pub const VERSION: u8 = 1;
 /// What a decoded envelope asks the receiving node to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
-    /// Deliver `frame` to every local device of `user`.
+    /// Deliver `frame` to every local device of each of `users` (a direct message's
+    /// recipient, and its sender for the copies to the sender's other devices).
     User {
         /// Message id (for logs).
         mid: u64,
-        /// Recipient.
-        user: String,
+        /// The users.
+        users: Vec<String>,
         /// The rendered WebSocket frame.
         frame: Bytes,
     },
@@ -139,11 +141,16 @@ fn put_name(out: &mut BytesMut, name: &str) {
     out.put_slice(&name.as_bytes()[..len as usize]);
 }
 
-/// A message for a user's devices on other nodes.
-pub fn user(origin: u64, mid: u64, user: &str, frame: &[u8]) -> Bytes {
-    let mut out = header(kind::USER, origin, 8 + 2 + user.len() + frame.len());
+/// A message for the devices of `users` on other nodes (at most 255 users).
+pub fn user<S: AsRef<str>>(origin: u64, mid: u64, users: &[S], frame: &[u8]) -> Bytes {
+    let users = &users[..users.len().min(u8::MAX as usize)];
+    let names: usize = users.iter().map(|u| 2 + u.as_ref().len()).sum();
+    let mut out = header(kind::USER, origin, 8 + 1 + names + frame.len());
     out.put_u64_le(mid);
-    put_name(&mut out, user);
+    out.put_u8(users.len() as u8);
+    for user in users {
+        put_name(&mut out, user.as_ref());
+    }
     out.put_slice(frame);
     out.freeze()
 }
@@ -217,24 +224,26 @@ pub fn decode(payload: Bytes) -> Result<Envelope, DecodeError> {
     let kind = rest.get_u8();
     let origin = rest.get_u64_le();
     let body = match kind {
-        kind::USER | kind::TOPIC => {
+        kind::USER => {
             let mid = u64_of(&mut rest)?;
-            let name = name_of(&mut rest)?;
-            let frame = rest;
-            if kind == kind::USER {
-                Body::User {
-                    mid,
-                    user: name,
-                    frame,
-                }
-            } else {
-                Body::Topic {
-                    mid,
-                    topic: name,
-                    frame,
-                }
+            if rest.remaining() < 1 {
+                return Err(DecodeError::Malformed);
+            }
+            let count = rest.get_u8();
+            let users = (0..count)
+                .map(|_| name_of(&mut rest))
+                .collect::<Result<_, _>>()?;
+            Body::User {
+                mid,
+                users,
+                frame: rest,
             }
         }
+        kind::TOPIC => Body::Topic {
+            mid: u64_of(&mut rest)?,
+            topic: name_of(&mut rest)?,
+            frame: rest,
+        },
         kind::BROADCAST => Body::Broadcast {
             mid: u64_of(&mut rest)?,
             frame: rest,
@@ -297,10 +306,10 @@ mod tests {
         let frame = b"\x81\x05hello";
         let cases = [
             (
-                user(7, 42, "alice", frame),
+                user(7, 42, &["bob", "alice"], frame),
                 Body::User {
                     mid: 42,
-                    user: "alice".into(),
+                    users: vec!["bob".into(), "alice".into()],
                     frame: Bytes::from_static(frame),
                 },
             ),
@@ -351,7 +360,7 @@ mod tests {
 
     #[test]
     fn frames_are_slices_of_the_payload() {
-        let payload = user(1, 2, "u", b"frame");
+        let payload = user(1, 2, &["u"], b"frame");
         let base = payload.as_ptr() as usize;
         let Ok(Envelope {
             body: Body::User { frame, .. },
@@ -365,7 +374,7 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
-        let mut other_version = user(1, 2, "u", b"f").to_vec();
+        let mut other_version = user(1, 2, &["u"], b"f").to_vec();
         other_version[0] = 2;
         assert_eq!(decode(other_version.into()), Err(DecodeError::Version(2)));
         assert_eq!(
