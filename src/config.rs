@@ -49,9 +49,20 @@ pub struct Config {
     /// Messages for other nodes the bridge's lane holds (while Redis is slow or down) before
     /// new ones are dropped and counted. Default 16384.
     pub bridge_queue_capacity: usize,
-    /// How long a message for other nodes may wait for Redis, in ms; older ones are dropped
-    /// and counted when Redis returns rather than delivered late. Default 5000.
+    /// Bytes of messages for other nodes the bridge may hold at once (queued, in flight or
+    /// waiting for a retry) before new ones are dropped and counted; a message arriving at
+    /// an empty queue is always taken. Bounds what a Redis outage or one huge publish can
+    /// cost in memory. Default 64 MiB.
+    pub bridge_queue_max_bytes: usize,
+    /// How long a message for other nodes may wait for Redis, in ms, retries included;
+    /// older ones are dropped and counted rather than delivered late. Default 5000.
     pub bridge_hold_ms: u64,
+    /// After Redis lost the cluster's state (restarted empty, flushed), how long every node
+    /// holds its messages for other nodes while the nodes re-publish their devices and
+    /// topics, in ms: routing from a half-rebuilt table would lose messages. Default 2500,
+    /// at least `redis_backoff_max_ms` (every node is back within one backoff) and less than
+    /// `bridge_hold_ms`.
+    pub cluster_settle_ms: u64,
     /// Unique node id. Default: generated from the host name and a random suffix.
     #[serde(deserialize_with = "text")]
     pub node_id: Option<String>,
@@ -151,7 +162,9 @@ impl Default for Config {
             cluster_node_ttl_ms: 10_000,
             redis_backoff_max_ms: 2000,
             bridge_queue_capacity: 16384,
+            bridge_queue_max_bytes: 64 * 1024 * 1024,
             bridge_hold_ms: 5000,
+            cluster_settle_ms: 2500,
             node_id: None,
             secret: None,
             api_key: None,
@@ -275,6 +288,15 @@ impl Config {
                 self.cluster_node_ttl_ms, self.cluster_heartbeat_ms
             ));
         }
+        if self.redis.is_some()
+            && (self.cluster_settle_ms < self.redis_backoff_max_ms
+                || self.cluster_settle_ms >= self.bridge_hold_ms)
+        {
+            problems.push(format!(
+                "`cluster_settle_ms` ({}) must be at least `redis_backoff_max_ms` ({}) and less than `bridge_hold_ms` ({})",
+                self.cluster_settle_ms, self.redis_backoff_max_ms, self.bridge_hold_ms
+            ));
+        }
         if self.shards > MAX_SHARDS {
             problems.push(format!("`shards` is {}, at most {MAX_SHARDS}", self.shards));
         }
@@ -300,6 +322,7 @@ impl Config {
             ("cluster_heartbeat_ms", self.cluster_heartbeat_ms),
             ("redis_backoff_max_ms", self.redis_backoff_max_ms),
             ("bridge_queue_capacity", self.bridge_queue_capacity as u64),
+            ("bridge_queue_max_bytes", self.bridge_queue_max_bytes as u64),
             ("bridge_hold_ms", self.bridge_hold_ms),
         ];
         for (name, value) in positive {

@@ -145,12 +145,15 @@ label_enum! {
 }
 
 label_enum! {
-    /// Why a message on its way between shards was dropped.
+    /// Why a message inside the node was dropped.
     Drop {
         /// The target shard's inbox was full.
         InboxFull => "inbox_full",
         /// The target shard has stopped.
         ShardGone => "shard_gone",
+        /// A direct message for a user with no device online (single node; a cluster
+        /// counts these in [`BusDrop::NoRoute`], where every node's devices are known).
+        NoRoute => "no_route",
     }
 }
 
@@ -163,6 +166,11 @@ label_enum! {
         Stale => "stale",
         /// Redis refused the command that carried it.
         RedisError => "redis_error",
+        /// A direct message for a user with no device online anywhere in the cluster.
+        NoRoute => "no_route",
+        /// Published to a node whose subscription was gone (it died or was reconnecting),
+        /// and still not delivered when retries ran out after `bridge_hold_ms`.
+        Unheard => "unheard",
     }
 }
 
@@ -181,8 +189,12 @@ pub struct BusMetrics {
     pub envelopes_in: Counter,
     /// Envelopes received that could not be read (other version, malformed).
     pub envelopes_invalid: Counter,
+    /// Envelopes received a second time (a retried message) and dropped.
+    pub duplicates: Counter,
+    /// Messages routed again (after a lost session, an unheard publish or while settling).
+    pub retries: Counter,
     /// Messages for other nodes dropped, by [`BusDrop`].
-    pub drops: [Counter; 3],
+    pub drops: [Counter; BusDrop::ALL.len()],
     /// Redis errors: failed connections, commands refused, lost subscriptions.
     pub errors: Counter,
     /// Sessions with Redis started (the first connection included).
@@ -210,6 +222,27 @@ pub fn monotonic_ns() -> u64 {
         .get_or_init(std::time::Instant::now)
         .elapsed()
         .as_nanos() as u64
+}
+
+/// Lets a warning through at most once a second. A fault under load (Redis down, a flood
+/// of messages for offline users) repeats the same warning thousands of times a second; the
+/// metric beside it counts every occurrence, the log shows one example with its `mid`.
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    last_ms: AtomicU64,
+}
+
+impl LogLimit {
+    /// Whether a warning may be logged now (at most one caller a second gets `true`).
+    pub fn allow(&self) -> bool {
+        let now = monotonic_ns() / 1_000_000 + 1000;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// Upper bounds, in seconds, of the latency histogram's buckets (10 µs to 1 s).
@@ -310,7 +343,7 @@ pub struct ShardMetrics {
     /// Requests refused with an `err` frame, by [`Rejection`].
     pub rejections: [Counter; 8],
     /// Cross-shard messages dropped, by [`Drop`].
-    pub drops: [Counter; 2],
+    pub drops: [Counter; Drop::ALL.len()],
     /// Envelopes this shard received from other shards.
     pub envelopes_in: Counter,
     /// From a message entering the node (client request or API call) to its last socket
@@ -568,6 +601,12 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
             "Messages for other nodes waiting for the bridge",
             bus.queue_depth() as i64,
         );
+        level(
+            &mut registry,
+            "bridge_queue_bytes",
+            "Bytes of messages for other nodes the bridge holds (queued, in flight, to retry)",
+            bus.state().queued_bytes() as i64,
+        );
         for (name, help, value) in [
             ("redis_commands", "Redis commands sent", &metrics.commands),
             (
@@ -604,6 +643,16 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
                 "bus_envelopes_invalid",
                 "Envelopes received that could not be read (version, format)",
                 &metrics.envelopes_invalid,
+            ),
+            (
+                "bus_duplicates",
+                "Envelopes received again (a retried message) and dropped",
+                &metrics.duplicates,
+            ),
+            (
+                "bus_retries",
+                "Messages for other nodes routed again (lost session, reconnecting node, settling cluster)",
+                &metrics.retries,
             ),
         ] {
             total(name, help, &mut registry, value.get());

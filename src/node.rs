@@ -22,12 +22,16 @@ use crate::cluster::{bridge, redis_layout, Bus, Outbound};
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
-use crate::router::{Envelope, Mesh, Message};
+use crate::router::{DirectTemplate, Envelope, Mesh, Message};
 use crate::shard;
 
 /// Bytes of glommio I/O memory per shard. Sockets do not use it (they are driven by the
 /// shard's epoll set); keeping it small keeps many nodes per host under RLIMIT_MEMLOCK.
 const IO_MEMORY_BYTES: usize = 512 * 1024;
+
+/// Users per bus message of a multi-user publish: one route script each, so Redis never
+/// runs one script over an unbounded number of keys.
+const USERS_PER_BUS_MESSAGE: usize = 512;
 
 /// What every shard of a node shares (read-mostly; counters are atomics).
 pub struct NodeShared {
@@ -153,7 +157,8 @@ impl Node {
         let (mesh, inboxes) = Mesh::new(shards, config.shard_inbox_capacity);
         let (bus, bridge_ends) = match config.redis {
             Some(_) => {
-                let (bus, ends) = Bus::new(config.bridge_queue_capacity);
+                let (bus, ends) =
+                    Bus::new(config.bridge_queue_capacity, config.bridge_queue_max_bytes);
                 (Some(bus), Some(ends))
             }
             None => (None, None),
@@ -321,30 +326,34 @@ impl Publisher {
     }
 
     /// Pushes `data` to `target`, on this node and (clustered) through the bus to the others.
-    /// The message id is the same for every recipient; `dropped` counts the routes (per user
-    /// and per topic: one to the home shard and one to the bus; per shard and one to the bus
-    /// for a broadcast) that could not be queued because a shard's inbox or the bus was full
-    /// (also counted in `drops{inbox_full}` or `bus_drops{bus_full}`).
+    /// The message id is the same for every recipient; `dropped` counts the routes (one to
+    /// each user's and topic's home shard, one to the bus per topic and per bus message of
+    /// users, one per shard and one to the bus for a broadcast) that could not be queued
+    /// because a shard's inbox or the bus was full (also counted in `drops{inbox_full}` or
+    /// `bus_drops{bus_full}`).
     pub fn publish(&self, target: Target<'_>, data: &RawValue) -> Published {
         let ts = protocol::now_ms();
         let mid = self.mids.next(ts);
         let mesh = &self.node.mesh;
         let mut dropped = 0;
         let node = &self.node;
-        for user in target.users {
-            let user: Arc<str> = Arc::from(*user);
-            let message = Message::new(mid, render::msg(None, &user, mid, ts, data.get()));
-            let home = mesh.home(&user);
-            dropped += usize::from(!node.to_other_nodes(|| Outbound::User {
-                users: smallvec::smallvec![user.clone()],
-                message: message.clone(),
-            }));
-            let envelope = Envelope::RouteUser {
-                user,
-                message,
-                except: None,
-            };
-            dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
+        let users: Vec<Arc<str>> = target.users.iter().map(|u| Arc::from(*u)).collect();
+        if let [user] = users.as_slice() {
+            // One recipient: one frame, rendered here once for every device on every node.
+            let message = Message::new(mid, render::msg(None, user, mid, ts, data.get()));
+            dropped += self.route_users(&users, message);
+        } else if !users.is_empty() {
+            // Each recipient's frame names it: carry `data` once and render per recipient
+            // as its sockets are written (see `router::Body::Direct`).
+            let message = Message::direct(
+                mid,
+                DirectTemplate {
+                    ts,
+                    from: None,
+                    data: Arc::from(data.get()),
+                },
+            );
+            dropped += self.route_users(&users, message);
         }
         for topic in target.topics {
             let topic: Arc<str> = Arc::from(*topic);
@@ -368,6 +377,31 @@ impl Publisher {
             });
         }
         Published { mid, dropped }
+    }
+
+    /// Routes `message` to every device of `users`: each user's home shard here, and the
+    /// other nodes through the bus in messages of at most [`USERS_PER_BUS_MESSAGE`] users
+    /// (one route script each). Returns the routes that could not be queued.
+    fn route_users(&self, users: &[Arc<str>], message: Message) -> usize {
+        let node = &self.node;
+        let mesh = &node.mesh;
+        let mut dropped = 0;
+        for chunk in users.chunks(USERS_PER_BUS_MESSAGE) {
+            dropped += usize::from(!node.to_other_nodes(|| Outbound::User {
+                users: chunk.iter().cloned().collect(),
+                message: message.clone(),
+            }));
+        }
+        for user in users {
+            let home = mesh.home(user);
+            let envelope = Envelope::RouteUser {
+                user: user.clone(),
+                message: message.clone(),
+                except: None,
+            };
+            dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
+        }
+        dropped
     }
 
     /// How many connections `user` has on this node; `None` if the home shard's inbox is

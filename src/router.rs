@@ -54,25 +54,94 @@ pub fn shard_of(conn: ConnId) -> usize {
     (conn >> CONN_SHARD_SHIFT) as usize
 }
 
-/// A message rendered once per node: the complete WebSocket frame every recipient's socket
-/// gets, its id (for logs) and when it entered the node (for the delivery-latency histogram).
+/// A message on its way through the node: its id (for logs and drop accounting), when it
+/// entered the node (for the delivery-latency histogram and the bus hold limit), and its
+/// [`Body`].
 #[derive(Debug, Clone)]
 pub struct Message {
     /// Message id.
     pub mid: u64,
     /// [`metrics::monotonic_ns`] when the message entered the node.
     pub entered_ns: u64,
-    /// The rendered frame.
-    pub frame: Bytes,
+    /// What recipients get.
+    pub body: Body,
+}
+
+/// What a message's recipients get.
+///
+/// Almost every message is one frame for every recipient, rendered once per node and
+/// shared. A direct message to many users at once is the exception: each recipient's frame
+/// names that recipient (`to`), so rendering them all up front would cost one copy of
+/// `data` per user before anything is written (a 256 KiB publish to 1,000 users: 256 MB).
+/// Such a message travels as a [`DirectTemplate`] instead, and each frame is rendered on
+/// the recipient's shard just before its sockets are written, then dropped: memory stays
+/// one copy of `data` plus the frames being written.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// The complete WebSocket frame, the same for every recipient.
+    Frame(Bytes),
+    /// A direct message rendered per recipient at delivery.
+    Direct(Arc<DirectTemplate>),
+}
+
+/// A direct message to several users, rendered per recipient (see [`Body::Direct`]).
+#[derive(Debug)]
+pub struct DirectTemplate {
+    /// Server time of the message, ms.
+    pub ts: u64,
+    /// The sending user (`None` from the server).
+    pub from: Option<Arc<str>>,
+    /// The message's `data`, JSON text passed through untouched.
+    pub data: Arc<str>,
 }
 
 impl Message {
-    /// A message entering the node now.
+    /// A message with one frame for every recipient, entering the node now.
     pub fn new(mid: u64, frame: Bytes) -> Self {
         Message {
             mid,
             entered_ns: metrics::monotonic_ns(),
-            frame,
+            body: Body::Frame(frame),
+        }
+    }
+
+    /// A direct message rendered per recipient, entering the node now.
+    pub fn direct(mid: u64, template: DirectTemplate) -> Self {
+        Message {
+            mid,
+            entered_ns: metrics::monotonic_ns(),
+            body: Body::Direct(Arc::new(template)),
+        }
+    }
+
+    /// The frame `user` gets (a user connection for a broadcast or topic message, where
+    /// the frame is shared anyway).
+    pub fn frame_for(&self, user: &str) -> Bytes {
+        match &self.body {
+            Body::Frame(frame) => frame.clone(),
+            Body::Direct(template) => crate::protocol::render::msg(
+                template.from.as_deref(),
+                user,
+                self.mid,
+                template.ts,
+                &template.data,
+            ),
+        }
+    }
+
+    /// The frame of a message that is the same for every recipient: topic publications and
+    /// broadcasts, which are never [`Body::Direct`].
+    pub fn shared_frame(&self) -> Bytes {
+        self.frame_for("")
+    }
+
+    /// Bytes this message holds (for the bus's byte budget).
+    pub fn size(&self) -> usize {
+        match &self.body {
+            Body::Frame(frame) => frame.len(),
+            Body::Direct(template) => {
+                template.data.len() + template.from.as_deref().map_or(0, str::len)
+            }
         }
     }
 }

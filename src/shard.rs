@@ -25,6 +25,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use ahash::RandomState;
+use bytes::Bytes;
 use indexmap::IndexMap;
 use smallvec::SmallVec;
 
@@ -126,6 +127,8 @@ pub struct Shard {
     pub scratch: RefCell<Box<[u8]>>,
     tables: RefCell<LocalTables>,
     directory: RefCell<Directory>,
+    /// Limits the warning about direct messages for users with no device online.
+    no_route_log: metrics::LogLimit,
     mids: RefCell<MidGenerator>,
     next_conn: Cell<u64>,
     started: Instant,
@@ -164,6 +167,7 @@ impl Shard {
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             tables: RefCell::default(),
             directory: RefCell::default(),
+            no_route_log: metrics::LogLimit::default(),
             mids: RefCell::new(MidGenerator::new(node.node_number, index)),
             next_conn: Cell::new(1),
             started: Instant::now(),
@@ -373,6 +377,17 @@ impl Shard {
         );
     }
 
+    /// Logs (at most once a second) a direct message that found no device of its user.
+    fn log_no_route(&self, user: &str, mid: u64) {
+        if self.no_route_log.allow() {
+            tracing::warn!(
+                user,
+                mid,
+                "direct message for a user with no device online dropped (logged at most once a second; shardcast_drops_total{{reason=\"no_route\"}} counts each)"
+            );
+        }
+    }
+
     /// Sends a publication to the topic's home shard and (clustered) to the other nodes.
     pub fn route_topic(&self, topic: Arc<str>, message: Message) {
         self.node.to_other_nodes(|| Outbound::Topic {
@@ -393,6 +408,10 @@ impl Shard {
                 except,
             } => {
                 let shards = self.directory.borrow().user_shards(&user);
+                if shards.is_empty() && except.is_none() && self.node.bus.is_none() {
+                    self.metrics.dropped(metrics::Drop::NoRoute);
+                    self.log_no_route(&user, message.mid);
+                }
                 self.node
                     .mesh
                     .send_to_mask(shards, &self.metrics, || Envelope::DeliverUser {
@@ -428,7 +447,11 @@ impl Shard {
                             .collect()
                     })
                     .unwrap_or_default();
-                self.deliver(&recipients, &message, Delivery::Direct).await;
+                if !recipients.is_empty() {
+                    let frame = message.frame_for(&user);
+                    self.deliver(&recipients, &frame, &message, Delivery::Direct)
+                        .await;
+                }
             }
             Envelope::DeliverTopic { topic, message } => {
                 let recipients: Vec<Rc<Conn>> = self
@@ -438,7 +461,13 @@ impl Shard {
                     .get(&topic)
                     .map(|subs| subs.values().cloned().collect())
                     .unwrap_or_default();
-                self.deliver(&recipients, &message, Delivery::Topic).await;
+                self.deliver(
+                    &recipients,
+                    &message.shared_frame(),
+                    &message,
+                    Delivery::Topic,
+                )
+                .await;
             }
             Envelope::Broadcast { message } => {
                 let recipients: Vec<Rc<Conn>> = self
@@ -449,8 +478,13 @@ impl Shard {
                     .flatten()
                     .cloned()
                     .collect();
-                self.deliver(&recipients, &message, Delivery::Broadcast)
-                    .await;
+                self.deliver(
+                    &recipients,
+                    &message.shared_frame(),
+                    &message,
+                    Delivery::Broadcast,
+                )
+                .await;
             }
             Envelope::DeviceOnline { user, conn } => {
                 // While the bus is up the cluster enforces the device limit (it knows the
@@ -523,14 +557,20 @@ impl Shard {
         }
     }
 
-    /// Writes `frame` to every recipient, yielding every [`FANOUT_CHUNK`] sockets.
-    /// Writes the message to every recipient, yielding every [`FANOUT_CHUNK`] sockets, and
-    /// records how long the message took from entering the node to its last write here.
-    async fn deliver(&self, recipients: &[Rc<Conn>], message: &Message, kind: Delivery) {
+    /// Writes `frame` (of `message`) to every recipient, yielding every [`FANOUT_CHUNK`]
+    /// sockets, and records how long the message took from entering the node to its last
+    /// write here.
+    async fn deliver(
+        &self,
+        recipients: &[Rc<Conn>],
+        frame: &Bytes,
+        message: &Message,
+        kind: Delivery,
+    ) {
         for chunk in recipients.chunks(FANOUT_CHUNK) {
             let mut delivered = 0;
             for conn in chunk {
-                if conn.push(&message.frame, self) {
+                if conn.push(frame, self) {
                     delivered += 1;
                 }
             }

@@ -17,15 +17,38 @@
 //!   the socket looks fine, and the session is rebuilt.
 //! - **queries**: answers the API's presence, node and topic questions.
 //!
+//! # Every message accounted for
+//! A message the bridge takes from the lane is finished exactly one way: routed (Redis
+//! answered for it), or dropped and counted in `shardcast_bus_drops_total` with a reason
+//! (its `mid` logged at most once a second). Until then it stays counted against
+//! `bridge_queue_max_bytes`. What could otherwise vanish is retried instead, in order,
+//! for at most `bridge_hold_ms` since the message entered the node:
+//! - a pipeline in flight when the session dies (Redis stalled, connection lost) goes back
+//!   to the front of the queue for the next session;
+//! - a message routed under an epoch Redis no longer has, or while the cluster settles
+//!   (see [`super::redis_layout`]), waits and is routed again;
+//! - a message published to a node whose subscription was gone (it was reconnecting) is
+//!   retried until that node's new instance has re-published its devices.
+//!
+//! A retry can reach a node that got the first copy; receivers drop what they have seen
+//! ([`super::dedupe`]). A direct message whose recipient has no live device anywhere is
+//! counted `no_route`.
+//!
+//! `redis_up` and `/readyz` follow the round trips: one outstanding for more than half a
+//! heartbeat marks the bus stalled at once (an idle bridge pings every quarter heartbeat
+//! so a stall is seen within one heartbeat), while the session itself is only abandoned
+//! after [`RESPONSE_TIMEOUT`].
+//!
 //! A session starts with a fresh *instance* id (see [`super::redis_layout`]): it loads the
-//! scripts, subscribes the node's channels and topics, registers the node and re-publishes
-//! every device it holds. So a Redis that came back empty, or a connection blip during which
+//! scripts, joins the cluster epoch, subscribes the node's channels and topics, registers
+//! the node and re-publishes every device it holds, and only then retires its previous
+//! instance, so its routes never disappear in between. So a Redis that came back empty, or a connection blip during which
 //! devices came and went, heals the same way: within one backoff plus one re-publish.
 //! Between sessions control changes keep being folded into the bridge's tables, messages
 //! wait in the bounded lane, and API queries are answered "down" at once.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -40,12 +63,13 @@ use redis::{AsyncConnectionConfig, Script, Value};
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
-use super::redis_layout::{self as layout, Names};
+use super::dedupe::{RecentEnvelopes, MAX_REMEMBERED};
+use super::redis_layout::{self as layout, Names, Routed};
 use super::wire::{self, Body};
 use super::{BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Presence, Query};
 use crate::metrics::{self, BusDrop};
 use crate::node::NodeShared;
-use crate::router::{shard_of, ConnId, Envelope, Message};
+use crate::router::{self, shard_of, ConnId, DirectTemplate, Envelope, Message};
 use crate::ws::close;
 
 /// Messages sent in one pipeline at most; the rest wait for the next round trip.
@@ -73,6 +97,9 @@ const TOPIC_QUERY_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Heartbeats without our own probe coming back before the subscription counts as lost.
 const PROBE_MISSES: u32 = 3;
 
+/// How long a message that met a reconnecting node waits before it is routed again.
+const UNHEARD_RETRY: Duration = Duration::from_millis(100);
+
 /// Why a session with Redis ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -86,6 +113,8 @@ enum SessionError {
     SubscriptionLost,
     #[error("Redis has lost the scripts (NOSCRIPT)")]
     ScriptsLost,
+    #[error("Redis has lost the cluster epoch (restarted empty or flushed)")]
+    EpochLost,
 }
 
 /// Starts the bridge thread. It is pinned to the first core after the shards' when the
@@ -121,6 +150,7 @@ pub fn spawn(
                 doorbell,
                 state,
             } = ends;
+            let dedupe_window_ms = node.config.bridge_hold_ms.saturating_mul(2);
             let bridge = Rc::new(Bridge {
                 names: Names::new(&node.config.redis_prefix),
                 scripts: Scripts::new(),
@@ -141,6 +171,13 @@ pub fn spawn(
                 refresh_round_started: Cell::new(Instant::now()),
                 topic_requests: RefCell::default(),
                 commands: RefCell::default(),
+                retry: RefCell::default(),
+                retry_due: Cell::new(None),
+                epoch: RefCell::default(),
+                settled_at: Cell::new(None),
+                recent: RefCell::new(RecentEnvelopes::new(dedupe_window_ms, MAX_REMEMBERED)),
+                outstanding_since: Cell::new(None),
+                last_answer: Cell::new(Instant::now()),
             });
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, bridge.run(queries));
@@ -161,6 +198,7 @@ fn pin_to_cpu(cpu: usize) {
 
 /// The server-side scripts, with their SHA1s.
 struct Scripts {
+    join: Script,
     route: Script,
     device_online: Script,
     presence: Script,
@@ -170,6 +208,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
+            join: Script::new(layout::JOIN),
             route: Script::new(layout::ROUTE),
             device_online: Script::new(layout::DEVICE_ONLINE),
             presence: Script::new(layout::PRESENCE),
@@ -178,8 +217,9 @@ impl Scripts {
     }
 
     /// Every script with its source, for `SCRIPT LOAD`.
-    fn sources(&self) -> [(&Script, &'static str); 4] {
+    fn sources(&self) -> [(&Script, &'static str); 5] {
         [
+            (&self.join, layout::JOIN),
             (&self.route, layout::ROUTE),
             (&self.device_online, layout::DEVICE_ONLINE),
             (&self.presence, layout::PRESENCE),
@@ -191,12 +231,22 @@ impl Scripts {
 /// A user's devices on this node: connection and connect time (ms), oldest first.
 type Devices = SmallVec<[(ConnId, u64); 2]>;
 
+/// A message the bridge has taken from the lane and not finished with yet.
+struct Pending {
+    outbound: Outbound,
+    /// Its share of `bridge_queue_max_bytes`, given back when it is finished.
+    size: usize,
+    /// It met a node whose subscription was gone: it is retried until it finds a route (or
+    /// `bridge_hold_ms` runs out), since that node's devices come back under a new instance.
+    lost_route: bool,
+}
+
 /// What to do with one pipelined command's answer.
 enum Answer {
     /// Nothing (count errors only).
     Ignore,
-    /// A message: an error answer drops it.
-    Message,
+    /// A message: finish it, retry it or drop it, as the answer says.
+    Message(Pending),
     /// Device members the cluster device limit evicted: close them.
     Evictions,
 }
@@ -207,6 +257,17 @@ struct Batch {
     answers: Vec<Answer>,
     bytes: u64,
     messages: u64,
+}
+
+/// How a batch's answers ended.
+#[derive(Default)]
+struct BatchOutcome {
+    /// Messages to route again, in their order.
+    retry: Vec<Pending>,
+    /// The cluster settles for this long: hold messages meanwhile.
+    settling: Option<Duration>,
+    /// Redis has lost the epoch or the scripts: the session must be rebuilt.
+    broken: Option<SessionError>,
 }
 
 impl Batch {
@@ -255,6 +316,20 @@ struct Bridge {
     topic_requests: RefCell<HashMap<u64, mpsc::UnboundedSender<(String, u64)>>>,
     /// The current session's command connection, for spawned query tasks.
     commands: RefCell<Option<MultiplexedConnection>>,
+    /// Messages to route again before any new one, oldest first.
+    retry: RefCell<VecDeque<Pending>>,
+    /// When the retry queue may be sent again (after an unheard publish).
+    retry_due: Cell<Option<Instant>>,
+    /// The cluster epoch this bridge joined (empty before the first session).
+    epoch: RefCell<String>,
+    /// Messages wait until then: the cluster is settling after Redis lost its state.
+    settled_at: Cell<Option<Instant>>,
+    /// Message envelopes received lately, to drop retried copies.
+    recent: RefCell<RecentEnvelopes>,
+    /// When the writer's outstanding round trip started (for stall detection).
+    outstanding_since: Cell<Option<Instant>>,
+    /// When the writer's last round trip ended (an idle bridge pings after a while).
+    last_answer: Cell<Instant>,
 }
 
 /// A live session's pub/sub half and the topics it has subscribed.
@@ -277,6 +352,8 @@ impl Bridge {
                     backoff = MIN_BACKOFF;
                     let ended = self.serve(conn, subscriptions, stream, &mut queries).await;
                     self.state.set_up(false);
+                    self.state.set_stalled(false);
+                    self.outstanding_since.set(None);
                     *self.commands.borrow_mut() = None;
                     match ended {
                         Ok(()) => return,
@@ -351,6 +428,7 @@ impl Bridge {
             .iter()
             .zip(&hashes)
             .all(|((script, _), hash)| script.get_hash() == hash));
+        self.join_epoch(&mut conn).await?;
         let previous = self.instance.get();
         let instance = loop {
             let candidate: u64 = rand_u64();
@@ -372,9 +450,6 @@ impl Bridge {
         }
         if !self.deregistered.get() {
             let mut register = redis::pipe();
-            if previous != 0 {
-                register.del(self.names.alive(previous)).ignore();
-            }
             register
                 .cmd("SET")
                 .arg(self.names.alive(instance))
@@ -406,6 +481,13 @@ impl Bridge {
                 );
             }
             self.republish_devices(&mut conn).await?;
+            if previous != 0 {
+                // Only now: until this node's devices were back under the new instance, the
+                // old one was what routed to them.
+                let mut retire = redis::pipe();
+                retire.del(self.names.alive(previous)).ignore();
+                let _: () = self.timed_query(&retire, &mut conn).await?;
+            }
         }
         self.last_probe.set(Instant::now());
         tracing::info!(
@@ -423,6 +505,54 @@ impl Bridge {
             },
             stream,
         ))
+    }
+
+    /// Joins the cluster epoch (see [`layout::JOIN`]); holds messages while it settles.
+    async fn join_epoch(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+        let candidate = layout::instance_hex(rand_u64());
+        let previous = self.epoch.borrow().clone();
+        let mut join = redis::pipe();
+        join.cmd("EVALSHA")
+            .arg(self.scripts.join.get_hash())
+            .arg(0)
+            .arg(self.names.prefix())
+            .arg(&candidate)
+            .arg(&previous)
+            .arg(self.node.config.cluster_settle_ms);
+        let ((epoch, settling_ms),): ((String, i64),) = self.timed_query(&join, conn).await?;
+        if !previous.is_empty() && previous != epoch {
+            tracing::warn!(
+                old = %previous,
+                new = %epoch,
+                settle_ms = settling_ms.max(0),
+                "Redis lost the cluster's state; holding cross-node messages while every node re-publishes"
+            );
+        }
+        self.hold_while_settling(settling_ms);
+        *self.epoch.borrow_mut() = epoch;
+        Ok(())
+    }
+
+    /// Holds messages for `ms` (the settling window's remaining time; `<= 0`: none).
+    fn hold_while_settling(&self, ms: i64) {
+        if ms > 0 {
+            let until = Instant::now() + Duration::from_millis(ms as u64);
+            if self.settled_at.get().is_none_or(|at| at < until) {
+                self.settled_at.set(Some(until));
+            }
+        }
+    }
+
+    /// Whether messages must wait for the cluster to settle.
+    fn settling(&self) -> bool {
+        match self.settled_at.get() {
+            Some(at) if at > Instant::now() => true,
+            Some(_) => {
+                self.settled_at.set(None);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Adds the registry hash update (and its TTL) to `pipe`.
@@ -489,6 +619,31 @@ impl Bridge {
             ended = self.write_loop(conn.clone(), &mut subscriptions) => ended,
             ended = self.read_loop(&mut stream) => ended,
             ended = self.query_loop(conn, queries) => ended,
+            never = self.watch_stalls() => never,
+        }
+    }
+
+    /// Marks the bus stalled (`redis_up` 0, `/readyz` 503) while the writer's round trip
+    /// has been outstanding for more than half a heartbeat, and ready again once it ends.
+    async fn watch_stalls(&self) -> Result<(), SessionError> {
+        let beat = Duration::from_millis(self.node.config.cluster_heartbeat_ms);
+        let mut stalled = false;
+        loop {
+            tokio::time::sleep(beat / 8).await;
+            let now = self
+                .outstanding_since
+                .get()
+                .is_some_and(|since| since.elapsed() > beat / 2);
+            if now != stalled {
+                stalled = now;
+                self.state.set_stalled(stalled);
+                if stalled {
+                    self.state.metrics.errors.inc();
+                    tracing::warn!("Redis is not answering; marked not ready");
+                } else {
+                    tracing::info!("Redis answers again");
+                }
+            }
         }
     }
 
@@ -516,13 +671,23 @@ impl Bridge {
             if tokio::time::Instant::now() >= next_beat {
                 self.heartbeat(&mut conn).await?;
                 next_beat = tokio::time::Instant::now() + beat;
+            } else if self.last_answer.get().elapsed() >= beat / 4 {
+                let mut ping = redis::pipe();
+                ping.cmd("PING");
+                let _: () = self.timed_query(&ping, &mut conn).await?;
             }
             if more {
                 continue;
             }
+            let idle_ping = tokio::time::Instant::from_std(self.last_answer.get() + beat / 4);
+            let wake = [self.settled_at.get(), self.retry_due.get()]
+                .into_iter()
+                .flatten()
+                .map(tokio::time::Instant::from_std)
+                .fold(next_beat.min(idle_ping), tokio::time::Instant::min);
             tokio::select! {
                 _ = self.rung() => {}
-                _ = tokio::time::sleep_until(next_beat) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
@@ -539,12 +704,31 @@ impl Bridge {
             self.apply(change, Some(&mut batch), &mut touched_topics);
         }
         let mut taken = 0;
-        while taken < MAX_BATCH {
-            let Ok(outbound) = self.messages.try_recv() else {
-                break;
-            };
-            taken += 1;
-            self.encode(outbound, &mut batch);
+        if !self.settling() {
+            let retry_due = self.retry_due.get().is_none_or(|due| due <= Instant::now());
+            if retry_due {
+                self.retry_due.set(None);
+                while taken < MAX_BATCH {
+                    let Some(pending) = self.retry.borrow_mut().pop_front() else {
+                        break;
+                    };
+                    taken += 1;
+                    self.encode(pending, &mut batch);
+                }
+            }
+            while taken < MAX_BATCH {
+                let Ok(outbound) = self.messages.try_recv() else {
+                    break;
+                };
+                taken += 1;
+                let size = outbound.size();
+                let pending = Pending {
+                    outbound,
+                    size,
+                    lost_route: false,
+                };
+                self.encode(pending, &mut batch);
+            }
         }
         self.sync_topics(&touched_topics, subscriptions).await?;
         if !batch.answers.is_empty() {
@@ -642,33 +826,49 @@ impl Bridge {
     }
 
     /// Adds one message for other nodes to `batch`, unless it waited too long.
-    fn encode(&self, outbound: Outbound, batch: &mut Batch) {
+    fn encode(&self, pending: Pending, batch: &mut Batch) {
         let instance = self.instance.get();
-        if let Some(message) = outbound.message() {
-            let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
-            if waited > self.node.config.bridge_hold_ms.saturating_mul(1_000_000) {
-                self.state.metrics.dropped(BusDrop::Stale);
-                self.state.log_drop(BusDrop::Stale, Some(message.mid));
+        if let Some(message) = pending.outbound.message() {
+            if self.too_old(message) {
+                self.drop_pending(pending, BusDrop::Stale);
                 return;
             }
         }
-        let (cmd, payload_len) = match outbound {
+        let (cmd, payload_len) = match &pending.outbound {
             Outbound::User { users, message } => {
-                let payload = wire::user(instance, message.mid, &users, &message.frame);
-                (self.route_cmd(&users, &payload), payload.len())
+                let (payload, recipients) = match &message.body {
+                    router::Body::Frame(frame) => {
+                        (wire::user(instance, message.mid, users, frame), 1)
+                    }
+                    router::Body::Direct(template) => (
+                        wire::direct(
+                            instance,
+                            message.mid,
+                            template.ts,
+                            template.from.as_deref(),
+                            users,
+                            &template.data,
+                        ),
+                        users.len(),
+                    ),
+                };
+                (self.route_cmd(users, recipients, &payload), payload.len())
             }
             Outbound::Kick { user, code } => {
-                let payload = wire::kick(instance, &user, code);
-                (self.route_cmd(&[user], &payload), payload.len())
+                let payload = wire::kick(instance, user, *code);
+                (
+                    self.route_cmd(std::slice::from_ref(user), 0, &payload),
+                    payload.len(),
+                )
             }
             Outbound::Topic { topic, message } => {
-                let payload = wire::topic(instance, message.mid, &topic, &message.frame);
+                let payload = wire::topic(instance, message.mid, topic, &message.shared_frame());
                 let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(self.names.topic(&topic)).arg(&payload[..]);
+                cmd.arg(self.names.topic(topic)).arg(&payload[..]);
                 (cmd, payload.len())
             }
             Outbound::Broadcast { message } => {
-                let payload = wire::broadcast(instance, message.mid, &message.frame);
+                let payload = wire::broadcast(instance, message.mid, &message.shared_frame());
                 let mut cmd = redis::cmd("PUBLISH");
                 cmd.arg(self.names.broadcast()).arg(&payload[..]);
                 (cmd, payload.len())
@@ -676,12 +876,26 @@ impl Bridge {
         };
         batch.bytes += payload_len as u64;
         batch.messages += 1;
-        batch.push(cmd, Answer::Message);
+        batch.push(cmd, Answer::Message(pending));
+    }
+
+    /// Whether `message` has waited longer than `bridge_hold_ms` since it entered the node.
+    fn too_old(&self, message: &Message) -> bool {
+        let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
+        waited > self.node.config.bridge_hold_ms.saturating_mul(1_000_000)
+    }
+
+    /// Finishes a message the bridge gives up on: counted, logged (rate-limited), released.
+    fn drop_pending(&self, pending: Pending, reason: BusDrop) {
+        self.state.metrics.dropped(reason);
+        self.state
+            .log_drop(reason, pending.outbound.message().map(|m| m.mid));
+        self.state.release(pending.size);
     }
 
     /// `EVALSHA route`: publish `payload` once to every other node holding a device of any
-    /// of `users`.
-    fn route_cmd(&self, users: &[Arc<str>], payload: &[u8]) -> redis::Cmd {
+    /// of `users`, the first `recipients` of which are the message's recipients.
+    fn route_cmd(&self, users: &[Arc<str>], recipients: usize, payload: &[u8]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.scripts.route.get_hash()).arg(users.len());
         for user in users {
@@ -689,7 +903,9 @@ impl Bridge {
         }
         cmd.arg(self.names.prefix())
             .arg(&*self.instance_hex.borrow())
-            .arg(payload);
+            .arg(payload)
+            .arg(&*self.epoch.borrow())
+            .arg(recipients);
         cmd
     }
 
@@ -701,32 +917,133 @@ impl Bridge {
         let metrics = &self.state.metrics;
         metrics.bytes_out.add(batch.bytes);
         metrics.envelopes_out.add(batch.messages);
-        let answers: Vec<Value> = self.timed_query(&batch.pipe, conn).await?;
+        let answers: Vec<Value> = match self.timed_query(&batch.pipe, conn).await {
+            Ok(answers) => answers,
+            Err(error) => {
+                // Redis may or may not have run it: route it again in the next session
+                // (receivers drop what they already got).
+                let in_flight = batch.answers.into_iter().filter_map(|answer| match answer {
+                    Answer::Message(pending) => Some(pending),
+                    Answer::Ignore | Answer::Evictions => None,
+                });
+                self.requeue_front(in_flight.collect());
+                return Err(error);
+            }
+        };
+        let mut outcome = BatchOutcome::default();
         let mut evictions = Vec::new();
-        for (answer, value) in batch.answers.iter().zip(answers) {
-            if let Value::ServerError(error) = &value {
-                if error.code() == "NOSCRIPT" {
-                    return Err(SessionError::ScriptsLost);
+        for (answer, value) in batch.answers.into_iter().zip(answers) {
+            match answer {
+                Answer::Message(pending) => self.finish(pending, value, &mut outcome),
+                Answer::Ignore | Answer::Evictions => {
+                    if let Value::ServerError(error) = &value {
+                        if error.code() == "NOSCRIPT" {
+                            outcome.broken = Some(SessionError::ScriptsLost);
+                        }
+                        metrics.errors.inc();
+                        tracing::warn!(error = %error.code(), "Redis refused a command");
+                    } else if let Value::Array(members) = value {
+                        evictions.extend(members.into_iter().filter_map(|m| match m {
+                            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+                            _ => None,
+                        }));
+                    }
                 }
-                metrics.errors.inc();
-                if matches!(answer, Answer::Message) {
-                    metrics.dropped(BusDrop::RedisError);
-                    self.state.log_drop(BusDrop::RedisError, None);
-                }
-                tracing::warn!(error = %error.code(), "Redis refused a command");
-                continue;
             }
-            if let (Answer::Evictions, Value::Array(members)) = (answer, value) {
-                evictions.extend(members.into_iter().filter_map(|m| match m {
-                    Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-                    _ => None,
-                }));
-            }
+        }
+        if let Some(wait) = outcome.settling {
+            self.hold_while_settling(wait.as_millis() as i64);
+        }
+        self.requeue_front(outcome.retry);
+        if let Some(broken) = outcome.broken {
+            return Err(broken);
         }
         if !evictions.is_empty() {
             self.evict(&evictions, conn).await?;
         }
         Ok(())
+    }
+
+    /// Settles one message by Redis's answer: finished, dropped and counted, or retried.
+    fn finish(&self, mut pending: Pending, value: Value, outcome: &mut BatchOutcome) {
+        let metrics = &self.state.metrics;
+        let routed = match &value {
+            Value::ServerError(error) if error.code() == "NOSCRIPT" => {
+                outcome.broken = Some(SessionError::ScriptsLost);
+                outcome.retry.push(pending);
+                return;
+            }
+            Value::ServerError(error) => {
+                metrics.errors.inc();
+                tracing::warn!(error = %error.code(), "Redis refused a message");
+                self.drop_pending(pending, BusDrop::RedisError);
+                return;
+            }
+            // A topic publication or a broadcast: PUBLISH answers how many nodes heard it.
+            Value::Int(_) => {
+                self.state.release(pending.size);
+                return;
+            }
+            Value::Array(items) => {
+                let numbers: SmallVec<[i64; 3]> = items
+                    .iter()
+                    .map(|item| match item {
+                        Value::Int(n) => *n,
+                        _ => i64::MIN,
+                    })
+                    .collect();
+                Routed::parse(&numbers)
+            }
+            _ => None,
+        };
+        match routed {
+            Some(Routed::EpochLost) => {
+                outcome.broken = Some(SessionError::EpochLost);
+                outcome.retry.push(pending);
+            }
+            Some(Routed::Settling(ms)) => {
+                outcome.settling = Some(Duration::from_millis(ms));
+                outcome.retry.push(pending);
+            }
+            Some(Routed::Done {
+                no_route, unheard, ..
+            }) => {
+                let lost_route = unheard > 0 || (pending.lost_route && no_route > 0);
+                if lost_route {
+                    let expired = pending.outbound.message().is_some_and(|m| self.too_old(m));
+                    if expired {
+                        self.drop_pending(pending, BusDrop::Unheard);
+                    } else {
+                        pending.lost_route = true;
+                        self.retry_due.set(Some(Instant::now() + UNHEARD_RETRY));
+                        outcome.retry.push(pending);
+                    }
+                    return;
+                }
+                for _ in 0..no_route {
+                    metrics.dropped(BusDrop::NoRoute);
+                }
+                if no_route > 0 {
+                    self.state
+                        .log_drop(BusDrop::NoRoute, pending.outbound.message().map(|m| m.mid));
+                }
+                self.state.release(pending.size);
+            }
+            None => {
+                metrics.errors.inc();
+                tracing::warn!(answer = ?value, "unexpected answer to a routed message");
+                self.drop_pending(pending, BusDrop::RedisError);
+            }
+        }
+    }
+
+    /// Puts messages back at the front of the retry queue, keeping their order.
+    fn requeue_front(&self, pendings: Vec<Pending>) {
+        self.state.metrics.retries.add(pendings.len() as u64);
+        let mut retry = self.retry.borrow_mut();
+        for pending in pendings.into_iter().rev() {
+            retry.push_front(pending);
+        }
     }
 
     /// Closes devices the cluster device limit evicted: ours directly, others' through
@@ -777,7 +1094,11 @@ impl Bridge {
     ) -> Result<T, SessionError> {
         self.state.metrics.commands.add(pipe.len() as u64);
         let started = metrics::monotonic_ns();
-        let answer = timed(pipe.query_async(conn)).await?;
+        self.outstanding_since.set(Some(Instant::now()));
+        let answer = timed(pipe.query_async(conn)).await;
+        self.outstanding_since.set(None);
+        let answer = answer?;
+        self.last_answer.set(Instant::now());
         self.state
             .metrics
             .roundtrip
@@ -903,7 +1224,46 @@ impl Bridge {
                 return;
             }
             // This node delivered its own topic publications and broadcasts locally.
-            Body::Topic { .. } | Body::Broadcast { .. } | Body::User { .. } if own => return,
+            Body::Topic { .. }
+            | Body::Broadcast { .. }
+            | Body::User { .. }
+            | Body::Direct { .. }
+                if own =>
+            {
+                return
+            }
+            _ if !self.first_time(&envelope.body) => {
+                metrics.duplicates.inc();
+                return;
+            }
+            Body::Direct {
+                mid,
+                ts,
+                from,
+                users,
+                data,
+            } => {
+                let message = Message::direct(
+                    mid,
+                    DirectTemplate {
+                        ts,
+                        from: from.map(Arc::from),
+                        data: Arc::from(data),
+                    },
+                );
+                for user in users {
+                    let home = mesh.home(&user);
+                    mesh.send(
+                        home,
+                        Envelope::RouteUser {
+                            user: Arc::from(user),
+                            message: message.clone(),
+                            except: None,
+                        },
+                        shard_metrics(home),
+                    );
+                }
+            }
             Body::User { mid, users, frame } => {
                 let message = Message::new(mid, frame);
                 for user in users {
@@ -984,6 +1344,19 @@ impl Bridge {
             }
         }
         metrics.envelopes_in.inc();
+    }
+
+    /// Whether a message envelope arrives for the first time (a retry can bring it twice).
+    fn first_time(&self, body: &Body) -> bool {
+        let (kind, mid, name) = match body {
+            Body::User { mid, users, .. } => (1, *mid, users.first().map_or("", String::as_str)),
+            Body::Direct { mid, users, .. } => (2, *mid, users.first().map_or("", String::as_str)),
+            Body::Topic { mid, topic, .. } => (3, *mid, topic.as_str()),
+            Body::Broadcast { mid, .. } => (4, *mid, ""),
+            _ => return true,
+        };
+        let now_ms = metrics::monotonic_ns() / 1_000_000;
+        self.recent.borrow_mut().first_time(kind, mid, name, now_ms)
     }
 
     async fn query_loop(

@@ -4,9 +4,11 @@
 //! and the bridge thread behind it ([`bridge`]), which owns every Redis connection. Nothing
 //! else in the process talks to Redis, and nothing here ever blocks a shard:
 //!
-//! - **Messages** (direct, topic, broadcast, kick) go to the bridge over a bounded crossbeam
-//!   lane. When it is full (Redis slow or down for long) the message is dropped and counted
-//!   (`shardcast_bus_drops_total{reason="bus_full"}`), never waited for. While Redis is down
+//! - **Messages** (direct, topic, broadcast, kick) go to the bridge over a crossbeam lane
+//!   bounded both in messages (`bridge_queue_capacity`) and in bytes
+//!   (`bridge_queue_max_bytes`, counted until the bridge is done with a message, retries
+//!   included). When it is full (Redis slow or down for long) the message is dropped and
+//!   counted (`shardcast_bus_drops_total{reason="bus_full"}`), never waited for. While Redis is down
 //!   the lane is the holding queue; messages older than `bridge_hold_ms` when Redis returns
 //!   are dropped and counted (`reason="stale"`) rather than delivered late.
 //! - **Control** (a device came or went, a topic gained its first or lost its last local
@@ -22,20 +24,22 @@
 //! first and hand the bus a copy of the already-rendered frame for the other nodes.
 //!
 //! The Redis layout, and why routes are leased per node rather than per user, is in
-//! [`redis_layout`]; the envelope format in [`wire`].
+//! [`redis_layout`]; the envelope format in [`wire`]; how retried messages are delivered once
+//! in [`dedupe`].
 
 pub mod bridge;
+pub mod dedupe;
 pub mod redis_layout;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use smallvec::SmallVec;
 
-use crate::metrics::{BusDrop, BusMetrics};
+use crate::metrics::{BusDrop, BusMetrics, LogLimit};
 use crate::reactor::Doorbell;
 use crate::router::{ConnId, Message};
 
@@ -79,6 +83,17 @@ pub enum Outbound {
 pub type Users = SmallVec<[Arc<str>; 2]>;
 
 impl Outbound {
+    /// Bytes this message holds while it waits for Redis (for `bridge_queue_max_bytes`).
+    pub fn size(&self) -> usize {
+        let names = |users: &Users| users.iter().map(|u| u.len()).sum::<usize>();
+        match self {
+            Outbound::User { users, message } => names(users) + message.size(),
+            Outbound::Topic { topic, message } => topic.len() + message.size(),
+            Outbound::Broadcast { message } => message.size(),
+            Outbound::Kick { user, .. } => user.len(),
+        }
+    }
+
     /// The message carried (a kick carries none).
     pub fn message(&self) -> Option<&Message> {
         match self {
@@ -185,20 +200,39 @@ pub enum Query {
 #[derive(Debug, Default)]
 pub struct BusState {
     up: AtomicBool,
+    /// A Redis round trip has been outstanding for longer than half a heartbeat.
+    stalled: AtomicBool,
+    /// Bytes of the messages handed to the bridge and not yet done with (queued, in a
+    /// pipeline, or waiting for a retry): what `bridge_queue_max_bytes` bounds.
+    queued_bytes: AtomicUsize,
     stopping: AtomicBool,
     /// The bridge's counters.
     pub metrics: BusMetrics,
-    last_drop_log_ms: AtomicU64,
+    drop_log: LogLimit,
 }
 
 impl BusState {
-    /// Whether Redis is reachable and this node is registered.
+    /// Whether Redis is reachable, answering in time, and this node is registered.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.up.load(Ordering::Acquire) && !self.stalled.load(Ordering::Acquire)
     }
 
     pub(crate) fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Release);
+    }
+
+    pub(crate) fn set_stalled(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::Release);
+    }
+
+    /// Bytes of messages the bridge holds (see `bridge_queue_max_bytes`).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The bridge is done with a message of `size` bytes (sent, or dropped and counted).
+    pub(crate) fn release(&self, size: usize) {
+        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
     }
 
     pub(crate) fn stopping(&self) -> bool {
@@ -208,14 +242,7 @@ impl BusState {
     /// Logs a dropped message, at most once a second: a Redis outage under load drops
     /// thousands a second, and the metric counts each of them.
     pub(crate) fn log_drop(&self, reason: BusDrop, mid: Option<u64>) {
-        let now = crate::metrics::monotonic_ns() / 1_000_000;
-        let last = self.last_drop_log_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1000
-            && self
-                .last_drop_log_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.drop_log.allow() {
             tracing::warn!(
                 reason = reason.label(),
                 mid,
@@ -230,6 +257,7 @@ impl BusState {
 #[derive(Clone)]
 pub struct Bus {
     messages: Sender<Outbound>,
+    max_bytes: usize,
     control: Sender<Control>,
     queries: tokio::sync::mpsc::Sender<Query>,
     doorbell: Arc<Doorbell>,
@@ -246,8 +274,9 @@ pub struct BridgeEnds {
 }
 
 impl Bus {
-    /// A bus whose message lane holds `capacity` messages, and the bridge's ends of it.
-    pub fn new(capacity: usize) -> (Bus, BridgeEnds) {
+    /// A bus whose message lane holds `capacity` messages of at most `max_bytes` in all,
+    /// and the bridge's ends of it.
+    pub fn new(capacity: usize, max_bytes: usize) -> (Bus, BridgeEnds) {
         let (messages, messages_rx) = crossbeam_channel::bounded(capacity);
         let (control, control_rx) = crossbeam_channel::unbounded();
         let (queries, queries_rx) = tokio::sync::mpsc::channel(QUERY_CAPACITY);
@@ -255,6 +284,7 @@ impl Bus {
         let state = Arc::new(BusState::default());
         let bus = Bus {
             messages,
+            max_bytes,
             control,
             queries,
             doorbell: doorbell.clone(),
@@ -285,21 +315,21 @@ impl Bus {
         self.messages.len()
     }
 
-    /// Hands a message for other nodes to the bridge; `false` if it was dropped (lane full,
-    /// counted and logged).
+    /// Hands a message for other nodes to the bridge; `false` if it was dropped (lane full
+    /// in messages or in bytes, counted and logged).
     pub fn send(&self, outbound: Outbound) -> bool {
         let mid = outbound.message().map(|m| m.mid);
-        match self.messages.try_send(outbound) {
-            Ok(()) => {
-                self.doorbell.ring();
-                true
-            }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.state.metrics.dropped(BusDrop::BusFull);
-                self.state.log_drop(BusDrop::BusFull, mid);
-                false
-            }
+        let size = outbound.size();
+        let before = self.state.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        let accepted = before + size <= self.max_bytes || before == 0;
+        if accepted && self.messages.try_send(outbound).is_ok() {
+            self.doorbell.ring();
+            return true;
         }
+        self.state.release(size);
+        self.state.metrics.dropped(BusDrop::BusFull);
+        self.state.log_drop(BusDrop::BusFull, mid);
+        false
     }
 
     /// Tells the bridge what changed; never dropped while the bridge runs.

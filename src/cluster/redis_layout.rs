@@ -13,6 +13,8 @@
 //! | `P:topic:TOPIC` | channel | a topic's publications; subscribed by nodes with subscribers |
 //! | `P:broadcast` | channel | broadcasts; every node subscribes |
 //! | `P:mid-node:N` | string, TTL | lease of node number `N` (0–511) in message ids; value = node id |
+//! | `P:epoch` | string | the cluster epoch: random, made by the first bridge that finds it missing |
+//! | `P:settling` | string, TTL | exists while the nodes re-publish after Redis lost the epoch |
 //!
 //! An *instance* is one connection session of a node's bridge (64 random bits, in hex). A
 //! device entry is valid only while its instance's `alive` key exists. That key is the
@@ -25,6 +27,23 @@
 //! died are collected too. A bridge that reconnects starts a new instance, deletes the old
 //! lease and re-publishes its devices: whatever Redis still held or lost of the old one
 //! stops mattering at once.
+//!
+//! **Epoch and settling.** A Redis that restarted empty (or was flushed) has lost every
+//! route, and the nodes put theirs back one by one, each within one reconnect backoff. A
+//! message routed in between finds an empty table and would vanish. So each bridge joins
+//! the cluster epoch when its session starts ([`JOIN`]): the first to find `P:epoch` missing
+//! makes a new one, and a bridge that had joined an older epoch opens a settling window
+//! (`P:settling`, `cluster_settle_ms`). [`ROUTE`] checks both on every call: a message routed
+//! under an epoch that is gone is handed back (the bridge rebuilds its session and retries
+//! it), and while the cluster settles it is handed back to wait. Nothing is routed from a
+//! half-rebuilt table, and nothing is lost meanwhile.
+//!
+//! **Unheard publishes.** `PUBLISH` answers how many subscribers got a message. A bridge
+//! subscribes its instance channel before it takes its lease and never reuses an instance,
+//! so a leased instance with no subscriber is gone for good (killed, or reconnecting under a
+//! new instance): [`ROUTE`] deletes its lease and its devices at the first message it
+//! misses, and reports the miss so the bridge retries the message until the node's new
+//! instance has re-published its devices (or counts it lost after `bridge_hold_ms`).
 //!
 //! The scripts read keys they are not passed (`alive` keys) and publish to channels, which
 //! standalone Redis and replicated setups allow; Redis Cluster would need hash tags.
@@ -89,6 +108,11 @@ impl Names {
         format!("{}:mid-node:{number}", self.prefix)
     }
 
+    /// The cluster epoch.
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+
     /// The broadcast channel.
     pub fn broadcast(&self) -> String {
         format!("{}:broadcast", self.prefix)
@@ -147,15 +171,75 @@ pub fn parse_device_member(member: &str) -> Option<(u64, u64)> {
     Some((u64::from_str_radix(instance, 16).ok()?, conn.parse().ok()?))
 }
 
-/// `KEYS` user keys; `ARGV` prefix, own instance, payload. Publishes the payload once to
-/// every other live instance holding a device of any of the users (a node holding both a
-/// direct message's recipient and its sender gets one envelope); prunes dead instances'
-/// devices. Returns how many nodes it published to.
+/// `ARGV` prefix, candidate epoch, the epoch this bridge joined before (empty if none),
+/// settle window (ms). Joins the cluster epoch, making it if missing; a bridge whose old
+/// epoch is gone opens the settling window. Returns `{epoch, settling ms left (<= 0: none)}`.
+pub const JOIN: &str = r#"
+local key = ARGV[1] .. ':epoch'
+local epoch = redis.call('GET', key)
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', key, epoch)
+end
+if ARGV[3] ~= '' and ARGV[3] ~= epoch then
+  redis.call('SET', ARGV[1] .. ':settling', epoch, 'NX', 'PX', ARGV[4])
+end
+return {epoch, redis.call('PTTL', ARGV[1] .. ':settling')}
+"#;
+
+/// What [`ROUTE`] answered for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// The epoch the message was routed under is gone: rebuild the session, then retry.
+    EpochLost,
+    /// The cluster is settling for this many more ms: retry after.
+    Settling(u64),
+    /// Routed.
+    Done {
+        /// Nodes it was published to.
+        sent: u64,
+        /// Recipients with no live device anywhere.
+        no_route: u64,
+        /// Nodes it was published to that were no longer subscribed.
+        unheard: u64,
+    },
+}
+
+impl Routed {
+    /// Reads the script's answer (`None`: not an answer of [`ROUTE`]).
+    pub fn parse(answer: &[i64]) -> Option<Routed> {
+        match *answer {
+            [-1, ..] => Some(Routed::EpochLost),
+            [-2, left, ..] => Some(Routed::Settling(left.max(1) as u64)),
+            [sent, no_route, unheard] if sent >= 0 && no_route >= 0 && unheard >= 0 => {
+                Some(Routed::Done {
+                    sent: sent as u64,
+                    no_route: no_route as u64,
+                    unheard: unheard as u64,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `KEYS` user keys; `ARGV` prefix, own instance, payload, epoch, recipients (how many of
+/// the leading keys are recipients rather than a sender whose other devices get a copy).
+/// Publishes the payload once to every other live instance holding a device of any of the
+/// users (a node holding both a direct message's recipient and its sender gets one
+/// envelope); prunes dead and unsubscribed instances' devices. Returns `{-1}` when the epoch
+/// is gone, `{-2, ms}` while the cluster settles, else `{nodes published to, recipients
+/// without a live device, unsubscribed instances met}`.
 pub const ROUTE: &str = r#"
+if redis.call('GET', ARGV[1] .. ':epoch') ~= ARGV[4] then return {-1} end
+local settling = redis.call('PTTL', ARGV[1] .. ':settling')
+if settling > 0 then return {-2, settling} end
+local recipients = tonumber(ARGV[5])
 local state = {}
-local sent = 0
-for _, key in ipairs(KEYS) do
+local sent, no_route, unheard = 0, 0, 0
+for i, key in ipairs(KEYS) do
   local dead = {}
+  local found, missed = false, false
   for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
     local instance = string.match(member, '^([^/]+)/') or ''
     local s = state[instance]
@@ -163,19 +247,32 @@ for _, key in ipairs(KEYS) do
       if instance == ARGV[2] then
         s = 'self'
       elseif instance ~= '' and redis.call('EXISTS', ARGV[1] .. ':alive:' .. instance) == 1 then
-        s = 'live'
-        redis.call('PUBLISH', ARGV[1] .. ':inst:' .. instance, ARGV[3])
-        sent = sent + 1
+        if redis.call('PUBLISH', ARGV[1] .. ':inst:' .. instance, ARGV[3]) > 0 then
+          s = 'live'
+          sent = sent + 1
+        else
+          redis.call('DEL', ARGV[1] .. ':alive:' .. instance)
+          s = 'unheard'
+          unheard = unheard + 1
+        end
       else
         s = 'dead'
       end
       state[instance] = s
     end
-    if s == 'dead' then dead[#dead + 1] = member end
+    if s == 'self' or s == 'live' then
+      found = true
+    else
+      if s == 'unheard' then missed = true end
+      dead[#dead + 1] = member
+    end
   end
-  if #dead > 0 then redis.call('ZREM', key, unpack(dead)) end
+  for first = 1, #dead, 1000 do
+    redis.call('ZREM', key, unpack(dead, first, math.min(first + 999, #dead)))
+  end
+  if i <= recipients and not found and not missed then no_route = no_route + 1 end
 end
-return sent
+return {sent, no_route, unheard}
 "#;
 
 /// `KEYS[1]` user key; `ARGV` prefix, own instance, member, connect time (ms), device limit,
@@ -266,6 +363,23 @@ mod tests {
         );
         assert_eq!(parse_device_member("nope"), None);
         assert_eq!(parse_device_member("zz/1"), None);
+    }
+
+    #[test]
+    fn route_answers_parse() {
+        assert_eq!(Routed::parse(&[-1]), Some(Routed::EpochLost));
+        assert_eq!(Routed::parse(&[-2, 1500]), Some(Routed::Settling(1500)));
+        assert_eq!(Routed::parse(&[-2, 0]), Some(Routed::Settling(1)));
+        assert_eq!(
+            Routed::parse(&[2, 0, 1]),
+            Some(Routed::Done {
+                sent: 2,
+                no_route: 0,
+                unheard: 1
+            })
+        );
+        assert_eq!(Routed::parse(&[]), None);
+        assert_eq!(Routed::parse(&[1, 2]), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! ```text
 //! version u8 = 1 | kind u8 | origin u64 | body
 //!   user:          mid u64 | users u8 | (name_len u16 | name)… | frame…
+//!   direct:        mid u64 | ts u64 | from_len u16 | from | users u32 | (name_len u16 | name)… | data…
 //!   topic:         mid u64 | name_len u16 | name | frame…
 //!   broadcast:     mid u64 | frame…
 //!   kick:          code u16 | name_len u16 | user
@@ -17,7 +18,10 @@
 //!   topic_query:   request u64 | name_len u16 | topic
 //!   topic_count:   request u64 | count u64 | name_len u16 | node id
 //! ```
-//! Integers are little-endian. A node that receives another version counts the envelope in
+//! `direct` is the one envelope without a rendered frame: a message for many users at once,
+//! whose frames differ by recipient (`to`), carries `data` once and the receiving node
+//! renders each recipient's frame as it writes it (see [`crate::router::Body::Direct`]).
+//! An empty `from` is a message from the server. Integers are little-endian. A node that receives another version counts the envelope in
 //! `shardcast_bus_envelopes_invalid_total`, logs it and drops it: nodes of two versions can
 //! share a Redis during a rolling upgrade without misreading each other.
 
@@ -38,6 +42,20 @@ pub enum Body {
         users: Vec<String>,
         /// The rendered WebSocket frame.
         frame: Bytes,
+    },
+    /// Deliver a direct message to every local device of each of `users`, rendering each
+    /// user's frame from `data`.
+    Direct {
+        /// Message id.
+        mid: u64,
+        /// Server time of the message, ms.
+        ts: u64,
+        /// The sending user (`None` from the server).
+        from: Option<String>,
+        /// The recipients.
+        users: Vec<String>,
+        /// The message's `data` (JSON text).
+        data: String,
     },
     /// Deliver `frame` to every local subscriber of `topic`.
     Topic {
@@ -122,6 +140,7 @@ mod kind {
     pub const PROBE: u8 = 6;
     pub const TOPIC_QUERY: u8 = 7;
     pub const TOPIC_COUNT: u8 = 8;
+    pub const DIRECT: u8 = 9;
 }
 
 const HEADER: usize = 2 + 8;
@@ -152,6 +171,34 @@ pub fn user<S: AsRef<str>>(origin: u64, mid: u64, users: &[S], frame: &[u8]) -> 
         put_name(&mut out, user.as_ref());
     }
     out.put_slice(frame);
+    out.freeze()
+}
+
+/// A direct message for the devices of many `users` on other nodes, rendered there per
+/// recipient.
+pub fn direct<S: AsRef<str>>(
+    origin: u64,
+    mid: u64,
+    ts: u64,
+    from: Option<&str>,
+    users: &[S],
+    data: &str,
+) -> Bytes {
+    let from = from.unwrap_or("");
+    let names: usize = users.iter().map(|u| 2 + u.as_ref().len()).sum();
+    let mut out = header(
+        kind::DIRECT,
+        origin,
+        8 + 8 + 2 + from.len() + 4 + names + data.len(),
+    );
+    out.put_u64_le(mid);
+    out.put_u64_le(ts);
+    put_name(&mut out, from);
+    out.put_u32_le(u32::try_from(users.len()).unwrap_or(u32::MAX));
+    for user in users.iter().take(u32::MAX as usize) {
+        put_name(&mut out, user.as_ref());
+    }
+    out.put_slice(data.as_bytes());
     out.freeze()
 }
 
@@ -239,6 +286,31 @@ pub fn decode(payload: Bytes) -> Result<Envelope, DecodeError> {
                 frame: rest,
             }
         }
+        kind::DIRECT => {
+            let mid = u64_of(&mut rest)?;
+            let ts = u64_of(&mut rest)?;
+            let from = Some(name_of(&mut rest)?).filter(|f| !f.is_empty());
+            if rest.remaining() < 4 {
+                return Err(DecodeError::Malformed);
+            }
+            let count = rest.get_u32_le() as usize;
+            // Every name takes at least its two length bytes: a count the payload cannot
+            // hold is refused before anything is allocated for it.
+            if count > rest.remaining() / 2 {
+                return Err(DecodeError::Malformed);
+            }
+            let users = (0..count)
+                .map(|_| name_of(&mut rest))
+                .collect::<Result<_, _>>()?;
+            let data = String::from_utf8(rest.to_vec()).map_err(|_| DecodeError::Malformed)?;
+            Body::Direct {
+                mid,
+                ts,
+                from,
+                users,
+                data,
+            }
+        }
         kind::TOPIC => Body::Topic {
             mid: u64_of(&mut rest)?,
             topic: name_of(&mut rest)?,
@@ -314,6 +386,26 @@ mod tests {
                 },
             ),
             (
+                direct(7, 45, 1000, Some("carol"), &["bob", "alice"], r#"{"x":1}"#),
+                Body::Direct {
+                    mid: 45,
+                    ts: 1000,
+                    from: Some("carol".into()),
+                    users: vec!["bob".into(), "alice".into()],
+                    data: r#"{"x":1}"#.into(),
+                },
+            ),
+            (
+                direct::<&str>(7, 46, 1000, None, &[], "1"),
+                Body::Direct {
+                    mid: 46,
+                    ts: 1000,
+                    from: None,
+                    users: vec![],
+                    data: "1".into(),
+                },
+            ),
+            (
                 topic(7, 43, "room", frame),
                 Body::Topic {
                     mid: 43,
@@ -385,6 +477,9 @@ mod tests {
         for cut in 0..good.len() {
             assert!(decode(good.slice(..cut)).is_err(), "cut at {cut}");
         }
+        let mut huge_count = direct::<&str>(1, 2, 3, None, &[], "").to_vec();
+        huge_count[HEADER + 18..HEADER + 22].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(huge_count.into()), Err(DecodeError::Malformed));
         let mut seed = 0x1234_5678_u64;
         for _ in 0..2000 {
             let len = (seed % 40) as usize;
