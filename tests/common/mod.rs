@@ -427,6 +427,13 @@ impl RedisServer {
         }
     }
 
+    /// Sends `signal` to the server (SIGSTOP/SIGCONT to make it stall and resume).
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("redis-server running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    }
+
     /// Kills the server (if running) and starts a new, empty one on the same port.
     pub fn restart(&mut self) {
         self.kill();
