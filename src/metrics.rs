@@ -162,7 +162,8 @@ label_enum! {
     BusDrop {
         /// The bridge's message lane was full (Redis slow or down for long).
         BusFull => "bus_full",
-        /// Held longer than `bridge_hold_ms` while Redis was down.
+        /// Held longer than `bridge_hold_ms` (Redis down or stalled, retries included), or
+        /// still waiting for Redis when the node stopped.
         Stale => "stale",
         /// Redis refused the command that carried it.
         RedisError => "redis_error",

@@ -210,8 +210,8 @@ fn a_stalled_redis_loses_nothing_unaccounted_and_readiness_follows_within_a_hear
 
 #[test]
 fn a_node_back_first_after_redis_restarts_empty_waits_for_the_others_and_loses_nothing() {
-    let redis = std::sync::Mutex::new(RedisServer::start());
-    let url = redis.lock().expect("redis").url();
+    let mut redis = RedisServer::start();
+    let url = redis.url();
     // The sender comes back within 100 ms, the receiver up to 2 s later: without the settling
     // window the sender would route into a table that does not hold bob yet.
     let nodes: Vec<TestNode> = [100, 2000]
@@ -224,9 +224,8 @@ fn a_node_back_first_after_redis_restarts_empty_waits_for_the_others_and_loses_n
             TestNode::start(config)
         })
         .collect();
-    await_cluster(&redis.lock().expect("redis"), &nodes);
+    await_cluster(&redis, &nodes);
     let ledger = traffic_through(&nodes, || {
-        let mut redis = redis.lock().expect("redis");
         redis.kill();
         std::thread::sleep(Duration::from_secs(3));
         redis.restart();

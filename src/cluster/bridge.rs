@@ -180,7 +180,8 @@ pub fn spawn(
                 last_answer: Cell::new(Instant::now()),
             });
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, bridge.run(queries));
+            local.block_on(&runtime, bridge.clone().run(queries));
+            bridge.abandon_leftovers();
         })
 }
 
@@ -373,6 +374,25 @@ impl Bridge {
             }
             self.wait_down(backoff, &mut queries).await;
             backoff = (backoff * 2).min(max_backoff);
+        }
+    }
+
+    /// The node stopped with messages still waiting for Redis: count them, never vanish.
+    fn abandon_leftovers(&self) {
+        let mut left = std::mem::take(&mut *self.retry.borrow_mut());
+        left.extend(self.messages.try_iter().map(|outbound| Pending {
+            size: outbound.size(),
+            outbound,
+            lost_route: false,
+        }));
+        if !left.is_empty() {
+            tracing::warn!(
+                messages = left.len(),
+                "stopping with cross-node messages Redis never took; counted as stale"
+            );
+        }
+        for pending in left {
+            self.drop_pending(pending, BusDrop::Stale);
         }
     }
 

@@ -390,3 +390,47 @@ impl Bus {
         Ok(counts)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn broadcast(bytes: usize) -> Outbound {
+        Outbound::Broadcast {
+            message: Message::new(1, Bytes::from(vec![b'x'; bytes])),
+        }
+    }
+
+    #[test]
+    fn the_lane_is_bounded_in_bytes_as_well_as_messages() {
+        let (bus, ends) = Bus::new(100, 1000);
+        assert!(bus.send(broadcast(600)));
+        assert!(!bus.send(broadcast(600)), "over the byte budget");
+        assert!(bus.send(broadcast(400)), "what fits is taken");
+        assert_eq!(bus.state().queued_bytes(), 1000);
+        assert_eq!(
+            bus.state().metrics.drops[BusDrop::BusFull as usize].get(),
+            1
+        );
+        let taken = ends.messages.try_recv().expect("queued");
+        bus.state().release(taken.size());
+        assert_eq!(bus.state().queued_bytes(), 400);
+
+        let (bus, _ends) = Bus::new(100, 1000);
+        assert!(
+            bus.send(broadcast(5000)),
+            "a message larger than the budget still goes when nothing else waits"
+        );
+        assert!(!bus.send(broadcast(1)));
+
+        let (bus, _ends) = Bus::new(1, 1000);
+        assert!(bus.send(broadcast(1)));
+        assert!(!bus.send(broadcast(1)), "over the message count");
+        assert_eq!(
+            bus.state().queued_bytes(),
+            1,
+            "a refused message holds no bytes"
+        );
+    }
+}
