@@ -287,6 +287,17 @@ impl Batch {
         self.pipe.add_command(cmd);
         self.answers.push(answer);
     }
+
+    /// The messages in the batch, in order (to route again when it was not sent).
+    fn into_pending(self) -> Vec<Pending> {
+        self.answers
+            .into_iter()
+            .filter_map(|answer| match answer {
+                Answer::Message(pending) => Some(pending),
+                Answer::Ignore | Answer::Evictions => None,
+            })
+            .collect()
+    }
 }
 
 struct Bridge {
@@ -750,7 +761,10 @@ impl Bridge {
                 self.encode(pending, &mut batch);
             }
         }
-        self.sync_topics(&touched_topics, subscriptions).await?;
+        if let Err(error) = self.sync_topics(&touched_topics, subscriptions).await {
+            self.requeue_front(batch.into_pending());
+            return Err(error);
+        }
         if !batch.answers.is_empty() {
             self.send_batch(batch, conn).await?;
         }
@@ -942,11 +956,7 @@ impl Bridge {
             Err(error) => {
                 // Redis may or may not have run it: route it again in the next session
                 // (receivers drop what they already got).
-                let in_flight = batch.answers.into_iter().filter_map(|answer| match answer {
-                    Answer::Message(pending) => Some(pending),
-                    Answer::Ignore | Answer::Evictions => None,
-                });
-                self.requeue_front(in_flight.collect());
+                self.requeue_front(batch.into_pending());
                 return Err(error);
             }
         };
