@@ -81,6 +81,8 @@ label_enum! {
         Unauthorized => "unauthorized",
         /// Node at max_connections or draining.
         Unavailable => "unavailable",
+        /// `Sec-WebSocket-Version` other than 13 (answered 426).
+        BadVersion => "bad_version",
     }
 }
 
@@ -296,7 +298,7 @@ pub struct ShardMetrics {
     /// Handshakes that upgraded.
     pub handshakes_accepted: Counter,
     /// Handshakes refused, by [`Refusal`].
-    pub handshakes_refused: [Counter; 6],
+    pub handshakes_refused: [Counter; 7],
     /// Accept calls that failed (e.g. EMFILE); the accept loop backs off.
     pub accept_errors: Counter,
     /// WebSocket frames received.

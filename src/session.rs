@@ -17,6 +17,13 @@
 //! marks a slow consumer: its frames are dropped at once (memory released; a partly written
 //! frame is finished so the close frame stays well-framed) and it is closed with 1008.
 //!
+//! # Rate limit
+//! Inbound data messages and pings spend a token of a per-connection bucket
+//! (`rate_limit_per_sec`, `rate_limit_burst`). A message without a token is dropped and
+//! counted; the first such refusal in each second ([`RATE_ERR_WINDOW_MS`]) is answered with
+//! one `err too_many` carrying that request's `id`, the others get no reply, so a flood
+//! never makes the server write as much as it reads.
+//!
 //! # Close
 //! A close requested by anyone (slow consumer, device limit, kick, shutdown, heartbeat, bad
 //! input) is a flag plus a queued close frame; the shard takes the connection out of its
@@ -102,15 +109,42 @@ impl Outbound {
     }
 }
 
+/// The window in which a connection over its rate limit gets at most one `err`: one
+/// second, the unit of `rate_limit_per_sec`. Answering every refused message would let a
+/// flooding client turn its input into as much output (the refusals are still counted).
+const RATE_ERR_WINDOW_MS: u32 = 1000;
+
 /// Per-connection inbound token bucket (messages per second with a burst).
 #[derive(Clone, Copy)]
 struct RateLimit {
     tokens: f32,
     /// Shard clock in milliseconds, wrapping (every 49 days; only differences matter).
     refilled_ms: u32,
+    /// When the last rate-limit `err` was sent (same clock).
+    answered_ms: u32,
 }
 
 impl RateLimit {
+    fn new(burst: u32, now_ms: u64) -> Self {
+        let now_ms = now_ms as u32;
+        RateLimit {
+            tokens: burst as f32,
+            refilled_ms: now_ms,
+            answered_ms: now_ms.wrapping_sub(RATE_ERR_WINDOW_MS),
+        }
+    }
+
+    /// Whether a refusal now gets an `err`: the first one of each window does.
+    fn answer_refusal(&mut self, now_ms: u64) -> bool {
+        let now_ms = now_ms as u32;
+        if now_ms.wrapping_sub(self.answered_ms) >= RATE_ERR_WINDOW_MS {
+            self.answered_ms = now_ms;
+            true
+        } else {
+            false
+        }
+    }
+
     fn take(&mut self, now_ms: u64, per_sec: u32, burst: u32) -> bool {
         let now_ms = now_ms as u32;
         let elapsed = now_ms.wrapping_sub(self.refilled_ms);
@@ -179,10 +213,10 @@ impl Conn {
             publish,
             out: RefCell::default(),
             inbound: RefCell::default(),
-            rate: Cell::new(RateLimit {
-                tokens: shard.node.config.rate_limit_burst as f32,
-                refilled_ms: shard.clock_ms() as u32,
-            }),
+            rate: Cell::new(RateLimit::new(
+                shard.node.config.rate_limit_burst,
+                shard.clock_ms(),
+            )),
             close: Cell::new(None),
             peer_close: Cell::new(None),
             last_seen: Cell::new(now),
@@ -418,8 +452,22 @@ impl Conn {
                     ) =>
                 {
                     shard.metrics.rejected(Rejection::RateLimited);
-                    if !matches!(event, Event::Ping(_)) {
-                        let err = render::err(None, ErrorCode::TooMany, "rate limit exceeded");
+                    let answer =
+                        !matches!(event, Event::Ping(_)) && rate.answer_refusal(shard.clock_ms());
+                    if answer {
+                        // Parsed only for its id, once per window at most.
+                        let id = match event {
+                            Event::Text(text) => match protocol::parse_request(text) {
+                                Ok((id, _)) => id,
+                                Err(refusal) => refusal.id,
+                            },
+                            _ => None,
+                        };
+                        let err = render::err(
+                            id,
+                            ErrorCode::TooMany,
+                            "rate limit exceeded; further messages dropped without reply for 1 s",
+                        );
                         self.push(&err, shard);
                     }
                 }
@@ -683,11 +731,22 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_answers_one_refusal_per_window() {
+        let mut rate = RateLimit::new(1, 5_000);
+        assert!(rate.answer_refusal(5_000), "the first refusal is answered");
+        assert!(!rate.answer_refusal(5_001));
+        assert!(!rate.answer_refusal(5_999));
+        assert!(rate.answer_refusal(6_000), "one per window");
+        assert!(!rate.answer_refusal(6_500));
+        let mut wrapped = RateLimit::new(1, u64::from(u32::MAX) - 10);
+        assert!(wrapped.answer_refusal(u64::from(u32::MAX) - 10));
+        assert!(!wrapped.answer_refusal(u64::from(u32::MAX) + 100));
+        assert!(wrapped.answer_refusal(u64::from(u32::MAX) + 1000));
+    }
+
+    #[test]
     fn rate_limit_refills_over_time() {
-        let mut rate = RateLimit {
-            tokens: 2.0,
-            refilled_ms: 0,
-        };
+        let mut rate = RateLimit::new(2, 0);
         assert!(rate.take(0, 10, 2));
         assert!(rate.take(0, 10, 2));
         assert!(!rate.take(0, 10, 2));

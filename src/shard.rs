@@ -881,6 +881,7 @@ fn refusal_reason(refusal: HttpRefusal) -> Refusal {
         400 => Refusal::BadRequest,
         401 => Refusal::Unauthorized,
         404 => Refusal::NotFound,
+        426 => Refusal::BadVersion,
         431 => Refusal::TooLarge,
         _ => Refusal::Unavailable,
     }

@@ -439,6 +439,13 @@ impl HttpRefusal {
         code: "not_found",
         message: "no such endpoint; clients connect to /ws",
     };
+    /// A WebSocket version other than 13; RFC 6455 §4.2.2 asks for 426 naming the version
+    /// the server speaks (the response carries `Sec-WebSocket-Version: 13`).
+    pub const BAD_VERSION: HttpRefusal = HttpRefusal {
+        status: 426,
+        code: "bad_version",
+        message: "unsupported WebSocket version; this server speaks 13",
+    };
     /// Node at its connection limit or draining.
     pub const UNAVAILABLE: HttpRefusal = HttpRefusal {
         status: 503,
@@ -461,15 +468,21 @@ impl HttpRefusal {
             400 => "Bad Request",
             401 => "Unauthorized",
             404 => "Not Found",
+            426 => "Upgrade Required",
             431 => "Request Header Fields Too Large",
             _ => "Service Unavailable",
+        };
+        let version = if self.status == 426 {
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        } else {
+            ""
         };
         let body = format!(
             "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\"}}}}",
             self.code, self.message
         );
         format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {} {reason}\r\n{version}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.status,
             body.len()
         )
@@ -489,6 +502,12 @@ pub fn parse_upgrade(buf: &[u8], dev: bool) -> Result<Option<Upgrade>, HttpRefus
         "/echo" if dev => Endpoint::Echo,
         _ => return Err(HttpRefusal::NOT_FOUND),
     };
+    // tungstenite refuses any version but 13 as a plain protocol error; say which one we speak.
+    if let Some(version) = request.headers().get("sec-websocket-version") {
+        if version.as_bytes() != b"13" {
+            return Err(HttpRefusal::BAD_VERSION);
+        }
+    }
     let response = create_response(&request).map_err(|_| HttpRefusal::BAD_REQUEST)?;
     let mut response_bytes = Vec::with_capacity(160);
     write_response(&mut response_bytes, &response).map_err(|_| HttpRefusal::BAD_REQUEST)?;
@@ -756,6 +775,14 @@ mod tests {
             404
         );
         assert!(parse_upgrade(&upgrade_request("/echo", ""), true).is_ok());
+        let v8 = String::from_utf8(upgrade_request("/ws", ""))
+            .expect("utf8")
+            .replace("Version: 13", "Version: 8");
+        let refusal = parse_upgrade(v8.as_bytes(), false).unwrap_err();
+        assert_eq!(refusal.status, 426);
+        let response = String::from_utf8(refusal.response()).expect("utf8");
+        assert!(response.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(response.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         let plain = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(parse_upgrade(plain, false).unwrap_err().status, 400);
         assert_eq!(

@@ -129,6 +129,59 @@ fn handshake_refusals_are_http_errors() {
     assert!(response.starts_with("HTTP/1.1 431"), "{response}");
 }
 
+#[test]
+fn upgrade_with_another_websocket_version_gets_426() {
+    let node = TestNode::start(dev_config());
+    let request = "GET /ws?user=v8 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n";
+    let response = raw_exchange(&node, request.as_bytes());
+    assert!(
+        response.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+        "{response}"
+    );
+    assert!(
+        response.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+        "{response}"
+    );
+    assert!(response.contains("\"bad_version\""), "{response}");
+    eventually("counted", || {
+        node.node().metrics().refused(Refusal::BadVersion) == 1
+    });
+}
+
+#[test]
+fn tokens_with_malformed_or_future_times_are_refused_at_the_upgrade() {
+    let mut config = dev_config();
+    config.dev = false;
+    let node = TestNode::start(config);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let refused = [
+        (json!({"sub":"x","exp":"never"}), "auth_bad_claims"),
+        (json!({"sub":"x","exp":-1}), "auth_bad_claims"),
+        (json!({"sub":"x","nbf":"soon"}), "auth_bad_claims"),
+        (json!({"sub":"x","nbf":now + 600}), "auth_not_yet_valid"),
+    ];
+    for (claims, code) in &refused {
+        let request = format!(
+            "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            token(claims.clone())
+        );
+        let response = raw_exchange(&node, request.as_bytes());
+        assert!(response.starts_with("HTTP/1.1 401"), "{claims}: {response}");
+        assert!(response.contains(code), "{claims}: {response}");
+    }
+    let started = token(json!({"sub":"x","nbf":now - 60,"exp":now + 60}));
+    let mut ok =
+        Client::from_ws(connect_url(&node.url(&format!("/ws?token={started}"))).expect("upgrade"));
+    assert_eq!(ok.hello["user"], "x");
+    assert_eq!(ok.request(json!({"op":"ping"}))["op"], "pong");
+    eventually("refusals counted", || {
+        node.node().metrics().refused(Refusal::Unauthorized) == refused.len() as u64
+    });
+}
+
 /// Sends raw bytes, returns everything the server answers until it closes.
 fn raw_exchange(node: &TestNode, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(node.addr).expect("connect");
@@ -264,20 +317,35 @@ fn oversized_frames_and_messages_close_with_1009() {
 }
 
 #[test]
-fn inbound_rate_limit_answers_too_many() {
+fn inbound_rate_limit_answers_one_err_per_window() {
     let mut config = dev_config();
     config.rate_limit_burst = 5;
     config.rate_limit_per_sec = 1;
     let node = TestNode::start(config);
     let mut c = Client::dev(&node, "fast");
-    for id in 0..8 {
+    for id in 0..20 {
         c.send(json!({"op":"ping","id":id}));
     }
-    let replies: Vec<_> = (0..8).map(|_| c.recv()).collect();
+    let replies: Vec<_> = (0..6).map(|_| c.recv()).collect();
     let pongs = replies.iter().filter(|r| r["op"] == "pong").count();
-    let limited = replies.iter().filter(|r| r["code"] == "too_many").count();
-    assert_eq!((pongs, limited), (5, 3), "{replies:?}");
-    assert_eq!(node.node().metrics().rejections(Rejection::RateLimited), 3);
+    assert_eq!(pongs, 5, "{replies:?}");
+    let err = &replies[5];
+    assert_eq!(err["code"], "too_many", "{replies:?}");
+    assert_eq!(err["id"], 5, "the one err names the first refused request");
+    // The other 14 refusals are counted, not answered.
+    c.expect_silence(Duration::from_millis(300));
+    let metrics = node.node().metrics();
+    eventually("every refusal counted", || {
+        metrics.rejections(Rejection::RateLimited) == 15
+    });
+    // A new window: the bucket has a token again, and a refusal gets its err again.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(c.request(json!({"op":"ping","id":"later"}))["op"], "pong");
+    let err = c.request(json!({"op":"ping","id":"again"}));
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("too_many"), Some("again"))
+    );
 }
 
 #[test]
