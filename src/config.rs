@@ -103,6 +103,18 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Largest inbound message (all fragments), in bytes; larger closes with 1009. Default 65536.
     pub max_message_bytes: usize,
+    /// How long a connection may hold an incomplete frame or message, in ms, before it is
+    /// closed with 1008: a client that drips a frame a byte at a time would otherwise pin up
+    /// to `max_frame_bytes + max_message_bytes` of memory forever. The age counts from the
+    /// first byte after the last complete message, and is checked once a second. Default
+    /// 10000: a 64 KiB message at 64 kbit/s takes 8 s.
+    pub incomplete_message_timeout_ms: u64,
+    /// Bytes of incomplete frames and messages one shard holds for all its connections; the
+    /// connection whose data takes the shard past it is closed with 1008 (those already
+    /// holding keep their data, each bounded by `incomplete_message_timeout_ms`). Default
+    /// 67108864 (64 MiB): at least 512 connections each holding a whole 64 KiB frame and
+    /// 64 KiB message, while an ordinary connection holds a few hundred bytes for a moment.
+    pub shard_incomplete_bytes: usize,
     /// Inbound messages per second a connection may sustain (token bucket refill). Default 50.
     pub rate_limit_per_sec: u32,
     /// Inbound message burst a connection may send at once (token bucket size). Default 100.
@@ -211,6 +223,8 @@ impl Default for Config {
             max_name_bytes: 128,
             max_frame_bytes: 64 * 1024,
             max_message_bytes: 64 * 1024,
+            incomplete_message_timeout_ms: 10_000,
+            shard_incomplete_bytes: 64 * 1024 * 1024,
             rate_limit_per_sec: 50,
             rate_limit_burst: 100,
             max_outbound_bytes: 256 * 1024,
@@ -338,6 +352,11 @@ impl Config {
             ("max_name_bytes", self.max_name_bytes as u64),
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_message_bytes", self.max_message_bytes as u64),
+            (
+                "incomplete_message_timeout_ms",
+                self.incomplete_message_timeout_ms,
+            ),
+            ("shard_incomplete_bytes", self.shard_incomplete_bytes as u64),
             ("rate_limit_per_sec", self.rate_limit_per_sec as u64),
             ("rate_limit_burst", self.rate_limit_burst as u64),
             ("max_outbound_bytes", self.max_outbound_bytes as u64),

@@ -111,8 +111,12 @@ label_enum! {
         BadUtf8 => "bad_utf8",
         /// Outbound queue over its limit (1008).
         SlowConsumer => "slow_consumer",
-        /// No frame for three heartbeat intervals (1008).
+        /// No complete frame for three heartbeat intervals (1008).
         HeartbeatTimeout => "heartbeat_timeout",
+        /// An incomplete frame or message held past `incomplete_message_timeout_ms` (1008).
+        IncompleteTimeout => "incomplete_timeout",
+        /// Incomplete data that took the shard past `shard_incomplete_bytes` (1008).
+        IncompleteBudget => "incomplete_budget",
         /// Replaced by a newer device of the same user (4001).
         Replaced => "replaced",
         /// Kicked through the API (4003).
@@ -357,6 +361,9 @@ pub struct ShardMetrics {
     pub users: Gauge,
     /// Distinct topics with a subscriber on this shard.
     pub topics: Gauge,
+    /// Bytes held for incomplete inbound frames and messages (the
+    /// `shard_incomplete_bytes` budget).
+    pub incomplete_bytes: Gauge,
     /// Handshakes that upgraded.
     pub handshakes_accepted: Counter,
     /// Handshakes refused, by [`Refusal`].
@@ -370,7 +377,7 @@ pub struct ShardMetrics {
     /// Messages handed to client sockets, by [`Delivery`].
     pub delivered: [Counter; 3],
     /// Connections closed, by [`Close`].
-    pub closes: [Counter; 10],
+    pub closes: [Counter; 12],
     /// Requests refused with an `err` frame, by [`Rejection`].
     pub rejections: [Counter; 8],
     /// Cross-shard messages dropped, by [`Drop`].
@@ -512,6 +519,12 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
         "Distinct topics with a subscriber, counted per shard",
         &mut registry,
         |s| s.topics.get(),
+    );
+    per_shard(
+        "incomplete_bytes",
+        "Bytes held for incomplete inbound frames and messages",
+        &mut registry,
+        |s| s.incomplete_bytes.get(),
     );
 
     let level = |registry: &mut Registry, name: &str, help: &str, value: i64| {

@@ -9,6 +9,14 @@
 //! frame, and the outbound queue exists only while the socket is refusing data. The upgrade's request
 //! buffer lives in a [`Handshake`] that is gone once the connection is open.
 //!
+//! What a connection holds for an incomplete frame or message is bounded three ways: in size
+//! (`max_frame_bytes`, `max_message_bytes`), in time (`incomplete_message_timeout_ms`, from
+//! the first byte after the last complete message; checked by the heartbeat sweep, close
+//! 1008) and per shard (`shard_incomplete_bytes`: the connection whose data crosses it is
+//! closed 1008, so a crowd of dripping clients cannot take a shard's memory; the gauge
+//! `incomplete_bytes` shows the sum). Only complete frames count as signs of life for the
+//! heartbeat, so a peer dripping a frame forever is closed as silent too.
+//!
 //! # Writes
 //! [`Conn::push`] writes through: when nothing is queued it `send`s the frame at once from
 //! whichever task is delivering, so a fan-out costs one syscall per recipient. Only what the
@@ -310,10 +318,22 @@ impl Conn {
         }
     }
 
-    /// Called by the sweeper: pings when an interval has passed since the last ping, closes
-    /// when nothing arrived for three intervals.
+    /// Called by the sweeper: closes a connection whose incomplete message is older than
+    /// `incomplete_message_timeout_ms`, or which sent no complete frame for three
+    /// intervals; pings when an interval has passed since the last ping.
     pub fn heartbeat(&self, now: u32, interval: u32, shard: &Shard) {
-        if now.saturating_sub(self.last_seen.get()) >= 3 * interval {
+        let now_ms = shard.clock_ms() as u32;
+        let incomplete_for = self
+            .inbound
+            .borrow()
+            .incomplete_since()
+            .map(|since| now_ms.wrapping_sub(since));
+        if incomplete_for
+            .is_some_and(|age| u64::from(age) >= shard.node.config.incomplete_message_timeout_ms)
+        {
+            tracing::debug!(conn = self.id, "incomplete message held too long");
+            self.request_close(close::POLICY, metrics::Close::IncompleteTimeout, shard);
+        } else if now.saturating_sub(self.last_seen.get()) >= 3 * interval {
             self.request_close(close::POLICY, metrics::Close::HeartbeatTimeout, shard);
         } else if now.saturating_sub(self.last_ping.get()) >= interval {
             self.last_ping.set(now);
@@ -346,6 +366,13 @@ impl Conn {
             }
             None => false,
         }
+    }
+
+    /// Drops what is held for an incomplete message (when the connection leaves the shard's
+    /// tables) and takes it off the shard's budget.
+    pub fn release_incomplete(&self, shard: &Shard) {
+        let held = self.inbound.borrow_mut().release();
+        shard.metrics.incomplete_bytes.add(-(held as i64));
     }
 
     /// Takes every subscription (when the connection leaves).
@@ -427,17 +454,24 @@ impl Conn {
         }
     }
 
-    /// Decodes freshly read bytes and handles every complete message.
+    /// Decodes freshly read bytes and handles every complete message. Only complete frames
+    /// count as signs of life for the heartbeat: a peer dripping one frame a byte at a time
+    /// is as silent as one sending nothing.
     pub fn on_bytes(self: &Rc<Self>, input: &mut [u8], shard: &Shard) -> Flow {
-        self.last_seen.set(shard.clock());
         let config = &shard.node.config;
         let limits = Limits {
             max_frame: config.max_frame_bytes,
             max_message: config.max_message_bytes,
         };
         let mut rate = self.rate.get();
-        let result = self.inbound.borrow_mut().feed(input, limits, |event| {
+        let mut completed = false;
+        let mut inbound = self.inbound.borrow_mut();
+        let held_before = inbound.buffered();
+        let fresh = inbound.incomplete_since().is_none();
+        let result = inbound.feed(input, limits, |event| {
             shard.metrics.frames_in.inc();
+            self.last_seen.set(shard.clock());
+            completed |= matches!(event, Event::Text(_) | Event::Binary(_));
             match event {
                 Event::Close(code) => {
                     self.peer_close.set(Some(code));
@@ -501,6 +535,26 @@ impl Conn {
             }
         });
         self.rate.set(rate);
+        // The incomplete message's age counts from its first byte: from now if it is new
+        // (nothing held before) or follows a message that just completed.
+        if fresh || completed {
+            inbound.set_incomplete_since(shard.clock_ms() as u32);
+        }
+        let held = inbound.buffered();
+        drop(inbound);
+        if held != held_before {
+            let shard_held = &shard.metrics.incomplete_bytes;
+            shard_held.add(held as i64 - held_before as i64);
+            if held > held_before && shard_held.get() > config.shard_incomplete_bytes as i64 {
+                tracing::debug!(
+                    conn = self.id,
+                    held,
+                    "shard's incomplete-message budget full"
+                );
+                self.request_close(close::POLICY, metrics::Close::IncompleteBudget, shard);
+                return Flow::Stop;
+            }
+        }
         match result {
             Ok(flow) => flow,
             Err(violation) => {

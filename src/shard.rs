@@ -271,6 +271,7 @@ impl Shard {
     /// the topic's home shard, and the user's home shard forgets the device. Called exactly
     /// once, when its socket leaves the `Open` phase.
     fn unregister(&self, conn: &Conn) {
+        conn.release_incomplete(self);
         let mut tables = self.tables.borrow_mut();
         self.metrics.connections.add(-1);
         for topic in conn.take_topics() {

@@ -91,7 +91,8 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     /// Invalid UTF-8 in a text message.
     pub const INVALID_PAYLOAD: u16 = 1007;
-    /// Policy: bad input, slow consumer, heartbeat timeout.
+    /// Policy: bad input, slow consumer, heartbeat timeout, an incomplete message held too
+    /// long or past the shard's budget.
     pub const POLICY: u16 = 1008;
     /// Frame or message too big.
     pub const TOO_BIG: u16 = 1009;
@@ -180,6 +181,9 @@ struct Pending {
     partial: Vec<u8>,
     /// Fragments of an unfinished message: the opcode of its first frame and its payload.
     fragments: Option<(Data, Vec<u8>)>,
+    /// When the incomplete message began, on the caller's clock (see
+    /// [`Inbound::incomplete_since`]).
+    since_ms: u32,
 }
 
 impl Inbound {
@@ -203,6 +207,28 @@ impl Inbound {
             _ => {}
         }
         result
+    }
+
+    /// When the incomplete frame or message held now began, on the caller's clock, if one
+    /// is held. The decoder has no clock: the caller stamps it with
+    /// [`Inbound::set_incomplete_since`].
+    pub fn incomplete_since(&self) -> Option<u32> {
+        self.0.as_ref().map(|p| p.since_ms)
+    }
+
+    /// Records when the incomplete frame or message held now began (nothing if none is).
+    pub fn set_incomplete_since(&mut self, now_ms: u32) {
+        if let Some(pending) = self.0.as_deref_mut() {
+            pending.since_ms = now_ms;
+        }
+    }
+
+    /// Drops whatever is held (the connection is leaving); returns [`Inbound::buffered`]
+    /// as it was.
+    pub fn release(&mut self) -> usize {
+        let held = self.buffered();
+        self.0 = None;
+        held
     }
 
     /// Bytes held for incomplete frames and messages (for memory accounting).
@@ -598,6 +624,32 @@ mod tests {
                 "nothing held once frames are complete"
             );
         }
+    }
+
+    #[test]
+    fn the_incomplete_stamp_lives_with_the_incomplete_state() {
+        let mut inbound = Inbound::default();
+        inbound.set_incomplete_since(7);
+        assert_eq!(
+            inbound.incomplete_since(),
+            None,
+            "nothing held, nothing stamped"
+        );
+        let wire = text("hello");
+        collect(&mut inbound, wire[..3].to_vec()).expect("partial");
+        inbound.set_incomplete_since(42);
+        assert_eq!(inbound.incomplete_since(), Some(42));
+        collect(&mut inbound, wire[3..4].to_vec()).expect("still partial");
+        assert_eq!(
+            inbound.incomplete_since(),
+            Some(42),
+            "kept while incomplete"
+        );
+        assert!(inbound.release() > 0);
+        assert_eq!((inbound.incomplete_since(), inbound.buffered()), (None, 0));
+        collect(&mut inbound, wire[..3].to_vec()).expect("partial");
+        collect(&mut inbound, wire[3..].to_vec()).expect("complete");
+        assert_eq!(inbound.incomplete_since(), None, "gone once complete");
     }
 
     #[test]

@@ -455,3 +455,168 @@ fn silent_clients_are_closed_after_three_heartbeats() {
     assert_eq!(silent.expect_close(), 1008);
     assert_eq!(node.node().metrics().closes(Close::HeartbeatTimeout), 1);
 }
+
+/// The header of a masked client text frame of `len` payload bytes (mask key zero, so the
+/// payload goes as is).
+fn masked_text_header(len: usize, fin: bool) -> Vec<u8> {
+    let mut header = vec![if fin { 0x81 } else { 0x01 }];
+    match len {
+        0..=125 => header.push(0x80 | len as u8),
+        126..=65535 => {
+            header.push(0x80 | 126);
+            header.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            header.push(0x80 | 127);
+            header.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    header
+}
+
+/// Writes a frame header, then one byte of its payload every `every`, from a thread, until
+/// `bytes` are out or the socket fails; returns the thread.
+fn drip(ws: &Ws, bytes: usize, every: Duration) -> std::thread::JoinHandle<()> {
+    let mut stream = ws.get_ref().try_clone().expect("clone");
+    std::thread::spawn(move || {
+        if stream.write_all(&masked_text_header(bytes, true)).is_err() {
+            return;
+        }
+        for _ in 0..bytes {
+            std::thread::sleep(every);
+            if stream.write_all(b" ").is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn incomplete_bytes(node: &TestNode) -> i64 {
+    let metrics = node.node().metrics();
+    metrics
+        .shards()
+        .iter()
+        .map(|s| s.incomplete_bytes.get())
+        .sum()
+}
+
+#[test]
+fn a_dripped_message_is_closed_with_1008_after_the_deadline() {
+    let mut config = dev_config();
+    config.incomplete_message_timeout_ms = 1500;
+    let node = TestNode::start(config);
+    let mut dripper = Client::dev(&node, "drip");
+    let started = Instant::now();
+    let dripping = drip(&dripper.ws, 100, Duration::from_millis(100));
+    assert_eq!(dripper.expect_close(), 1008);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
+        "closed after {took:?}"
+    );
+    // Stops the dripping thread: its next write fails.
+    let _ = dripper.ws.get_ref().shutdown(std::net::Shutdown::Write);
+    let _ = dripping.join();
+    let metrics = node.node().metrics();
+    assert_eq!(metrics.closes(Close::IncompleteTimeout), 1);
+    eventually("the held bytes are released", || {
+        incomplete_bytes(&node) == 0
+    });
+
+    // Messages that complete within the deadline are never affected, however long the
+    // connection keeps sending: the age restarts with every message.
+    let mut steady = Client::dev(&node, "steady");
+    for id in 0..3 {
+        let text = format!(r#"{{"op":"ping","id":{id}}}"#);
+        let (head, tail) = text.split_at(8);
+        steady
+            .ws
+            .send(Message::Frame(Frame::message(
+                head.as_bytes().to_vec(),
+                OpCode::Data(Data::Text),
+                false,
+            )))
+            .expect("first fragment");
+        std::thread::sleep(Duration::from_millis(700));
+        steady
+            .ws
+            .send(Message::Frame(Frame::message(
+                tail.as_bytes().to_vec(),
+                OpCode::Data(Data::Continue),
+                true,
+            )))
+            .expect("last fragment");
+        assert_eq!(steady.recv()["id"], id);
+    }
+    assert_eq!(metrics.closes(Close::IncompleteTimeout), 1);
+}
+
+#[test]
+fn the_heartbeat_closes_a_dripping_connection_that_never_completes_a_frame() {
+    let mut config = dev_config();
+    config.heartbeat_secs = 1;
+    config.incomplete_message_timeout_ms = 60_000;
+    config.close_timeout_ms = 5000;
+    let node = TestNode::start(config);
+    let mut dripper = Client::dev(&node, "drip");
+    let started = Instant::now();
+    let dripping = drip(&dripper.ws, 200, Duration::from_millis(100));
+    let mut pings = 0;
+    let code = loop {
+        assert!(started.elapsed() < WAIT, "no close");
+        match dripper.ws.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(Message::Close(Some(frame))) => break u16::from(frame.code),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => panic!("expected the 1008 close, got {e}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    assert!(pings >= 1, "pinged while dripping");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2500), "closed after {took:?}");
+    // Stops the dripping thread: its next write fails.
+    let _ = dripper.ws.get_ref().shutdown(std::net::Shutdown::Write);
+    let _ = dripping.join();
+    assert_eq!(node.node().metrics().closes(Close::HeartbeatTimeout), 1);
+}
+
+#[test]
+fn incomplete_data_past_the_shard_budget_closes_the_connection_that_overflows_it() {
+    let mut config = dev_config();
+    config.shards = 1;
+    config.shard_incomplete_bytes = 110_000;
+    let node = TestNode::start(config);
+    let mut first = Client::dev(&node, "first");
+    let body = format!(
+        r#"{{"op":"ping","id":"big","pad":"{}"}}"#,
+        " ".repeat(59_900)
+    );
+    let (head, tail) = body.as_bytes().split_at(50_000);
+    let mut raw = masked_text_header(body.len(), true);
+    raw.extend_from_slice(head);
+    first.ws.get_mut().write_all(&raw).expect("most of a frame");
+    eventually("the first holds its part", || {
+        incomplete_bytes(&node) >= 50_000
+    });
+
+    let mut second = Client::dev(&node, "second");
+    let mut raw = masked_text_header(64_000, true);
+    raw.extend_from_slice(&[b' '; 63_000]);
+    second
+        .ws
+        .get_mut()
+        .write_all(&raw)
+        .expect("most of a frame");
+    assert_eq!(second.expect_close(), 1008);
+    assert_eq!(node.node().metrics().closes(Close::IncompleteBudget), 1);
+
+    // The first, within the budget, finishes its message and is answered.
+    first.ws.get_mut().write_all(tail).expect("the rest");
+    let reply = first.recv();
+    assert_eq!(reply["id"], "big", "{reply}");
+    eventually("nothing held once complete", || {
+        incomplete_bytes(&node) == 0
+    });
+}
