@@ -927,6 +927,11 @@ impl Shard {
         }
         if self.accept_paused_until.get().is_some_and(|t| t <= now) {
             self.accept_paused_until.set(None);
+            let mut spare = self.spare.borrow_mut();
+            if spare.is_none() {
+                *spare = open_spare();
+            }
+            drop(spare);
             if let Some(listener) = self.listener.borrow().as_ref() {
                 let _ = self
                     .reactor
