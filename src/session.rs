@@ -28,7 +28,7 @@
 //! # Rate limit
 //! Inbound data messages and pings spend a token of a per-connection bucket
 //! (`rate_limit_per_sec`, `rate_limit_burst`). A message without a token is dropped and
-//! counted; the first such refusal in each second ([`RATE_ERR_WINDOW_MS`]) is answered with
+//! counted; the first such refusal in each second (`RATE_ERR_WINDOW_MS`) is answered with
 //! one `err too_many` carrying that request's `id`, the others get no reply, so a flood
 //! never makes the server write as much as it reads.
 //!
@@ -321,8 +321,9 @@ impl Conn {
     /// Called by the sweeper: closes a connection whose incomplete message is older than
     /// `incomplete_message_timeout_ms`, or which sent no complete frame for three
     /// intervals; pings when an interval has passed since the last ping.
-    pub fn heartbeat(&self, now: u32, interval: u32, shard: &Shard) {
-        let now_ms = shard.clock_ms() as u32;
+    /// `now` is the shard's clock in seconds, `now_ms` in milliseconds.
+    pub fn heartbeat(&self, now: u32, now_ms: u64, interval: u32, shard: &Shard) {
+        let now_ms = now_ms as u32;
         let incomplete_for = self
             .inbound
             .borrow()
@@ -465,12 +466,13 @@ impl Conn {
         };
         let mut rate = self.rate.get();
         let mut completed = false;
+        let mut frames = false;
         let mut inbound = self.inbound.borrow_mut();
         let held_before = inbound.buffered();
         let fresh = inbound.incomplete_since().is_none();
         let result = inbound.feed(input, limits, |event| {
             shard.metrics.frames_in.inc();
-            self.last_seen.set(shard.clock());
+            frames = true;
             completed |= matches!(event, Event::Text(_) | Event::Binary(_));
             match event {
                 Event::Close(code) => {
@@ -535,6 +537,9 @@ impl Conn {
             }
         });
         self.rate.set(rate);
+        if frames {
+            self.last_seen.set(shard.clock());
+        }
         // The incomplete message's age counts from its first byte: from now if it is new
         // (nothing held before) or follows a message that just completed.
         if fresh || completed {

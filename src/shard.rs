@@ -22,8 +22,8 @@
 //! system, is out of descriptors), the shard closes its spare descriptor (a `/dev/null` it
 //! keeps open for this), accepts one waiting client, answers it 503, closes it and reopens
 //! the spare, so queued clients get an answer rather than hang; when that fails too, it
-//! stops accepting for [`ACCEPT_PAUSE`] instead of spinning. Accept warnings are logged at
-//! most once per [`ACCEPT_WARN_INTERVAL`] per shard, with the number held back.
+//! stops accepting for `ACCEPT_PAUSE` instead of spinning. Accept warnings are logged at
+//! most once per `ACCEPT_WARN_INTERVAL` per shard, with the number held back.
 //!
 //! Fan-out to many local recipients snapshots the recipient list and yields to the executor
 //! every [`FANOUT_CHUNK`] sockets, so a publication to 50,000 subscribers does not stall the
@@ -940,12 +940,14 @@ impl Shard {
         }
     }
 
-    /// Pings connections due a heartbeat and closes those silent for three intervals.
+    /// Pings connections due a heartbeat and closes those silent for three intervals or
+    /// holding an incomplete message too long.
     fn sweep_heartbeats(&self) {
         let now = self.clock();
+        let now_ms = self.clock_ms();
         let interval = self.node.config.heartbeat_secs;
         for conn in self.open_conns() {
-            conn.heartbeat(now, interval, self);
+            conn.heartbeat(now, now_ms, interval, self);
         }
     }
 }
