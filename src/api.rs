@@ -231,7 +231,9 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishRequest<'a> {
-    // Cow: a name with a JSON escape (`"\u00e9"`) cannot borrow from the body.
+    // Cow, not &str: a name written with a JSON escape (`"\u00e9"`, as Python's json.dumps
+    // sends any non-ASCII name) has no unescaped copy in the body to borrow. The copies
+    // cost at most the body's size (`max_api_body_bytes`).
     #[serde(default, borrow)]
     users: Vec<Cow<'a, str>>,
     #[serde(default, borrow)]
