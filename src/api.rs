@@ -6,15 +6,32 @@
 //! through the same [`Publisher`] path as any other message (rendered once, handed to the
 //! home shards' inboxes), so API traffic cannot block client delivery.
 //!
-//! Authentication: `Authorization: Bearer <api_key>`, compared in constant time. With no
-//! `api_key` configured, `--dev` accepts every call and a production node refuses every call
-//! but the unauthenticated ones (`/healthz`, `/readyz`, `/metrics`). Errors are
-//! `{"error":{"code","message"}}` with the matching status.
+//! Authentication: `Authorization: Bearer <api_key>` (the scheme in any case, RFC 9110
+//! §11.1), compared in constant time. With no `api_key` configured, `--dev` accepts every
+//! call and a production node refuses every call but the unauthenticated ones (`/healthz`,
+//! `/readyz`, `/metrics`). Errors are `{"error":{"code","message"}}` with the matching status.
+//!
+//! # Limits
+//! Every API connection holds a descriptor, and descriptors are what a full node runs out
+//! of, so none may be held for free:
+//! - at most `max_api_connections` at once; one more is answered 503 and closed at once
+//!   (`api_connections_refused_total`). Their descriptors are reserved out of
+//!   `RLIMIT_NOFILE` (see [`crate::config::Config::reserved_descriptors`]), so a node full
+//!   of clients still answers `/healthz` and `/metrics`;
+//! - a request's line and headers must arrive within `api_header_timeout_ms` (hyper's
+//!   header-read timeout, which also ends a keep-alive connection idle that long); else the
+//!   connection is closed without an answer (`api_timeouts_total{phase="header"}`);
+//! - its body must arrive within `api_body_timeout_ms` (else 408,
+//!   `api_timeouts_total{phase="body"}`) and be at most `max_api_body_bytes` (else 413);
+//! - a failing accept (EMFILE) backs off from 10 ms to 1 s and logs at most one warning
+//!   every 10 s (`api_accept_errors_total`).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -28,9 +45,34 @@ use subtle::ConstantTimeEq;
 
 use crate::auth::valid_name;
 use crate::cluster::BusError;
+use crate::metrics::{ApiTimeout, LogLimiter};
 use crate::node::{NodeShared, Publisher, Target};
 
 type Body = Full<Bytes>;
+
+/// First pause after a failed accept; doubled on each failure in a row up to
+/// [`ACCEPT_BACKOFF_MAX`] (as mini-redis does), so EMFILE never spins the API thread.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// Longest pause after failed accepts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// At most one accept-failure warning per this interval.
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The answer to a connection past `max_api_connections`, written without waiting.
+fn too_many_connections() -> Vec<u8> {
+    let body = json!({"error": {
+        "code": "busy",
+        "message": "too many API connections (max_api_connections); retry",
+    }})
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// A running API server; stops when dropped.
 pub struct ApiServer {
@@ -86,34 +128,80 @@ async fn serve(
         publisher: Publisher::new(node.clone()),
         node,
     });
+    let config = &api.node.config;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(config.api_header_timeout_ms));
+    let max_connections = config.max_api_connections as i64;
+    let refusal = too_many_connections();
+    let warnings = LogLimiter::new(ACCEPT_WARN_INTERVAL);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = &mut stopped => return,
         };
+        let metrics = api.node.metrics.api();
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                stream
+            }
             Err(error) => {
-                tracing::warn!(%error, "API accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                metrics.accept_errors.inc();
+                if let Some(suppressed) = warnings.allow(Instant::now()) {
+                    tracing::warn!(%error, suppressed, "API accept failed; backing off");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut stopped => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
+        if metrics.connections.get() >= max_connections {
+            metrics.connections_refused.inc();
+            // Best effort, never waiting: read what the request sent so closing does not
+            // reset the connection under the answer, answer, close.
+            let mut request = [0u8; 2048];
+            let _ = stream.try_read(&mut request);
+            let _ = stream.try_write(&refusal);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
-        let api = api.clone();
+        let slot = ConnectionSlot::take(api.clone());
+        let http = http.clone();
         tokio::spawn(async move {
+            let api = slot.0.clone();
             let service = hyper::service::service_fn(move |request| {
                 let api = api.clone();
                 async move { Ok::<_, Infallible>(api.handle(request).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            if let Err(error) = http.serve_connection(io, service).await {
+                if error.is_timeout() {
+                    slot.0.node.metrics.api().timed_out(ApiTimeout::Header);
+                }
                 tracing::debug!(%error, "API connection ended with an error");
             }
         });
+    }
+}
+
+/// One of the `max_api_connections` slots, counted in `api_connections` while held.
+struct ConnectionSlot(Arc<Api>);
+
+impl ConnectionSlot {
+    fn take(api: Arc<Api>) -> Self {
+        api.node.metrics.api().connections.add(1);
+        ConnectionSlot(api)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.node.metrics.api().connections.add(-1);
     }
 }
 
@@ -143,10 +231,13 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishRequest<'a> {
+    // Cow, not &str: a name written with a JSON escape (`"\u00e9"`, as Python's json.dumps
+    // sends any non-ASCII name) has no unescaped copy in the body to borrow. The copies
+    // cost at most the body's size (`max_api_body_bytes`).
     #[serde(default, borrow)]
-    users: Vec<&'a str>,
+    users: Vec<Cow<'a, str>>,
     #[serde(default, borrow)]
-    topics: Vec<&'a str>,
+    topics: Vec<Cow<'a, str>>,
     #[serde(default)]
     broadcast: bool,
     #[serde(borrow, default, deserialize_with = "crate::protocol::present")]
@@ -209,7 +300,7 @@ impl Api {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
         if bool::from(presented.as_bytes().ct_eq(key.as_bytes())) {
             Ok(())
@@ -251,10 +342,21 @@ impl Api {
                 "node is draining; publish through another node",
             ));
         }
-        let limit = self.node.config.max_api_body_bytes;
-        let body = Limited::new(request.into_body(), limit)
-            .collect()
-            .await
+        let config = &self.node.config;
+        let limit = config.max_api_body_bytes;
+        let within = Duration::from_millis(config.api_body_timeout_ms);
+        let collected =
+            tokio::time::timeout(within, Limited::new(request.into_body(), limit).collect())
+                .await
+                .map_err(|_| {
+                    self.node.metrics.api().timed_out(ApiTimeout::Body);
+                    Failure::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        format!("body not received within {} ms", config.api_body_timeout_ms),
+                    )
+                })?;
+        let body = collected
             .map_err(|_| {
                 Failure::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -293,10 +395,12 @@ impl Api {
                 format!("invalid user or topic name {bad:?}"),
             ));
         }
+        let users: Vec<&str> = publish.users.iter().map(AsRef::as_ref).collect();
+        let topics: Vec<&str> = publish.topics.iter().map(AsRef::as_ref).collect();
         let published = self.publisher.publish(
             Target {
-                users: &publish.users,
-                topics: &publish.topics,
+                users: &users,
+                topics: &topics,
                 broadcast: publish.broadcast,
             },
             data,
@@ -442,6 +546,17 @@ impl Api {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <credentials>` value; the scheme is
+/// case-insensitive (RFC 9110 §11.1), as on the WebSocket port.
+fn bearer(value: &str) -> Option<&str> {
+    let scheme = value.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case("bearer ")
+        .then(|| value.get(7..))
+        .flatten()
+        .map(str::trim)
+}
+
 /// A cluster question the bus could not answer.
 fn cluster_failure(error: BusError) -> Failure {
     let code = match error {
@@ -469,4 +584,39 @@ fn percent_decode(segment: &str) -> Result<String, Failure> {
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| Failure::new(StatusCode::BAD_REQUEST, "bad_name", "user id is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer k"), Some("k"));
+        assert_eq!(bearer("bearer k"), Some("k"));
+        assert_eq!(bearer("BEARER  k "), Some("k"));
+        assert_eq!(bearer("Basic k"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearé k"), None, "not a char boundary at 7");
+    }
+
+    #[test]
+    fn escaped_names_deserialize() {
+        let body = br#"{"users":["\u0061lice","bob"],"topics":["caf\u00e9"],"data":1}"#;
+        let publish: PublishRequest = serde_json::from_slice(body).expect("valid");
+        assert_eq!(publish.users, ["alice", "bob"]);
+        assert_eq!(publish.topics, ["café"]);
+    }
+
+    #[test]
+    fn the_refusal_is_well_formed() {
+        let refusal = too_many_connections();
+        let text = std::str::from_utf8(&refusal).expect("utf8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        serde_json::from_str::<serde_json::Value>(body).expect("json body");
+    }
 }

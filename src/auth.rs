@@ -1,16 +1,27 @@
 //! Client authentication at the WebSocket handshake.
 //!
 //! A client presents a JWT (HS256, signed with the node's `secret`) in `Authorization: Bearer`
-//! or `?token=`. Claims: `sub` is the user id (required), `exp` is honoured when present (no
-//! leeway beyond a few seconds of clock skew), `dev` names the device, `pub` lists the topic
-//! patterns the user may publish to. In `--dev` mode `?user=NAME` is trusted instead and the
-//! user may publish anywhere. Everything here is pure: no sockets, and the clock comes in
-//! through jsonwebtoken's validation only.
+//! or `?token=`. Claims: `sub` is the user id (required), `exp` and `nbf` are honoured when
+//! present (with [`CLOCK_LEEWAY_SECS`] of clock skew either way), `dev` names the device, `pub`
+//! lists the topic patterns the user may publish to. In `--dev` mode `?user=NAME` is trusted
+//! instead and the user may publish anywhere. Everything here is pure: no sockets, and the
+//! clock comes in through jsonwebtoken's validation only.
+//!
+//! A time claim that is present must be a NumericDate (RFC 7519 §2: seconds since the epoch,
+//! a non-negative JSON number; a fraction is allowed and rounded, as jsonwebtoken does). A
+//! string, a negative number, `null` or anything else refuses the token (`auth_bad_claims`):
+//! jsonwebtoken skips the time check of a claim it cannot read, so a token with
+//! `"exp":"never"` would otherwise never expire.
 
 use std::sync::Arc;
 
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds: clients and token issuers run on
+/// other machines, whose clocks NTP keeps within a second or so of ours.
+pub const CLOCK_LEEWAY_SECS: u64 = 5;
 
 /// Who a connection is, decided once at the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +85,12 @@ pub enum AuthError {
     /// `exp` is in the past.
     #[error("token expired")]
     Expired,
+    /// `nbf` is in the future.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// Claims of the wrong shape: `sub` missing, or `exp`/`nbf` present but not a NumericDate.
+    #[error("malformed claims")]
+    BadClaims,
     /// `sub` is empty, too long or contains control characters.
     #[error("invalid user id")]
     BadUser,
@@ -86,6 +103,8 @@ impl AuthError {
             AuthError::Missing => "auth_missing",
             AuthError::Invalid => "auth_invalid",
             AuthError::Expired => "auth_expired",
+            AuthError::NotYetValid => "auth_not_yet_valid",
+            AuthError::BadClaims => "auth_bad_claims",
             AuthError::BadUser => "auth_bad_user",
         }
     }
@@ -94,6 +113,12 @@ impl AuthError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    // Only checked for shape here (a malformed one refuses the token); jsonwebtoken checks
+    // the times themselves.
+    #[serde(default, rename = "exp", deserialize_with = "numeric_date")]
+    _exp: (),
+    #[serde(default, rename = "nbf", deserialize_with = "numeric_date")]
+    _nbf: (),
     #[serde(default)]
     dev: Option<String>,
     #[serde(default, rename = "pub")]
@@ -114,7 +139,8 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.required_spec_claims.clear();
         validation.validate_exp = true;
-        validation.leeway = 5;
+        validation.validate_nbf = true;
+        validation.leeway = CLOCK_LEEWAY_SECS;
         Authenticator {
             key: secret.map(|s| DecodingKey::from_secret(s.as_bytes())),
             validation,
@@ -134,7 +160,9 @@ impl Authenticator {
             let key = self.key.as_ref().ok_or(AuthError::Invalid)?;
             let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(
                 |e| match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    ErrorKind::Json(_) => AuthError::BadClaims,
                     _ => AuthError::Invalid,
                 },
             )?;
@@ -162,6 +190,23 @@ impl Authenticator {
         } else {
             Err(AuthError::BadUser)
         }
+    }
+}
+
+/// Checks a present time claim: a non-negative, finite JSON number below `u64::MAX`, the
+/// values jsonwebtoken validates (anything else it would silently skip).
+fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+    let number = serde_json::Number::deserialize(d)?;
+    let valid = number.is_u64()
+        || number
+            .as_f64()
+            .is_some_and(|f| f.is_finite() && f >= 0.0 && f < u64::MAX as f64);
+    if valid {
+        Ok(())
+    } else {
+        Err(serde::de::Error::custom(
+            "a time claim must be a non-negative number of seconds",
+        ))
     }
 }
 
@@ -229,6 +274,68 @@ mod tests {
             Err(AuthError::Invalid)
         );
         assert_eq!(auth.authenticate(None, None), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn malformed_time_claims_refuse_the_token() {
+        let auth = Authenticator::new(Some("s3"), false, 128);
+        let bad = [
+            json!({"sub":"a","exp":"never"}),
+            json!({"sub":"a","exp":-1}),
+            json!({"sub":"a","exp":null}),
+            json!({"sub":"a","exp":true}),
+            json!({"sub":"a","exp":[now() + 60]}),
+            json!({"sub":"a","nbf":"now"}),
+            json!({"sub":"a","nbf":-5}),
+            json!({"sub":"a","exp":now() + 60,"nbf":{"t":0}}),
+        ];
+        for claims in bad {
+            let t = token(claims.clone(), "s3");
+            assert_eq!(
+                auth.authenticate(Some(&t), None),
+                Err(AuthError::BadClaims),
+                "{claims}"
+            );
+        }
+        let no_sub = token(json!({"exp":now() + 60}), "s3");
+        assert_eq!(
+            auth.authenticate(Some(&no_sub), None),
+            Err(AuthError::BadClaims)
+        );
+    }
+
+    #[test]
+    fn fractional_times_are_numeric_dates() {
+        let auth = Authenticator::new(Some("s3"), false, 128);
+        let live = token(json!({"sub":"a","exp":now() as f64 + 60.5}), "s3");
+        assert!(auth.authenticate(Some(&live), None).is_ok());
+        let dead = token(json!({"sub":"a","exp":now() as f64 - 600.5}), "s3");
+        assert_eq!(
+            auth.authenticate(Some(&dead), None),
+            Err(AuthError::Expired)
+        );
+    }
+
+    #[test]
+    fn nbf_is_honoured_with_the_leeway() {
+        let auth = Authenticator::new(Some("s3"), false, 128);
+        let early = token(json!({"sub":"a","nbf":now() + 600}), "s3");
+        assert_eq!(
+            auth.authenticate(Some(&early), None),
+            Err(AuthError::NotYetValid)
+        );
+        let skewed = token(json!({"sub":"a","nbf":now() + CLOCK_LEEWAY_SECS - 2}), "s3");
+        assert!(
+            auth.authenticate(Some(&skewed), None).is_ok(),
+            "within the leeway"
+        );
+        let started = token(json!({"sub":"a","nbf":now() - 60,"exp":now() + 60}), "s3");
+        assert!(auth.authenticate(Some(&started), None).is_ok());
+        let skewed_exp = token(json!({"sub":"a","exp":now() - CLOCK_LEEWAY_SECS + 2}), "s3");
+        assert!(
+            auth.authenticate(Some(&skewed_exp), None).is_ok(),
+            "exp has the same leeway"
+        );
     }
 
     #[test]

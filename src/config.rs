@@ -18,6 +18,21 @@ use serde::{Deserialize, Serialize};
 /// shards (the HTTP API). A bigger box runs one node per 63 cores, or per NUMA node.
 pub const MAX_SHARDS: usize = 63;
 
+/// Descriptors a node keeps for itself whatever its load: stdio, the API listener and its
+/// runtime, the cluster bridge's two Redis connections and runtime, the start-up Redis
+/// connection, a config file, `/proc` reads for metrics, log files a deployment may add.
+/// About 20 are in use on a running node; the rest is headroom for what a library opens.
+pub const BASE_RESERVED_DESCRIPTORS: usize = 64;
+
+/// Descriptors each shard keeps: its listener, epoll set, stop eventfd, glommio's io_uring
+/// rings and their eventfds, and the spare descriptor it frees to refuse a client at EMFILE.
+pub const RESERVED_DESCRIPTORS_PER_SHARD: usize = 8;
+
+/// Client sockets a node accepts past `max_connections` to answer them 503 once their
+/// request has arrived (a 503 written before the request is read can be lost to a TCP
+/// reset). Past these, an accepted socket is answered 503 and closed at once.
+pub const REFUSAL_SLOTS: usize = 32;
+
 /// Every setting of a node. Field docs give the default and what a real deployment changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -82,8 +97,12 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     /// Largest HTTP upgrade request accepted, in bytes. Default 8192.
     pub max_handshake_bytes: usize,
-    /// Connections (including those still handshaking) one node holds; more get HTTP 503.
-    /// Default 1,000,000.
+    /// Client connections (including those still handshaking) one node holds; more get HTTP
+    /// 503. Default `0`: what the process's `RLIMIT_NOFILE` soft limit allows once
+    /// descriptors are reserved for the API, Redis, listeners and files (see
+    /// [`Config::reserved_descriptors`]); a larger value is lowered to that, with a warning,
+    /// since past it accepts would fail with EMFILE. Raise `ulimit -n` (`LimitNOFILE=` in
+    /// systemd) to hold more.
     pub max_connections: usize,
     /// Devices one user may have online; a newer one closes the oldest with 4001. Default 8.
     pub max_devices_per_user: usize,
@@ -95,6 +114,18 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Largest inbound message (all fragments), in bytes; larger closes with 1009. Default 65536.
     pub max_message_bytes: usize,
+    /// How long a connection may hold an incomplete frame or message, in ms, before it is
+    /// closed with 1008: a client that drips a frame a byte at a time would otherwise pin up
+    /// to `max_frame_bytes + max_message_bytes` of memory forever. The age counts from the
+    /// first byte after the last complete message, and is checked once a second. Default
+    /// 10000: a 64 KiB message at 64 kbit/s takes 8 s.
+    pub incomplete_message_timeout_ms: u64,
+    /// Bytes of incomplete frames and messages one shard holds for all its connections; the
+    /// connection whose data takes the shard past it is closed with 1008 (those already
+    /// holding keep their data, each bounded by `incomplete_message_timeout_ms`). Default
+    /// 67108864 (64 MiB): at least 512 connections each holding a whole 64 KiB frame and
+    /// 64 KiB message, while an ordinary connection holds a few hundred bytes for a moment.
+    pub shard_incomplete_bytes: usize,
     /// Inbound messages per second a connection may sustain (token bucket refill). Default 50.
     pub rate_limit_per_sec: u32,
     /// Inbound message burst a connection may send at once (token bucket size). Default 100.
@@ -104,6 +135,19 @@ pub struct Config {
     pub max_outbound_bytes: usize,
     /// Largest HTTP API request body, in bytes; larger is answered 413. Default 1048576.
     pub max_api_body_bytes: usize,
+    /// Time an API client has to send a request's line and headers, in ms; the connection is
+    /// then closed without an answer. It also bounds how long a keep-alive connection may sit
+    /// idle between requests. Default 10000: a backend on a LAN sends its headers in
+    /// microseconds, while a half-sent request would otherwise hold a descriptor forever.
+    pub api_header_timeout_ms: u64,
+    /// Time an API client has to send a request's body once its headers are in, in ms;
+    /// slower is answered 408. Default 10000 (a 1 MiB body at 1 Mbit/s takes 8 s).
+    pub api_body_timeout_ms: u64,
+    /// API connections open at once; one more is answered 503 and closed at once. Default
+    /// 256: backends keep a few pooled connections each. The descriptors are reserved out of
+    /// `RLIMIT_NOFILE` (see `max_connections`), so a node full of clients still answers
+    /// `/healthz` and `/metrics`.
+    pub max_api_connections: usize,
     /// Messages one shard's inbox holds before senders drop and count them. Default 16384:
     /// a message costs at most one envelope per shard, and the ring is allocated up front
     /// (about 80 bytes a slot, 1.3 MiB per shard). Control envelopes are never dropped.
@@ -137,6 +181,19 @@ fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
         Text::Float(f) => f.to_string(),
         Text::Bool(b) => b.to_string(),
     }))
+}
+
+/// What [`Config::connection_limit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimit {
+    /// Client connections the node will hold.
+    pub limit: usize,
+    /// What the descriptor limit allows after the reserve.
+    pub fits: usize,
+    /// Descriptors reserved (see [`Config::reserved_descriptors`]).
+    pub reserved: usize,
+    /// A configured `max_connections` was over `fits` and was lowered to it.
+    pub lowered: bool,
 }
 
 /// Log line format.
@@ -173,17 +230,22 @@ impl Default for Config {
             heartbeat_secs: 25,
             handshake_timeout_ms: 5000,
             max_handshake_bytes: 8192,
-            max_connections: 1_000_000,
+            max_connections: 0,
             max_devices_per_user: 8,
             max_topics_per_connection: 64,
             max_name_bytes: 128,
             max_frame_bytes: 64 * 1024,
             max_message_bytes: 64 * 1024,
+            incomplete_message_timeout_ms: 10_000,
+            shard_incomplete_bytes: 64 * 1024 * 1024,
             rate_limit_per_sec: 50,
             rate_limit_burst: 100,
             max_outbound_bytes: 256 * 1024,
             shard_inbox_capacity: 16384,
             max_api_body_bytes: 1024 * 1024,
+            api_header_timeout_ms: 10_000,
+            api_body_timeout_ms: 10_000,
+            max_api_connections: 256,
             grace_period_ms: 10_000,
             drain_window_ms: 3000,
             close_timeout_ms: 2000,
@@ -304,7 +366,6 @@ impl Config {
             ("heartbeat_secs", self.heartbeat_secs as u64),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("max_handshake_bytes", self.max_handshake_bytes as u64),
-            ("max_connections", self.max_connections as u64),
             ("max_devices_per_user", self.max_devices_per_user as u64),
             (
                 "max_topics_per_connection",
@@ -313,11 +374,19 @@ impl Config {
             ("max_name_bytes", self.max_name_bytes as u64),
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_message_bytes", self.max_message_bytes as u64),
+            (
+                "incomplete_message_timeout_ms",
+                self.incomplete_message_timeout_ms,
+            ),
+            ("shard_incomplete_bytes", self.shard_incomplete_bytes as u64),
             ("rate_limit_per_sec", self.rate_limit_per_sec as u64),
             ("rate_limit_burst", self.rate_limit_burst as u64),
             ("max_outbound_bytes", self.max_outbound_bytes as u64),
             ("shard_inbox_capacity", self.shard_inbox_capacity as u64),
             ("max_api_body_bytes", self.max_api_body_bytes as u64),
+            ("api_header_timeout_ms", self.api_header_timeout_ms),
+            ("api_body_timeout_ms", self.api_body_timeout_ms),
+            ("max_api_connections", self.max_api_connections as u64),
             ("backlog", self.backlog as u64),
             ("cluster_heartbeat_ms", self.cluster_heartbeat_ms),
             ("redis_backoff_max_ms", self.redis_backoff_max_ms),
@@ -362,6 +431,38 @@ impl Config {
         }
     }
 
+    /// Descriptors kept out of `max_connections`: [`BASE_RESERVED_DESCRIPTORS`], per shard
+    /// [`RESERVED_DESCRIPTORS_PER_SHARD`], `max_api_connections`, and [`REFUSAL_SLOTS`].
+    pub fn reserved_descriptors(&self) -> usize {
+        BASE_RESERVED_DESCRIPTORS
+            + RESERVED_DESCRIPTORS_PER_SHARD * self.shard_count()
+            + self.max_api_connections
+            + REFUSAL_SLOTS
+    }
+
+    /// The client connections a node may hold when it may open `nofile` descriptors (the
+    /// `RLIMIT_NOFILE` soft limit): `max_connections` if set and it fits, else what fits.
+    pub fn connection_limit(&self, nofile: u64) -> ConnectionLimit {
+        let reserved = self.reserved_descriptors();
+        let fits = usize::try_from(nofile)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(reserved);
+        match self.max_connections {
+            0 => ConnectionLimit {
+                limit: fits,
+                fits,
+                reserved,
+                lowered: false,
+            },
+            configured => ConnectionLimit {
+                limit: configured.min(fits),
+                fits,
+                reserved,
+                lowered: configured > fits,
+            },
+        }
+    }
+
     /// The heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs as u64)
@@ -386,7 +487,7 @@ mod tests {
     fn every_problem_is_reported() {
         let bad = Config {
             shards: 64,
-            max_connections: 0,
+            max_api_connections: 0,
             heartbeat_secs: 0,
             ..Config::default()
         };
@@ -394,6 +495,38 @@ mod tests {
             Err(ConfigError::Invalid(problems)) => assert_eq!(problems.len(), 4, "{problems:?}"),
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn max_connections_fits_the_descriptor_limit() {
+        let config = Config {
+            dev: true,
+            shards: 2,
+            max_api_connections: 16,
+            ..Config::default()
+        };
+        let reserved =
+            BASE_RESERVED_DESCRIPTORS + 2 * RESERVED_DESCRIPTORS_PER_SHARD + 16 + REFUSAL_SLOTS;
+        assert_eq!(config.reserved_descriptors(), reserved);
+        let auto = config.connection_limit(20_000);
+        assert_eq!(auto.limit, 20_000 - reserved);
+        assert!(!auto.lowered);
+        let small = Config {
+            max_connections: 100,
+            ..config.clone()
+        };
+        assert_eq!(small.connection_limit(20_000).limit, 100);
+        let big = Config {
+            max_connections: 1_000_000,
+            ..config.clone()
+        };
+        let lowered = big.connection_limit(20_000);
+        assert_eq!((lowered.limit, lowered.lowered), (20_000 - reserved, true));
+        assert_eq!(config.connection_limit(10).limit, 0, "nothing fits");
+        assert_eq!(
+            config.connection_limit(u64::MAX).limit,
+            usize::MAX - reserved
+        );
     }
 
     #[test]

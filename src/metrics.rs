@@ -81,6 +81,8 @@ label_enum! {
         Unauthorized => "unauthorized",
         /// Node at max_connections or draining.
         Unavailable => "unavailable",
+        /// `Sec-WebSocket-Version` other than 13 (answered 426).
+        BadVersion => "bad_version",
     }
 }
 
@@ -109,8 +111,12 @@ label_enum! {
         BadUtf8 => "bad_utf8",
         /// Outbound queue over its limit (1008).
         SlowConsumer => "slow_consumer",
-        /// No frame for three heartbeat intervals (1008).
+        /// No complete frame for three heartbeat intervals (1008).
         HeartbeatTimeout => "heartbeat_timeout",
+        /// An incomplete frame or message held past `incomplete_message_timeout_ms` (1008).
+        IncompleteTimeout => "incomplete_timeout",
+        /// Incomplete data that took the shard past `shard_incomplete_bytes` (1008).
+        IncompleteBudget => "incomplete_budget",
         /// Replaced by a newer device of the same user (4001).
         Replaced => "replaced",
         /// Kicked through the API (4003).
@@ -175,6 +181,37 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// Which part of an API request took too long.
+    ApiTimeout {
+        /// Request line and headers not in within `api_header_timeout_ms` (or an idle
+        /// keep-alive connection): closed without an answer.
+        Header => "header",
+        /// Body not in within `api_body_timeout_ms`: answered 408.
+        Body => "body",
+    }
+}
+
+/// The HTTP API's counters (one per node: the API has one thread).
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    /// API connections open now.
+    pub connections: Gauge,
+    /// API connections refused with 503 at `max_api_connections`.
+    pub connections_refused: Counter,
+    /// Accept calls on the API listener that failed (e.g. EMFILE); the loop backs off.
+    pub accept_errors: Counter,
+    /// Requests that timed out, by [`ApiTimeout`].
+    pub timeouts: [Counter; 2],
+}
+
+impl ApiMetrics {
+    /// Counts a timeout.
+    pub fn timed_out(&self, phase: ApiTimeout) {
+        self.timeouts[phase as usize].inc();
+    }
+}
+
 /// The cluster bridge's counters (one per node).
 #[derive(Debug, Default)]
 pub struct BusMetrics {
@@ -213,6 +250,37 @@ impl BusMetrics {
     /// Messages dropped for any reason.
     pub fn drops_total(&self) -> u64 {
         self.drops.iter().map(Counter::get).sum()
+    }
+}
+
+/// Lets a warning that can repeat many times a second (a failing accept) through at most
+/// once per interval, and says how many it held back, so a node under a flood logs a line
+/// every few seconds rather than flooding its own disk. Single-threaded (a shard, the API).
+#[derive(Debug)]
+pub struct LogLimiter {
+    interval: std::time::Duration,
+    next: std::cell::Cell<Option<std::time::Instant>>,
+    suppressed: std::cell::Cell<u64>,
+}
+
+impl LogLimiter {
+    /// At most one line per `interval`.
+    pub fn new(interval: std::time::Duration) -> Self {
+        LogLimiter {
+            interval,
+            next: std::cell::Cell::new(None),
+            suppressed: std::cell::Cell::new(0),
+        }
+    }
+
+    /// `Some(held back since the last line)` if this occurrence may be logged at `now`.
+    pub fn allow(&self, now: std::time::Instant) -> Option<u64> {
+        if self.next.get().is_some_and(|next| now < next) {
+            self.suppressed.set(self.suppressed.get() + 1);
+            return None;
+        }
+        self.next.set(Some(now + self.interval));
+        Some(self.suppressed.replace(0))
     }
 }
 
@@ -327,10 +395,13 @@ pub struct ShardMetrics {
     pub users: Gauge,
     /// Distinct topics with a subscriber on this shard.
     pub topics: Gauge,
+    /// Bytes held for incomplete inbound frames and messages (the
+    /// `shard_incomplete_bytes` budget).
+    pub incomplete_bytes: Gauge,
     /// Handshakes that upgraded.
     pub handshakes_accepted: Counter,
     /// Handshakes refused, by [`Refusal`].
-    pub handshakes_refused: [Counter; 6],
+    pub handshakes_refused: [Counter; 7],
     /// Accept calls that failed (e.g. EMFILE); the accept loop backs off.
     pub accept_errors: Counter,
     /// WebSocket frames received.
@@ -340,7 +411,7 @@ pub struct ShardMetrics {
     /// Messages handed to client sockets, by [`Delivery`].
     pub delivered: [Counter; 3],
     /// Connections closed, by [`Close`].
-    pub closes: [Counter; 10],
+    pub closes: [Counter; 12],
     /// Requests refused with an `err` frame, by [`Rejection`].
     pub rejections: [Counter; 8],
     /// Cross-shard messages dropped, by [`Drop`].
@@ -379,10 +450,11 @@ impl ShardMetrics {
     }
 }
 
-/// Every shard's metrics of one node.
+/// Every shard's metrics of one node, and the API's.
 #[derive(Debug, Clone)]
 pub struct NodeMetrics {
     shards: Arc<[Arc<ShardMetrics>]>,
+    api: Arc<ApiMetrics>,
 }
 
 impl NodeMetrics {
@@ -392,7 +464,13 @@ impl NodeMetrics {
             shards: (0..shards)
                 .map(|_| Arc::new(ShardMetrics::default()))
                 .collect(),
+            api: Arc::default(),
         }
+    }
+
+    /// The HTTP API's metrics.
+    pub fn api(&self) -> &ApiMetrics {
+        &self.api
     }
 
     /// One shard's metrics.
@@ -476,7 +554,18 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
         &mut registry,
         |s| s.topics.get(),
     );
+    per_shard(
+        "incomplete_bytes",
+        "Bytes held for incomplete inbound frames and messages",
+        &mut registry,
+        |s| s.incomplete_bytes.get(),
+    );
 
+    let level = |registry: &mut Registry, name: &str, help: &str, value: i64| {
+        let gauge = Level::<i64>::default();
+        gauge.set(value);
+        registry.register(name, help, gauge);
+    };
     let total = |name: &str, help: &str, registry: &mut Registry, value: u64| {
         let counter = Total::<u64>::default();
         counter.inc_by(value);
@@ -576,6 +665,35 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
         |i| node.sum(|s| s.drops[i].get()),
     );
 
+    let api = node.api();
+    level(
+        &mut registry,
+        "api_connections",
+        "HTTP API connections open",
+        api.connections.get(),
+    );
+    total(
+        "api_connections_refused",
+        "HTTP API connections refused with 503 at max_api_connections",
+        &mut registry,
+        api.connections_refused.get(),
+    );
+    total(
+        "api_accept_errors",
+        "Failed accept calls on the HTTP API listener (e.g. EMFILE)",
+        &mut registry,
+        api.accept_errors.get(),
+    );
+    labelled(
+        &mut registry,
+        "api_timeouts",
+        "HTTP API requests that took too long, by phase",
+        "phase",
+        ApiTimeout::ALL,
+        ApiTimeout::label,
+        |i| api.timeouts[i].get(),
+    );
+
     registry.register_with_unit(
         "delivery_latency",
         "From a message entering the node to its last socket write on a shard",
@@ -583,11 +701,6 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
         MergedHistogram::of(node.shards().iter().map(|s| &s.delivery_latency)),
     );
 
-    let level = |registry: &mut Registry, name: &str, help: &str, value: i64| {
-        let gauge = Level::<i64>::default();
-        gauge.set(value);
-        registry.register(name, help, gauge);
-    };
     if let Some(bus) = bus {
         let metrics = &bus.state().metrics;
         level(
@@ -709,6 +822,7 @@ mod tests {
         assert_eq!(m.closes.len(), Close::ALL.len());
         assert_eq!(m.rejections.len(), Rejection::ALL.len());
         assert_eq!(m.drops.len(), Drop::ALL.len());
+        assert_eq!(ApiMetrics::default().timeouts.len(), ApiTimeout::ALL.len());
     }
 
     #[test]
@@ -733,6 +847,24 @@ mod tests {
         assert!(
             text.contains("shardcast_process_resident_memory_bytes "),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn log_limiter_lets_one_line_per_interval_through() {
+        let limiter = LogLimiter::new(std::time::Duration::from_secs(10));
+        let start = std::time::Instant::now();
+        assert_eq!(limiter.allow(start), Some(0));
+        for ms in 1..=40 {
+            assert_eq!(
+                limiter.allow(start + std::time::Duration::from_millis(ms * 25)),
+                None
+            );
+        }
+        assert_eq!(
+            limiter.allow(start + std::time::Duration::from_secs(10)),
+            Some(40),
+            "the next line says how many were held back"
         );
     }
 

@@ -49,6 +49,9 @@ pub struct NodeShared {
     pub metrics: NodeMetrics,
     /// Sockets past `accept`, upgraded or still handshaking (the `max_connections` count).
     pub connections: AtomicUsize,
+    /// The effective `max_connections`: the configured value, or what `RLIMIT_NOFILE`
+    /// allows after the reserve (see [`Config::connection_limit`]).
+    pub max_connections: usize,
     /// Set once the node is stopping: new handshakes get 503.
     pub draining: AtomicBool,
     /// The client listener's bound address.
@@ -115,6 +118,14 @@ pub enum StartError {
     /// The cluster bridge could not start.
     #[error("cannot start the cluster bridge: {0}")]
     Bridge(std::io::Error),
+    /// The descriptor limit leaves no room for a single client.
+    #[error("RLIMIT_NOFILE is {nofile}, which leaves no descriptor for clients after the {reserved} reserved for the node (raise `ulimit -n` or lower max_api_connections)")]
+    Descriptors {
+        /// The soft limit.
+        nofile: u64,
+        /// Descriptors reserved (see [`Config::reserved_descriptors`]).
+        reserved: usize,
+    },
     /// A shard executor could not start.
     #[error("cannot start shard {shard}: {message}")]
     Executor {
@@ -137,6 +148,23 @@ impl Node {
     /// Validates `config`, binds the listeners and starts every shard.
     pub fn start(config: Config) -> Result<Node, StartError> {
         config.validate()?;
+        let nofile = open_files_limit();
+        let connection_limit = config.connection_limit(nofile);
+        if connection_limit.limit == 0 {
+            return Err(StartError::Descriptors {
+                nofile,
+                reserved: connection_limit.reserved,
+            });
+        }
+        if connection_limit.lowered {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                nofile,
+                reserved = connection_limit.reserved,
+                limit = connection_limit.limit,
+                "max_connections is more than RLIMIT_NOFILE allows after the reserved descriptors; lowered (raise `ulimit -n` to hold more)"
+            );
+        }
         let shards = config.shard_count();
         let listeners = bind_listeners(config.listen, shards, config.backlog as i32)?;
         let client_addr = listeners[0]
@@ -171,6 +199,7 @@ impl Node {
             node_id,
             mesh,
             connections: AtomicUsize::new(0),
+            max_connections: connection_limit.limit,
             draining: AtomicBool::new(false),
             client_addr,
             api_addr,
@@ -212,6 +241,7 @@ impl Node {
             listen = %client_addr,
             api_listen = %api_addr,
             shards,
+            max_connections = shared.max_connections,
             cluster = shared.config.redis.is_some(),
             "shardcast node started"
         );
@@ -474,6 +504,21 @@ fn bind_listeners(
         listeners.push(socket);
     }
     Ok(listeners)
+}
+
+/// The `RLIMIT_NOFILE` soft limit: descriptors this process may open (unlimited if unknown).
+fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return u64::MAX;
+    }
+    limit.rlim_cur
 }
 
 /// `<hostname>-<8 hex digits>`: readable in logs, unique enough to never collide.

@@ -9,6 +9,14 @@
 //! frame, and the outbound queue exists only while the socket is refusing data. The upgrade's request
 //! buffer lives in a [`Handshake`] that is gone once the connection is open.
 //!
+//! What a connection holds for an incomplete frame or message is bounded three ways: in size
+//! (`max_frame_bytes`, `max_message_bytes`), in time (`incomplete_message_timeout_ms`, from
+//! the first byte after the last complete message; checked by the heartbeat sweep, close
+//! 1008) and per shard (`shard_incomplete_bytes`: the connection whose data crosses it is
+//! closed 1008, so a crowd of dripping clients cannot take a shard's memory; the gauge
+//! `incomplete_bytes` shows the sum). Only complete frames count as signs of life for the
+//! heartbeat, so a peer dripping a frame forever is closed as silent too.
+//!
 //! # Writes
 //! [`Conn::push`] writes through: when nothing is queued it `send`s the frame at once from
 //! whichever task is delivering, so a fan-out costs one syscall per recipient. Only what the
@@ -16,6 +24,13 @@
 //! `sendmsg` when epoll reports the socket writable again. A queue over `max_outbound_bytes`
 //! marks a slow consumer: its frames are dropped at once (memory released; a partly written
 //! frame is finished so the close frame stays well-framed) and it is closed with 1008.
+//!
+//! # Rate limit
+//! Inbound data messages and pings spend a token of a per-connection bucket
+//! (`rate_limit_per_sec`, `rate_limit_burst`). A message without a token is dropped and
+//! counted; the first such refusal in each second (`RATE_ERR_WINDOW_MS`) is answered with
+//! one `err too_many` carrying that request's `id`, the others get no reply, so a flood
+//! never makes the server write as much as it reads.
 //!
 //! # Close
 //! A close requested by anyone (slow consumer, device limit, kick, shutdown, heartbeat, bad
@@ -102,15 +117,42 @@ impl Outbound {
     }
 }
 
+/// The window in which a connection over its rate limit gets at most one `err`: one
+/// second, the unit of `rate_limit_per_sec`. Answering every refused message would let a
+/// flooding client turn its input into as much output (the refusals are still counted).
+const RATE_ERR_WINDOW_MS: u32 = 1000;
+
 /// Per-connection inbound token bucket (messages per second with a burst).
 #[derive(Clone, Copy)]
 struct RateLimit {
     tokens: f32,
     /// Shard clock in milliseconds, wrapping (every 49 days; only differences matter).
     refilled_ms: u32,
+    /// When the last rate-limit `err` was sent (same clock).
+    answered_ms: u32,
 }
 
 impl RateLimit {
+    fn new(burst: u32, now_ms: u64) -> Self {
+        let now_ms = now_ms as u32;
+        RateLimit {
+            tokens: burst as f32,
+            refilled_ms: now_ms,
+            answered_ms: now_ms.wrapping_sub(RATE_ERR_WINDOW_MS),
+        }
+    }
+
+    /// Whether a refusal now gets an `err`: the first one of each window does.
+    fn answer_refusal(&mut self, now_ms: u64) -> bool {
+        let now_ms = now_ms as u32;
+        if now_ms.wrapping_sub(self.answered_ms) >= RATE_ERR_WINDOW_MS {
+            self.answered_ms = now_ms;
+            true
+        } else {
+            false
+        }
+    }
+
     fn take(&mut self, now_ms: u64, per_sec: u32, burst: u32) -> bool {
         let now_ms = now_ms as u32;
         let elapsed = now_ms.wrapping_sub(self.refilled_ms);
@@ -179,10 +221,10 @@ impl Conn {
             publish,
             out: RefCell::default(),
             inbound: RefCell::default(),
-            rate: Cell::new(RateLimit {
-                tokens: shard.node.config.rate_limit_burst as f32,
-                refilled_ms: shard.clock_ms() as u32,
-            }),
+            rate: Cell::new(RateLimit::new(
+                shard.node.config.rate_limit_burst,
+                shard.clock_ms(),
+            )),
             close: Cell::new(None),
             peer_close: Cell::new(None),
             last_seen: Cell::new(now),
@@ -276,10 +318,23 @@ impl Conn {
         }
     }
 
-    /// Called by the sweeper: pings when an interval has passed since the last ping, closes
-    /// when nothing arrived for three intervals.
-    pub fn heartbeat(&self, now: u32, interval: u32, shard: &Shard) {
-        if now.saturating_sub(self.last_seen.get()) >= 3 * interval {
+    /// Called by the sweeper: closes a connection whose incomplete message is older than
+    /// `incomplete_message_timeout_ms`, or which sent no complete frame for three
+    /// intervals; pings when an interval has passed since the last ping.
+    /// `now` is the shard's clock in seconds, `now_ms` in milliseconds.
+    pub fn heartbeat(&self, now: u32, now_ms: u64, interval: u32, shard: &Shard) {
+        let now_ms = now_ms as u32;
+        let incomplete_for = self
+            .inbound
+            .borrow()
+            .incomplete_since()
+            .map(|since| now_ms.wrapping_sub(since));
+        if incomplete_for
+            .is_some_and(|age| u64::from(age) >= shard.node.config.incomplete_message_timeout_ms)
+        {
+            tracing::debug!(conn = self.id, "incomplete message held too long");
+            self.request_close(close::POLICY, metrics::Close::IncompleteTimeout, shard);
+        } else if now.saturating_sub(self.last_seen.get()) >= 3 * interval {
             self.request_close(close::POLICY, metrics::Close::HeartbeatTimeout, shard);
         } else if now.saturating_sub(self.last_ping.get()) >= interval {
             self.last_ping.set(now);
@@ -312,6 +367,13 @@ impl Conn {
             }
             None => false,
         }
+    }
+
+    /// Drops what is held for an incomplete message (when the connection leaves the shard's
+    /// tables) and takes it off the shard's budget.
+    pub fn release_incomplete(&self, shard: &Shard) {
+        let held = self.inbound.borrow_mut().release();
+        shard.metrics.incomplete_bytes.add(-(held as i64));
     }
 
     /// Takes every subscription (when the connection leaves).
@@ -393,17 +455,25 @@ impl Conn {
         }
     }
 
-    /// Decodes freshly read bytes and handles every complete message.
+    /// Decodes freshly read bytes and handles every complete message. Only complete frames
+    /// count as signs of life for the heartbeat: a peer dripping one frame a byte at a time
+    /// is as silent as one sending nothing.
     pub fn on_bytes(self: &Rc<Self>, input: &mut [u8], shard: &Shard) -> Flow {
-        self.last_seen.set(shard.clock());
         let config = &shard.node.config;
         let limits = Limits {
             max_frame: config.max_frame_bytes,
             max_message: config.max_message_bytes,
         };
         let mut rate = self.rate.get();
-        let result = self.inbound.borrow_mut().feed(input, limits, |event| {
+        let mut completed = false;
+        let mut frames = false;
+        let mut inbound = self.inbound.borrow_mut();
+        let held_before = inbound.buffered();
+        let fresh = inbound.incomplete_since().is_none();
+        let result = inbound.feed(input, limits, |event| {
             shard.metrics.frames_in.inc();
+            frames = true;
+            completed |= matches!(event, Event::Text(_) | Event::Binary(_));
             match event {
                 Event::Close(code) => {
                     self.peer_close.set(Some(code));
@@ -418,8 +488,22 @@ impl Conn {
                     ) =>
                 {
                     shard.metrics.rejected(Rejection::RateLimited);
-                    if !matches!(event, Event::Ping(_)) {
-                        let err = render::err(None, ErrorCode::TooMany, "rate limit exceeded");
+                    let answer =
+                        !matches!(event, Event::Ping(_)) && rate.answer_refusal(shard.clock_ms());
+                    if answer {
+                        // Parsed only for its id, once per window at most.
+                        let id = match event {
+                            Event::Text(text) => match protocol::parse_request(text) {
+                                Ok((id, _)) => id,
+                                Err(refusal) => refusal.id,
+                            },
+                            _ => None,
+                        };
+                        let err = render::err(
+                            id,
+                            ErrorCode::TooMany,
+                            "rate limit exceeded; further messages dropped without reply for 1 s",
+                        );
                         self.push(&err, shard);
                     }
                 }
@@ -453,6 +537,29 @@ impl Conn {
             }
         });
         self.rate.set(rate);
+        if frames {
+            self.last_seen.set(shard.clock());
+        }
+        // The incomplete message's age counts from its first byte: from now if it is new
+        // (nothing held before) or follows a message that just completed.
+        if fresh || completed {
+            inbound.set_incomplete_since(shard.clock_ms() as u32);
+        }
+        let held = inbound.buffered();
+        drop(inbound);
+        if held != held_before {
+            let shard_held = &shard.metrics.incomplete_bytes;
+            shard_held.add(held as i64 - held_before as i64);
+            if held > held_before && shard_held.get() > config.shard_incomplete_bytes as i64 {
+                tracing::debug!(
+                    conn = self.id,
+                    held,
+                    "shard's incomplete-message budget full"
+                );
+                self.request_close(close::POLICY, metrics::Close::IncompleteBudget, shard);
+                return Flow::Stop;
+            }
+        }
         match result {
             Ok(flow) => flow,
             Err(violation) => {
@@ -683,11 +790,22 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_answers_one_refusal_per_window() {
+        let mut rate = RateLimit::new(1, 5_000);
+        assert!(rate.answer_refusal(5_000), "the first refusal is answered");
+        assert!(!rate.answer_refusal(5_001));
+        assert!(!rate.answer_refusal(5_999));
+        assert!(rate.answer_refusal(6_000), "one per window");
+        assert!(!rate.answer_refusal(6_500));
+        let mut wrapped = RateLimit::new(1, u64::from(u32::MAX) - 10);
+        assert!(wrapped.answer_refusal(u64::from(u32::MAX) - 10));
+        assert!(!wrapped.answer_refusal(u64::from(u32::MAX) + 100));
+        assert!(wrapped.answer_refusal(u64::from(u32::MAX) + 1000));
+    }
+
+    #[test]
     fn rate_limit_refills_over_time() {
-        let mut rate = RateLimit {
-            tokens: 2.0,
-            refilled_ms: 0,
-        };
+        let mut rate = RateLimit::new(2, 0);
         assert!(rate.take(0, 10, 2));
         assert!(rate.take(0, 10, 2));
         assert!(!rate.take(0, 10, 2));

@@ -11,6 +11,20 @@
 //! Deadlines (upgrade timeout, close timeout) are FIFO queues: every entry of a queue has the
 //! same timeout, so the queue is sorted by construction and the sweeper pops only what expired.
 //!
+//! # Descriptors
+//! Every client socket is a descriptor, counted node-wide from `accept` to close. Up to the
+//! effective `max_connections` (by default what `RLIMIT_NOFILE` allows after the reserve for
+//! the API, Redis and files, see [`crate::config::Config::connection_limit`]) a socket is
+//! served; the next [`REFUSAL_SLOTS`] are read until their request is in and answered 503;
+//! past those, a socket is answered 503 as soon as it is accepted and closed. So a full node
+//! refuses promptly, and client sockets never eat the descriptors the API and Redis need.
+//! If `accept` still fails with EMFILE or ENFILE (another part of the process, or the whole
+//! system, is out of descriptors), the shard closes its spare descriptor (a `/dev/null` it
+//! keeps open for this), accepts one waiting client, answers it 503, closes it and reopens
+//! the spare, so queued clients get an answer rather than hang; when that fails too, it
+//! stops accepting for `ACCEPT_PAUSE` instead of spinning. Accept warnings are logged at
+//! most once per `ACCEPT_WARN_INTERVAL` per shard, with the number held back.
+//!
 //! Fan-out to many local recipients snapshots the recipient list and yields to the executor
 //! every [`FANOUT_CHUNK`] sockets, so a publication to 50,000 subscribers does not stall the
 //! shard's other connections for the whole loop.
@@ -31,7 +45,8 @@ use smallvec::SmallVec;
 
 use crate::auth::valid_name;
 use crate::cluster::{Control, Outbound, Users};
-use crate::metrics::{self, Delivery, Refusal, Rejection, ShardMetrics};
+use crate::config::REFUSAL_SLOTS;
+use crate::metrics::{self, Delivery, LogLimiter, Refusal, Rejection, ShardMetrics};
 use crate::node::NodeShared;
 use crate::protocol::{self, MidGenerator};
 use crate::reactor::{self, Doorbell, Reactor, Ready};
@@ -56,6 +71,13 @@ const EVENTS_PER_TURN: usize = 1024;
 
 /// Connections accepted per listener readiness before other sockets get a turn.
 const ACCEPTS_PER_TURN: usize = 64;
+
+/// How long a shard stops accepting after an accept failed and its spare descriptor could
+/// not help (rounded up to the sweep interval).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// At most one accept-failure warning per shard per this interval.
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The listener's epoll token (connection ids have a shard number below 64 in the top byte).
 const LISTENER_TOKEN: u64 = u64::MAX - 1;
@@ -151,6 +173,11 @@ pub struct Shard {
     event_loop: Cell<Option<Waker>>,
     /// When accepting resumes after an accept error (EMFILE), in shard milliseconds.
     accept_paused_until: Cell<Option<u64>>,
+    /// A descriptor held only to be closed when `accept` fails with EMFILE, so one waiting
+    /// client can be accepted and refused (`None` while it cannot be reopened).
+    spare: RefCell<Option<OwnedFd>>,
+    /// Rate limit of accept warnings.
+    accept_warnings: LogLimiter,
     /// Connections still to close while draining, and how many to close per sweep.
     drain: RefCell<VecDeque<ConnId>>,
     drain_per_sweep: Cell<usize>,
@@ -182,6 +209,8 @@ impl Shard {
             close_deadlines: RefCell::default(),
             event_loop: Cell::new(None),
             accept_paused_until: Cell::new(None),
+            spare: RefCell::new(open_spare()),
+            accept_warnings: LogLimiter::new(ACCEPT_WARN_INTERVAL),
             drain: RefCell::default(),
             drain_per_sweep: Cell::new(0),
             node,
@@ -246,6 +275,7 @@ impl Shard {
     /// the topic's home shard, and the user's home shard forgets the device. Called exactly
     /// once, when its socket leaves the `Open` phase.
     fn unregister(&self, conn: &Conn) {
+        conn.release_incomplete(self);
         let mut tables = self.tables.borrow_mut();
         self.metrics.connections.add(-1);
         for topic in conn.take_topics() {
@@ -603,7 +633,7 @@ impl Shard {
     /// (The socket asking is already counted.)
     pub fn over_capacity(&self) -> bool {
         self.node.draining.load(Ordering::Relaxed)
-            || self.node.connections.load(Ordering::Relaxed) > self.node.config.max_connections
+            || self.node.connections.load(Ordering::Relaxed) > self.node.max_connections
     }
 
     fn insert_socket(&self, id: ConnId, socket: Socket) {
@@ -808,23 +838,74 @@ impl Shard {
                 Ok(Some(fd)) => self.adopt(fd),
                 Ok(None) => return,
                 Err(error) => {
-                    // EMFILE/ENFILE/ENOBUFS: accepting again at once would spin; pause.
                     self.metrics.accept_errors.inc();
-                    tracing::warn!(shard = self.index, %error, "accept failed; pausing accepts for 100 ms");
+                    let out_of_descriptors =
+                        matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if out_of_descriptors {
+                        match self.refuse_with_spare(listener.as_raw_fd()) {
+                            Some(true) => continue,
+                            Some(false) => return,
+                            None => {}
+                        }
+                    }
+                    // Accepting again at once would fail again and spin: pause.
+                    if let Some(suppressed) = self.accept_warnings.allow(Instant::now()) {
+                        tracing::warn!(
+                            shard = self.index,
+                            %error,
+                            suppressed,
+                            "accept failed; pausing accepts for 100 ms"
+                        );
+                    }
                     self.reactor.remove(listener.as_raw_fd());
-                    self.accept_paused_until.set(Some(self.clock_ms() + 100));
+                    self.accept_paused_until
+                        .set(Some(self.clock_ms() + ACCEPT_PAUSE.as_millis() as u64));
                     return;
                 }
             }
         }
     }
 
+    /// Out of descriptors: frees the spare to accept one waiting client and answer it 503.
+    /// `Some(true)`: one was refused; `Some(false)`: none was waiting; `None`: no spare, or
+    /// accepting failed even so.
+    fn refuse_with_spare(&self, listener: std::os::fd::RawFd) -> Option<bool> {
+        drop(self.spare.take()?);
+        let outcome = match reactor::accept(listener) {
+            Ok(Some(fd)) => {
+                self.refuse_at_once(fd);
+                Some(true)
+            }
+            Ok(None) => Some(false),
+            Err(_) => None,
+        };
+        *self.spare.borrow_mut() = open_spare();
+        outcome
+    }
+
+    /// Answers a socket 503 at once, without waiting for its request, and closes it.
+    fn refuse_at_once(&self, fd: OwnedFd) {
+        // Take what the request already sent, so closing is less likely to reset the
+        // connection under the answer; never wait for more.
+        let mut scratch = self.scratch.borrow_mut();
+        let _ = reactor::recv(fd.as_raw_fd(), &mut scratch[..]);
+        let response = HttpRefusal::UNAVAILABLE.response();
+        let _ = reactor::send(fd.as_raw_fd(), &[std::io::IoSlice::new(&response)]);
+        self.metrics.refused(Refusal::Unavailable);
+    }
+
     fn adopt(&self, fd: OwnedFd) {
+        let connections = self.node.connections.load(Ordering::Relaxed);
+        if connections >= self.node.max_connections.saturating_add(REFUSAL_SLOTS) {
+            return self.refuse_at_once(fd);
+        }
         let _ = socket2::SockRef::from(&fd).set_nodelay(true);
         let id = self.new_conn_id();
         if let Err(error) = self.reactor.add_socket(fd.as_raw_fd(), id) {
             self.metrics.accept_errors.inc();
-            tracing::warn!(shard = self.index, %error, "cannot watch an accepted socket");
+            if let Some(suppressed) = self.accept_warnings.allow(Instant::now()) {
+                tracing::warn!(shard = self.index, %error, suppressed, "cannot watch an accepted socket");
+            }
             return;
         }
         self.insert_socket(id, Socket::Handshake(Box::new(Handshake::new(fd))));
@@ -886,6 +967,11 @@ impl Shard {
         }
         if self.accept_paused_until.get().is_some_and(|t| t <= now) {
             self.accept_paused_until.set(None);
+            let mut spare = self.spare.borrow_mut();
+            if spare.is_none() {
+                *spare = open_spare();
+            }
+            drop(spare);
             if let Some(listener) = self.listener.borrow().as_ref() {
                 let _ = self
                     .reactor
@@ -894,14 +980,21 @@ impl Shard {
         }
     }
 
-    /// Pings connections due a heartbeat and closes those silent for three intervals.
+    /// Pings connections due a heartbeat and closes those silent for three intervals or
+    /// holding an incomplete message too long.
     fn sweep_heartbeats(&self) {
         let now = self.clock();
+        let now_ms = self.clock_ms();
         let interval = self.node.config.heartbeat_secs;
         for conn in self.open_conns() {
-            conn.heartbeat(now, interval, self);
+            conn.heartbeat(now, now_ms, interval, self);
         }
     }
+}
+
+/// The spare descriptor (see the module docs); `None` if even that cannot be opened now.
+fn open_spare() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
 }
 
 /// Pops the front of a deadline queue if its deadline has passed.
@@ -921,6 +1014,7 @@ fn refusal_reason(refusal: HttpRefusal) -> Refusal {
         400 => Refusal::BadRequest,
         401 => Refusal::Unauthorized,
         404 => Refusal::NotFound,
+        426 => Refusal::BadVersion,
         431 => Refusal::TooLarge,
         _ => Refusal::Unavailable,
     }

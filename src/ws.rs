@@ -91,7 +91,8 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     /// Invalid UTF-8 in a text message.
     pub const INVALID_PAYLOAD: u16 = 1007;
-    /// Policy: bad input, slow consumer, heartbeat timeout.
+    /// Policy: bad input, slow consumer, heartbeat timeout, an incomplete message held too
+    /// long or past the shard's budget.
     pub const POLICY: u16 = 1008;
     /// Frame or message too big.
     pub const TOO_BIG: u16 = 1009;
@@ -180,6 +181,9 @@ struct Pending {
     partial: Vec<u8>,
     /// Fragments of an unfinished message: the opcode of its first frame and its payload.
     fragments: Option<(Data, Vec<u8>)>,
+    /// When the incomplete message began, on the caller's clock (see
+    /// [`Inbound::incomplete_since`]).
+    since_ms: u32,
 }
 
 impl Inbound {
@@ -203,6 +207,28 @@ impl Inbound {
             _ => {}
         }
         result
+    }
+
+    /// When the incomplete frame or message held now began, on the caller's clock, if one
+    /// is held. The decoder has no clock: the caller stamps it with
+    /// [`Inbound::set_incomplete_since`].
+    pub fn incomplete_since(&self) -> Option<u32> {
+        self.0.as_ref().map(|p| p.since_ms)
+    }
+
+    /// Records when the incomplete frame or message held now began (nothing if none is).
+    pub fn set_incomplete_since(&mut self, now_ms: u32) {
+        if let Some(pending) = self.0.as_deref_mut() {
+            pending.since_ms = now_ms;
+        }
+    }
+
+    /// Drops whatever is held (the connection is leaving); returns [`Inbound::buffered`]
+    /// as it was.
+    pub fn release(&mut self) -> usize {
+        let held = self.buffered();
+        self.0 = None;
+        held
     }
 
     /// Bytes held for incomplete frames and messages (for memory accounting).
@@ -439,6 +465,13 @@ impl HttpRefusal {
         code: "not_found",
         message: "no such endpoint; clients connect to /ws",
     };
+    /// A WebSocket version other than 13; RFC 6455 §4.2.2 asks for 426 naming the version
+    /// the server speaks (the response carries `Sec-WebSocket-Version: 13`).
+    pub const BAD_VERSION: HttpRefusal = HttpRefusal {
+        status: 426,
+        code: "bad_version",
+        message: "unsupported WebSocket version; this server speaks 13",
+    };
     /// Node at its connection limit or draining.
     pub const UNAVAILABLE: HttpRefusal = HttpRefusal {
         status: 503,
@@ -461,15 +494,21 @@ impl HttpRefusal {
             400 => "Bad Request",
             401 => "Unauthorized",
             404 => "Not Found",
+            426 => "Upgrade Required",
             431 => "Request Header Fields Too Large",
             _ => "Service Unavailable",
+        };
+        let version = if self.status == 426 {
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        } else {
+            ""
         };
         let body = format!(
             "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\"}}}}",
             self.code, self.message
         );
         format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {} {reason}\r\n{version}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.status,
             body.len()
         )
@@ -489,6 +528,12 @@ pub fn parse_upgrade(buf: &[u8], dev: bool) -> Result<Option<Upgrade>, HttpRefus
         "/echo" if dev => Endpoint::Echo,
         _ => return Err(HttpRefusal::NOT_FOUND),
     };
+    // tungstenite refuses any version but 13 as a plain protocol error; say which one we speak.
+    if let Some(version) = request.headers().get("sec-websocket-version") {
+        if version.as_bytes() != b"13" {
+            return Err(HttpRefusal::BAD_VERSION);
+        }
+    }
     let response = create_response(&request).map_err(|_| HttpRefusal::BAD_REQUEST)?;
     let mut response_bytes = Vec::with_capacity(160);
     write_response(&mut response_bytes, &response).map_err(|_| HttpRefusal::BAD_REQUEST)?;
@@ -579,6 +624,32 @@ mod tests {
                 "nothing held once frames are complete"
             );
         }
+    }
+
+    #[test]
+    fn the_incomplete_stamp_lives_with_the_incomplete_state() {
+        let mut inbound = Inbound::default();
+        inbound.set_incomplete_since(7);
+        assert_eq!(
+            inbound.incomplete_since(),
+            None,
+            "nothing held, nothing stamped"
+        );
+        let wire = text("hello");
+        collect(&mut inbound, wire[..3].to_vec()).expect("partial");
+        inbound.set_incomplete_since(42);
+        assert_eq!(inbound.incomplete_since(), Some(42));
+        collect(&mut inbound, wire[3..4].to_vec()).expect("still partial");
+        assert_eq!(
+            inbound.incomplete_since(),
+            Some(42),
+            "kept while incomplete"
+        );
+        assert!(inbound.release() > 0);
+        assert_eq!((inbound.incomplete_since(), inbound.buffered()), (None, 0));
+        collect(&mut inbound, wire[..3].to_vec()).expect("partial");
+        collect(&mut inbound, wire[3..].to_vec()).expect("complete");
+        assert_eq!(inbound.incomplete_since(), None, "gone once complete");
     }
 
     #[test]
@@ -756,6 +827,14 @@ mod tests {
             404
         );
         assert!(parse_upgrade(&upgrade_request("/echo", ""), true).is_ok());
+        let v8 = String::from_utf8(upgrade_request("/ws", ""))
+            .expect("utf8")
+            .replace("Version: 13", "Version: 8");
+        let refusal = parse_upgrade(v8.as_bytes(), false).unwrap_err();
+        assert_eq!(refusal.status, 426);
+        let response = String::from_utf8(refusal.response()).expect("utf8");
+        assert!(response.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(response.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         let plain = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(parse_upgrade(plain, false).unwrap_err().status, 400);
         assert_eq!(

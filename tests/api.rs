@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
@@ -314,5 +315,164 @@ fn full_shard_inboxes_answer_503_and_count_drops() {
     assert!(
         node.node().metrics().sum(|s| s.drops[0].get()) > 0,
         "inbox_full drops counted"
+    );
+}
+
+/// Sends `request` as is on a fresh connection and returns everything answered until the
+/// server closes (or `WAIT` passes).
+fn raw(api: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(api).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream.write_all(request).expect("write");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn escaped_names_publish() {
+    let node = TestNode::start(dev_config());
+    let mut alice = Client::dev(&node, "alice");
+    let mut fan = Client::dev(&node, "fan");
+    assert_eq!(fan.request(json!({"op":"sub","topic":"café"}))["op"], "ack");
+    // What Python's json.dumps sends for any non-ASCII name: escapes, not raw UTF-8.
+    let body = br#"{"users":["\u0061lice"],"topics":["caf\u00e9"],"data":"esc"}"#;
+    let (status, reply) = http(node.node().api_addr(), "POST", "/v1/publish", None, body);
+    assert_eq!(status, 202, "{reply}");
+    assert_eq!(alice.recv()["data"], "esc");
+    let publication = fan.recv();
+    assert_eq!(
+        (publication["topic"].as_str(), publication["data"].as_str()),
+        (Some("café"), Some("esc"))
+    );
+    let bad = br#"{"users":["a\u0000b"],"data":1}"#;
+    let (status, reply) = http(node.node().api_addr(), "POST", "/v1/publish", None, bad);
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (400, Some("bad_name")),
+        "an escaped control character is still refused"
+    );
+}
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let mut config = dev_config();
+    config.dev = false;
+    config.api_key = Some("k3y".into());
+    let node = TestNode::start(config);
+    let api = node.node().api_addr();
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let response = raw(
+            api,
+            format!("GET /v1/nodes HTTP/1.1\r\nHost: api\r\nAuthorization: {scheme} k3y\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(response.starts_with("HTTP/1.1 200"), "{scheme}: {response}");
+    }
+    let response = raw(
+        api,
+        b"GET /v1/nodes HTTP/1.1\r\nHost: api\r\nAuthorization: Basic k3y\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+}
+
+#[test]
+fn half_sent_requests_are_closed_after_the_header_timeout() {
+    let mut config = dev_config();
+    config.api_header_timeout_ms = 500;
+    config.max_api_connections = 600;
+    let node = TestNode::start(config);
+    let api = node.node().api_addr();
+    let started = Instant::now();
+    let mut streams: Vec<TcpStream> = (0..500)
+        .map(|_| {
+            let mut stream = TcpStream::connect(api).expect("connect");
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: a")
+                .expect("half a request");
+            stream
+        })
+        .collect();
+    eventually("every half-sent request holds a connection", || {
+        node.node().metrics().api().connections.get() > 0
+    });
+    for stream in &mut streams {
+        let left = (WAIT + Duration::from_secs(1)).saturating_sub(started.elapsed());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("unexpected answer {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("not closed in time: {e}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(450), "closed early: {took:?}");
+    let api_metrics = node.node().metrics().api();
+    eventually("every timeout counted and every slot freed", || {
+        api_metrics.timeouts[0].get() == 500 && api_metrics.connections.get() == 0
+    });
+    assert_eq!(http(api, "GET", "/healthz", None, b"").0, 200);
+}
+
+#[test]
+fn a_slow_body_is_answered_408() {
+    let mut config = dev_config();
+    config.api_body_timeout_ms = 300;
+    let node = TestNode::start(config);
+    let started = Instant::now();
+    let response = raw(
+        node.node().api_addr(),
+        b"POST /v1/publish HTTP/1.1\r\nHost: api\r\nContent-Length: 100\r\n\r\n{\"broadcast\":",
+    );
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("\"timeout\""), "{response}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(node.node().metrics().api().timeouts[1].get(), 1);
+}
+
+#[test]
+fn api_connections_are_capped() {
+    let mut config = dev_config();
+    config.max_api_connections = 4;
+    let node = TestNode::start(config);
+    let api = node.node().api_addr();
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(api).expect("connect");
+            stream.set_read_timeout(Some(WAIT)).expect("timeout");
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n")
+                .expect("write");
+            let mut buf = [0u8; 512];
+            let n = stream.read(&mut buf).expect("read");
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+            stream
+        })
+        .collect();
+    let started = Instant::now();
+    let response = raw(api, b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("max_api_connections"), "{response}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    let metrics = node.node().metrics();
+    assert_eq!(metrics.api().connections_refused.get(), 1);
+    assert_eq!(metrics.api().connections.get(), 4);
+    held.pop();
+    eventually("a slot frees up", || {
+        http(api, "GET", "/healthz", None, b"").0 == 200
+    });
+    let (_, text) = http_text(api, "GET", "/metrics", None, b"");
+    let refused = metrics.api().connections_refused.get();
+    assert!(
+        text.contains(&format!(
+            "shardcast_api_connections_refused_total {refused}"
+        )),
+        "{text}"
     );
 }

@@ -129,6 +129,59 @@ fn handshake_refusals_are_http_errors() {
     assert!(response.starts_with("HTTP/1.1 431"), "{response}");
 }
 
+#[test]
+fn upgrade_with_another_websocket_version_gets_426() {
+    let node = TestNode::start(dev_config());
+    let request = "GET /ws?user=v8 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n";
+    let response = raw_exchange(&node, request.as_bytes());
+    assert!(
+        response.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+        "{response}"
+    );
+    assert!(
+        response.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+        "{response}"
+    );
+    assert!(response.contains("\"bad_version\""), "{response}");
+    eventually("counted", || {
+        node.node().metrics().refused(Refusal::BadVersion) == 1
+    });
+}
+
+#[test]
+fn tokens_with_malformed_or_future_times_are_refused_at_the_upgrade() {
+    let mut config = dev_config();
+    config.dev = false;
+    let node = TestNode::start(config);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let refused = [
+        (json!({"sub":"x","exp":"never"}), "auth_bad_claims"),
+        (json!({"sub":"x","exp":-1}), "auth_bad_claims"),
+        (json!({"sub":"x","nbf":"soon"}), "auth_bad_claims"),
+        (json!({"sub":"x","nbf":now + 600}), "auth_not_yet_valid"),
+    ];
+    for (claims, code) in &refused {
+        let request = format!(
+            "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            token(claims.clone())
+        );
+        let response = raw_exchange(&node, request.as_bytes());
+        assert!(response.starts_with("HTTP/1.1 401"), "{claims}: {response}");
+        assert!(response.contains(code), "{claims}: {response}");
+    }
+    let started = token(json!({"sub":"x","nbf":now - 60,"exp":now + 60}));
+    let mut ok =
+        Client::from_ws(connect_url(&node.url(&format!("/ws?token={started}"))).expect("upgrade"));
+    assert_eq!(ok.hello["user"], "x");
+    assert_eq!(ok.request(json!({"op":"ping"}))["op"], "pong");
+    eventually("refusals counted", || {
+        node.node().metrics().refused(Refusal::Unauthorized) == refused.len() as u64
+    });
+}
+
 /// Sends raw bytes, returns everything the server answers until it closes.
 fn raw_exchange(node: &TestNode, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(node.addr).expect("connect");
@@ -264,20 +317,35 @@ fn oversized_frames_and_messages_close_with_1009() {
 }
 
 #[test]
-fn inbound_rate_limit_answers_too_many() {
+fn inbound_rate_limit_answers_one_err_per_window() {
     let mut config = dev_config();
     config.rate_limit_burst = 5;
     config.rate_limit_per_sec = 1;
     let node = TestNode::start(config);
     let mut c = Client::dev(&node, "fast");
-    for id in 0..8 {
+    for id in 0..20 {
         c.send(json!({"op":"ping","id":id}));
     }
-    let replies: Vec<_> = (0..8).map(|_| c.recv()).collect();
+    let replies: Vec<_> = (0..6).map(|_| c.recv()).collect();
     let pongs = replies.iter().filter(|r| r["op"] == "pong").count();
-    let limited = replies.iter().filter(|r| r["code"] == "too_many").count();
-    assert_eq!((pongs, limited), (5, 3), "{replies:?}");
-    assert_eq!(node.node().metrics().rejections(Rejection::RateLimited), 3);
+    assert_eq!(pongs, 5, "{replies:?}");
+    let err = &replies[5];
+    assert_eq!(err["code"], "too_many", "{replies:?}");
+    assert_eq!(err["id"], 5, "the one err names the first refused request");
+    // The other 14 refusals are counted, not answered.
+    c.expect_silence(Duration::from_millis(300));
+    let metrics = node.node().metrics();
+    eventually("every refusal counted", || {
+        metrics.rejections(Rejection::RateLimited) == 15
+    });
+    // A new window: the bucket has a token again, and a refusal gets its err again.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(c.request(json!({"op":"ping","id":"later"}))["op"], "pong");
+    let err = c.request(json!({"op":"ping","id":"again"}));
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("too_many"), Some("again"))
+    );
 }
 
 #[test]
@@ -386,4 +454,169 @@ fn silent_clients_are_closed_after_three_heartbeats() {
     assert_eq!(lively.request(json!({"op":"ping"}))["op"], "pong");
     assert_eq!(silent.expect_close(), 1008);
     assert_eq!(node.node().metrics().closes(Close::HeartbeatTimeout), 1);
+}
+
+/// The header of a masked client text frame of `len` payload bytes (mask key zero, so the
+/// payload goes as is).
+fn masked_text_header(len: usize, fin: bool) -> Vec<u8> {
+    let mut header = vec![if fin { 0x81 } else { 0x01 }];
+    match len {
+        0..=125 => header.push(0x80 | len as u8),
+        126..=65535 => {
+            header.push(0x80 | 126);
+            header.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            header.push(0x80 | 127);
+            header.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    header
+}
+
+/// Writes a frame header, then one byte of its payload every `every`, from a thread, until
+/// `bytes` are out or the socket fails; returns the thread.
+fn drip(ws: &Ws, bytes: usize, every: Duration) -> std::thread::JoinHandle<()> {
+    let mut stream = ws.get_ref().try_clone().expect("clone");
+    std::thread::spawn(move || {
+        if stream.write_all(&masked_text_header(bytes, true)).is_err() {
+            return;
+        }
+        for _ in 0..bytes {
+            std::thread::sleep(every);
+            if stream.write_all(b" ").is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn incomplete_bytes(node: &TestNode) -> i64 {
+    let metrics = node.node().metrics();
+    metrics
+        .shards()
+        .iter()
+        .map(|s| s.incomplete_bytes.get())
+        .sum()
+}
+
+#[test]
+fn a_dripped_message_is_closed_with_1008_after_the_deadline() {
+    let mut config = dev_config();
+    config.incomplete_message_timeout_ms = 1500;
+    let node = TestNode::start(config);
+    let mut dripper = Client::dev(&node, "drip");
+    let started = Instant::now();
+    let dripping = drip(&dripper.ws, 100, Duration::from_millis(100));
+    assert_eq!(dripper.expect_close(), 1008);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(3500),
+        "closed after {took:?}"
+    );
+    // Stops the dripping thread: its next write fails.
+    let _ = dripper.ws.get_ref().shutdown(std::net::Shutdown::Write);
+    let _ = dripping.join();
+    let metrics = node.node().metrics();
+    assert_eq!(metrics.closes(Close::IncompleteTimeout), 1);
+    eventually("the held bytes are released", || {
+        incomplete_bytes(&node) == 0
+    });
+
+    // Messages that complete within the deadline are never affected, however long the
+    // connection keeps sending: the age restarts with every message.
+    let mut steady = Client::dev(&node, "steady");
+    for id in 0..3 {
+        let text = format!(r#"{{"op":"ping","id":{id}}}"#);
+        let (head, tail) = text.split_at(8);
+        steady
+            .ws
+            .send(Message::Frame(Frame::message(
+                head.as_bytes().to_vec(),
+                OpCode::Data(Data::Text),
+                false,
+            )))
+            .expect("first fragment");
+        std::thread::sleep(Duration::from_millis(700));
+        steady
+            .ws
+            .send(Message::Frame(Frame::message(
+                tail.as_bytes().to_vec(),
+                OpCode::Data(Data::Continue),
+                true,
+            )))
+            .expect("last fragment");
+        assert_eq!(steady.recv()["id"], id);
+    }
+    assert_eq!(metrics.closes(Close::IncompleteTimeout), 1);
+}
+
+#[test]
+fn the_heartbeat_closes_a_dripping_connection_that_never_completes_a_frame() {
+    let mut config = dev_config();
+    config.heartbeat_secs = 1;
+    config.incomplete_message_timeout_ms = 60_000;
+    config.close_timeout_ms = 5000;
+    let node = TestNode::start(config);
+    let mut dripper = Client::dev(&node, "drip");
+    let started = Instant::now();
+    let dripping = drip(&dripper.ws, 200, Duration::from_millis(100));
+    let mut pings = 0;
+    let code = loop {
+        assert!(started.elapsed() < WAIT, "no close");
+        match dripper.ws.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(Message::Close(Some(frame))) => break u16::from(frame.code),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => panic!("expected the 1008 close, got {e}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    assert!(pings >= 1, "pinged while dripping");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2500), "closed after {took:?}");
+    // Stops the dripping thread: its next write fails.
+    let _ = dripper.ws.get_ref().shutdown(std::net::Shutdown::Write);
+    let _ = dripping.join();
+    assert_eq!(node.node().metrics().closes(Close::HeartbeatTimeout), 1);
+}
+
+#[test]
+fn incomplete_data_past_the_shard_budget_closes_the_connection_that_overflows_it() {
+    let mut config = dev_config();
+    config.shards = 1;
+    config.shard_incomplete_bytes = 110_000;
+    let node = TestNode::start(config);
+    let mut first = Client::dev(&node, "first");
+    let body = format!(
+        r#"{{"op":"ping","id":"big","pad":"{}"}}"#,
+        " ".repeat(59_900)
+    );
+    let (head, tail) = body.as_bytes().split_at(50_000);
+    let mut raw = masked_text_header(body.len(), true);
+    raw.extend_from_slice(head);
+    first.ws.get_mut().write_all(&raw).expect("most of a frame");
+    eventually("the first holds its part", || {
+        incomplete_bytes(&node) >= 50_000
+    });
+
+    let mut second = Client::dev(&node, "second");
+    let mut raw = masked_text_header(64_000, true);
+    raw.extend_from_slice(&[b' '; 63_000]);
+    second
+        .ws
+        .get_mut()
+        .write_all(&raw)
+        .expect("most of a frame");
+    assert_eq!(second.expect_close(), 1008);
+    assert_eq!(node.node().metrics().closes(Close::IncompleteBudget), 1);
+
+    // The first, within the budget, finishes its message and is answered.
+    first.ws.get_mut().write_all(tail).expect("the rest");
+    let reply = first.recv();
+    assert_eq!(reply["id"], "big", "{reply}");
+    eventually("nothing held once complete", || {
+        incomplete_bytes(&node) == 0
+    });
 }

@@ -287,7 +287,33 @@ impl Process {
     /// Starts `shardcast serve` on free loopback ports with `args` and `env` (which override
     /// the test defaults) and waits for its start line.
     pub fn serve(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_shardcast")), args, env)
+    }
+
+    /// [`Process::serve`] with `RLIMIT_NOFILE` (soft and hard) set to `nofile` in the child
+    /// before it execs, as `ulimit -n` would.
+    pub fn serve_with_nofile(nofile: u64, args: &[&str], env: &[(&str, &str)]) -> Process {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shardcast"));
+        // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+        Self::spawn(command, args, env)
+    }
+
+    fn spawn(mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
             .args(args)
