@@ -253,34 +253,60 @@ impl BusMetrics {
     }
 }
 
-/// Lets a warning that can repeat many times a second (a failing accept) through at most
-/// once per interval, and says how many it held back, so a node under a flood logs a line
-/// every few seconds rather than flooding its own disk. Single-threaded (a shard, the API).
+/// Lets a warning that can repeat many times a second (a failing accept, a Redis outage
+/// under load, a flood of messages for offline users) through at most once per interval,
+/// and says how many it held back, so a node under a flood logs a line every few seconds
+/// rather than flooding its own disk; the metric beside each warning counts every
+/// occurrence. Safe to share between threads (the bus's drop warnings come from every
+/// shard and the bridge).
 #[derive(Debug)]
 pub struct LogLimiter {
-    interval: std::time::Duration,
-    next: std::cell::Cell<Option<std::time::Instant>>,
-    suppressed: std::cell::Cell<u64>,
+    interval_ns: u64,
+    /// When the limiter was made: the origin of `next_ns`.
+    base: std::time::Instant,
+    /// Nanoseconds after `base` before which nothing is logged.
+    next_ns: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Default for LogLimiter {
+    /// At most one line a second.
+    fn default() -> Self {
+        LogLimiter::new(std::time::Duration::from_secs(1))
+    }
 }
 
 impl LogLimiter {
     /// At most one line per `interval`.
     pub fn new(interval: std::time::Duration) -> Self {
         LogLimiter {
-            interval,
-            next: std::cell::Cell::new(None),
-            suppressed: std::cell::Cell::new(0),
+            interval_ns: interval.as_nanos() as u64,
+            base: std::time::Instant::now(),
+            next_ns: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
         }
     }
 
     /// `Some(held back since the last line)` if this occurrence may be logged at `now`.
     pub fn allow(&self, now: std::time::Instant) -> Option<u64> {
-        if self.next.get().is_some_and(|next| now < next) {
-            self.suppressed.set(self.suppressed.get() + 1);
-            return None;
+        let now_ns = now.saturating_duration_since(self.base).as_nanos() as u64;
+        let next = self.next_ns.load(Ordering::Relaxed);
+        let won = now_ns >= next
+            && self
+                .next_ns
+                .compare_exchange(
+                    next,
+                    now_ns + self.interval_ns,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if won {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
         }
-        self.next.set(Some(now + self.interval));
-        Some(self.suppressed.replace(0))
     }
 }
 
@@ -291,27 +317,6 @@ pub fn monotonic_ns() -> u64 {
         .get_or_init(std::time::Instant::now)
         .elapsed()
         .as_nanos() as u64
-}
-
-/// Lets a warning through at most once a second. A fault under load (Redis down, a flood
-/// of messages for offline users) repeats the same warning thousands of times a second; the
-/// metric beside it counts every occurrence, the log shows one example with its `mid`.
-#[derive(Debug, Default)]
-pub struct LogLimit {
-    last_ms: AtomicU64,
-}
-
-impl LogLimit {
-    /// Whether a warning may be logged now (at most one caller a second gets `true`).
-    pub fn allow(&self) -> bool {
-        let now = monotonic_ns() / 1_000_000 + 1000;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        now.saturating_sub(last) >= 1000
-            && self
-                .last_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
 }
 
 /// Upper bounds, in seconds, of the latency histogram's buckets (10 µs to 1 s).

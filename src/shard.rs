@@ -150,7 +150,7 @@ pub struct Shard {
     tables: RefCell<LocalTables>,
     directory: RefCell<Directory>,
     /// Limits the warning about direct messages for users with no device online.
-    no_route_log: metrics::LogLimit,
+    no_route_log: LogLimiter,
     mids: RefCell<MidGenerator>,
     next_conn: Cell<u64>,
     started: Instant,
@@ -194,7 +194,7 @@ impl Shard {
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             tables: RefCell::default(),
             directory: RefCell::default(),
-            no_route_log: metrics::LogLimit::default(),
+            no_route_log: LogLimiter::default(),
             mids: RefCell::new(MidGenerator::new(node.node_number, index)),
             next_conn: Cell::new(1),
             started: Instant::now(),
@@ -409,10 +409,11 @@ impl Shard {
 
     /// Logs (at most once a second) a direct message that found no device of its user.
     fn log_no_route(&self, user: &str, mid: u64) {
-        if self.no_route_log.allow() {
+        if let Some(suppressed) = self.no_route_log.allow(Instant::now()) {
             tracing::warn!(
                 user,
                 mid,
+                suppressed,
                 "direct message for a user with no device online dropped (logged at most once a second; shardcast_drops_total{{reason=\"no_route\"}} counts each)"
             );
         }

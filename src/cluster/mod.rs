@@ -39,7 +39,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use smallvec::SmallVec;
 
-use crate::metrics::{BusDrop, BusMetrics, LogLimit};
+use crate::metrics::{BusDrop, BusMetrics, LogLimiter};
 use crate::reactor::Doorbell;
 use crate::router::{ConnId, Message};
 
@@ -208,7 +208,7 @@ pub struct BusState {
     stopping: AtomicBool,
     /// The bridge's counters.
     pub metrics: BusMetrics,
-    drop_log: LogLimit,
+    drop_log: LogLimiter,
 }
 
 impl BusState {
@@ -242,10 +242,11 @@ impl BusState {
     /// Logs a dropped message, at most once a second: a Redis outage under load drops
     /// thousands a second, and the metric counts each of them.
     pub(crate) fn log_drop(&self, reason: BusDrop, mid: Option<u64>) {
-        if self.drop_log.allow() {
+        if let Some(suppressed) = self.drop_log.allow(std::time::Instant::now()) {
             tracing::warn!(
                 reason = reason.label(),
                 mid,
+                suppressed,
                 dropped_total = self.metrics.drops_total(),
                 "cross-node message dropped (logged at most once a second)"
             );
