@@ -25,8 +25,8 @@
 //! for at most `bridge_hold_ms` since the message entered the node:
 //! - a pipeline in flight when the session dies (Redis stalled, connection lost) goes back
 //!   to the front of the queue for the next session;
-//! - a message routed under an epoch Redis no longer has, or while the cluster settles
-//!   (see [`super::redis_layout`]), waits and is routed again;
+//! - a message routed under an epoch Redis no longer has waits for the rebuilt session (and
+//!   for the cluster to settle, see [`super::redis_layout`]) and is routed again;
 //! - a message published to a node whose subscription was gone (it was reconnecting) is
 //!   retried until that node's new instance has re-published its devices.
 //!
@@ -172,6 +172,7 @@ pub fn spawn(
                 topic_requests: RefCell::default(),
                 commands: RefCell::default(),
                 retry: RefCell::default(),
+                in_flight: RefCell::default(),
                 retry_due: Cell::new(None),
                 epoch: RefCell::default(),
                 settled_at: Cell::new(None),
@@ -246,8 +247,9 @@ struct Pending {
 enum Answer {
     /// Nothing (count errors only).
     Ignore,
-    /// A message: finish it, retry it or drop it, as the answer says.
-    Message(Pending),
+    /// The next message of [`Bridge::in_flight`]: finish it, retry it or drop it, as the
+    /// answer says.
+    Message,
     /// Device members the cluster device limit evicted: close them.
     Evictions,
 }
@@ -265,8 +267,6 @@ struct Batch {
 struct BatchOutcome {
     /// Messages to route again, in their order.
     retry: Vec<Pending>,
-    /// The cluster settles for this long: hold messages meanwhile.
-    settling: Option<Duration>,
     /// Redis has lost the epoch or the scripts: the session must be rebuilt.
     broken: Option<SessionError>,
 }
@@ -286,17 +286,6 @@ impl Batch {
     fn push(&mut self, cmd: redis::Cmd, answer: Answer) {
         self.pipe.add_command(cmd);
         self.answers.push(answer);
-    }
-
-    /// The messages in the batch, in order (to route again when it was not sent).
-    fn into_pending(self) -> Vec<Pending> {
-        self.answers
-            .into_iter()
-            .filter_map(|answer| match answer {
-                Answer::Message(pending) => Some(pending),
-                Answer::Ignore | Answer::Evictions => None,
-            })
-            .collect()
     }
 }
 
@@ -330,6 +319,10 @@ struct Bridge {
     commands: RefCell<Option<MultiplexedConnection>>,
     /// Messages to route again before any new one, oldest first.
     retry: RefCell<VecDeque<Pending>>,
+    /// Messages taken for the pipeline being built or sent, in order. They live here rather
+    /// than in the writer's future because a session ends by dropping that future wherever
+    /// it waits; whatever is left here then goes back to the front of `retry`.
+    in_flight: RefCell<Vec<Pending>>,
     /// When the retry queue may be sent again (after an unheard publish).
     retry_due: Cell<Option<Instant>>,
     /// The cluster epoch this bridge joined (empty before the first session).
@@ -363,6 +356,7 @@ impl Bridge {
                 Ok((conn, subscriptions, stream)) => {
                     backoff = MIN_BACKOFF;
                     let ended = self.serve(conn, subscriptions, stream, &mut queries).await;
+                    self.requeue_in_flight();
                     self.state.set_up(false);
                     self.state.set_stalled(false);
                     self.outstanding_since.set(None);
@@ -559,19 +553,12 @@ impl Bridge {
                 "Redis lost the cluster's state; holding cross-node messages while every node re-publishes"
             );
         }
-        self.hold_while_settling(settling_ms);
+        if settling_ms > 0 {
+            let until = Instant::now() + Duration::from_millis(settling_ms as u64);
+            self.settled_at.set(Some(until));
+        }
         *self.epoch.borrow_mut() = epoch;
         Ok(())
-    }
-
-    /// Holds messages for `ms` (the settling window's remaining time; `<= 0`: none).
-    fn hold_while_settling(&self, ms: i64) {
-        if ms > 0 {
-            let until = Instant::now() + Duration::from_millis(ms as u64);
-            if self.settled_at.get().is_none_or(|at| at < until) {
-                self.settled_at.set(Some(until));
-            }
-        }
     }
 
     /// Whether messages must wait for the cluster to settle.
@@ -762,7 +749,7 @@ impl Bridge {
             }
         }
         if let Err(error) = self.sync_topics(&touched_topics, subscriptions).await {
-            self.requeue_front(batch.into_pending());
+            self.requeue_in_flight();
             return Err(error);
         }
         if !batch.answers.is_empty() {
@@ -910,7 +897,8 @@ impl Bridge {
         };
         batch.bytes += payload_len as u64;
         batch.messages += 1;
-        batch.push(cmd, Answer::Message(pending));
+        self.in_flight.borrow_mut().push(pending);
+        batch.push(cmd, Answer::Message);
     }
 
     /// Whether `message` has waited longer than `bridge_hold_ms` since it entered the node.
@@ -956,15 +944,21 @@ impl Bridge {
             Err(error) => {
                 // Redis may or may not have run it: route it again in the next session
                 // (receivers drop what they already got).
-                self.requeue_front(batch.into_pending());
+                self.requeue_in_flight();
                 return Err(error);
             }
         };
         let mut outcome = BatchOutcome::default();
         let mut evictions = Vec::new();
+        let mut in_flight = std::mem::take(&mut *self.in_flight.borrow_mut()).into_iter();
         for (answer, value) in batch.answers.into_iter().zip(answers) {
             match answer {
-                Answer::Message(pending) => self.finish(pending, value, &mut outcome),
+                Answer::Message => {
+                    // One message per `Answer::Message`, pushed in the same order.
+                    if let Some(pending) = in_flight.next() {
+                        self.finish(pending, value, &mut outcome);
+                    }
+                }
                 Answer::Ignore | Answer::Evictions => {
                     if let Value::ServerError(error) = &value {
                         if error.code() == "NOSCRIPT" {
@@ -980,9 +974,6 @@ impl Bridge {
                     }
                 }
             }
-        }
-        if let Some(wait) = outcome.settling {
-            self.hold_while_settling(wait.as_millis() as i64);
         }
         self.requeue_front(outcome.retry);
         if let Some(broken) = outcome.broken {
@@ -1031,10 +1022,6 @@ impl Bridge {
                 outcome.broken = Some(SessionError::EpochLost);
                 outcome.retry.push(pending);
             }
-            Some(Routed::Settling(ms)) => {
-                outcome.settling = Some(Duration::from_millis(ms));
-                outcome.retry.push(pending);
-            }
             Some(Routed::Done {
                 no_route, unheard, ..
             }) => {
@@ -1065,6 +1052,13 @@ impl Bridge {
                 self.drop_pending(pending, BusDrop::RedisError);
             }
         }
+    }
+
+    /// Puts the messages of a pipeline that was not answered back at the front of the retry
+    /// queue.
+    fn requeue_in_flight(&self) {
+        let in_flight = std::mem::take(&mut *self.in_flight.borrow_mut());
+        self.requeue_front(in_flight);
     }
 
     /// Puts messages back at the front of the retry queue, keeping their order.

@@ -33,10 +33,13 @@
 //! message routed in between finds an empty table and would vanish. So each bridge joins
 //! the cluster epoch when its session starts ([`JOIN`]): the first to find `P:epoch` missing
 //! makes a new one, and a bridge that had joined an older epoch opens a settling window
-//! (`P:settling`, `cluster_settle_ms`). [`ROUTE`] checks both on every call: a message routed
-//! under an epoch that is gone is handed back (the bridge rebuilds its session and retries
-//! it), and while the cluster settles it is handed back to wait. Nothing is routed from a
-//! half-rebuilt table, and nothing is lost meanwhile.
+//! (`P:settling`, `cluster_settle_ms`) whose remaining time every bridge joining the new
+//! epoch learns and waits out before it routes. [`ROUTE`] checks the epoch on every call (one
+//! `GET`): a message routed under an epoch that is gone (Redis flushed under a live session)
+//! is handed back, and the bridge rebuilds its session, joins, waits and routes it again.
+//! Nothing is routed from a half-rebuilt table, and nothing is lost meanwhile. (A node that
+//! starts for the first time exactly while the cluster settles does not wait: it has no
+//! backlog, and what it routes to a user not yet re-published is counted `no_route`.)
 //!
 //! **Unheard publishes.** `PUBLISH` answers how many subscribers got a message. A bridge
 //! subscribes its instance channel before it takes its lease and never reuses an instance,
@@ -192,8 +195,6 @@ return {epoch, redis.call('PTTL', ARGV[1] .. ':settling')}
 pub enum Routed {
     /// The epoch the message was routed under is gone: rebuild the session, then retry.
     EpochLost,
-    /// The cluster is settling for this many more ms: retry after.
-    Settling(u64),
     /// Routed.
     Done {
         /// Nodes it was published to.
@@ -209,8 +210,7 @@ impl Routed {
     /// Reads the script's answer (`None`: not an answer of [`ROUTE`]).
     pub fn parse(answer: &[i64]) -> Option<Routed> {
         match *answer {
-            [-1, ..] => Some(Routed::EpochLost),
-            [-2, left, ..] => Some(Routed::Settling(left.max(1) as u64)),
+            [-1] => Some(Routed::EpochLost),
             [sent, no_route, unheard] if sent >= 0 && no_route >= 0 && unheard >= 0 => {
                 Some(Routed::Done {
                     sent: sent as u64,
@@ -228,12 +228,10 @@ impl Routed {
 /// Publishes the payload once to every other live instance holding a device of any of the
 /// users (a node holding both a direct message's recipient and its sender gets one
 /// envelope); prunes dead and unsubscribed instances' devices. Returns `{-1}` when the epoch
-/// is gone, `{-2, ms}` while the cluster settles, else `{nodes published to, recipients
-/// without a live device, unsubscribed instances met}`.
+/// is gone, else `{nodes published to, recipients without a live device, unsubscribed
+/// instances met}`.
 pub const ROUTE: &str = r#"
 if redis.call('GET', ARGV[1] .. ':epoch') ~= ARGV[4] then return {-1} end
-local settling = redis.call('PTTL', ARGV[1] .. ':settling')
-if settling > 0 then return {-2, settling} end
 local recipients = tonumber(ARGV[5])
 local state = {}
 local sent, no_route, unheard = 0, 0, 0
@@ -368,8 +366,6 @@ mod tests {
     #[test]
     fn route_answers_parse() {
         assert_eq!(Routed::parse(&[-1]), Some(Routed::EpochLost));
-        assert_eq!(Routed::parse(&[-2, 1500]), Some(Routed::Settling(1500)));
-        assert_eq!(Routed::parse(&[-2, 0]), Some(Routed::Settling(1)));
         assert_eq!(
             Routed::parse(&[2, 0, 1]),
             Some(Routed::Done {
