@@ -22,7 +22,7 @@ use crate::cluster::{bridge, redis_layout, Bus, Outbound};
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
-use crate::router::{DirectTemplate, Envelope, Mesh, Message};
+use crate::router::{Envelope, Mesh, Message, Template};
 use crate::shard;
 
 /// Bytes of glommio I/O memory per shard. Sockets do not use it (they are driven by the
@@ -374,28 +374,34 @@ impl Publisher {
             dropped += self.route_users(&users, message);
         } else if !users.is_empty() {
             // Each recipient's frame names it: carry `data` once and render per recipient
-            // as its sockets are written (see `router::Body::Direct`).
-            let message = Message::direct(
-                mid,
-                DirectTemplate {
-                    ts,
-                    from: None,
-                    data: Arc::from(data.get()),
-                },
-            );
+            // as its sockets are written (see `router::Body`).
+            let message = Message::per_user(mid, self.template(ts, data));
             dropped += self.route_users(&users, message);
         }
-        for topic in target.topics {
-            let topic: Arc<str> = Arc::from(*topic);
-            let frame = render::publication(Some(&topic), mid, ts, data.get());
-            let message = Message::new(mid, frame);
-            let home = mesh.home(&topic);
-            dropped += usize::from(!node.to_other_nodes(|| Outbound::Topic {
-                topic: topic.clone(),
-                message: message.clone(),
-            }));
-            let envelope = Envelope::RouteTopic { topic, message };
-            dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
+        let publication = match target.topics {
+            [] => None,
+            [topic] => Some(Message::new(
+                mid,
+                render::publication(Some(topic), mid, ts, data.get()),
+            )),
+            // Each topic's frame names it: render it on the topic's home shard, and only if
+            // someone subscribes there (see `router::Body`).
+            _ => Some(Message::per_topic(mid, self.template(ts, data))),
+        };
+        if let Some(message) = publication {
+            for topic in target.topics {
+                let topic: Arc<str> = Arc::from(*topic);
+                let home = mesh.home(&topic);
+                dropped += usize::from(!node.to_other_nodes(|| Outbound::Topic {
+                    topic: topic.clone(),
+                    message: message.clone(),
+                }));
+                let envelope = Envelope::RouteTopic {
+                    topic,
+                    message: message.clone(),
+                };
+                dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
+            }
         }
         if target.broadcast {
             let message = Message::new(mid, render::publication(None, mid, ts, data.get()));
@@ -407,6 +413,15 @@ impl Publisher {
             });
         }
         Published { mid, dropped }
+    }
+
+    /// A message's `data` and time, to be rendered per target.
+    fn template(&self, ts: u64, data: &RawValue) -> Template {
+        Template {
+            ts,
+            from: None,
+            data: Arc::from(data.get()),
+        }
     }
 
     /// Routes `message` to every device of `users`: each user's home shard here, and the

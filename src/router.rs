@@ -70,26 +70,29 @@ pub struct Message {
 /// What a message's recipients get.
 ///
 /// Almost every message is one frame for every recipient, rendered once per node and
-/// shared. A direct message to many users at once is the exception: each recipient's frame
-/// names that recipient (`to`), so rendering them all up front would cost one copy of
-/// `data` per user before anything is written (a 256 KiB publish to 1,000 users: 256 MB).
-/// Such a message travels as a [`DirectTemplate`] instead, and each frame is rendered on
-/// the recipient's shard just before its sockets are written, then dropped: memory stays
-/// one copy of `data` plus the frames being written.
+/// shared. A publish to many users or many topics at once is the exception: each user's
+/// frame names that user (`to`), each topic's frame its topic, so rendering them all up
+/// front would cost one copy of `data` per target before anything is written (a 256 KiB
+/// publish to 1,000 users: 256 MB). Such a message travels as a [`Template`] instead: a
+/// user's frame is rendered on the recipient's shard just before its sockets are written, a
+/// topic's frame once on the topic's home shard, and only if someone there subscribes.
+/// Memory stays one copy of `data` plus the frames being written.
 #[derive(Debug, Clone)]
 pub enum Body {
     /// The complete WebSocket frame, the same for every recipient.
     Frame(Bytes),
-    /// A direct message rendered per recipient at delivery.
-    Direct(Arc<DirectTemplate>),
+    /// A direct message rendered per recipient user (`msg` with `to`).
+    PerUser(Arc<Template>),
+    /// A publication rendered per topic (`pub` with `topic`).
+    PerTopic(Arc<Template>),
 }
 
-/// A direct message to several users, rendered per recipient (see [`Body::Direct`]).
+/// A message to many users or topics, rendered per target (see [`Body`]).
 #[derive(Debug)]
-pub struct DirectTemplate {
+pub struct Template {
     /// Server time of the message, ms.
     pub ts: u64,
-    /// The sending user (`None` from the server).
+    /// The sending user (`None` from the server; always `None` for a publication).
     pub from: Option<Arc<str>>,
     /// The message's `data`, JSON text passed through untouched.
     pub data: Arc<str>,
@@ -105,32 +108,46 @@ impl Message {
         }
     }
 
-    /// A direct message rendered per recipient, entering the node now.
-    pub fn direct(mid: u64, template: DirectTemplate) -> Self {
+    /// A direct message rendered per recipient user, entering the node now.
+    pub fn per_user(mid: u64, template: Template) -> Self {
         Message {
             mid,
             entered_ns: metrics::monotonic_ns(),
-            body: Body::Direct(Arc::new(template)),
+            body: Body::PerUser(Arc::new(template)),
         }
     }
 
-    /// The frame `user` gets (a user connection for a broadcast or topic message, where
-    /// the frame is shared anyway).
-    pub fn frame_for(&self, user: &str) -> Bytes {
+    /// A publication rendered per topic, entering the node now.
+    pub fn per_topic(mid: u64, template: Template) -> Self {
+        Message {
+            mid,
+            entered_ns: metrics::monotonic_ns(),
+            body: Body::PerTopic(Arc::new(template)),
+        }
+    }
+
+    /// The frame the recipients of `target` get: the user of a direct message, the topic of
+    /// a publication (ignored for a message that is one frame already).
+    pub fn frame_for(&self, target: &str) -> Bytes {
+        use crate::protocol::render;
         match &self.body {
             Body::Frame(frame) => frame.clone(),
-            Body::Direct(template) => crate::protocol::render::msg(
-                template.from.as_deref(),
-                user,
-                self.mid,
-                template.ts,
-                &template.data,
-            ),
+            Body::PerUser(t) => render::msg(t.from.as_deref(), target, self.mid, t.ts, &t.data),
+            Body::PerTopic(t) => render::publication(Some(target), self.mid, t.ts, &t.data),
         }
     }
 
-    /// The frame of a message that is the same for every recipient: topic publications and
-    /// broadcasts, which are never [`Body::Direct`].
+    /// This message as the one frame `target`'s recipients get, with the same id and entry
+    /// time (a topic's home shard renders a publication once for all its subscribers).
+    pub fn rendered_for(&self, target: &str) -> Message {
+        Message {
+            mid: self.mid,
+            entered_ns: self.entered_ns,
+            body: Body::Frame(self.frame_for(target)),
+        }
+    }
+
+    /// The frame of a broadcast, which is always one [`Body::Frame`] for everyone.
     pub fn shared_frame(&self) -> Bytes {
         self.frame_for("")
     }
@@ -139,8 +156,8 @@ impl Message {
     pub fn size(&self) -> usize {
         match &self.body {
             Body::Frame(frame) => frame.len(),
-            Body::Direct(template) => {
-                template.data.len() + template.from.as_deref().map_or(0, str::len)
+            Body::PerUser(t) | Body::PerTopic(t) => {
+                t.data.len() + t.from.as_deref().map_or(0, str::len)
             }
         }
     }

@@ -453,6 +453,11 @@ impl Shard {
             }
             Envelope::RouteTopic { topic, message } => {
                 let shards = self.directory.borrow().topic_shards(&topic);
+                if shards.is_empty() {
+                    return;
+                }
+                // One frame for every subscriber on this node, rendered here at most once.
+                let message = message.rendered_for(&topic);
                 self.node
                     .mesh
                     .send_to_mask(shards, &self.metrics, || Envelope::DeliverTopic {

@@ -433,11 +433,40 @@ fn broadcast_and_api_publish_reach_every_node_once() {
             let got = client.recv();
             assert_eq!(got["op"], "msg", "{got}");
             assert_eq!(got.get("from"), None, "from the server: {got}");
+            let to = if device == 2 { "everywhere" } else { "u-n2" };
+            assert_eq!(got["to"], to, "each user's frame names it: {got}");
             assert_eq!(
                 (&got["data"], &got["mid"]),
                 (&json!("direct"), &reply["mid"])
             );
         }
+        client.expect_silence(QUIET);
+    }
+
+    // The API on B to several topics at once: each subscriber gets its topic's frame, once.
+    subscribe(&mut clients[0], "t-a");
+    subscribe(&mut clients[6], "t-a");
+    subscribe(&mut clients[6], "t-b");
+    await_numsub(&redis, "t-a", 2);
+    await_numsub(&redis, "t-b", 1);
+    let reply = publish(
+        api(&nodes[1]),
+        json!({"topics":["t-a","t-b","t-nobody"],"data":"topical"}),
+    );
+    let mut topics_of_6 = Vec::new();
+    for _ in 0..2 {
+        let got = clients[6].recv();
+        assert_eq!((&got["op"], &got["mid"]), (&json!("pub"), &reply["mid"]));
+        topics_of_6.push(got["topic"].as_str().expect("topic").to_owned());
+    }
+    topics_of_6.sort();
+    assert_eq!(topics_of_6, ["t-a", "t-b"]);
+    let got = clients[0].recv();
+    assert_eq!(
+        (&got["topic"], &got["data"]),
+        (&json!("t-a"), &json!("topical"))
+    );
+    for client in &mut clients {
         client.expect_silence(QUIET);
     }
 }

@@ -69,7 +69,7 @@ use super::wire::{self, Body};
 use super::{BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Presence, Query};
 use crate::metrics::{self, BusDrop};
 use crate::node::NodeShared;
-use crate::router::{self, shard_of, ConnId, DirectTemplate, Envelope, Message};
+use crate::router::{self, shard_of, ConnId, Envelope, Message, Template};
 use crate::ws::close;
 
 /// Messages sent in one pipeline at most; the rest wait for the next round trip.
@@ -861,7 +861,8 @@ impl Bridge {
                     router::Body::Frame(frame) => {
                         (wire::user(instance, message.mid, users, frame), 1)
                     }
-                    router::Body::Direct(template) => (
+                    // (A direct message is never rendered per topic.)
+                    router::Body::PerUser(template) | router::Body::PerTopic(template) => (
                         wire::direct(
                             instance,
                             message.mid,
@@ -883,7 +884,7 @@ impl Bridge {
                 )
             }
             Outbound::Topic { topic, message } => {
-                let payload = wire::topic(instance, message.mid, topic, &message.shared_frame());
+                let payload = wire::topic(instance, message.mid, topic, &message.frame_for(topic));
                 let mut cmd = redis::cmd("PUBLISH");
                 cmd.arg(self.names.topic(topic)).arg(&payload[..]);
                 (cmd, payload.len())
@@ -1267,9 +1268,9 @@ impl Bridge {
                 users,
                 data,
             } => {
-                let message = Message::direct(
+                let message = Message::per_user(
                     mid,
-                    DirectTemplate {
+                    Template {
                         ts,
                         from: from.map(Arc::from),
                         data: Arc::from(data),

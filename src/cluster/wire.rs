@@ -20,7 +20,7 @@
 //! ```
 //! `direct` is the one envelope without a rendered frame: a message for many users at once,
 //! whose frames differ by recipient (`to`), carries `data` once and the receiving node
-//! renders each recipient's frame as it writes it (see [`crate::router::Body::Direct`]).
+//! renders each recipient's frame as it writes it (see [`crate::router::Body::PerUser`]).
 //! An empty `from` is a message from the server. Integers are little-endian. A node that receives another version counts the envelope in
 //! `shardcast_bus_envelopes_invalid_total`, logs it and drops it: nodes of two versions can
 //! share a Redis during a rolling upgrade without misreading each other.
