@@ -318,17 +318,6 @@ fn full_shard_inboxes_answer_503_and_count_drops() {
     );
 }
 
-/// Sends `request` as is on a fresh connection and returns everything answered until the
-/// server closes (or `WAIT` passes).
-fn raw(api: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(api).expect("connect");
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    stream.write_all(request).expect("write");
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    String::from_utf8_lossy(&response).into_owned()
-}
-
 #[test]
 fn escaped_names_publish() {
     let node = TestNode::start(dev_config());
@@ -362,13 +351,13 @@ fn the_bearer_scheme_is_case_insensitive() {
     let node = TestNode::start(config);
     let api = node.node().api_addr();
     for scheme in ["Bearer", "bearer", "BEARER"] {
-        let response = raw(
+        let response = raw_exchange(
             api,
             format!("GET /v1/nodes HTTP/1.1\r\nHost: api\r\nAuthorization: {scheme} k3y\r\nConnection: close\r\n\r\n").as_bytes(),
         );
         assert!(response.starts_with("HTTP/1.1 200"), "{scheme}: {response}");
     }
-    let response = raw(
+    let response = raw_exchange(
         api,
         b"GET /v1/nodes HTTP/1.1\r\nHost: api\r\nAuthorization: Basic k3y\r\nConnection: close\r\n\r\n",
     );
@@ -423,7 +412,7 @@ fn a_slow_body_is_answered_408() {
     config.api_body_timeout_ms = 300;
     let node = TestNode::start(config);
     let started = Instant::now();
-    let response = raw(
+    let response = raw_exchange(
         node.node().api_addr(),
         b"POST /v1/publish HTTP/1.1\r\nHost: api\r\nContent-Length: 100\r\n\r\n{\"broadcast\":",
     );
@@ -453,7 +442,7 @@ fn api_connections_are_capped() {
         })
         .collect();
     let started = Instant::now();
-    let response = raw(api, b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n");
+    let response = raw_exchange(api, b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n");
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
     assert!(response.contains("max_api_connections"), "{response}");
     assert!(

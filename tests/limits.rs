@@ -116,7 +116,7 @@ fn handshake_refusals_are_http_errors() {
         metrics.refused(Refusal::Unauthorized) == 4 && metrics.refused(Refusal::NotFound) == 2
     });
 
-    let response = raw_exchange(&node, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
+    let response = raw_exchange(node.addr, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(
         response.contains("\"error\":{\"code\":\"bad_request\""),
@@ -125,7 +125,7 @@ fn handshake_refusals_are_http_errors() {
 
     let mut huge = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 10_000));
-    let response = raw_exchange(&node, &huge);
+    let response = raw_exchange(node.addr, &huge);
     assert!(response.starts_with("HTTP/1.1 431"), "{response}");
 }
 
@@ -133,7 +133,7 @@ fn handshake_refusals_are_http_errors() {
 fn upgrade_with_another_websocket_version_gets_426() {
     let node = TestNode::start(dev_config());
     let request = "GET /ws?user=v8 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n";
-    let response = raw_exchange(&node, request.as_bytes());
+    let response = raw_exchange(node.addr, request.as_bytes());
     assert!(
         response.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
         "{response}"
@@ -153,10 +153,7 @@ fn tokens_with_malformed_or_future_times_are_refused_at_the_upgrade() {
     let mut config = dev_config();
     config.dev = false;
     let node = TestNode::start(config);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let now = unix_now_secs();
     let refused = [
         (json!({"sub":"x","exp":"never"}), "auth_bad_claims"),
         (json!({"sub":"x","exp":-1}), "auth_bad_claims"),
@@ -168,7 +165,7 @@ fn tokens_with_malformed_or_future_times_are_refused_at_the_upgrade() {
             "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
             token(claims.clone())
         );
-        let response = raw_exchange(&node, request.as_bytes());
+        let response = raw_exchange(node.addr, request.as_bytes());
         assert!(response.starts_with("HTTP/1.1 401"), "{claims}: {response}");
         assert!(response.contains(code), "{claims}: {response}");
     }
@@ -180,16 +177,6 @@ fn tokens_with_malformed_or_future_times_are_refused_at_the_upgrade() {
     eventually("refusals counted", || {
         node.node().metrics().refused(Refusal::Unauthorized) == refused.len() as u64
     });
-}
-
-/// Sends raw bytes, returns everything the server answers until it closes.
-fn raw_exchange(node: &TestNode, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(node.addr).expect("connect");
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    stream.write_all(request).expect("write");
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    String::from_utf8_lossy(&response).into_owned()
 }
 
 #[test]

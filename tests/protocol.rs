@@ -197,10 +197,7 @@ fn tokens_authenticate_and_limit_publishing() {
     let mut config = dev_config();
     config.dev = false;
     let node = TestNode::start(config);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let now = unix_now_secs();
     let t = token(json!({"sub":"tok","dev":"phone","pub":["chat.*"],"exp":now + 60}));
     let mut c =
         Client::from_ws(connect_url(&node.url(&format!("/ws?token={t}"))).expect("upgrade"));

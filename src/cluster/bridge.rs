@@ -1268,41 +1268,15 @@ impl Bridge {
                 users,
                 data,
             } => {
-                let message = Message::per_user(
-                    mid,
-                    Template {
-                        ts,
-                        from: from.map(Arc::from),
-                        data: Arc::from(data),
-                    },
-                );
-                for user in users {
-                    let home = mesh.home(&user);
-                    mesh.send(
-                        home,
-                        Envelope::RouteUser {
-                            user: Arc::from(user),
-                            message: message.clone(),
-                            except: None,
-                        },
-                        shard_metrics(home),
-                    );
-                }
+                let template = Template {
+                    ts,
+                    from: from.map(Arc::from),
+                    data: Arc::from(data),
+                };
+                self.route_users(users, Message::per_user(mid, template));
             }
             Body::User { mid, users, frame } => {
-                let message = Message::new(mid, frame);
-                for user in users {
-                    let home = mesh.home(&user);
-                    mesh.send(
-                        home,
-                        Envelope::RouteUser {
-                            user: Arc::from(user),
-                            message: message.clone(),
-                            except: None,
-                        },
-                        shard_metrics(home),
-                    );
-                }
+                self.route_users(users, Message::new(mid, frame));
             }
             Body::Topic { mid, topic, frame } => {
                 let home = mesh.home(&topic);
@@ -1369,6 +1343,20 @@ impl Bridge {
             }
         }
         metrics.envelopes_in.inc();
+    }
+
+    /// Hands a message from another node to the home shard of each of `users`.
+    fn route_users(&self, users: Vec<String>, message: Message) {
+        let mesh = &self.node.mesh;
+        for user in users {
+            let home = mesh.home(&user);
+            let envelope = Envelope::RouteUser {
+                user: Arc::from(user),
+                message: message.clone(),
+                except: None,
+            };
+            mesh.send(home, envelope, self.node.metrics.shard(home));
+        }
     }
 
     /// Whether a message envelope arrives for the first time (a retry can bring it twice).

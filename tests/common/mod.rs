@@ -562,3 +562,23 @@ pub fn await_cluster(redis: &RedisServer, nodes: &[TestNode]) {
         });
     }
 }
+
+/// Seconds since the Unix epoch (for token `exp` and `nbf`).
+pub fn unix_now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Sends `request` as is on a fresh connection to `addr` and returns everything answered
+/// until the server closes (or [`WAIT`] passes).
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    stream.write_all(request).expect("write");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
