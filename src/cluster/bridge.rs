@@ -976,6 +976,9 @@ impl Bridge {
                 }
             }
         }
+        // Redis answers every command of a pipeline; should an answer be missing, its
+        // message is routed again rather than forgotten.
+        outcome.retry.extend(in_flight);
         self.requeue_front(outcome.retry);
         if let Some(broken) = outcome.broken {
             return Err(broken);
