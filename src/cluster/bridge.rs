@@ -1062,7 +1062,11 @@ impl Bridge {
     /// queue.
     fn requeue_in_flight(&self) {
         let in_flight = std::mem::take(&mut *self.in_flight.borrow_mut());
-        self.requeue_front(in_flight);
+        if !in_flight.is_empty() {
+            // Due at once: they go first in the next session.
+            self.retry_due.set(None);
+            self.requeue_front(in_flight);
+        }
     }
 
     /// Puts messages back at the front of the retry queue, keeping their order.
