@@ -58,6 +58,9 @@ macro_rules! label_enum {
             /// Every value, in index order.
             pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
+            /// Every value's label, in index order.
+            pub const LABELS: &'static [&'static str] = &[$($label,)+];
+
             /// The Prometheus label value.
             pub fn label(self) -> &'static str {
                 match self { $($name::$variant => $label,)+ }
@@ -202,7 +205,7 @@ pub struct ApiMetrics {
     /// Accept calls on the API listener that failed (e.g. EMFILE); the loop backs off.
     pub accept_errors: Counter,
     /// Requests that timed out, by [`ApiTimeout`].
-    pub timeouts: [Counter; 2],
+    pub timeouts: [Counter; ApiTimeout::ALL.len()],
 }
 
 impl ApiMetrics {
@@ -406,7 +409,7 @@ pub struct ShardMetrics {
     /// Handshakes that upgraded.
     pub handshakes_accepted: Counter,
     /// Handshakes refused, by [`Refusal`].
-    pub handshakes_refused: [Counter; 7],
+    pub handshakes_refused: [Counter; Refusal::ALL.len()],
     /// Accept calls that failed (e.g. EMFILE); the accept loop backs off.
     pub accept_errors: Counter,
     /// WebSocket frames received.
@@ -414,11 +417,11 @@ pub struct ShardMetrics {
     /// WebSocket frames written or queued to clients (replies, deliveries, pings, closes).
     pub frames_out: Counter,
     /// Messages handed to client sockets, by [`Delivery`].
-    pub delivered: [Counter; 3],
+    pub delivered: [Counter; Delivery::ALL.len()],
     /// Connections closed, by [`Close`].
-    pub closes: [Counter; 12],
+    pub closes: [Counter; Close::ALL.len()],
     /// Requests refused with an `err` frame, by [`Rejection`].
-    pub rejections: [Counter; 8],
+    pub rejections: [Counter; Rejection::ALL.len()],
     /// Cross-shard messages dropped, by [`Drop`].
     pub drops: [Counter; Drop::ALL.len()],
     /// Envelopes this shard received from other shards.
@@ -519,286 +522,286 @@ impl NodeMetrics {
     }
 }
 
-/// Renders every metric of the node in the Prometheus/OpenMetrics text format
-/// (`shardcast_` prefix, `_total` counters, units in names). A fresh registry per scrape
-/// reads the shards' atomics, so the hot paths never touch the exporter.
-pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) -> String {
-    use prometheus_client::encoding::text::encode;
-    use prometheus_client::metrics::counter::Counter as Total;
-    use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge as Level;
-    use prometheus_client::registry::Registry;
+/// A gauge per shard: name, help, value.
+type ShardGauge = (&'static str, &'static str, fn(&ShardMetrics) -> i64);
 
-    type Labels = Vec<(&'static str, String)>;
-    let mut registry = Registry::with_prefix("shardcast");
-    let per_shard =
-        |name: &str, help: &str, registry: &mut Registry, pick: fn(&ShardMetrics) -> i64| {
-            let family = Family::<Labels, Level>::default();
-            for (index, shard) in node.shards().iter().enumerate() {
-                family
-                    .get_or_create(&vec![("shard", index.to_string())])
-                    .set(pick(shard));
-            }
-            registry.register(name, help, family);
-        };
-    per_shard(
-        "connections",
-        "Open WebSocket connections",
-        &mut registry,
-        |s| s.connections.get(),
-    );
-    per_shard(
+/// A counter summed over the shards, or one of the API's or the bus's: name, help, value.
+type Total<M> = (&'static str, &'static str, fn(&M) -> u64);
+
+/// A counter family with one label, summed over the shards, or one of the API's or the
+/// bus's: name, help, label name, label values, value of the label value at an index.
+type Labelled<M> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    fn(&M, usize) -> u64,
+);
+
+const SHARD_GAUGES: &[ShardGauge] = &[
+    ("connections", "Open WebSocket connections", |s| {
+        s.connections.get()
+    }),
+    (
         "users",
         "Distinct users with a connection, counted per shard",
-        &mut registry,
         |s| s.users.get(),
-    );
-    per_shard(
+    ),
+    (
         "topics",
         "Distinct topics with a subscriber, counted per shard",
-        &mut registry,
         |s| s.topics.get(),
-    );
-    per_shard(
+    ),
+    (
         "incomplete_bytes",
         "Bytes held for incomplete inbound frames and messages",
-        &mut registry,
         |s| s.incomplete_bytes.get(),
-    );
+    ),
+];
 
-    let level = |registry: &mut Registry, name: &str, help: &str, value: i64| {
-        let gauge = Level::<i64>::default();
-        gauge.set(value);
-        registry.register(name, help, gauge);
-    };
-    let total = |name: &str, help: &str, registry: &mut Registry, value: u64| {
-        let counter = Total::<u64>::default();
-        counter.inc_by(value);
-        registry.register(name, help, counter);
-    };
-    total(
-        "handshakes_accepted",
-        "WebSocket upgrades accepted",
-        &mut registry,
-        node.sum(|s| s.handshakes_accepted.get()),
-    );
-    total(
-        "accept_errors",
-        "Failed accept calls (e.g. EMFILE)",
-        &mut registry,
-        node.sum(|s| s.accept_errors.get()),
-    );
-    total(
-        "frames_in",
-        "WebSocket frames received",
-        &mut registry,
-        node.sum(|s| s.frames_in.get()),
-    );
-    total(
-        "frames_out",
-        "WebSocket frames written or queued",
-        &mut registry,
-        node.sum(|s| s.frames_out.get()),
-    );
-    total(
-        "envelopes",
-        "Envelopes handed between shards",
-        &mut registry,
-        node.sum(|s| s.envelopes_in.get()),
-    );
+const SHARD_TOTALS: &[Total<ShardMetrics>] = &[
+    ("handshakes_accepted", "WebSocket upgrades accepted", |s| {
+        s.handshakes_accepted.get()
+    }),
+    ("accept_errors", "Failed accept calls (e.g. EMFILE)", |s| {
+        s.accept_errors.get()
+    }),
+    ("frames_in", "WebSocket frames received", |s| {
+        s.frames_in.get()
+    }),
+    ("frames_out", "WebSocket frames written or queued", |s| {
+        s.frames_out.get()
+    }),
+    ("envelopes", "Envelopes handed between shards", |s| {
+        s.envelopes_in.get()
+    }),
+];
 
-    fn labelled<L: Copy>(
-        registry: &mut Registry,
-        name: &str,
-        help: &str,
-        label: &'static str,
-        values: &[L],
-        name_of: fn(L) -> &'static str,
-        count: impl Fn(usize) -> u64,
-    ) {
-        let family = Family::<Labels, Total<u64>>::default();
-        for (index, value) in values.iter().enumerate() {
-            family
-                .get_or_create(&vec![(label, name_of(*value).to_owned())])
-                .inc_by(count(index));
-        }
-        registry.register(name, help, family);
-    }
-    labelled(
-        &mut registry,
+const SHARD_FAMILIES: &[Labelled<ShardMetrics>] = &[
+    (
         "handshakes_refused",
         "Upgrades refused, by reason",
         "reason",
-        Refusal::ALL,
-        Refusal::label,
-        |i| node.sum(|s| s.handshakes_refused[i].get()),
-    );
-    labelled(
-        &mut registry,
+        Refusal::LABELS,
+        |s, i| s.handshakes_refused[i].get(),
+    ),
+    (
         "messages_delivered",
         "Messages written to client sockets, by kind",
         "kind",
-        Delivery::ALL,
-        Delivery::label,
-        |i| node.sum(|s| s.delivered[i].get()),
-    );
-    labelled(
-        &mut registry,
+        Delivery::LABELS,
+        |s, i| s.delivered[i].get(),
+    ),
+    (
         "closes",
         "Connections closed, by reason (slow_consumer included)",
         "reason",
-        Close::ALL,
-        Close::label,
-        |i| node.sum(|s| s.closes[i].get()),
-    );
-    labelled(
-        &mut registry,
+        Close::LABELS,
+        |s, i| s.closes[i].get(),
+    ),
+    (
         "rejections",
         "Requests answered with err, by reason",
         "reason",
-        Rejection::ALL,
-        Rejection::label,
-        |i| node.sum(|s| s.rejections[i].get()),
-    );
-    labelled(
-        &mut registry,
+        Rejection::LABELS,
+        |s, i| s.rejections[i].get(),
+    ),
+    (
         "drops",
-        "Messages dropped between shards, by reason",
+        "Messages dropped inside the node, by reason",
         "reason",
-        Drop::ALL,
-        Drop::label,
-        |i| node.sum(|s| s.drops[i].get()),
-    );
+        Drop::LABELS,
+        |s, i| s.drops[i].get(),
+    ),
+];
 
-    let api = node.api();
-    level(
-        &mut registry,
-        "api_connections",
-        "HTTP API connections open",
-        api.connections.get(),
-    );
-    total(
+const API_TOTALS: &[Total<ApiMetrics>] = &[
+    (
         "api_connections_refused",
         "HTTP API connections refused with 503 at max_api_connections",
-        &mut registry,
-        api.connections_refused.get(),
-    );
-    total(
+        |a| a.connections_refused.get(),
+    ),
+    (
         "api_accept_errors",
         "Failed accept calls on the HTTP API listener (e.g. EMFILE)",
-        &mut registry,
-        api.accept_errors.get(),
+        |a| a.accept_errors.get(),
+    ),
+];
+
+const API_FAMILIES: &[Labelled<ApiMetrics>] = &[(
+    "api_timeouts",
+    "HTTP API requests that took too long, by phase",
+    "phase",
+    ApiTimeout::LABELS,
+    |a, i| a.timeouts[i].get(),
+)];
+
+const BUS_TOTALS: &[Total<BusMetrics>] = &[
+    ("redis_commands", "Redis commands sent", |b| {
+        b.commands.get()
+    }),
+    (
+        "redis_errors",
+        "Redis failures: connections, refused commands, lost subscriptions, stalls",
+        |b| b.errors.get(),
+    ),
+    (
+        "redis_sessions",
+        "Sessions with Redis started (reconnects plus one)",
+        |b| b.sessions.get(),
+    ),
+    ("bus_bytes_out", "Envelope bytes sent to Redis", |b| {
+        b.bytes_out.get()
+    }),
+    ("bus_bytes_in", "Envelope bytes received from Redis", |b| {
+        b.bytes_in.get()
+    }),
+    ("bus_envelopes_out", "Messages sent to other nodes", |b| {
+        b.envelopes_out.get()
+    }),
+    (
+        "bus_envelopes_in",
+        "Envelopes received from other nodes",
+        |b| b.envelopes_in.get(),
+    ),
+    (
+        "bus_envelopes_invalid",
+        "Envelopes received that could not be read (version, format)",
+        |b| b.envelopes_invalid.get(),
+    ),
+    (
+        "bus_duplicates",
+        "Envelopes received again (a retried message) and dropped",
+        |b| b.duplicates.get(),
+    ),
+    (
+        "bus_retries",
+        "Messages for other nodes routed again (lost session, reconnecting node, epoch lost)",
+        |b| b.retries.get(),
+    ),
+];
+
+const BUS_FAMILIES: &[Labelled<BusMetrics>] = &[(
+    "bus_drops",
+    "Messages for other nodes dropped, by reason",
+    "reason",
+    BusDrop::LABELS,
+    |b, i| b.drops[i].get(),
+)];
+
+/// Renders every metric of the node in the Prometheus/OpenMetrics text format
+/// (`shardcast_` prefix, `_total` counters, units in names). A fresh registry per scrape
+/// reads the shards' atomics, so the hot paths never touch the exporter. What is exported
+/// is the tables above; this function only walks them.
+pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) -> String {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::counter::Counter as PromCounter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge as PromGauge;
+    use prometheus_client::registry::{Registry, Unit};
+
+    type Labels = Vec<(&'static str, String)>;
+    let mut registry = Registry::with_prefix("shardcast");
+    let mut total = |name: &str, help: &str, value: u64| {
+        let counter = PromCounter::<u64>::default();
+        counter.inc_by(value);
+        registry.register(name, help, counter);
+    };
+    for (name, help, pick) in SHARD_TOTALS {
+        total(name, help, node.sum(pick));
+    }
+    for (name, help, pick) in API_TOTALS {
+        total(name, help, pick(node.api()));
+    }
+    if let Some(bus) = bus {
+        for (name, help, pick) in BUS_TOTALS {
+            total(name, help, pick(&bus.state().metrics));
+        }
+    }
+
+    let mut family = |name: &str,
+                      help: &str,
+                      label: &'static str,
+                      values: &[&str],
+                      count: &dyn Fn(usize) -> u64| {
+        let family = Family::<Labels, PromCounter<u64>>::default();
+        for (index, value) in values.iter().enumerate() {
+            family
+                .get_or_create(&vec![(label, (*value).to_owned())])
+                .inc_by(count(index));
+        }
+        registry.register(name, help, family);
+    };
+    for (name, help, label, values, pick) in SHARD_FAMILIES {
+        family(name, help, label, values, &|i| node.sum(|s| pick(s, i)));
+    }
+    for (name, help, label, values, pick) in API_FAMILIES {
+        family(name, help, label, values, &|i| pick(node.api(), i));
+    }
+    if let Some(bus) = bus {
+        for (name, help, label, values, pick) in BUS_FAMILIES {
+            family(name, help, label, values, &|i| {
+                pick(&bus.state().metrics, i)
+            });
+        }
+    }
+
+    for (name, help, pick) in SHARD_GAUGES {
+        let family = Family::<Labels, PromGauge>::default();
+        for (index, shard) in node.shards().iter().enumerate() {
+            family
+                .get_or_create(&vec![("shard", index.to_string())])
+                .set(pick(shard));
+        }
+        registry.register(*name, *help, family);
+    }
+    let mut level = |name: &str, help: &str, value: i64| {
+        let gauge = PromGauge::<i64>::default();
+        gauge.set(value);
+        registry.register(name, help, gauge);
+    };
+    level(
+        "api_connections",
+        "HTTP API connections open",
+        node.api().connections.get(),
     );
-    labelled(
-        &mut registry,
-        "api_timeouts",
-        "HTTP API requests that took too long, by phase",
-        "phase",
-        ApiTimeout::ALL,
-        ApiTimeout::label,
-        |i| api.timeouts[i].get(),
+    if let Some(bus) = bus {
+        level(
+            "redis_up",
+            "1 while Redis is reachable, answering in time, and this node is registered",
+            i64::from(bus.is_up()),
+        );
+        level(
+            "bridge_queue_depth",
+            "Messages for other nodes waiting in the bridge's lane",
+            bus.queue_depth() as i64,
+        );
+        level(
+            "bridge_queue_bytes",
+            "Bytes of messages for other nodes the bridge holds (queued, in flight, to retry)",
+            bus.state().queued_bytes() as i64,
+        );
+    }
+    level(
+        "process_resident_memory_bytes",
+        "Resident set size of the process",
+        resident_bytes() as i64,
     );
 
     registry.register_with_unit(
         "delivery_latency",
         "From a message entering the node to its last socket write on a shard",
-        prometheus_client::registry::Unit::Seconds,
+        Unit::Seconds,
         MergedHistogram::of(node.shards().iter().map(|s| &s.delivery_latency)),
     );
-
     if let Some(bus) = bus {
-        let metrics = &bus.state().metrics;
-        level(
-            &mut registry,
-            "redis_up",
-            "1 while Redis is reachable and this node is registered in the cluster",
-            i64::from(bus.is_up()),
-        );
-        level(
-            &mut registry,
-            "bridge_queue_depth",
-            "Messages for other nodes waiting for the bridge",
-            bus.queue_depth() as i64,
-        );
-        level(
-            &mut registry,
-            "bridge_queue_bytes",
-            "Bytes of messages for other nodes the bridge holds (queued, in flight, to retry)",
-            bus.state().queued_bytes() as i64,
-        );
-        for (name, help, value) in [
-            ("redis_commands", "Redis commands sent", &metrics.commands),
-            (
-                "redis_errors",
-                "Redis failures: connections, refused commands, lost subscriptions",
-                &metrics.errors,
-            ),
-            (
-                "redis_sessions",
-                "Sessions with Redis started (reconnects plus one)",
-                &metrics.sessions,
-            ),
-            (
-                "bus_bytes_out",
-                "Envelope bytes sent to Redis",
-                &metrics.bytes_out,
-            ),
-            (
-                "bus_bytes_in",
-                "Envelope bytes received from Redis",
-                &metrics.bytes_in,
-            ),
-            (
-                "bus_envelopes_out",
-                "Messages sent to other nodes",
-                &metrics.envelopes_out,
-            ),
-            (
-                "bus_envelopes_in",
-                "Envelopes received from other nodes",
-                &metrics.envelopes_in,
-            ),
-            (
-                "bus_envelopes_invalid",
-                "Envelopes received that could not be read (version, format)",
-                &metrics.envelopes_invalid,
-            ),
-            (
-                "bus_duplicates",
-                "Envelopes received again (a retried message) and dropped",
-                &metrics.duplicates,
-            ),
-            (
-                "bus_retries",
-                "Messages for other nodes routed again (lost session, reconnecting node, settling cluster)",
-                &metrics.retries,
-            ),
-        ] {
-            total(name, help, &mut registry, value.get());
-        }
-        labelled(
-            &mut registry,
-            "bus_drops",
-            "Messages for other nodes dropped, by reason",
-            "reason",
-            BusDrop::ALL,
-            BusDrop::label,
-            |i| metrics.drops[i].get(),
-        );
         registry.register_with_unit(
             "redis_roundtrip",
             "Round trip of one pipelined batch of Redis commands",
-            prometheus_client::registry::Unit::Seconds,
-            MergedHistogram::of(std::iter::once(&metrics.roundtrip)),
+            Unit::Seconds,
+            MergedHistogram::of(std::iter::once(&bus.state().metrics.roundtrip)),
         );
     }
-
-    level(
-        &mut registry,
-        "process_resident_memory_bytes",
-        "Resident set size of the process",
-        resident_bytes() as i64,
-    );
 
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
