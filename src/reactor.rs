@@ -19,7 +19,7 @@
 //! shard therefore costs no CPU: both threads sleep in the kernel.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Context;
@@ -108,7 +108,7 @@ impl Reactor {
             stopping: stopping.clone(),
             poller: None,
         };
-        reactor.add(reactor.stop.as_raw_fd(), STOP_TOKEN, libc::EPOLLIN as u32)?;
+        reactor.add(reactor.stop.as_fd(), STOP_TOKEN, libc::EPOLLIN as u32)?;
         let epoll_fd = reactor.epoll.as_raw_fd();
         reactor.poller = Some(
             std::thread::Builder::new()
@@ -118,34 +118,39 @@ impl Reactor {
         Ok(reactor)
     }
 
-    fn add(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+    fn add(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
         let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: both fds are open; event is a valid epoll_event.
         check(unsafe {
-            libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event)
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut event,
+            )
         })
         .map(drop)
     }
 
     /// Watches a connection socket, edge-triggered for input, output and hang-up.
-    pub fn add_socket(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub fn add_socket(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
         self.add(fd, token, events as u32)
     }
 
     /// Watches a listening socket, level-triggered (accepts are bounded per turn).
-    pub fn add_listener(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub fn add_listener(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         self.add(fd, token, libc::EPOLLIN as u32)
     }
 
     /// Stops watching `fd` (closing the fd does the same).
-    pub fn remove(&self, fd: RawFd) {
+    pub fn remove(&self, fd: BorrowedFd<'_>) {
         // SAFETY: EPOLL_CTL_DEL ignores the event argument; errors (not registered) are moot.
         unsafe {
             libc::epoll_ctl(
                 self.epoll.as_raw_fd(),
                 libc::EPOLL_CTL_DEL,
-                fd,
+                fd.as_raw_fd(),
                 std::ptr::null_mut(),
             );
         }
@@ -210,12 +215,12 @@ fn poll_loop(epoll: RawFd, doorbell: &Doorbell, stopping: &AtomicBool) {
 }
 
 /// Accepts one connection: non-blocking, close-on-exec. `Ok(None)` when none is waiting.
-pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
     loop {
         // SAFETY: accept4 with null address arguments is valid.
         let fd = unsafe {
             libc::accept4(
-                listener,
+                listener.as_raw_fd(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
                 libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
@@ -235,10 +240,17 @@ pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
 }
 
 /// `recv` without blocking. `Ok(0)` is EOF; `WouldBlock` means nothing to read now.
-pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: buf is writable for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -250,7 +262,7 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// `sendmsg` with `MSG_DONTWAIT | MSG_NOSIGNAL`: never blocks, never raises SIGPIPE.
-pub fn send(fd: RawFd, slices: &[io::IoSlice<'_>]) -> io::Result<usize> {
+pub fn send(fd: BorrowedFd<'_>, slices: &[io::IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: msghdr is plain data; zeroed is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is guaranteed ABI-compatible with iovec on Unix.
@@ -258,7 +270,13 @@ pub fn send(fd: RawFd, slices: &[io::IoSlice<'_>]) -> io::Result<usize> {
     msg.msg_iovlen = slices.len();
     loop {
         // SAFETY: fd is an open socket; msg points at live slices.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        let n = unsafe {
+            libc::sendmsg(
+                fd.as_raw_fd(),
+                &msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -270,9 +288,9 @@ pub fn send(fd: RawFd, slices: &[io::IoSlice<'_>]) -> io::Result<usize> {
 }
 
 /// Half-closes the write side (after our close frame).
-pub fn shutdown_write(fd: RawFd) {
+pub fn shutdown_write(fd: BorrowedFd<'_>) {
     // SAFETY: plain syscall on an open socket; failure (already closed) is moot.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
 }
 
 #[cfg(test)]
@@ -287,7 +305,7 @@ mod tests {
         let reactor = Reactor::new("test-poller".into(), doorbell.clone()).expect("reactor");
         let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
         a.set_nonblocking(true).expect("nonblocking");
-        reactor.add_socket(a.as_raw_fd(), 7).expect("add");
+        reactor.add_socket(a.as_fd(), 7).expect("add");
         let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
             std::task::Poll::Ready(cx.waker().clone())
         }));
@@ -317,7 +335,7 @@ mod tests {
         assert_eq!(second[0].0, 7);
         assert!(second[0].1.readable());
         let mut buf = [0u8; 4];
-        assert_eq!(recv(a.as_raw_fd(), &mut buf).expect("recv"), 1);
+        assert_eq!(recv(a.as_fd(), &mut buf).expect("recv"), 1);
         drop(reactor);
     }
 }

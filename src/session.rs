@@ -41,7 +41,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -253,7 +253,7 @@ impl Conn {
         let mut slot = self.out.borrow_mut();
         let Some(out) = slot.as_deref_mut() else {
             let mut queued = Outbound::default();
-            match reactor::send(self.fd.as_raw_fd(), &[IoSlice::new(frame)]) {
+            match reactor::send(self.fd.as_fd(), &[IoSlice::new(frame)]) {
                 Ok(n) if n == frame.len() => {}
                 Ok(n) => queued.push_tail(frame.slice(n..)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => queued.push(frame.clone()),
@@ -395,7 +395,7 @@ impl Conn {
                     .take(IOVECS_PER_WRITE)
                     .map(|f| IoSlice::new(f))
                     .collect();
-                reactor::send(self.fd.as_raw_fd(), &slices)
+                reactor::send(self.fd.as_fd(), &slices)
             };
             match sent {
                 Ok(n) => out.consume(n),
@@ -409,14 +409,14 @@ impl Conn {
 
     /// Half-closes the socket once our close frame is out.
     pub fn shutdown_write(&self) {
-        reactor::shutdown_write(self.fd.as_raw_fd());
+        reactor::shutdown_write(self.fd.as_fd());
     }
 
     /// Reads and handles what the socket has, up to [`READS_PER_TURN`] reads.
     pub fn read(self: &Rc<Self>, shard: &Shard) -> ReadOutcome {
         for _ in 0..READS_PER_TURN {
             let mut scratch = shard.scratch.borrow_mut();
-            match reactor::recv(self.fd.as_raw_fd(), &mut scratch[..]) {
+            match reactor::recv(self.fd.as_fd(), &mut scratch[..]) {
                 Ok(0) => return ReadOutcome::Eof,
                 Ok(n) => {
                     if self.on_bytes(&mut scratch[..n], shard) == Flow::Stop {
@@ -437,7 +437,7 @@ impl Conn {
     pub fn read_discarding(&self, shard: &Shard) -> bool {
         for _ in 0..READS_PER_TURN {
             let mut scratch = shard.scratch.borrow_mut();
-            match reactor::recv(self.fd.as_raw_fd(), &mut scratch[..]) {
+            match reactor::recv(self.fd.as_fd(), &mut scratch[..]) {
                 Ok(0) => return true,
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -616,7 +616,7 @@ impl Handshake {
                 break Err(HttpRefusal::TOO_LARGE);
             }
             self.request.resize((len * 2).clamp(1024, max), 0);
-            match reactor::recv(self.fd.as_raw_fd(), &mut self.request[len..]) {
+            match reactor::recv(self.fd.as_fd(), &mut self.request[len..]) {
                 Ok(0) => return (None, HandshakeOutcome::Gone),
                 Ok(n) => self.request.truncate(len + n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -633,7 +633,7 @@ impl Handshake {
         };
         let outcome = match upgrade.and_then(|upgrade| self.admit(upgrade, shard)) {
             Ok((identity, response, consumed)) => {
-                if reactor::send(self.fd.as_raw_fd(), &[IoSlice::new(&response)]).ok()
+                if reactor::send(self.fd.as_fd(), &[IoSlice::new(&response)]).ok()
                     != Some(response.len())
                 {
                     return (None, HandshakeOutcome::Gone);
@@ -643,7 +643,7 @@ impl Handshake {
                 HandshakeOutcome::Open(Rc::new(Conn::new(id, fd, identity, shard)), early)
             }
             Err(refusal) => {
-                let _ = reactor::send(self.fd.as_raw_fd(), &[IoSlice::new(&refusal.response())]);
+                let _ = reactor::send(self.fd.as_fd(), &[IoSlice::new(&refusal.response())]);
                 HandshakeOutcome::Refused(refusal)
             }
         };

@@ -31,7 +31,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -187,7 +187,7 @@ impl Shard {
     fn new(index: usize, node: Arc<NodeShared>, listener: OwnedFd) -> std::io::Result<Self> {
         let doorbell = Arc::new(Doorbell::default());
         let reactor = Reactor::new(format!("shard-{index}-poll"), doorbell.clone())?;
-        reactor.add_listener(listener.as_raw_fd(), LISTENER_TOKEN)?;
+        reactor.add_listener(listener.as_fd(), LISTENER_TOKEN)?;
         Ok(Shard {
             index,
             metrics: node.metrics.shard(index).clone(),
@@ -840,7 +840,7 @@ impl Shard {
             return;
         };
         for _ in 0..ACCEPTS_PER_TURN {
-            match reactor::accept(listener.as_raw_fd()) {
+            match reactor::accept(listener.as_fd()) {
                 Ok(Some(fd)) => self.adopt(fd),
                 Ok(None) => return,
                 Err(error) => {
@@ -848,7 +848,7 @@ impl Shard {
                     let out_of_descriptors =
                         matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                     if out_of_descriptors {
-                        match self.refuse_with_spare(listener.as_raw_fd()) {
+                        match self.refuse_with_spare(listener.as_fd()) {
                             Some(true) => continue,
                             Some(false) => return,
                             None => {}
@@ -863,7 +863,7 @@ impl Shard {
                             "accept failed; pausing accepts for 100 ms"
                         );
                     }
-                    self.reactor.remove(listener.as_raw_fd());
+                    self.reactor.remove(listener.as_fd());
                     self.accept_paused_until
                         .set(Some(self.clock_ms() + ACCEPT_PAUSE.as_millis() as u64));
                     return;
@@ -875,7 +875,7 @@ impl Shard {
     /// Out of descriptors: frees the spare to accept one waiting client and answer it 503.
     /// `Some(true)`: one was refused; `Some(false)`: none was waiting; `None`: no spare, or
     /// accepting failed even so.
-    fn refuse_with_spare(&self, listener: std::os::fd::RawFd) -> Option<bool> {
+    fn refuse_with_spare(&self, listener: BorrowedFd<'_>) -> Option<bool> {
         drop(self.spare.take()?);
         let outcome = match reactor::accept(listener) {
             Ok(Some(fd)) => {
@@ -894,9 +894,9 @@ impl Shard {
         // Take what the request already sent, so closing is less likely to reset the
         // connection under the answer; never wait for more.
         let mut scratch = self.scratch.borrow_mut();
-        let _ = reactor::recv(fd.as_raw_fd(), &mut scratch[..]);
+        let _ = reactor::recv(fd.as_fd(), &mut scratch[..]);
         let response = HttpRefusal::UNAVAILABLE.response();
-        let _ = reactor::send(fd.as_raw_fd(), &[std::io::IoSlice::new(&response)]);
+        let _ = reactor::send(fd.as_fd(), &[std::io::IoSlice::new(&response)]);
         self.metrics.refused(Refusal::Unavailable);
     }
 
@@ -907,7 +907,7 @@ impl Shard {
         }
         let _ = socket2::SockRef::from(&fd).set_nodelay(true);
         let id = self.new_conn_id();
-        if let Err(error) = self.reactor.add_socket(fd.as_raw_fd(), id) {
+        if let Err(error) = self.reactor.add_socket(fd.as_fd(), id) {
             self.metrics.accept_errors.inc();
             if let Some(suppressed) = self.accept_warnings.allow(Instant::now()) {
                 tracing::warn!(shard = self.index, %error, suppressed, "cannot watch an accepted socket");
@@ -927,7 +927,7 @@ impl Shard {
         }
         self.stopping.fire();
         if let Some(listener) = self.listener.take() {
-            self.reactor.remove(listener.as_raw_fd());
+            self.reactor.remove(listener.as_fd());
         }
         let drain: VecDeque<ConnId> = self.open_conns().iter().map(|c| c.id).collect();
         let window = self.node.config.drain_window_ms;
@@ -979,9 +979,7 @@ impl Shard {
             }
             drop(spare);
             if let Some(listener) = self.listener.borrow().as_ref() {
-                let _ = self
-                    .reactor
-                    .add_listener(listener.as_raw_fd(), LISTENER_TOKEN);
+                let _ = self.reactor.add_listener(listener.as_fd(), LISTENER_TOKEN);
             }
         }
     }
