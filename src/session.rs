@@ -65,14 +65,14 @@ const IOVECS_PER_WRITE: usize = 64;
 
 /// Frames waiting for the socket.
 #[derive(Default)]
-struct Outbound {
+struct WriteQueue {
     frames: VecDeque<Bytes>,
     bytes: usize,
     /// The front frame is partly written: dropping it would corrupt the stream.
     front_started: bool,
 }
 
-impl Outbound {
+impl WriteQueue {
     fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.frames.push_back(frame);
@@ -196,7 +196,7 @@ pub struct Conn {
     user: Option<Arc<str>>,
     publish: PublishRights,
     /// Frames the socket has not taken yet; allocated only while there are some.
-    out: RefCell<Option<Box<Outbound>>>,
+    out: RefCell<Option<Box<WriteQueue>>>,
     inbound: RefCell<Inbound>,
     rate: Cell<RateLimit>,
     close: Cell<Option<(u16, metrics::Close)>>,
@@ -252,7 +252,7 @@ impl Conn {
         let metrics = &shard.metrics;
         let mut slot = self.out.borrow_mut();
         let Some(out) = slot.as_deref_mut() else {
-            let mut queued = Outbound::default();
+            let mut queued = WriteQueue::default();
             match reactor::send(self.fd.as_fd(), &[IoSlice::new(frame)]) {
                 Ok(n) if n == frame.len() => {}
                 Ok(n) => queued.push_tail(frame.slice(n..)),
@@ -748,7 +748,7 @@ mod tests {
 
     #[test]
     fn outbound_keeps_a_started_frame_when_discarding() {
-        let mut out = Outbound::default();
+        let mut out = WriteQueue::default();
         out.push(Bytes::from_static(b"abcdef"));
         out.push(Bytes::from_static(b"ghij"));
         out.consume(2);
@@ -765,7 +765,7 @@ mod tests {
 
     #[test]
     fn consume_spans_frames() {
-        let mut out = Outbound::default();
+        let mut out = WriteQueue::default();
         for _ in 0..32 {
             out.push(Bytes::from_static(b"0123456789"));
         }
