@@ -412,7 +412,7 @@ impl Conn {
         reactor::shutdown_write(self.fd.as_fd());
     }
 
-    /// Reads and handles what the socket has, up to [`READS_PER_TURN`] reads.
+    /// Reads and handles what the socket has, up to `READS_PER_TURN` reads.
     pub fn read(self: &Rc<Self>, shard: &Shard) -> ReadOutcome {
         for _ in 0..READS_PER_TURN {
             let mut scratch = shard.scratch.borrow_mut();

@@ -5,7 +5,7 @@
 //! Three loops share the thread and end the session together when any of them fails:
 //!
 //! - **writer**: woken by the bus doorbell, it takes every pending control change and up to
-//!   [`MAX_BATCH`] messages and sends them as one pipeline, so under load one Redis round
+//!   `MAX_BATCH` (4,096) messages and sends them as one pipeline, so under load one Redis round
 //!   trip carries thousands of messages and at idle a message waits for nothing. Topic
 //!   interest becomes `SUBSCRIBE`/`UNSUBSCRIBE` on the pub/sub connection. It also beats
 //!   the heartbeat: refresh the lease (`SET … XX`: a missing key means Redis restarted or
@@ -17,35 +17,27 @@
 //!   the socket looks fine, and the session is rebuilt.
 //! - **queries**: answers the API's presence, node and topic questions.
 //!
-//! # Every message accounted for
-//! A message the bridge takes from the lane is finished exactly one way: routed (Redis
-//! answered for it), or dropped and counted in `shardcast_bus_drops_total` with a reason
-//! (its `mid` logged at most once a second). Until then it stays counted against
-//! `bridge_queue_max_bytes`. What could otherwise vanish is retried instead, in order,
-//! for at most `bridge_hold_ms` since the message entered the node:
-//! - a pipeline in flight when the session dies (Redis stalled, connection lost) goes back
-//!   to the front of the queue for the next session;
-//! - a message routed under an epoch Redis no longer has waits for the rebuilt session (and
-//!   for the cluster to settle, see [`super::redis_layout`]) and is routed again;
-//! - a message published to a node whose subscription was gone (it was reconnecting) is
-//!   retried until that node's new instance has re-published its devices.
-//!
-//! A retry can reach a node that got the first copy; receivers drop what they have seen
-//! ([`super::dedupe`]). A direct message whose recipient has no live device anywhere is
-//! counted `no_route`.
+//! This file holds the session: connecting, joining the epoch, registering, the writer's
+//! loop, the heartbeat and stall detection. `outbound.rs` turns messages into pipelined
+//! commands and accounts for each one; `inbound.rs` dispatches what other nodes send and
+//! answers the API's queries.
 //!
 //! `redis_up` and `/readyz` follow the round trips: one outstanding for more than half a
 //! heartbeat marks the bus stalled at once (an idle bridge pings every quarter heartbeat
 //! so a stall is seen within one heartbeat), while the session itself is only abandoned
-//! after [`RESPONSE_TIMEOUT`].
+//! after `RESPONSE_TIMEOUT` (3 s).
 //!
 //! A session starts with a fresh *instance* id (see [`super::redis_layout`]): it loads the
 //! scripts, joins the cluster epoch, subscribes the node's channels and topics, registers
 //! the node and re-publishes every device it holds, and only then retires its previous
-//! instance, so its routes never disappear in between. So a Redis that came back empty, or a connection blip during which
-//! devices came and went, heals the same way: within one backoff plus one re-publish.
+//! instance, so its routes never disappear in between. So a Redis that came back empty,
+//! or a connection blip during which devices came and went, heals the same way: within one
+//! backoff plus one re-publish.
 //! Between sessions control changes keep being folded into the bridge's tables, messages
 //! wait in the bounded lane, and API queries are answered "down" at once.
+
+mod inbound;
+mod outbound;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -71,9 +63,8 @@ use crate::metrics::{self, BusDrop};
 use crate::node::NodeShared;
 use crate::router::{self, shard_of, ConnId, Envelope, Message, Template};
 use crate::ws::close;
-
-/// Messages sent in one pipeline at most; the rest wait for the next round trip.
-const MAX_BATCH: usize = 4096;
+use inbound::answer_down;
+use outbound::{Answer, Batch, Pending};
 
 /// Route-key TTL refreshes sent per heartbeat at most (a full round is spread over
 /// [`layout::ROUTE_REFRESH_ROUND_SECS`]; this caps a heartbeat's share on huge nodes).
@@ -91,14 +82,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one command or pipeline may take before the session is considered broken.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long a topic query waits for the nodes' answers.
-const TOPIC_QUERY_TIMEOUT: Duration = Duration::from_millis(1000);
-
 /// Heartbeats without our own probe coming back before the subscription counts as lost.
 const PROBE_MISSES: u32 = 3;
-
-/// How long a message that met a reconnecting node waits before it is routed again.
-const UNHEARD_RETRY: Duration = Duration::from_millis(100);
 
 /// Why a session with Redis ended.
 #[derive(Debug, thiserror::Error)]
@@ -232,62 +217,6 @@ impl Scripts {
 
 /// A user's devices on this node: connection and connect time (ms), oldest first.
 type Devices = SmallVec<[(ConnId, u64); 2]>;
-
-/// A message the bridge has taken from the lane and not finished with yet.
-struct Pending {
-    outbound: Outbound,
-    /// Its share of `bridge_queue_max_bytes`, given back when it is finished.
-    size: usize,
-    /// It met a node whose subscription was gone: it is retried until it finds a route (or
-    /// `bridge_hold_ms` runs out), since that node's devices come back under a new instance.
-    lost_route: bool,
-}
-
-/// What to do with one pipelined command's answer.
-enum Answer {
-    /// Nothing (count errors only).
-    Ignore,
-    /// The next message of [`Bridge::in_flight`]: finish it, retry it or drop it, as the
-    /// answer says.
-    Message,
-    /// Device members the cluster device limit evicted: close them.
-    Evictions,
-}
-
-/// One pipeline being built.
-struct Batch {
-    pipe: redis::Pipeline,
-    answers: Vec<Answer>,
-    bytes: u64,
-    messages: u64,
-}
-
-/// How a batch's answers ended.
-#[derive(Default)]
-struct BatchOutcome {
-    /// Messages to route again, in their order.
-    retry: Vec<Pending>,
-    /// Redis has lost the epoch or the scripts: the session must be rebuilt.
-    broken: Option<SessionError>,
-}
-
-impl Batch {
-    fn new() -> Self {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        Batch {
-            pipe,
-            answers: Vec::new(),
-            bytes: 0,
-            messages: 0,
-        }
-    }
-
-    fn push(&mut self, cmd: redis::Cmd, answer: Answer) {
-        self.pipe.add_command(cmd);
-        self.answers.push(answer);
-    }
-}
 
 struct Bridge {
     node: Arc<NodeShared>,
@@ -710,54 +639,6 @@ impl Bridge {
         }
     }
 
-    /// Sends what the lanes hold as one pipeline. `true` if messages were left for the next.
-    async fn flush(
-        &self,
-        conn: &mut MultiplexedConnection,
-        subscriptions: &mut Subscriptions,
-    ) -> Result<bool, SessionError> {
-        let mut batch = Batch::new();
-        let mut touched_topics = Vec::new();
-        while let Ok(change) = self.control.try_recv() {
-            self.apply(change, Some(&mut batch), &mut touched_topics);
-        }
-        let mut taken = 0;
-        if !self.settling() {
-            let retry_due = self.retry_due.get().is_none_or(|due| due <= Instant::now());
-            if retry_due {
-                self.retry_due.set(None);
-                while taken < MAX_BATCH {
-                    let Some(pending) = self.retry.borrow_mut().pop_front() else {
-                        break;
-                    };
-                    taken += 1;
-                    self.encode(pending, &mut batch);
-                }
-            }
-            while taken < MAX_BATCH {
-                let Ok(outbound) = self.messages.try_recv() else {
-                    break;
-                };
-                taken += 1;
-                let size = outbound.size();
-                let pending = Pending {
-                    outbound,
-                    size,
-                    lost_route: false,
-                };
-                self.encode(pending, &mut batch);
-            }
-        }
-        if let Err(error) = self.sync_topics(&touched_topics, subscriptions).await {
-            self.requeue_in_flight();
-            return Err(error);
-        }
-        if !batch.answers.is_empty() {
-            self.send_batch(batch, conn).await?;
-        }
-        Ok(taken == MAX_BATCH)
-    }
-
     /// Folds one control change into the tables and, in a session, into `batch`.
     fn apply(&self, change: Control, batch: Option<&mut Batch>, touched: &mut Vec<Arc<str>>) {
         let instance = self.instance.get();
@@ -842,267 +723,6 @@ impl Bridge {
         if !unsubscribe.is_empty() {
             self.state.metrics.commands.inc();
             timed(subscriptions.sink.unsubscribe(&unsubscribe)).await?;
-        }
-        Ok(())
-    }
-
-    /// Adds one message for other nodes to `batch`, unless it waited too long.
-    fn encode(&self, pending: Pending, batch: &mut Batch) {
-        let instance = self.instance.get();
-        if let Some(message) = pending.outbound.message() {
-            if self.too_old(message) {
-                self.drop_pending(pending, BusDrop::Stale);
-                return;
-            }
-        }
-        let (cmd, payload_len) = match &pending.outbound {
-            Outbound::User { users, message } => {
-                let (payload, recipients) = match &message.body {
-                    router::Body::Frame(frame) => {
-                        (wire::user(instance, message.mid, users, frame), 1)
-                    }
-                    // (A direct message is never rendered per topic.)
-                    router::Body::PerUser(template) | router::Body::PerTopic(template) => (
-                        wire::direct(
-                            instance,
-                            message.mid,
-                            template.ts,
-                            template.from.as_deref(),
-                            users,
-                            &template.data,
-                        ),
-                        users.len(),
-                    ),
-                };
-                (self.route_cmd(users, recipients, &payload), payload.len())
-            }
-            Outbound::Kick { user, code } => {
-                let payload = wire::kick(instance, user, *code);
-                (
-                    self.route_cmd(std::slice::from_ref(user), 0, &payload),
-                    payload.len(),
-                )
-            }
-            Outbound::Topic { topic, message } => {
-                let payload = wire::topic(instance, message.mid, topic, &message.frame_for(topic));
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(self.names.topic(topic)).arg(&payload[..]);
-                (cmd, payload.len())
-            }
-            Outbound::Broadcast { message } => {
-                let payload = wire::broadcast(instance, message.mid, &message.shared_frame());
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(self.names.broadcast()).arg(&payload[..]);
-                (cmd, payload.len())
-            }
-        };
-        batch.bytes += payload_len as u64;
-        batch.messages += 1;
-        self.in_flight.borrow_mut().push(pending);
-        batch.push(cmd, Answer::Message);
-    }
-
-    /// Whether `message` has waited longer than `bridge_hold_ms` since it entered the node.
-    fn too_old(&self, message: &Message) -> bool {
-        let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
-        waited > self.node.config.bridge_hold_ms.saturating_mul(1_000_000)
-    }
-
-    /// Finishes a message the bridge gives up on: counted, logged (rate-limited), released.
-    fn drop_pending(&self, pending: Pending, reason: BusDrop) {
-        self.state.metrics.dropped(reason);
-        self.state
-            .log_drop(reason, pending.outbound.message().map(|m| m.mid));
-        self.state.release(pending.size);
-    }
-
-    /// `EVALSHA route`: publish `payload` once to every other node holding a device of any
-    /// of `users`, the first `recipients` of which are the message's recipients.
-    fn route_cmd(&self, users: &[Arc<str>], recipients: usize, payload: &[u8]) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.route.get_hash()).arg(users.len());
-        for user in users {
-            cmd.arg(self.names.user(user));
-        }
-        cmd.arg(self.names.prefix())
-            .arg(&*self.instance_hex.borrow())
-            .arg(payload)
-            .arg(&*self.epoch.borrow())
-            .arg(recipients);
-        cmd
-    }
-
-    async fn send_batch(
-        &self,
-        batch: Batch,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), SessionError> {
-        let metrics = &self.state.metrics;
-        metrics.bytes_out.add(batch.bytes);
-        metrics.envelopes_out.add(batch.messages);
-        let answers: Vec<Value> = match self.timed_query(&batch.pipe, conn).await {
-            Ok(answers) => answers,
-            Err(error) => {
-                // Redis may or may not have run it: route it again in the next session
-                // (receivers drop what they already got).
-                self.requeue_in_flight();
-                return Err(error);
-            }
-        };
-        let mut outcome = BatchOutcome::default();
-        let mut evictions = Vec::new();
-        let mut in_flight = std::mem::take(&mut *self.in_flight.borrow_mut()).into_iter();
-        for (answer, value) in batch.answers.into_iter().zip(answers) {
-            match answer {
-                Answer::Message => {
-                    // One message per `Answer::Message`, pushed in the same order.
-                    if let Some(pending) = in_flight.next() {
-                        self.finish(pending, value, &mut outcome);
-                    }
-                }
-                Answer::Ignore | Answer::Evictions => {
-                    if let Value::ServerError(error) = &value {
-                        if error.code() == "NOSCRIPT" {
-                            outcome.broken = Some(SessionError::ScriptsLost);
-                        }
-                        metrics.errors.inc();
-                        tracing::warn!(error = %error.code(), "Redis refused a command");
-                    } else if let Value::Array(members) = value {
-                        evictions.extend(members.into_iter().filter_map(|m| match m {
-                            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-                            _ => None,
-                        }));
-                    }
-                }
-            }
-        }
-        // Redis answers every command of a pipeline; should an answer be missing, its
-        // message is routed again rather than forgotten.
-        outcome.retry.extend(in_flight);
-        self.requeue_front(outcome.retry);
-        if let Some(broken) = outcome.broken {
-            return Err(broken);
-        }
-        if !evictions.is_empty() {
-            self.evict(&evictions, conn).await?;
-        }
-        Ok(())
-    }
-
-    /// Settles one message by Redis's answer: finished, dropped and counted, or retried.
-    fn finish(&self, mut pending: Pending, value: Value, outcome: &mut BatchOutcome) {
-        let metrics = &self.state.metrics;
-        let routed = match &value {
-            Value::ServerError(error) if error.code() == "NOSCRIPT" => {
-                outcome.broken = Some(SessionError::ScriptsLost);
-                outcome.retry.push(pending);
-                return;
-            }
-            Value::ServerError(error) => {
-                metrics.errors.inc();
-                tracing::warn!(error = %error.code(), "Redis refused a message");
-                self.drop_pending(pending, BusDrop::RedisError);
-                return;
-            }
-            // A topic publication or a broadcast: PUBLISH answers how many nodes heard it.
-            Value::Int(_) => {
-                self.state.release(pending.size);
-                return;
-            }
-            Value::Array(items) => {
-                let numbers: SmallVec<[i64; 3]> = items
-                    .iter()
-                    .map(|item| match item {
-                        Value::Int(n) => *n,
-                        _ => i64::MIN,
-                    })
-                    .collect();
-                Routed::parse(&numbers)
-            }
-            _ => None,
-        };
-        match routed {
-            Some(Routed::EpochLost) => {
-                outcome.broken = Some(SessionError::EpochLost);
-                outcome.retry.push(pending);
-            }
-            Some(Routed::Done {
-                no_route, unheard, ..
-            }) => {
-                let lost_route = unheard > 0 || (pending.lost_route && no_route > 0);
-                if lost_route {
-                    let expired = pending.outbound.message().is_some_and(|m| self.too_old(m));
-                    if expired {
-                        self.drop_pending(pending, BusDrop::Unheard);
-                    } else {
-                        pending.lost_route = true;
-                        self.retry_due.set(Some(Instant::now() + UNHEARD_RETRY));
-                        outcome.retry.push(pending);
-                    }
-                    return;
-                }
-                for _ in 0..no_route {
-                    metrics.dropped(BusDrop::NoRoute);
-                }
-                if no_route > 0 {
-                    self.state
-                        .log_drop(BusDrop::NoRoute, pending.outbound.message().map(|m| m.mid));
-                }
-                self.state.release(pending.size);
-            }
-            None => {
-                metrics.errors.inc();
-                tracing::warn!(answer = ?value, "unexpected answer to a routed message");
-                self.drop_pending(pending, BusDrop::RedisError);
-            }
-        }
-    }
-
-    /// Puts the messages of a pipeline that was not answered back at the front of the retry
-    /// queue.
-    fn requeue_in_flight(&self) {
-        let in_flight = std::mem::take(&mut *self.in_flight.borrow_mut());
-        if !in_flight.is_empty() {
-            // Due at once: they go first in the next session.
-            self.retry_due.set(None);
-            self.requeue_front(in_flight);
-        }
-    }
-
-    /// Puts messages back at the front of the retry queue, keeping their order.
-    fn requeue_front(&self, pendings: Vec<Pending>) {
-        self.state.metrics.retries.add(pendings.len() as u64);
-        let mut retry = self.retry.borrow_mut();
-        for pending in pendings.into_iter().rev() {
-            retry.push_front(pending);
-        }
-    }
-
-    /// Closes devices the cluster device limit evicted: ours directly, others' through
-    /// their node's channel.
-    async fn evict(
-        &self,
-        members: &[String],
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), SessionError> {
-        let instance = self.instance.get();
-        let mut pipe = redis::pipe();
-        for member in members {
-            let Some((owner, conn_id)) = layout::parse_device_member(member) else {
-                continue;
-            };
-            if owner == instance {
-                self.close_local(conn_id, close::REPLACED, metrics::Close::Replaced);
-            } else {
-                pipe.publish(
-                    self.names.instance_channel(owner),
-                    &wire::evict(instance, conn_id)[..],
-                )
-                .ignore();
-            }
-        }
-        if !pipe.is_empty() {
-            let _: () = self.timed_query(&pipe, conn).await?;
         }
         Ok(())
     }
@@ -1224,280 +844,6 @@ impl Bridge {
         tracing::info!(node_id = %self.node.node_id, "deregistered from the cluster");
         Ok(())
     }
-
-    async fn read_loop(&self, stream: &mut PubSubStream) -> Result<(), SessionError> {
-        while let Some(message) = stream.next().await {
-            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-            self.state.metrics.bytes_in.add(payload.len() as u64);
-            self.receive(payload);
-        }
-        Err(SessionError::SubscriptionLost)
-    }
-
-    /// Hands one envelope from another node to the shards that need it.
-    fn receive(&self, payload: Bytes) {
-        let metrics = &self.state.metrics;
-        let envelope = match wire::decode(payload) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                metrics.envelopes_invalid.inc();
-                tracing::warn!(%error, "dropping an envelope this node cannot read");
-                return;
-            }
-        };
-        let own = envelope.origin == self.instance.get();
-        let mesh = &self.node.mesh;
-        let shard_metrics = |shard: usize| self.node.metrics.shard(shard);
-        match envelope.body {
-            Body::Probe { .. } => {
-                if own {
-                    self.last_probe.set(Instant::now());
-                }
-                return;
-            }
-            // This node delivered its own topic publications and broadcasts locally.
-            Body::Topic { .. }
-            | Body::Broadcast { .. }
-            | Body::User { .. }
-            | Body::Direct { .. }
-                if own =>
-            {
-                return
-            }
-            _ if !self.first_time(&envelope.body) => {
-                metrics.duplicates.inc();
-                return;
-            }
-            Body::Direct {
-                mid,
-                ts,
-                from,
-                users,
-                data,
-            } => {
-                let template = Template {
-                    ts,
-                    from: from.map(Arc::from),
-                    data: Arc::from(data),
-                };
-                self.route_users(users, Message::per_user(mid, template));
-            }
-            Body::User { mid, users, frame } => {
-                self.route_users(users, Message::new(mid, frame));
-            }
-            Body::Topic { mid, topic, frame } => {
-                let home = mesh.home(&topic);
-                mesh.send(
-                    home,
-                    Envelope::RouteTopic {
-                        topic: Arc::from(topic),
-                        message: Message::new(mid, frame),
-                    },
-                    shard_metrics(home),
-                );
-            }
-            Body::Broadcast { mid, frame } => {
-                let message = Message::new(mid, frame);
-                mesh.send_to_all(shard_metrics(0), || Envelope::Broadcast {
-                    message: message.clone(),
-                });
-            }
-            Body::Kick { user, code } => {
-                let home = mesh.home(&user);
-                mesh.send(
-                    home,
-                    Envelope::CloseUser {
-                        user: Arc::from(user),
-                        code,
-                        reason: metrics::Close::Kicked,
-                    },
-                    shard_metrics(home),
-                );
-            }
-            Body::Evict { conn } => {
-                self.close_local(conn, close::REPLACED, metrics::Close::Replaced);
-            }
-            Body::TopicQuery { request, topic } => {
-                let node = self.node.clone();
-                let channel = self.names.instance_channel(envelope.origin);
-                let instance = self.instance.get();
-                let Some(mut conn) = self.commands.borrow().clone() else {
-                    return;
-                };
-                tokio::task::spawn_local(async move {
-                    let count = node.topic_subscribers(&topic).await.unwrap_or(0);
-                    let answer = wire::topic_count(instance, request, count as u64, &node.node_id);
-                    let sent: Result<(), _> = timed(
-                        redis::cmd("PUBLISH")
-                            .arg(channel)
-                            .arg(&answer[..])
-                            .query_async(&mut conn),
-                    )
-                    .await;
-                    if let Err(error) = sent {
-                        tracing::warn!(%error, "could not answer a topic query");
-                    }
-                });
-            }
-            Body::TopicCount {
-                request,
-                count,
-                node,
-            } => {
-                if let Some(waiting) = self.topic_requests.borrow().get(&request) {
-                    let _ = waiting.send((node, count));
-                }
-            }
-        }
-        metrics.envelopes_in.inc();
-    }
-
-    /// Hands a message from another node to the home shard of each of `users`.
-    fn route_users(&self, users: Vec<String>, message: Message) {
-        let mesh = &self.node.mesh;
-        for user in users {
-            let home = mesh.home(&user);
-            let envelope = Envelope::RouteUser {
-                user: Arc::from(user),
-                message: message.clone(),
-                except: None,
-            };
-            mesh.send(home, envelope, self.node.metrics.shard(home));
-        }
-    }
-
-    /// Whether a message envelope arrives for the first time (a retry can bring it twice).
-    fn first_time(&self, body: &Body) -> bool {
-        let (kind, mid, name) = match body {
-            Body::User { mid, users, .. } => (1, *mid, users.first().map_or("", String::as_str)),
-            Body::Direct { mid, users, .. } => (2, *mid, users.first().map_or("", String::as_str)),
-            Body::Topic { mid, topic, .. } => (3, *mid, topic.as_str()),
-            Body::Broadcast { mid, .. } => (4, *mid, ""),
-            _ => return true,
-        };
-        let now_ms = metrics::monotonic_ns() / 1_000_000;
-        self.recent.borrow_mut().first_time(kind, mid, name, now_ms)
-    }
-
-    async fn query_loop(
-        self: &Rc<Self>,
-        conn: MultiplexedConnection,
-        queries: &mut mpsc::Receiver<Query>,
-    ) -> Result<(), SessionError> {
-        while let Some(query) = queries.recv().await {
-            let bridge = self.clone();
-            let conn = conn.clone();
-            tokio::task::spawn_local(async move { bridge.answer(query, conn).await });
-        }
-        std::future::pending().await
-    }
-
-    async fn answer(&self, query: Query, mut conn: MultiplexedConnection) {
-        self.state.metrics.commands.inc();
-        match query {
-            Query::Presence { user, reply } => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.scripts.presence.get_hash())
-                    .arg(1)
-                    .arg(self.names.user(&user))
-                    .arg(self.names.prefix());
-                let answer: Result<Vec<Value>, _> = timed(cmd.query_async(&mut conn)).await;
-                let _ = reply.send(answer.map_err(|_| BusError::Redis).and_then(presence_of));
-            }
-            Query::Nodes { reply } => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.scripts.nodes.get_hash())
-                    .arg(0)
-                    .arg(self.names.prefix());
-                let answer: Result<Vec<String>, _> = timed(cmd.query_async(&mut conn)).await;
-                let _ = reply.send(
-                    answer
-                        .map_err(|_| BusError::Redis)
-                        .map(|flat| nodes_of(&flat)),
-                );
-            }
-            Query::Topic { topic, reply } => {
-                let _ = reply.send(self.topic_counts(&topic, &mut conn).await);
-            }
-        }
-    }
-
-    /// Asks every node subscribed to `topic` (through the topic's own channel: `PUBLISH`
-    /// says how many nodes heard it) and gathers their counts.
-    async fn topic_counts(
-        &self,
-        topic: &str,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<Vec<(String, u64)>, BusError> {
-        let request = rand_u64();
-        let (sender, mut answers) = mpsc::unbounded_channel();
-        self.topic_requests.borrow_mut().insert(request, sender);
-        let query = wire::topic_query(self.instance.get(), request, topic);
-        let asked: Result<i64, SessionError> = timed(
-            redis::cmd("PUBLISH")
-                .arg(self.names.topic(topic))
-                .arg(&query[..])
-                .query_async(conn),
-        )
-        .await;
-        let mut counts = Vec::new();
-        if let Ok(nodes) = asked {
-            let deadline = tokio::time::Instant::now() + TOPIC_QUERY_TIMEOUT;
-            while counts.len() < nodes as usize {
-                match tokio::time::timeout_at(deadline, answers.recv()).await {
-                    Ok(Some(count)) => counts.push(count),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-        }
-        self.topic_requests.borrow_mut().remove(&request);
-        asked.map_err(|_| BusError::Redis)?;
-        Ok(counts)
-    }
-}
-
-fn answer_down(query: Query) {
-    match query {
-        Query::Presence { reply, .. } => {
-            let _ = reply.send(Err(BusError::Down));
-        }
-        Query::Nodes { reply } => {
-            let _ = reply.send(Err(BusError::Down));
-        }
-        Query::Topic { reply, .. } => {
-            let _ = reply.send(Err(BusError::Down));
-        }
-    }
-}
-
-fn presence_of(answer: Vec<Value>) -> Result<Presence, BusError> {
-    let mut values = answer.into_iter();
-    let Some(Value::Int(connections)) = values.next() else {
-        return Err(BusError::Redis);
-    };
-    let mut nodes: Vec<String> = values
-        .filter_map(|v| match v {
-            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-            _ => None,
-        })
-        .collect();
-    nodes.sort();
-    Ok(Presence {
-        connections: connections.max(0) as u64,
-        nodes,
-    })
-}
-
-fn nodes_of(flat: &[String]) -> Vec<NodeInfo> {
-    flat.chunks_exact(5)
-        .map(|f| NodeInfo {
-            node: f[0].clone(),
-            ws: f[1].clone(),
-            api: f[2].clone(),
-            shards: f[3].parse().unwrap_or(0),
-            connections: f[4].parse().unwrap_or(0),
-        })
-        .collect()
 }
 
 /// A Redis future bounded by [`RESPONSE_TIMEOUT`].
@@ -1511,38 +857,4 @@ async fn timed<T>(future: impl Future<Output = redis::RedisResult<T>>) -> Result
 /// 64 random bits (instance ids, request ids).
 fn rand_u64() -> u64 {
     ahash::RandomState::new().hash_one((std::process::id(), metrics::monotonic_ns()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn presence_answers_parse() {
-        let answer = vec![
-            Value::Int(3),
-            Value::BulkString(b"b".to_vec()),
-            Value::BulkString(b"a".to_vec()),
-        ];
-        assert_eq!(
-            presence_of(answer),
-            Ok(Presence {
-                connections: 3,
-                nodes: vec!["a".into(), "b".into()]
-            })
-        );
-        assert_eq!(presence_of(vec![]), Err(BusError::Redis));
-    }
-
-    #[test]
-    fn node_answers_parse() {
-        let flat: Vec<String> = ["a", "127.0.0.1:1", "127.0.0.1:2", "2", "10"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let nodes = nodes_of(&flat);
-        assert_eq!(nodes.len(), 1);
-        assert_eq!(nodes[0].connections, 10);
-        assert_eq!(nodes[0].shards, 2);
-    }
 }

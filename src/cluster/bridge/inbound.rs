@@ -1,0 +1,318 @@
+//! What reaches the bridge from outside: envelopes other nodes published, handed to the
+//! home shards of their users and topics (retried copies dropped), and the API's cluster
+//! queries, answered from Redis.
+
+use super::*;
+
+/// How long a topic query waits for the nodes' answers.
+const TOPIC_QUERY_TIMEOUT: Duration = Duration::from_millis(1000);
+
+pub(super) fn answer_down(query: Query) {
+    match query {
+        Query::Presence { reply, .. } => {
+            let _ = reply.send(Err(BusError::Down));
+        }
+        Query::Nodes { reply } => {
+            let _ = reply.send(Err(BusError::Down));
+        }
+        Query::Topic { reply, .. } => {
+            let _ = reply.send(Err(BusError::Down));
+        }
+    }
+}
+
+fn presence_of(answer: Vec<Value>) -> Result<Presence, BusError> {
+    let mut values = answer.into_iter();
+    let Some(Value::Int(connections)) = values.next() else {
+        return Err(BusError::Redis);
+    };
+    let mut nodes: Vec<String> = values
+        .filter_map(|v| match v {
+            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+            _ => None,
+        })
+        .collect();
+    nodes.sort();
+    Ok(Presence {
+        connections: connections.max(0) as u64,
+        nodes,
+    })
+}
+
+fn nodes_of(flat: &[String]) -> Vec<NodeInfo> {
+    flat.chunks_exact(5)
+        .map(|f| NodeInfo {
+            node: f[0].clone(),
+            ws: f[1].clone(),
+            api: f[2].clone(),
+            shards: f[3].parse().unwrap_or(0),
+            connections: f[4].parse().unwrap_or(0),
+        })
+        .collect()
+}
+
+impl Bridge {
+    pub(super) async fn read_loop(&self, stream: &mut PubSubStream) -> Result<(), SessionError> {
+        while let Some(message) = stream.next().await {
+            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+            self.state.metrics.bytes_in.add(payload.len() as u64);
+            self.receive(payload);
+        }
+        Err(SessionError::SubscriptionLost)
+    }
+
+    /// Hands one envelope from another node to the shards that need it.
+    fn receive(&self, payload: Bytes) {
+        let metrics = &self.state.metrics;
+        let envelope = match wire::decode(payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                metrics.envelopes_invalid.inc();
+                tracing::warn!(%error, "dropping an envelope this node cannot read");
+                return;
+            }
+        };
+        let own = envelope.origin == self.instance.get();
+        let mesh = &self.node.mesh;
+        let shard_metrics = |shard: usize| self.node.metrics.shard(shard);
+        match envelope.body {
+            Body::Probe { .. } => {
+                if own {
+                    self.last_probe.set(Instant::now());
+                }
+                return;
+            }
+            // This node delivered its own topic publications and broadcasts locally.
+            Body::Topic { .. }
+            | Body::Broadcast { .. }
+            | Body::User { .. }
+            | Body::Direct { .. }
+                if own =>
+            {
+                return
+            }
+            _ if !self.first_time(&envelope.body) => {
+                metrics.duplicates.inc();
+                return;
+            }
+            Body::Direct {
+                mid,
+                ts,
+                from,
+                users,
+                data,
+            } => {
+                let template = Template {
+                    ts,
+                    from: from.map(Arc::from),
+                    data: Arc::from(data),
+                };
+                self.route_users(users, Message::per_user(mid, template));
+            }
+            Body::User { mid, users, frame } => {
+                self.route_users(users, Message::new(mid, frame));
+            }
+            Body::Topic { mid, topic, frame } => {
+                let home = mesh.home(&topic);
+                mesh.send(
+                    home,
+                    Envelope::RouteTopic {
+                        topic: Arc::from(topic),
+                        message: Message::new(mid, frame),
+                    },
+                    shard_metrics(home),
+                );
+            }
+            Body::Broadcast { mid, frame } => {
+                let message = Message::new(mid, frame);
+                mesh.send_to_all(shard_metrics(0), || Envelope::Broadcast {
+                    message: message.clone(),
+                });
+            }
+            Body::Kick { user, code } => {
+                let home = mesh.home(&user);
+                mesh.send(
+                    home,
+                    Envelope::CloseUser {
+                        user: Arc::from(user),
+                        code,
+                        reason: metrics::Close::Kicked,
+                    },
+                    shard_metrics(home),
+                );
+            }
+            Body::Evict { conn } => {
+                self.close_local(conn, close::REPLACED, metrics::Close::Replaced);
+            }
+            Body::TopicQuery { request, topic } => {
+                let node = self.node.clone();
+                let channel = self.names.instance_channel(envelope.origin);
+                let instance = self.instance.get();
+                let Some(mut conn) = self.commands.borrow().clone() else {
+                    return;
+                };
+                tokio::task::spawn_local(async move {
+                    let count = node.topic_subscribers(&topic).await.unwrap_or(0);
+                    let answer = wire::topic_count(instance, request, count as u64, &node.node_id);
+                    let sent: Result<(), _> = timed(
+                        redis::cmd("PUBLISH")
+                            .arg(channel)
+                            .arg(&answer[..])
+                            .query_async(&mut conn),
+                    )
+                    .await;
+                    if let Err(error) = sent {
+                        tracing::warn!(%error, "could not answer a topic query");
+                    }
+                });
+            }
+            Body::TopicCount {
+                request,
+                count,
+                node,
+            } => {
+                if let Some(waiting) = self.topic_requests.borrow().get(&request) {
+                    let _ = waiting.send((node, count));
+                }
+            }
+        }
+        metrics.envelopes_in.inc();
+    }
+
+    /// Hands a message from another node to the home shard of each of `users`.
+    fn route_users(&self, users: Vec<String>, message: Message) {
+        let mesh = &self.node.mesh;
+        for user in users {
+            let home = mesh.home(&user);
+            let envelope = Envelope::RouteUser {
+                user: Arc::from(user),
+                message: message.clone(),
+                except: None,
+            };
+            mesh.send(home, envelope, self.node.metrics.shard(home));
+        }
+    }
+
+    /// Whether a message envelope arrives for the first time (a retry can bring it twice).
+    fn first_time(&self, body: &Body) -> bool {
+        let (kind, mid, name) = match body {
+            Body::User { mid, users, .. } => (1, *mid, users.first().map_or("", String::as_str)),
+            Body::Direct { mid, users, .. } => (2, *mid, users.first().map_or("", String::as_str)),
+            Body::Topic { mid, topic, .. } => (3, *mid, topic.as_str()),
+            Body::Broadcast { mid, .. } => (4, *mid, ""),
+            _ => return true,
+        };
+        let now_ms = metrics::monotonic_ns() / 1_000_000;
+        self.recent.borrow_mut().first_time(kind, mid, name, now_ms)
+    }
+
+    pub(super) async fn query_loop(
+        self: &Rc<Self>,
+        conn: MultiplexedConnection,
+        queries: &mut mpsc::Receiver<Query>,
+    ) -> Result<(), SessionError> {
+        while let Some(query) = queries.recv().await {
+            let bridge = self.clone();
+            let conn = conn.clone();
+            tokio::task::spawn_local(async move { bridge.answer(query, conn).await });
+        }
+        std::future::pending().await
+    }
+
+    async fn answer(&self, query: Query, mut conn: MultiplexedConnection) {
+        self.state.metrics.commands.inc();
+        match query {
+            Query::Presence { user, reply } => {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.scripts.presence.get_hash())
+                    .arg(1)
+                    .arg(self.names.user(&user))
+                    .arg(self.names.prefix());
+                let answer: Result<Vec<Value>, _> = timed(cmd.query_async(&mut conn)).await;
+                let _ = reply.send(answer.map_err(|_| BusError::Redis).and_then(presence_of));
+            }
+            Query::Nodes { reply } => {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.scripts.nodes.get_hash())
+                    .arg(0)
+                    .arg(self.names.prefix());
+                let answer: Result<Vec<String>, _> = timed(cmd.query_async(&mut conn)).await;
+                let _ = reply.send(
+                    answer
+                        .map_err(|_| BusError::Redis)
+                        .map(|flat| nodes_of(&flat)),
+                );
+            }
+            Query::Topic { topic, reply } => {
+                let _ = reply.send(self.topic_counts(&topic, &mut conn).await);
+            }
+        }
+    }
+
+    /// Asks every node subscribed to `topic` (through the topic's own channel: `PUBLISH`
+    /// says how many nodes heard it) and gathers their counts.
+    async fn topic_counts(
+        &self,
+        topic: &str,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<Vec<(String, u64)>, BusError> {
+        let request = rand_u64();
+        let (sender, mut answers) = mpsc::unbounded_channel();
+        self.topic_requests.borrow_mut().insert(request, sender);
+        let query = wire::topic_query(self.instance.get(), request, topic);
+        let asked: Result<i64, SessionError> = timed(
+            redis::cmd("PUBLISH")
+                .arg(self.names.topic(topic))
+                .arg(&query[..])
+                .query_async(conn),
+        )
+        .await;
+        let mut counts = Vec::new();
+        if let Ok(nodes) = asked {
+            let deadline = tokio::time::Instant::now() + TOPIC_QUERY_TIMEOUT;
+            while counts.len() < nodes as usize {
+                match tokio::time::timeout_at(deadline, answers.recv()).await {
+                    Ok(Some(count)) => counts.push(count),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        self.topic_requests.borrow_mut().remove(&request);
+        asked.map_err(|_| BusError::Redis)?;
+        Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_answers_parse() {
+        let answer = vec![
+            Value::Int(3),
+            Value::BulkString(b"b".to_vec()),
+            Value::BulkString(b"a".to_vec()),
+        ];
+        assert_eq!(
+            presence_of(answer),
+            Ok(Presence {
+                connections: 3,
+                nodes: vec!["a".into(), "b".into()]
+            })
+        );
+        assert_eq!(presence_of(vec![]), Err(BusError::Redis));
+    }
+
+    #[test]
+    fn node_answers_parse() {
+        let flat: Vec<String> = ["a", "127.0.0.1:1", "127.0.0.1:2", "2", "10"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let nodes = nodes_of(&flat);
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].connections, 10);
+        assert_eq!(nodes[0].shards, 2);
+    }
+}

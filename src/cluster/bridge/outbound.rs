@@ -1,0 +1,395 @@
+//! Messages for other nodes on their way to Redis: each one taken from the lane becomes a
+//! command in the writer's next pipeline, and Redis's answer decides what becomes of it.
+//!
+//! # Every message accounted for
+//! A message the bridge takes from the lane is finished exactly one way: routed (Redis
+//! answered for it), or dropped and counted in `shardcast_bus_drops_total` with a reason
+//! (its `mid` logged at most once a second). Until then it stays counted against
+//! `bridge_queue_max_bytes`. What could otherwise vanish is retried instead, in order,
+//! for at most `bridge_hold_ms` since the message entered the node:
+//! - a pipeline in flight when the session dies (Redis stalled, connection lost) goes back
+//!   to the front of the queue for the next session;
+//! - a message routed under an epoch Redis no longer has waits for the rebuilt session (and
+//!   for the cluster to settle, see [`crate::cluster::redis_layout`]) and is routed again;
+//! - a message published to a node whose subscription was gone (it was reconnecting) is
+//!   retried until that node's new instance has re-published its devices.
+//!
+//! A retry can reach a node that got the first copy; receivers drop what they have seen
+//! ([`crate::cluster::dedupe`]). A direct message whose recipient has no live device anywhere is
+//! counted `no_route`.
+//!
+
+use super::*;
+
+/// Messages sent in one pipeline at most; the rest wait for the next round trip.
+const MAX_BATCH: usize = 4096;
+
+/// How long a message that met a reconnecting node waits before it is routed again.
+const UNHEARD_RETRY: Duration = Duration::from_millis(100);
+
+/// A message the bridge has taken from the lane and not finished with yet.
+pub(super) struct Pending {
+    pub(super) outbound: Outbound,
+    /// Its share of `bridge_queue_max_bytes`, given back when it is finished.
+    pub(super) size: usize,
+    /// It met a node whose subscription was gone: it is retried until it finds a route (or
+    /// `bridge_hold_ms` runs out), since that node's devices come back under a new instance.
+    pub(super) lost_route: bool,
+}
+
+/// What to do with one pipelined command's answer.
+pub(super) enum Answer {
+    /// Nothing (count errors only).
+    Ignore,
+    /// The next message of [`Bridge::in_flight`]: finish it, retry it or drop it, as the
+    /// answer says.
+    Message,
+    /// Device members the cluster device limit evicted: close them.
+    Evictions,
+}
+
+/// One pipeline being built.
+pub(super) struct Batch {
+    pipe: redis::Pipeline,
+    answers: Vec<Answer>,
+    bytes: u64,
+    messages: u64,
+}
+
+/// How a batch's answers ended.
+#[derive(Default)]
+struct BatchOutcome {
+    /// Messages to route again, in their order.
+    retry: Vec<Pending>,
+    /// Redis has lost the epoch or the scripts: the session must be rebuilt.
+    broken: Option<SessionError>,
+}
+
+impl Batch {
+    pub(super) fn new() -> Self {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        Batch {
+            pipe,
+            answers: Vec::new(),
+            bytes: 0,
+            messages: 0,
+        }
+    }
+
+    pub(super) fn push(&mut self, cmd: redis::Cmd, answer: Answer) {
+        self.pipe.add_command(cmd);
+        self.answers.push(answer);
+    }
+}
+
+impl Bridge {
+    /// Sends what the lanes hold as one pipeline. `true` if messages were left for the next.
+    pub(super) async fn flush(
+        &self,
+        conn: &mut MultiplexedConnection,
+        subscriptions: &mut Subscriptions,
+    ) -> Result<bool, SessionError> {
+        let mut batch = Batch::new();
+        let mut touched_topics = Vec::new();
+        while let Ok(change) = self.control.try_recv() {
+            self.apply(change, Some(&mut batch), &mut touched_topics);
+        }
+        let mut taken = 0;
+        if !self.settling() {
+            let retry_due = self.retry_due.get().is_none_or(|due| due <= Instant::now());
+            if retry_due {
+                self.retry_due.set(None);
+                while taken < MAX_BATCH {
+                    let Some(pending) = self.retry.borrow_mut().pop_front() else {
+                        break;
+                    };
+                    taken += 1;
+                    self.encode(pending, &mut batch);
+                }
+            }
+            while taken < MAX_BATCH {
+                let Ok(outbound) = self.messages.try_recv() else {
+                    break;
+                };
+                taken += 1;
+                let size = outbound.size();
+                let pending = Pending {
+                    outbound,
+                    size,
+                    lost_route: false,
+                };
+                self.encode(pending, &mut batch);
+            }
+        }
+        if let Err(error) = self.sync_topics(&touched_topics, subscriptions).await {
+            self.requeue_in_flight();
+            return Err(error);
+        }
+        if !batch.answers.is_empty() {
+            self.send_batch(batch, conn).await?;
+        }
+        Ok(taken == MAX_BATCH)
+    }
+
+    /// Adds one message for other nodes to `batch`, unless it waited too long.
+    fn encode(&self, pending: Pending, batch: &mut Batch) {
+        let instance = self.instance.get();
+        if let Some(message) = pending.outbound.message() {
+            if self.too_old(message) {
+                self.drop_pending(pending, BusDrop::Stale);
+                return;
+            }
+        }
+        let (cmd, payload_len) = match &pending.outbound {
+            Outbound::User { users, message } => {
+                let (payload, recipients) = match &message.body {
+                    router::Body::Frame(frame) => {
+                        (wire::user(instance, message.mid, users, frame), 1)
+                    }
+                    // (A direct message is never rendered per topic.)
+                    router::Body::PerUser(template) | router::Body::PerTopic(template) => (
+                        wire::direct(
+                            instance,
+                            message.mid,
+                            template.ts,
+                            template.from.as_deref(),
+                            users,
+                            &template.data,
+                        ),
+                        users.len(),
+                    ),
+                };
+                (self.route_cmd(users, recipients, &payload), payload.len())
+            }
+            Outbound::Kick { user, code } => {
+                let payload = wire::kick(instance, user, *code);
+                (
+                    self.route_cmd(std::slice::from_ref(user), 0, &payload),
+                    payload.len(),
+                )
+            }
+            Outbound::Topic { topic, message } => {
+                let payload = wire::topic(instance, message.mid, topic, &message.frame_for(topic));
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(self.names.topic(topic)).arg(&payload[..]);
+                (cmd, payload.len())
+            }
+            Outbound::Broadcast { message } => {
+                let payload = wire::broadcast(instance, message.mid, &message.shared_frame());
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(self.names.broadcast()).arg(&payload[..]);
+                (cmd, payload.len())
+            }
+        };
+        batch.bytes += payload_len as u64;
+        batch.messages += 1;
+        self.in_flight.borrow_mut().push(pending);
+        batch.push(cmd, Answer::Message);
+    }
+
+    /// Whether `message` has waited longer than `bridge_hold_ms` since it entered the node.
+    fn too_old(&self, message: &Message) -> bool {
+        let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
+        waited > self.node.config.bridge_hold_ms.saturating_mul(1_000_000)
+    }
+
+    /// Finishes a message the bridge gives up on: counted, logged (rate-limited), released.
+    pub(super) fn drop_pending(&self, pending: Pending, reason: BusDrop) {
+        self.state.metrics.dropped(reason);
+        self.state
+            .log_drop(reason, pending.outbound.message().map(|m| m.mid));
+        self.state.release(pending.size);
+    }
+
+    /// `EVALSHA route`: publish `payload` once to every other node holding a device of any
+    /// of `users`, the first `recipients` of which are the message's recipients.
+    fn route_cmd(&self, users: &[Arc<str>], recipients: usize, payload: &[u8]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.scripts.route.get_hash()).arg(users.len());
+        for user in users {
+            cmd.arg(self.names.user(user));
+        }
+        cmd.arg(self.names.prefix())
+            .arg(&*self.instance_hex.borrow())
+            .arg(payload)
+            .arg(&*self.epoch.borrow())
+            .arg(recipients);
+        cmd
+    }
+
+    async fn send_batch(
+        &self,
+        batch: Batch,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), SessionError> {
+        let metrics = &self.state.metrics;
+        metrics.bytes_out.add(batch.bytes);
+        metrics.envelopes_out.add(batch.messages);
+        let answers: Vec<Value> = match self.timed_query(&batch.pipe, conn).await {
+            Ok(answers) => answers,
+            Err(error) => {
+                // Redis may or may not have run it: route it again in the next session
+                // (receivers drop what they already got).
+                self.requeue_in_flight();
+                return Err(error);
+            }
+        };
+        let mut outcome = BatchOutcome::default();
+        let mut evictions = Vec::new();
+        let mut in_flight = std::mem::take(&mut *self.in_flight.borrow_mut()).into_iter();
+        for (answer, value) in batch.answers.into_iter().zip(answers) {
+            match answer {
+                Answer::Message => {
+                    // One message per `Answer::Message`, pushed in the same order.
+                    if let Some(pending) = in_flight.next() {
+                        self.finish(pending, value, &mut outcome);
+                    }
+                }
+                Answer::Ignore | Answer::Evictions => {
+                    if let Value::ServerError(error) = &value {
+                        if error.code() == "NOSCRIPT" {
+                            outcome.broken = Some(SessionError::ScriptsLost);
+                        }
+                        metrics.errors.inc();
+                        tracing::warn!(error = %error.code(), "Redis refused a command");
+                    } else if let Value::Array(members) = value {
+                        evictions.extend(members.into_iter().filter_map(|m| match m {
+                            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+                            _ => None,
+                        }));
+                    }
+                }
+            }
+        }
+        // Redis answers every command of a pipeline; should an answer be missing, its
+        // message is routed again rather than forgotten.
+        outcome.retry.extend(in_flight);
+        self.requeue_front(outcome.retry);
+        if let Some(broken) = outcome.broken {
+            return Err(broken);
+        }
+        if !evictions.is_empty() {
+            self.evict(&evictions, conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Settles one message by Redis's answer: finished, dropped and counted, or retried.
+    fn finish(&self, mut pending: Pending, value: Value, outcome: &mut BatchOutcome) {
+        let metrics = &self.state.metrics;
+        let routed = match &value {
+            Value::ServerError(error) if error.code() == "NOSCRIPT" => {
+                outcome.broken = Some(SessionError::ScriptsLost);
+                outcome.retry.push(pending);
+                return;
+            }
+            Value::ServerError(error) => {
+                metrics.errors.inc();
+                tracing::warn!(error = %error.code(), "Redis refused a message");
+                self.drop_pending(pending, BusDrop::RedisError);
+                return;
+            }
+            // A topic publication or a broadcast: PUBLISH answers how many nodes heard it.
+            Value::Int(_) => {
+                self.state.release(pending.size);
+                return;
+            }
+            Value::Array(items) => {
+                let numbers: SmallVec<[i64; 3]> = items
+                    .iter()
+                    .map(|item| match item {
+                        Value::Int(n) => *n,
+                        _ => i64::MIN,
+                    })
+                    .collect();
+                Routed::parse(&numbers)
+            }
+            _ => None,
+        };
+        match routed {
+            Some(Routed::EpochLost) => {
+                outcome.broken = Some(SessionError::EpochLost);
+                outcome.retry.push(pending);
+            }
+            Some(Routed::Done {
+                no_route, unheard, ..
+            }) => {
+                let lost_route = unheard > 0 || (pending.lost_route && no_route > 0);
+                if lost_route {
+                    let expired = pending.outbound.message().is_some_and(|m| self.too_old(m));
+                    if expired {
+                        self.drop_pending(pending, BusDrop::Unheard);
+                    } else {
+                        pending.lost_route = true;
+                        self.retry_due.set(Some(Instant::now() + UNHEARD_RETRY));
+                        outcome.retry.push(pending);
+                    }
+                    return;
+                }
+                for _ in 0..no_route {
+                    metrics.dropped(BusDrop::NoRoute);
+                }
+                if no_route > 0 {
+                    self.state
+                        .log_drop(BusDrop::NoRoute, pending.outbound.message().map(|m| m.mid));
+                }
+                self.state.release(pending.size);
+            }
+            None => {
+                metrics.errors.inc();
+                tracing::warn!(answer = ?value, "unexpected answer to a routed message");
+                self.drop_pending(pending, BusDrop::RedisError);
+            }
+        }
+    }
+
+    /// Puts the messages of a pipeline that was not answered back at the front of the retry
+    /// queue.
+    pub(super) fn requeue_in_flight(&self) {
+        let in_flight = std::mem::take(&mut *self.in_flight.borrow_mut());
+        if !in_flight.is_empty() {
+            // Due at once: they go first in the next session.
+            self.retry_due.set(None);
+            self.requeue_front(in_flight);
+        }
+    }
+
+    /// Puts messages back at the front of the retry queue, keeping their order.
+    fn requeue_front(&self, pendings: Vec<Pending>) {
+        self.state.metrics.retries.add(pendings.len() as u64);
+        let mut retry = self.retry.borrow_mut();
+        for pending in pendings.into_iter().rev() {
+            retry.push_front(pending);
+        }
+    }
+
+    /// Closes devices the cluster device limit evicted: ours directly, others' through
+    /// their node's channel.
+    async fn evict(
+        &self,
+        members: &[String],
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), SessionError> {
+        let instance = self.instance.get();
+        let mut pipe = redis::pipe();
+        for member in members {
+            let Some((owner, conn_id)) = layout::parse_device_member(member) else {
+                continue;
+            };
+            if owner == instance {
+                self.close_local(conn_id, close::REPLACED, metrics::Close::Replaced);
+            } else {
+                pipe.publish(
+                    self.names.instance_channel(owner),
+                    &wire::evict(instance, conn_id)[..],
+                )
+                .ignore();
+            }
+        }
+        if !pipe.is_empty() {
+            let _: () = self.timed_query(&pipe, conn).await?;
+        }
+        Ok(())
+    }
+}
