@@ -1,5 +1,6 @@
-//! Where the cluster keeps things in Redis: key and channel names, and the server-side
-//! scripts that read and write them. Pure text, no I/O.
+//! Where the cluster keeps things in Redis: key and channel names, the server-side scripts
+//! that read and write them, and the typed commands that call those scripts. No I/O: the
+//! bridge sends what is built here.
 //!
 //! Every name starts with the configured prefix `P` (default `shardcast`):
 //!
@@ -119,6 +120,132 @@ impl Names {
     /// The broadcast channel.
     pub fn broadcast(&self) -> String {
         format!("{}:broadcast", self.prefix)
+    }
+}
+
+/// The server-side scripts (loaded into Redis at every session start) and the typed
+/// commands that call them, so a script's arguments are spelled in one place, next to it.
+#[derive(Debug)]
+pub struct Scripts {
+    names: Names,
+    join: redis::Script,
+    route: redis::Script,
+    device_online: redis::Script,
+    presence: redis::Script,
+    nodes: redis::Script,
+}
+
+impl Scripts {
+    /// The scripts, for keys and channels under `names`.
+    pub fn new(names: Names) -> Self {
+        Scripts {
+            names,
+            join: redis::Script::new(JOIN),
+            route: redis::Script::new(ROUTE),
+            device_online: redis::Script::new(DEVICE_ONLINE),
+            presence: redis::Script::new(PRESENCE),
+            nodes: redis::Script::new(NODES),
+        }
+    }
+
+    /// `SCRIPT LOAD` of every script, in one pipeline; it answers their SHA1s, which
+    /// [`Scripts::loaded`] checks.
+    pub fn load(&self) -> redis::Pipeline {
+        let mut load = redis::pipe();
+        for source in [JOIN, ROUTE, DEVICE_ONLINE, PRESENCE, NODES] {
+            load.cmd("SCRIPT").arg("LOAD").arg(source);
+        }
+        load
+    }
+
+    /// Whether the SHA1s Redis answered to [`Scripts::load`] are the ones the commands use.
+    pub fn loaded(&self, hashes: &[String]) -> bool {
+        let ours = [
+            &self.join,
+            &self.route,
+            &self.device_online,
+            &self.presence,
+            &self.nodes,
+        ];
+        hashes.len() == ours.len()
+            && ours
+                .iter()
+                .zip(hashes)
+                .all(|(script, hash)| script.get_hash() == hash)
+    }
+
+    fn call(script: &redis::Script, keys: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys);
+        cmd
+    }
+
+    /// [`JOIN`]: join the cluster epoch; answers `(epoch, settling ms left)`.
+    pub fn join(&self, candidate: &str, previous: &str, settle_ms: u64) -> redis::Cmd {
+        let mut cmd = Self::call(&self.join, 0);
+        cmd.arg(self.names.prefix())
+            .arg(candidate)
+            .arg(previous)
+            .arg(settle_ms);
+        cmd
+    }
+
+    /// [`ROUTE`]: publish `payload` once to every other node holding a device of any of
+    /// `users`, the first `recipients` of which are the message's recipients; the answer
+    /// reads with [`Routed::parse`].
+    pub fn route(
+        &self,
+        users: &[impl AsRef<str>],
+        recipients: usize,
+        instance_hex: &str,
+        epoch: &str,
+        payload: &[u8],
+    ) -> redis::Cmd {
+        let mut cmd = Self::call(&self.route, users.len());
+        for user in users {
+            cmd.arg(self.names.user(user.as_ref()));
+        }
+        cmd.arg(self.names.prefix())
+            .arg(instance_hex)
+            .arg(payload)
+            .arg(epoch)
+            .arg(recipients);
+        cmd
+    }
+
+    /// [`DEVICE_ONLINE`]: record device `conn` of `user` (connected at `since_ms`) under
+    /// this instance; answers the device members evicted by the cluster-wide limit.
+    pub fn device_online(
+        &self,
+        user: &str,
+        instance: u64,
+        conn: u64,
+        since_ms: u64,
+        max_devices: usize,
+    ) -> redis::Cmd {
+        let mut cmd = Self::call(&self.device_online, 1);
+        cmd.arg(self.names.user(user))
+            .arg(self.names.prefix())
+            .arg(instance_hex(instance))
+            .arg(device_member(instance, conn))
+            .arg(since_ms)
+            .arg(max_devices)
+            .arg(ROUTE_KEY_TTL_SECS);
+        cmd
+    }
+
+    /// [`PRESENCE`] of `user`: answers `{live devices, node id, …}`.
+    pub fn presence(&self, user: &str) -> redis::Cmd {
+        let mut cmd = Self::call(&self.presence, 1);
+        cmd.arg(self.names.user(user)).arg(self.names.prefix());
+        cmd
+    }
+
+    /// [`NODES`]: answers `{id, ws, api, shards, connections, …}` of the live nodes.
+    pub fn nodes(&self) -> redis::Cmd {
+        let mut cmd = Self::call(&self.nodes, 0);
+        cmd.arg(self.names.prefix());
+        cmd
     }
 }
 

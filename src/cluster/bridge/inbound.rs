@@ -223,19 +223,12 @@ impl Bridge {
         self.state.metrics.commands.inc();
         match query {
             Query::Presence { user, reply } => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.scripts.presence.get_hash())
-                    .arg(1)
-                    .arg(self.names.user(&user))
-                    .arg(self.names.prefix());
+                let cmd = self.scripts.presence(&user);
                 let answer: Result<Vec<Value>, _> = timed(cmd.query_async(&mut conn)).await;
                 let _ = reply.send(answer.map_err(|_| BusError::Redis).and_then(presence_of));
             }
             Query::Nodes { reply } => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.scripts.nodes.get_hash())
-                    .arg(0)
-                    .arg(self.names.prefix());
+                let cmd = self.scripts.nodes();
                 let answer: Result<Vec<String>, _> = timed(cmd.query_async(&mut conn)).await;
                 let _ = reply.send(
                     answer

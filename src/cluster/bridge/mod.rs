@@ -51,12 +51,12 @@ use ahash::RandomState;
 use bytes::Bytes;
 use futures_lite::StreamExt;
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use redis::{AsyncConnectionConfig, Script, Value};
+use redis::{AsyncConnectionConfig, Value};
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use super::dedupe::{RecentEnvelopes, MAX_REMEMBERED};
-use super::redis_layout::{self as layout, Names, Routed};
+use super::redis_layout::{self as layout, Names, Routed, Scripts};
 use super::wire::{self, Body};
 use super::{BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Presence, Query};
 use crate::metrics::{self, BusDrop};
@@ -136,9 +136,10 @@ pub fn spawn(
                 state,
             } = ends;
             let dedupe_window_ms = node.config.bridge_hold_ms.saturating_mul(2);
+            let names = Names::new(&node.config.redis_prefix);
             let bridge = Rc::new(Bridge {
-                names: Names::new(&node.config.redis_prefix),
-                scripts: Scripts::new(),
+                scripts: Scripts::new(names.clone()),
+                names,
                 node,
                 client,
                 messages,
@@ -180,38 +181,6 @@ fn pin_to_cpu(cpu: usize) {
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
             tracing::warn!(cpu, "could not pin the bridge thread");
         }
-    }
-}
-
-/// The server-side scripts, with their SHA1s.
-struct Scripts {
-    join: Script,
-    route: Script,
-    device_online: Script,
-    presence: Script,
-    nodes: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Scripts {
-            join: Script::new(layout::JOIN),
-            route: Script::new(layout::ROUTE),
-            device_online: Script::new(layout::DEVICE_ONLINE),
-            presence: Script::new(layout::PRESENCE),
-            nodes: Script::new(layout::NODES),
-        }
-    }
-
-    /// Every script with its source, for `SCRIPT LOAD`.
-    fn sources(&self) -> [(&Script, &'static str); 5] {
-        [
-            (&self.join, layout::JOIN),
-            (&self.route, layout::ROUTE),
-            (&self.device_online, layout::DEVICE_ONLINE),
-            (&self.presence, layout::PRESENCE),
-            (&self.nodes, layout::NODES),
-        ]
     }
 }
 
@@ -371,17 +340,8 @@ impl Bridge {
             .await?;
         let pubsub = timed(self.client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
-        let mut load = redis::pipe();
-        for (_, source) in self.scripts.sources() {
-            load.cmd("SCRIPT").arg("LOAD").arg(source);
-        }
-        let hashes: Vec<String> = self.timed_query(&load, &mut conn).await?;
-        debug_assert!(self
-            .scripts
-            .sources()
-            .iter()
-            .zip(&hashes)
-            .all(|((script, _), hash)| script.get_hash() == hash));
+        let hashes: Vec<String> = self.timed_query(&self.scripts.load(), &mut conn).await?;
+        debug_assert!(self.scripts.loaded(&hashes));
         self.join_epoch(&mut conn).await?;
         let previous = self.instance.get();
         let instance = loop {
@@ -466,13 +426,11 @@ impl Bridge {
         let candidate = layout::instance_hex(rand_u64());
         let previous = self.epoch.borrow().clone();
         let mut join = redis::pipe();
-        join.cmd("EVALSHA")
-            .arg(self.scripts.join.get_hash())
-            .arg(0)
-            .arg(self.names.prefix())
-            .arg(&candidate)
-            .arg(&previous)
-            .arg(self.node.config.cluster_settle_ms);
+        join.add_command(self.scripts.join(
+            &candidate,
+            &previous,
+            self.node.config.cluster_settle_ms,
+        ));
         let ((epoch, settling_ms),): ((String, i64),) = self.timed_query(&join, conn).await?;
         if !previous.is_empty() && previous != epoch {
             tracing::warn!(
@@ -654,16 +612,13 @@ impl Bridge {
                     .or_default()
                     .push((conn, since_ms));
                 if let Some(batch) = batch.filter(|_| !self.deregistered.get()) {
-                    let mut cmd = redis::cmd("EVALSHA");
-                    cmd.arg(self.scripts.device_online.get_hash())
-                        .arg(1)
-                        .arg(self.names.user(&user))
-                        .arg(self.names.prefix())
-                        .arg(&*self.instance_hex.borrow())
-                        .arg(layout::device_member(instance, conn))
-                        .arg(since_ms)
-                        .arg(self.node.config.max_devices_per_user)
-                        .arg(layout::ROUTE_KEY_TTL_SECS);
+                    let cmd = self.scripts.device_online(
+                        &user,
+                        instance,
+                        conn,
+                        since_ms,
+                        self.node.config.max_devices_per_user,
+                    );
                     batch.push(cmd, Answer::Evictions);
                 }
             }

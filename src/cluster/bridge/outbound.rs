@@ -202,20 +202,16 @@ impl Bridge {
         self.state.release(pending.size);
     }
 
-    /// `EVALSHA route`: publish `payload` once to every other node holding a device of any
-    /// of `users`, the first `recipients` of which are the message's recipients.
+    /// The route script call for a message to `users`, the first `recipients` of which are
+    /// its recipients.
     fn route_cmd(&self, users: &[Arc<str>], recipients: usize, payload: &[u8]) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.route.get_hash()).arg(users.len());
-        for user in users {
-            cmd.arg(self.names.user(user));
-        }
-        cmd.arg(self.names.prefix())
-            .arg(&*self.instance_hex.borrow())
-            .arg(payload)
-            .arg(&*self.epoch.borrow())
-            .arg(recipients);
-        cmd
+        self.scripts.route(
+            users,
+            recipients,
+            &self.instance_hex.borrow(),
+            &self.epoch.borrow(),
+            payload,
+        )
     }
 
     async fn send_batch(
