@@ -12,6 +12,7 @@
 //! - [`ws`]: RFC 6455 framing on shard-owned buffers; the upgrade request.
 //! - [`protocol`]: client protocol v1 requests, rendered server frames, message ids.
 //! - [`auth`]: JWT (HS256) and dev-mode credentials.
+//! - [`mailbox`]: the two-lane (bounded messages, never-dropped control) hand-off between threads.
 //! - [`metrics`]: per-shard counters and gauges.
 //!
 //! A message is rendered once per node into a complete WebSocket frame (`bytes::Bytes`),
@@ -21,6 +22,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod mailbox;
 pub mod metrics;
 pub mod node;
 pub mod protocol;

@@ -2,21 +2,11 @@
 //! and the directory that says which shards hold a user's devices or a topic's subscribers.
 //!
 //! # Inboxes
-//! Every shard has an inbox that any thread may send to: other shards, the HTTP API, later
-//! the Redis bridge. crossbeam's receiver is not awaitable, so each inbox pairs its channels
-//! with a [`Doorbell`]: a sender wakes the shard only when the bell was not already rung, so
-//! a burst of envelopes costs one wake-up (one eventfd write when the shard sleeps, glommio's
-//! foreign-wake path) and an idle shard costs nothing.
-//!
-//! An inbox has two lanes. **Messages** (routes and deliveries) go through a bounded
-//! channel: when it is full the envelope is dropped and counted (`drops{reason=inbox_full}`)
-//! rather than blocking a shard or growing without bound. **Control** envelopes (devices
-//! coming and going, topic interest, closes, queries) must never be lost: a lost
-//! `DeviceOffline` would leave a ghost device, a lost `TopicInterest` a topic nobody on that
-//! shard hears. They go through an unbounded channel, read first; its length is bounded by
-//! the events that produce it (one per connection, subscription or API query, all of which
-//! are limited), not by message traffic. Stopping is a flag plus a ring of every bell, so it
-//! cannot be lost either.
+//! Every shard has an inbox that any thread may send to: other shards, the HTTP API, the
+//! Redis bridge. It is a two-lane [`crate::mailbox`]: routes and deliveries on the bounded
+//! message lane (full: dropped and counted, `drops{reason=inbox_full}`), devices, topic
+//! interest, closes and queries on the control lane that never drops. Stopping is a flag
+//! plus a ring of every bell, so it cannot be lost either.
 //!
 //! # Directory
 //! Each user and each topic has a *home shard*, a pure function of its name. The home shard
@@ -28,15 +18,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use ahash::RandomState;
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use smallvec::SmallVec;
 
+use crate::mailbox::{self, Lane, Laned, Mailbox, Refused};
 use crate::metrics::{self, Delivery, ShardMetrics};
-use crate::reactor::Doorbell;
 
 /// A connection id, unique within a node: the shard in the top 8 bits, a per-shard sequence
 /// below. Shown to clients in `hello` as `conn`.
@@ -267,6 +255,26 @@ pub enum Envelope {
     },
 }
 
+impl Laned for Envelope {
+    fn lane(&self) -> Lane {
+        match self {
+            Envelope::RouteUser { .. }
+            | Envelope::RouteTopic { .. }
+            | Envelope::DeliverUser { .. }
+            | Envelope::DeliverTopic { .. }
+            | Envelope::Broadcast { .. } => Lane::Message,
+            Envelope::DeviceOnline { .. }
+            | Envelope::DeviceOffline { .. }
+            | Envelope::TopicInterest { .. }
+            | Envelope::CloseUser { .. }
+            | Envelope::CloseConn { .. }
+            | Envelope::QueryUser { .. }
+            | Envelope::QueryTopic { .. }
+            | Envelope::CountSubscribers { .. } => Lane::Control,
+        }
+    }
+}
+
 /// The answer channel of a query envelope (the asker awaits the other end).
 pub type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
@@ -283,11 +291,6 @@ impl Envelope {
         }
     }
 
-    /// Whether this is a control envelope (never dropped) rather than a message.
-    pub fn is_control(&self) -> bool {
-        self.mid().is_none()
-    }
-
     /// The kind of delivery a message envelope carries (for metrics).
     pub fn delivery_kind(&self) -> Option<Delivery> {
         match self {
@@ -299,48 +302,22 @@ impl Envelope {
     }
 }
 
-/// The sending end of one shard's inbox.
-struct Lane {
-    messages: Sender<Envelope>,
-    control: Sender<Envelope>,
-    doorbell: Arc<Doorbell>,
-}
+/// The receiving end of one shard's inbox.
+pub type Inbox = crate::mailbox::Inbox<Envelope>;
 
 /// Senders to every shard's inbox. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Mesh {
-    lanes: Arc<[Lane]>,
+    lanes: Arc<[Mailbox<Envelope>]>,
     hasher: RandomState,
-}
-
-/// The receiving end of one shard's inbox.
-pub struct Inbox {
-    messages: Receiver<Envelope>,
-    control: Receiver<Envelope>,
-    doorbell: Arc<Doorbell>,
 }
 
 impl Mesh {
     /// A mesh of `shards` inboxes holding `capacity` messages each, and their receivers in
     /// shard order.
     pub fn new(shards: usize, capacity: usize) -> (Mesh, Vec<Inbox>) {
-        let mut lanes = Vec::with_capacity(shards);
-        let mut inboxes = Vec::with_capacity(shards);
-        for _ in 0..shards {
-            let (messages, message_rx) = crossbeam_channel::bounded(capacity);
-            let (control, control_rx) = crossbeam_channel::unbounded();
-            let doorbell = Arc::new(Doorbell::default());
-            lanes.push(Lane {
-                messages,
-                control,
-                doorbell: doorbell.clone(),
-            });
-            inboxes.push(Inbox {
-                messages: message_rx,
-                control: control_rx,
-                doorbell,
-            });
-        }
+        let (lanes, inboxes): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| mailbox::mailbox(capacity)).unzip();
         let mesh = Mesh {
             lanes: lanes.into(),
             // Fixed seeds: every shard (and, later, every node) must agree on home shards.
@@ -363,20 +340,9 @@ impl Mesh {
     /// dropped and counted on `metrics` (the sender's) when the shard's message lane is
     /// full; a control envelope is never dropped while the shard runs.
     pub fn send(&self, shard: usize, envelope: Envelope, metrics: &ShardMetrics) -> bool {
-        let lane = &self.lanes[shard];
-        let sent = if envelope.is_control() {
-            lane.control
-                .send(envelope)
-                .map_err(|e| TrySendError::Disconnected(e.into_inner()))
-        } else {
-            lane.messages.try_send(envelope)
-        };
-        match sent {
-            Ok(()) => {
-                lane.doorbell.ring();
-                true
-            }
-            Err(TrySendError::Full(dropped)) => {
+        match self.lanes[shard].send(envelope) {
+            Ok(()) => true,
+            Err(Refused::Full(dropped)) => {
                 metrics.dropped(metrics::Drop::InboxFull);
                 tracing::warn!(
                     shard,
@@ -386,7 +352,7 @@ impl Mesh {
                 );
                 false
             }
-            Err(TrySendError::Disconnected(_)) => {
+            Err(Refused::Gone(_)) => {
                 metrics.dropped(metrics::Drop::ShardGone);
                 false
             }
@@ -396,7 +362,7 @@ impl Mesh {
     /// Wakes every shard (after a node-wide flag such as draining changed).
     pub fn wake_all(&self) {
         for lane in self.lanes.iter() {
-            lane.doorbell.ring();
+            lane.wake();
         }
     }
 
@@ -415,33 +381,6 @@ impl Mesh {
     /// Sends `make()` to every shard; returns how many could not be queued.
     pub fn send_to_all(&self, metrics: &ShardMetrics, make: impl FnMut() -> Envelope) -> usize {
         self.send_to_mask(ShardMask::all(self.shards()), metrics, make)
-    }
-}
-
-impl Inbox {
-    /// The next envelope, control first, or `Ready(None)` once every sender is gone.
-    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Envelope>> {
-        if let Some(envelope) = self.try_recv() {
-            return Poll::Ready(Some(envelope));
-        }
-        // Answering clears the bell; an envelope sent after the check below rings it again.
-        self.doorbell.answer(cx);
-        if let Some(envelope) = self.try_recv() {
-            return Poll::Ready(Some(envelope));
-        }
-        if self.messages.is_empty()
-            && matches!(self.control.try_recv(), Err(TryRecvError::Disconnected))
-        {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    }
-
-    fn try_recv(&self) -> Option<Envelope> {
-        self.control
-            .try_recv()
-            .ok()
-            .or_else(|| self.messages.try_recv().ok())
     }
 }
 
@@ -568,6 +507,7 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::{Context, Poll};
 
     #[test]
     fn conn_ids_carry_their_shard() {

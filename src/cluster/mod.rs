@@ -19,8 +19,8 @@
 //! - **Queries** from the API (presence, nodes, topic counts) go over a small bounded tokio
 //!   channel and are answered asynchronously; a full channel or a down bus answers 503.
 //!
-//! The bridge is woken through a [`Doorbell`], as shards are: a burst of sends costs one
-//! wake-up. Local delivery never waits for any of this: shards deliver to their own sockets
+//! Messages and control reach the bridge through the same two-lane [`crate::mailbox`] as
+//! shards use: a burst of sends costs one wake-up. Local delivery never waits for any of this: shards deliver to their own sockets
 //! first and hand the bus a copy of the already-rendered frame for the other nodes.
 //!
 //! The Redis layout, and why routes are leased per node rather than per user, is in
@@ -36,11 +36,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
 use smallvec::SmallVec;
 
+use crate::mailbox::{self, Inbox, Mailbox};
 use crate::metrics::{BusDrop, BusMetrics, LogLimiter};
-use crate::reactor::Doorbell;
 use crate::router::{ConnId, Message};
 
 /// Queries the API may have waiting for the bridge at once; more are answered 503.
@@ -257,20 +256,16 @@ impl BusState {
 /// The shards' and the API's handle to the bridge. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Bus {
-    messages: Sender<Outbound>,
+    mailbox: Mailbox<Outbound, Control>,
     max_bytes: usize,
-    control: Sender<Control>,
     queries: tokio::sync::mpsc::Sender<Query>,
-    doorbell: Arc<Doorbell>,
     state: Arc<BusState>,
 }
 
 /// The bridge's ends of the bus.
 pub struct BridgeEnds {
-    messages: Receiver<Outbound>,
-    control: Receiver<Control>,
+    inbox: Inbox<Outbound, Control>,
     queries: tokio::sync::mpsc::Receiver<Query>,
-    doorbell: Arc<Doorbell>,
     state: Arc<BusState>,
 }
 
@@ -278,24 +273,18 @@ impl Bus {
     /// A bus whose message lane holds `capacity` messages of at most `max_bytes` in all,
     /// and the bridge's ends of it.
     pub fn new(capacity: usize, max_bytes: usize) -> (Bus, BridgeEnds) {
-        let (messages, messages_rx) = crossbeam_channel::bounded(capacity);
-        let (control, control_rx) = crossbeam_channel::unbounded();
+        let (mailbox, inbox) = mailbox::mailbox(capacity);
         let (queries, queries_rx) = tokio::sync::mpsc::channel(QUERY_CAPACITY);
-        let doorbell = Arc::new(Doorbell::default());
         let state = Arc::new(BusState::default());
         let bus = Bus {
-            messages,
+            mailbox,
             max_bytes,
-            control,
             queries,
-            doorbell: doorbell.clone(),
             state: state.clone(),
         };
         let ends = BridgeEnds {
-            messages: messages_rx,
-            control: control_rx,
+            inbox,
             queries: queries_rx,
-            doorbell,
             state,
         };
         (bus, ends)
@@ -313,7 +302,7 @@ impl Bus {
 
     /// Messages waiting for the bridge.
     pub fn queue_depth(&self) -> usize {
-        self.messages.len()
+        self.mailbox.pending_messages()
     }
 
     /// Hands a message for other nodes to the bridge; `false` if it was dropped (lane full
@@ -323,8 +312,7 @@ impl Bus {
         let size = outbound.size();
         let before = self.state.queued_bytes.fetch_add(size, Ordering::Relaxed);
         let accepted = before + size <= self.max_bytes || before == 0;
-        if accepted && self.messages.try_send(outbound).is_ok() {
-            self.doorbell.ring();
+        if accepted && self.mailbox.message(outbound).is_ok() {
             return true;
         }
         self.state.release(size);
@@ -335,20 +323,19 @@ impl Bus {
 
     /// Tells the bridge what changed; never dropped while the bridge runs.
     pub fn control(&self, control: Control) {
-        if self.control.send(control).is_ok() {
-            self.doorbell.ring();
-        }
+        // Refused only once the bridge has stopped, when nothing mirrors into Redis anyway.
+        let _ = self.mailbox.control(control);
     }
 
     /// Wakes the bridge (after the node started draining).
     pub fn wake(&self) {
-        self.doorbell.ring();
+        self.mailbox.wake();
     }
 
     /// Asks the bridge to finish: remove what it still holds from Redis and exit.
     pub fn stop(&self) {
         self.state.stopping.store(true, Ordering::Release);
-        self.doorbell.ring();
+        self.mailbox.wake();
     }
 
     async fn ask<T>(
@@ -362,7 +349,7 @@ impl Bus {
         self.queries
             .try_send(make(reply))
             .map_err(|_| BusError::Busy)?;
-        self.doorbell.ring();
+        self.mailbox.wake();
         // The bridge answers every query it takes, within its Redis response timeout.
         match tokio::time::timeout(Duration::from_secs(10), answer).await {
             Ok(Ok(result)) => result,
@@ -414,7 +401,7 @@ mod tests {
             bus.state().metrics.drops[BusDrop::BusFull as usize].get(),
             1
         );
-        let taken = ends.messages.try_recv().expect("queued");
+        let taken = ends.inbox.try_message().expect("queued");
         bus.state().release(taken.size());
         assert_eq!(bus.state().queued_bytes(), 400);
 

@@ -59,6 +59,7 @@ use super::dedupe::{RecentEnvelopes, MAX_REMEMBERED};
 use super::redis_layout::{self as layout, Names, Routed, Scripts};
 use super::wire::{self, Body};
 use super::{BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Presence, Query};
+use crate::mailbox::Inbox;
 use crate::metrics::{self, BusDrop};
 use crate::node::NodeShared;
 use crate::router::{self, shard_of, ConnId, Envelope, Message, Template};
@@ -129,10 +130,8 @@ pub fn spawn(
                 }
             };
             let BridgeEnds {
-                messages,
-                control,
+                inbox,
                 queries,
-                doorbell,
                 state,
             } = ends;
             let dedupe_window_ms = node.config.bridge_hold_ms.saturating_mul(2);
@@ -142,9 +141,7 @@ pub fn spawn(
                 names,
                 node,
                 client,
-                messages,
-                control,
-                doorbell,
+                inbox,
                 state,
                 devices: RefCell::default(),
                 topics: RefCell::default(),
@@ -192,9 +189,8 @@ struct Bridge {
     client: redis::Client,
     names: Names,
     scripts: Scripts,
-    messages: crossbeam_channel::Receiver<Outbound>,
-    control: crossbeam_channel::Receiver<Control>,
-    doorbell: Arc<crate::reactor::Doorbell>,
+    /// Messages and control changes from the shards and the API.
+    inbox: Inbox<Outbound, Control>,
     state: Arc<BusState>,
     /// Every device of this node by user: what a new session re-publishes.
     devices: RefCell<HashMap<Arc<str>, Devices, RandomState>>,
@@ -283,7 +279,7 @@ impl Bridge {
     /// The node stopped with messages still waiting for Redis: count them, never vanish.
     fn abandon_leftovers(&self) {
         let mut left = std::mem::take(&mut *self.retry.borrow_mut());
-        left.extend(self.messages.try_iter().map(|outbound| Pending {
+        left.extend(self.inbox.drain_messages().map(|outbound| Pending {
             size: outbound.size(),
             outbound,
             lost_route: false,
@@ -299,10 +295,10 @@ impl Bridge {
         }
     }
 
-    /// Resolves when the doorbell was rung since the last call.
+    /// Resolves when the bus was rung since the last call.
     fn rung(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(|cx| {
-            if self.doorbell.answer(cx) {
+            if self.inbox.rung(cx) {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -314,7 +310,7 @@ impl Bridge {
     async fn wait_down(&self, delay: Duration, queries: &mut mpsc::Receiver<Query>) {
         let deadline = tokio::time::Instant::now() + delay;
         loop {
-            while let Ok(change) = self.control.try_recv() {
+            while let Some(change) = self.inbox.try_control() {
                 self.apply(change, None, &mut Vec::new());
             }
             if self.state.stopping() {

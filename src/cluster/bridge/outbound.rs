@@ -92,7 +92,7 @@ impl Bridge {
     ) -> Result<bool, SessionError> {
         let mut batch = Batch::new();
         let mut touched_topics = Vec::new();
-        while let Ok(change) = self.control.try_recv() {
+        while let Some(change) = self.inbox.try_control() {
             self.apply(change, Some(&mut batch), &mut touched_topics);
         }
         let mut taken = 0;
@@ -109,7 +109,7 @@ impl Bridge {
                 }
             }
             while taken < MAX_BATCH {
-                let Ok(outbound) = self.messages.try_recv() else {
+                let Some(outbound) = self.inbox.try_message() else {
                     break;
                 };
                 taken += 1;
