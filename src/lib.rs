@@ -18,17 +18,20 @@
 //! A message is rendered once per node into a complete WebSocket frame (`bytes::Bytes`),
 //! routed to the shards that hold recipients, and the same buffer is written to each socket.
 
+// The module map links internal modules: the docs are built with --document-private-items.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod api;
-pub mod auth;
+pub(crate) mod auth;
 pub mod cluster;
 pub mod config;
-pub mod mailbox;
+pub(crate) mod mailbox;
 pub mod metrics;
-pub mod node;
+pub(crate) mod node;
 pub mod protocol;
-pub mod reactor;
+pub(crate) mod reactor;
 pub mod router;
-pub mod session;
+pub(crate) mod session;
 pub mod shard;
 pub mod ws;
 

@@ -58,16 +58,6 @@ impl RecentEnvelopes {
         self.order.push_back((key, now_ms));
         true
     }
-
-    /// Identities remembered now.
-    pub fn len(&self) -> usize {
-        self.order.len()
-    }
-
-    /// Whether nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -89,11 +79,11 @@ mod tests {
         let mut recent = RecentEnvelopes::new(1000, 100);
         assert!(recent.first_time(1, 1, "", 0));
         assert!(recent.first_time(1, 2, "", 2000));
-        assert_eq!(recent.len(), 1, "the first aged out");
+        assert_eq!(recent.order.len(), 1, "the first aged out");
         assert!(recent.first_time(1, 1, "", 2000), "forgotten, so new again");
         for mid in 0..1000 {
             recent.first_time(1, 100 + mid, "", 2001);
         }
-        assert!(recent.len() <= 100);
+        assert!(recent.order.len() <= 100);
     }
 }

@@ -27,8 +27,8 @@
 //! [`redis_layout`]; the envelope format in [`wire`]; how retried messages are delivered once
 //! in [`dedupe`].
 
-pub mod bridge;
-pub mod dedupe;
+pub(crate) mod bridge;
+pub(crate) mod dedupe;
 pub mod redis_layout;
 pub mod wire;
 
