@@ -347,7 +347,7 @@ fn check_id(id: Option<&RawValue>) {
 
 /// Input: any bytes, read as UTF-8 (lossily, so every input reaches the parser).
 ///
-/// Asserts: no panic on any UTF-8; an accepted id, and the id of a refusal, is at most 64
+/// Asserts: no panic on any UTF-8; only JSON objects are accepted; an accepted id, and the id of a refusal, is at most 64
 /// bytes of a JSON string or number and comes back unchanged in `ack`, `pong` and `err`
 /// frames that are valid JSON; a parsed `pub` / `send` renders into a valid `pub` / `msg`
 /// frame carrying the same topic / recipient and byte-identical `data`; a topic of `sub` /
@@ -356,6 +356,11 @@ pub fn client_request(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     match protocol::parse_request(&text) {
         Ok((id, request)) => {
+            assert!(
+                text.trim_start_matches([' ', '\t', '\n', '\r'])
+                    .starts_with('{'),
+                "accepted a request that is not a JSON object"
+            );
             check_id(id);
             match request {
                 Request::Sub { topic } | Request::Unsub { topic } => {

@@ -476,5 +476,8 @@ fn percent_decode(segment: &str) -> Result<String, Failure> {
 /// (`fuzz/`) can drive it with arbitrary bytes. Validation of names and targets follows in
 /// the handler.
 pub fn parse_publish_body(body: &[u8]) -> Result<PublishRequest<'_>, serde_json::Error> {
+    if !crate::protocol::is_object(body) {
+        return Err(serde::de::Error::custom("expected a JSON object"));
+    }
     serde_json::from_slice(body)
 }

@@ -70,3 +70,11 @@ fn seed_files_match_the_harness() {
         assert_eq!(committed, bytes, "{} is out of date", path.display());
     }
 }
+
+/// Caught by the `publish_body` check (fuzz/regressions/publish_body/): serde read the body
+/// from an array by position (`[users, topics, broadcast, data]`) as well as from an object.
+#[test]
+fn publish_bodies_are_objects_not_arrays() {
+    assert!(shardcast::api::parse_publish_body(br#"[["alice"],[],false,{"t":1}]"#).is_err());
+    assert!(shardcast::api::parse_publish_body(b"\r\n {\"broadcast\":true,\"data\":1}").is_ok());
+}
