@@ -582,7 +582,7 @@ mod tests {
         }
     }
 
-    /// Found by the `ws_frames` fuzz target (fuzz/regressions/ws_frames/): a few bytes of a
+    /// Caught by the `ws_frames` fuzz check (fuzz/regressions/ws_frames/): a few bytes of a
     /// frame left over from a read full of complete frames kept the whole read's buffer.
     #[test]
     fn an_incomplete_frame_holds_its_size_not_the_read_size() {
