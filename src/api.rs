@@ -228,9 +228,10 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> 
     response
 }
 
+/// A `POST /v1/publish` body, as [`parse_publish_body`] reads it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublishRequest<'a> {
+pub struct PublishRequest<'a> {
     // Cow, not &str: a name written with a JSON escape (`"\u00e9"`, as Python's json.dumps
     // sends any non-ASCII name) has no unescaped copy in the body to borrow. The copies
     // cost at most the body's size (`max_api_body_bytes`).
@@ -365,7 +366,7 @@ impl Api {
                 )
             })?
             .to_bytes();
-        let publish: PublishRequest = serde_json::from_slice(&body).map_err(|e| {
+        let publish = parse_publish_body(&body).map_err(|e| {
             Failure::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -584,6 +585,16 @@ fn percent_decode(segment: &str) -> Result<String, Failure> {
         .decode_utf8()
         .map(|s| s.into_owned())
         .map_err(|_| Failure::new(StatusCode::BAD_REQUEST, "bad_name", "user id is not UTF-8"))
+}
+
+/// Parses a `POST /v1/publish` body: the handler's first step, public so the fuzz targets
+/// (`fuzz/`) can drive it with arbitrary bytes. Validation of names and targets follows in
+/// the handler.
+pub fn parse_publish_body(body: &[u8]) -> Result<PublishRequest<'_>, serde_json::Error> {
+    if !crate::protocol::is_object(body) {
+        return Err(serde::de::Error::custom("expected a JSON object"));
+    }
+    serde_json::from_slice(body)
 }
 
 #[cfg(test)]

@@ -113,6 +113,13 @@ pub(crate) fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de Raw
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// Whether `json` starts as an object. Checked before a derived struct reads it: serde
+/// would also read an array by position (`["sub",1,"room"]`), which the protocol and the
+/// API do not speak.
+pub(crate) fn is_object(json: &[u8]) -> bool {
+    json.trim_ascii_start().first() == Some(&b'{')
+}
+
 fn valid_id(id: &RawValue) -> bool {
     let text = id.get();
     text.len() <= MAX_ID_BYTES && matches!(text.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
@@ -122,11 +129,14 @@ fn valid_id(id: &RawValue) -> bool {
 /// can echo it.
 #[allow(clippy::type_complexity)]
 pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Refusal<'_>> {
-    let raw: RawRequest = serde_json::from_str(text).map_err(|_| Refusal {
-        id: None,
-        code: ErrorCode::BadRequest,
-        msg: "malformed request: expected a JSON object with an op",
-    })?;
+    let raw: RawRequest = serde_json::from_str(text)
+        .ok()
+        .filter(|_| is_object(text.as_bytes()))
+        .ok_or(Refusal {
+            id: None,
+            code: ErrorCode::BadRequest,
+            msg: "malformed request: expected a JSON object with an op",
+        })?;
     let refuse = |id, msg| Refusal {
         id,
         code: ErrorCode::BadRequest,
@@ -406,6 +416,20 @@ mod tests {
             parse_request(r#"{"op":"ping"}"#).expect("ping").1,
             Request::Ping
         ));
+    }
+
+    /// Caught by the `client_request` fuzz check that only objects parse
+    /// (fuzz/regressions/client_request/): serde reads a struct from an array by position.
+    #[test]
+    fn requests_are_objects_not_arrays() {
+        for text in [
+            r#"["ping"]"#,
+            r#"["sub",1,"room.1"]"#,
+            r#" ["pub",null,"t",null,1]"#,
+        ] {
+            assert_eq!(parse_request(text).unwrap_err().code, ErrorCode::BadRequest);
+        }
+        assert!(parse_request(" \r\n\t{\"op\":\"ping\"}").is_ok());
     }
 
     #[test]

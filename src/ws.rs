@@ -261,8 +261,9 @@ impl Pending {
             buf.extend_from_slice(input);
             let (used, flow) = self.decode(&mut buf, limits, &mut on_event)?;
             if used < buf.len() && flow == Flow::Continue {
-                buf.drain(..used);
-                self.partial = buf;
+                // `buf` has room for the whole read (up to the shard's scratch size): once
+                // frames completed, keep only the incomplete tail, in a buffer its size.
+                self.partial = if used == 0 { buf } else { buf[used..].to_vec() };
             }
             Ok(flow)
         }
@@ -624,6 +625,23 @@ mod tests {
                 "nothing held once frames are complete"
             );
         }
+    }
+
+    /// Caught by the `ws_frames` fuzz check (fuzz/regressions/ws_frames/): a few bytes of a
+    /// frame left over from a read full of complete frames kept the whole read's buffer.
+    #[test]
+    fn an_incomplete_frame_holds_its_size_not_the_read_size() {
+        let ping = client_frame(OpCode::Control(Control::Ping), true, b"");
+        let mut inbound = Inbound::default();
+        collect(&mut inbound, ping[..1].to_vec()).expect("first byte");
+        let mut read = ping[1..].to_vec();
+        for _ in 0..1000 {
+            read.extend_from_slice(&ping);
+        }
+        read.push(ping[0]);
+        let seen = collect(&mut inbound, read).expect("pings");
+        assert_eq!(seen.len(), 1001);
+        assert!(inbound.buffered() < 14, "holds {}", inbound.buffered());
     }
 
     #[test]

@@ -1,0 +1,4 @@
+//! Fuzz target `ws_frames`: the check and what it asserts are in `fuzz/harness.rs`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| shardcast_fuzz::ws_frames(data));
