@@ -464,7 +464,7 @@ pub fn publish_body(data: &[u8]) {
 // envelope: cluster::wire::decode
 
 /// The bytes the wire.rs constructors write for `envelope`.
-fn encode(envelope: &wire::Envelope) -> Bytes {
+fn encode(envelope: &wire::Decoded) -> Bytes {
     let origin = envelope.origin;
     match &envelope.body {
         wire::Body::User { mid, users, frame } => wire::user(origin, *mid, users, frame),

@@ -71,7 +71,7 @@ macro_rules! label_enum {
 
 label_enum! {
     /// Why a handshake was refused.
-    Refusal {
+    HandshakeRefusal {
         /// Not a valid upgrade request.
         BadRequest => "bad_request",
         /// Path other than /ws (or /echo in dev mode).
@@ -408,8 +408,8 @@ pub struct ShardMetrics {
     pub incomplete_bytes: Gauge,
     /// Handshakes that upgraded.
     pub handshakes_accepted: Counter,
-    /// Handshakes refused, by [`Refusal`].
-    pub handshakes_refused: [Counter; Refusal::ALL.len()],
+    /// Handshakes refused, by [`HandshakeRefusal`].
+    pub handshakes_refused: [Counter; HandshakeRefusal::ALL.len()],
     /// Accept calls that failed (e.g. EMFILE); the accept loop backs off.
     pub accept_errors: Counter,
     /// WebSocket frames received.
@@ -433,7 +433,7 @@ pub struct ShardMetrics {
 
 impl ShardMetrics {
     /// Counts a refused handshake.
-    pub fn refused(&self, reason: Refusal) {
+    pub fn refused(&self, reason: HandshakeRefusal) {
         self.handshakes_refused[reason as usize].inc();
     }
 
@@ -502,7 +502,7 @@ impl NodeMetrics {
     }
 
     /// Handshakes refused for `reason`, all shards.
-    pub fn refused(&self, reason: Refusal) -> u64 {
+    pub fn refused(&self, reason: HandshakeRefusal) -> u64 {
         self.sum(|s| s.handshakes_refused[reason as usize].get())
     }
 
@@ -582,7 +582,7 @@ const SHARD_FAMILIES: &[Labelled<ShardMetrics>] = &[
         "handshakes_refused",
         "Upgrades refused, by reason",
         "reason",
-        Refusal::LABELS,
+        HandshakeRefusal::LABELS,
         |s, i| s.handshakes_refused[i].get(),
     ),
     (
@@ -825,7 +825,7 @@ mod tests {
     #[test]
     fn label_arrays_fit_their_enums() {
         let m = ShardMetrics::default();
-        assert_eq!(m.handshakes_refused.len(), Refusal::ALL.len());
+        assert_eq!(m.handshakes_refused.len(), HandshakeRefusal::ALL.len());
         assert_eq!(m.delivered.len(), Delivery::ALL.len());
         assert_eq!(m.closes.len(), Close::ALL.len());
         assert_eq!(m.rejections.len(), Rejection::ALL.len());

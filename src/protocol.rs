@@ -51,7 +51,7 @@ pub enum Request<'a> {
 
 /// A request that could not be understood; answered with an `err` frame.
 #[derive(Debug)]
-pub struct Refusal<'a> {
+pub struct RequestError<'a> {
     /// The request's id, if one could be read.
     pub id: Option<&'a RawValue>,
     /// Machine-readable code.
@@ -60,7 +60,7 @@ pub struct Refusal<'a> {
     pub msg: &'static str,
 }
 
-impl Refusal<'_> {
+impl RequestError<'_> {
     /// Whether the request named an op this protocol does not have.
     pub fn is_unknown_op(&self) -> bool {
         self.msg == UNKNOWN_OP
@@ -128,16 +128,16 @@ fn valid_id(id: &RawValue) -> bool {
 /// Parses one text message. The `id`, when usable, is returned on both paths so the reply
 /// can echo it.
 #[allow(clippy::type_complexity)]
-pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Refusal<'_>> {
+pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), RequestError<'_>> {
     let raw: RawRequest = serde_json::from_str(text)
         .ok()
         .filter(|_| is_object(text.as_bytes()))
-        .ok_or(Refusal {
+        .ok_or(RequestError {
             id: None,
             code: ErrorCode::BadRequest,
             msg: "malformed request: expected a JSON object with an op",
         })?;
-    let refuse = |id, msg| Refusal {
+    let refuse = |id, msg| RequestError {
         id,
         code: ErrorCode::BadRequest,
         msg,

@@ -46,7 +46,7 @@ use smallvec::SmallVec;
 use crate::auth::valid_name;
 use crate::cluster::{Control, Outbound, Users};
 use crate::config::REFUSAL_SLOTS;
-use crate::metrics::{self, Delivery, LogLimiter, Refusal, Rejection, ShardMetrics};
+use crate::metrics::{self, Delivery, HandshakeRefusal, LogLimiter, Rejection, ShardMetrics};
 use crate::node::NodeShared;
 use crate::protocol::{self, MidGenerator};
 use crate::reactor::{self, Doorbell, Reactor, Ready};
@@ -746,7 +746,7 @@ impl Shard {
             }
             HandshakeOutcome::Gone => {
                 self.node.connections.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.refused(Refusal::BadRequest);
+                self.metrics.refused(HandshakeRefusal::BadRequest);
             }
             HandshakeOutcome::Refused(refusal) => {
                 self.node.connections.fetch_sub(1, Ordering::Relaxed);
@@ -897,7 +897,7 @@ impl Shard {
         let _ = reactor::recv(fd.as_fd(), &mut scratch[..]);
         let response = HttpRefusal::UNAVAILABLE.response();
         let _ = reactor::send(fd.as_fd(), &[std::io::IoSlice::new(&response)]);
-        self.metrics.refused(Refusal::Unavailable);
+        self.metrics.refused(HandshakeRefusal::Unavailable);
     }
 
     fn adopt(&self, fd: OwnedFd) {
@@ -962,7 +962,7 @@ impl Shard {
             let handshaking = matches!(self.sockets.borrow().get(&id), Some(Socket::Handshake(_)));
             if handshaking {
                 self.remove_socket(id);
-                self.metrics.refused(Refusal::Timeout);
+                self.metrics.refused(HandshakeRefusal::Timeout);
             }
         }
         while let Some(id) = pop_expired(&self.close_deadlines, now) {
@@ -1013,14 +1013,14 @@ fn pop_expired(queue: &RefCell<VecDeque<(u64, ConnId)>>, now: u64) -> Option<Con
     }
 }
 
-fn refusal_reason(refusal: HttpRefusal) -> Refusal {
+fn refusal_reason(refusal: HttpRefusal) -> HandshakeRefusal {
     match refusal.status {
-        400 => Refusal::BadRequest,
-        401 => Refusal::Unauthorized,
-        404 => Refusal::NotFound,
-        426 => Refusal::BadVersion,
-        431 => Refusal::TooLarge,
-        _ => Refusal::Unavailable,
+        400 => HandshakeRefusal::BadRequest,
+        401 => HandshakeRefusal::Unauthorized,
+        404 => HandshakeRefusal::NotFound,
+        426 => HandshakeRefusal::BadVersion,
+        431 => HandshakeRefusal::TooLarge,
+        _ => HandshakeRefusal::Unavailable,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, value::RawValue};
-use shardcast::metrics::{Close, Refusal, Rejection};
+use shardcast::metrics::{Close, HandshakeRefusal, Rejection};
 use shardcast::Target;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::Frame;
@@ -78,7 +78,7 @@ fn connection_limit_answers_503() {
     let _b = Client::dev(&node, "b");
     assert_eq!(http_status(connect_url(&node.url("/ws?user=c"))), 503);
     eventually("503 counted", || {
-        node.node().metrics().refused(Refusal::Unavailable) == 1
+        node.node().metrics().refused(HandshakeRefusal::Unavailable) == 1
     });
     drop(_a);
     eventually("a slot frees up", || {
@@ -113,7 +113,8 @@ fn handshake_refusals_are_http_errors() {
     );
     let metrics = node.node().metrics();
     eventually("refusals counted", || {
-        metrics.refused(Refusal::Unauthorized) == 4 && metrics.refused(Refusal::NotFound) == 2
+        metrics.refused(HandshakeRefusal::Unauthorized) == 4
+            && metrics.refused(HandshakeRefusal::NotFound) == 2
     });
 
     let response = raw_exchange(node.addr, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -144,7 +145,7 @@ fn upgrade_with_another_websocket_version_gets_426() {
     );
     assert!(response.contains("\"bad_version\""), "{response}");
     eventually("counted", || {
-        node.node().metrics().refused(Refusal::BadVersion) == 1
+        node.node().metrics().refused(HandshakeRefusal::BadVersion) == 1
     });
 }
 
@@ -175,7 +176,10 @@ fn tokens_with_malformed_or_future_times_are_refused_at_the_upgrade() {
     assert_eq!(ok.hello["user"], "x");
     assert_eq!(ok.request(json!({"op":"ping"}))["op"], "pong");
     eventually("refusals counted", || {
-        node.node().metrics().refused(Refusal::Unauthorized) == refused.len() as u64
+        node.node()
+            .metrics()
+            .refused(HandshakeRefusal::Unauthorized)
+            == refused.len() as u64
     });
 }
 
@@ -191,7 +195,7 @@ fn silent_handshakes_time_out() {
     assert_eq!(stream.read(&mut buf).expect("eof, not a timeout"), 0);
     assert!(started.elapsed() < Duration::from_secs(3));
     eventually("timeout counted", || {
-        node.node().metrics().refused(Refusal::Timeout) == 1
+        node.node().metrics().refused(HandshakeRefusal::Timeout) == 1
     });
 }
 

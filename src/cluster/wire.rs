@@ -21,9 +21,12 @@
 //! `direct` is the one envelope without a rendered frame: a message for many users at once,
 //! whose frames differ by recipient (`to`), carries `data` once and the receiving node
 //! renders each recipient's frame as it writes it (see [`crate::router::Body::PerUser`]).
-//! An empty `from` is a message from the server. Integers are little-endian. A node that receives another version counts the envelope in
+//! An empty `from` is a message from the server.
+//!
+//! Integers are little-endian. A node that receives another version counts the envelope in
 //! `shardcast_bus_envelopes_invalid_total`, logs it and drops it: nodes of two versions can
-//! share a Redis during a rolling upgrade without misreading each other.
+//! share a Redis during a rolling upgrade without misreading each other. A node of the
+//! previous build counts a `direct` envelope the same way, as an unknown kind.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -110,7 +113,7 @@ pub enum Body {
 
 /// A decoded envelope: who sent it and what it asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
+pub struct Decoded {
     /// The sending bridge's instance id.
     pub origin: u64,
     /// What to do.
@@ -259,7 +262,7 @@ pub fn topic_count(origin: u64, request: u64, count: u64, node: &str) -> Bytes {
 }
 
 /// Reads an envelope. Frames are slices of `payload` (no copy).
-pub fn decode(payload: Bytes) -> Result<Envelope, DecodeError> {
+pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
     let mut rest = payload.clone();
     if rest.remaining() < HEADER {
         return Err(DecodeError::Malformed);
@@ -347,7 +350,7 @@ pub fn decode(payload: Bytes) -> Result<Envelope, DecodeError> {
         },
         other => return Err(DecodeError::Kind(other)),
     };
-    Ok(Envelope { origin, body })
+    Ok(Decoded { origin, body })
 }
 
 fn u64_of(rest: &mut Bytes) -> Result<u64, DecodeError> {
@@ -446,7 +449,7 @@ mod tests {
             ),
         ];
         for (encoded, body) in cases {
-            assert_eq!(decode(encoded), Ok(Envelope { origin: 7, body }));
+            assert_eq!(decode(encoded), Ok(Decoded { origin: 7, body }));
         }
     }
 
@@ -454,7 +457,7 @@ mod tests {
     fn frames_are_slices_of_the_payload() {
         let payload = user(1, 2, &["u"], b"frame");
         let base = payload.as_ptr() as usize;
-        let Ok(Envelope {
+        let Ok(Decoded {
             body: Body::User { frame, .. },
             ..
         }) = decode(payload.clone())
