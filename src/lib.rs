@@ -4,7 +4,8 @@
 //! - [`config`]: the typed configuration; defaults, TOML, `SHARDCAST_*` env, flags; validation.
 //! - [`node`]: starts a node (listeners, shards, API), pushes messages in from other threads, stops it.
 //! - [`api`]: the HTTP API for backends (hyper on its own thread).
-//! - [`cluster`]: the Redis bus between nodes: the bridge thread, routes, envelopes.
+//! - [`cluster`]: the Redis bus between nodes: the bridge thread (session, outbound accounting,
+//!   inbound dispatch), the Redis layout and scripts, envelopes, duplicate suppression.
 //! - [`shard`]: one glommio executor per core owning its listener, sockets and tables.
 //! - [`session`]: one client connection: upgrade, protocol v1, write queue, close.
 //! - [`reactor`]: socket readiness (a per-shard epoll set) and cross-thread wake-ups.
@@ -16,7 +17,9 @@
 //! - [`metrics`]: per-shard counters and gauges.
 //!
 //! A message is rendered once per node into a complete WebSocket frame (`bytes::Bytes`),
-//! routed to the shards that hold recipients, and the same buffer is written to each socket.
+//! routed to the shards that hold recipients, and the same buffer is written to each socket;
+//! a publish to many users or topics at once is rendered per target where it is delivered
+//! ([`router::Body`]), so its `data` is held once.
 
 // The module map links internal modules: the docs are built with --document-private-items.
 #![allow(rustdoc::private_intra_doc_links)]
