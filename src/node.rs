@@ -22,7 +22,7 @@ use crate::cluster::{bridge, redis_layout, Bus, Outbound};
 use crate::config::{Config, ConfigError, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
-use crate::router::{Envelope, Mesh, Message, Template};
+use crate::router::{Envelope, Mesh, Message, Route, Template};
 use crate::shard;
 
 /// Bytes of glommio I/O memory per shard. Sockets do not use it (they are driven by the
@@ -388,19 +388,17 @@ impl Publisher {
             // someone subscribes there (see `router::Body`).
             _ => Some(Message::per_topic(mid, self.template(ts, data))),
         };
+        // Hand-offs that fail are counted on shard 0's metrics (the sum over shards is what
+        // the exporter shows).
+        let metrics = node.metrics.shard(0);
         if let Some(message) = publication {
             for topic in target.topics {
                 let topic: Arc<str> = Arc::from(*topic);
-                let home = mesh.home(&topic);
                 dropped += usize::from(!node.to_other_nodes(|| Outbound::Topic {
                     topic: topic.clone(),
                     message: message.clone(),
                 }));
-                let envelope = Envelope::RouteTopic {
-                    topic,
-                    message: message.clone(),
-                };
-                dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
+                dropped += mesh.route(Route::Topic(topic), message.clone(), None, metrics);
             }
         }
         if target.broadcast {
@@ -408,9 +406,7 @@ impl Publisher {
             dropped += usize::from(!node.to_other_nodes(|| Outbound::Broadcast {
                 message: message.clone(),
             }));
-            dropped += mesh.send_to_all(node.metrics.shard(0), || Envelope::Broadcast {
-                message: message.clone(),
-            });
+            dropped += mesh.route(Route::Broadcast, message, None, metrics);
         }
         Published { mid, dropped }
     }
@@ -438,13 +434,8 @@ impl Publisher {
             }));
         }
         for user in users {
-            let home = mesh.home(user);
-            let envelope = Envelope::RouteUser {
-                user: user.clone(),
-                message: message.clone(),
-                except: None,
-            };
-            dropped += usize::from(!mesh.send(home, envelope, node.metrics.shard(home)));
+            let to = Route::User(user.clone());
+            dropped += mesh.route(to, message.clone(), None, node.metrics.shard(0));
         }
         dropped
     }

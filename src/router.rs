@@ -275,6 +275,17 @@ impl Laned for Envelope {
     }
 }
 
+/// Who a message routed into the node is for (see [`Mesh::route`]).
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// Every device of a user.
+    User(Arc<str>),
+    /// Every subscriber of a topic.
+    Topic(Arc<str>),
+    /// Every user connection.
+    Broadcast,
+}
+
 /// The answer channel of a query envelope (the asker awaits the other end).
 pub type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
@@ -364,6 +375,36 @@ impl Mesh {
         for lane in self.lanes.iter() {
             lane.wake();
         }
+    }
+
+    /// Routes `message` into this node: to the home shard of `to`'s user or topic (which
+    /// forwards it to the shards holding recipients, skipping connection `except`), or to
+    /// every shard for a broadcast. The one entry the API, the shards and the bridge use.
+    /// Returns how many hand-offs could not be queued (counted on `metrics`).
+    pub fn route(
+        &self,
+        to: Route,
+        message: Message,
+        except: Option<ConnId>,
+        metrics: &ShardMetrics,
+    ) -> usize {
+        let (home, envelope) = match to {
+            Route::User(user) => (
+                self.home(&user),
+                Envelope::RouteUser {
+                    user,
+                    message,
+                    except,
+                },
+            ),
+            Route::Topic(topic) => (self.home(&topic), Envelope::RouteTopic { topic, message }),
+            Route::Broadcast => {
+                return self.send_to_all(metrics, || Envelope::Broadcast {
+                    message: message.clone(),
+                })
+            }
+        };
+        usize::from(!self.send(home, envelope, metrics))
     }
 
     /// Sends `make()` to every shard in `mask`; returns how many could not be queued.
@@ -553,6 +594,46 @@ mod tests {
         assert_eq!(dir.topic_interest("t".into(), 5, false), None);
         assert!(dir.topic_shards("t").is_empty());
         assert!(dir.topics.is_empty());
+    }
+
+    #[test]
+    fn route_hands_a_message_to_the_home_shard_or_to_every_shard() {
+        let (mesh, inboxes) = Mesh::new(4, 16);
+        let metrics = ShardMetrics::default();
+        let message = || Message::new(9, Bytes::from_static(b"m"));
+        let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
+            Poll::Ready(cx.waker().clone())
+        }));
+        let mut cx = Context::from_waker(&waker);
+        let mut taken = |shard: usize| match inboxes[shard].poll_recv(&mut cx) {
+            Poll::Ready(Some(envelope)) => Some(envelope),
+            _ => None,
+        };
+
+        let home = mesh.home("alice");
+        assert_eq!(
+            mesh.route(Route::User("alice".into()), message(), Some(3), &metrics),
+            0
+        );
+        assert!(matches!(
+            taken(home),
+            Some(Envelope::RouteUser { ref user, except: Some(3), .. }) if &**user == "alice"
+        ));
+
+        let home = mesh.home("room");
+        assert_eq!(
+            mesh.route(Route::Topic("room".into()), message(), None, &metrics),
+            0
+        );
+        assert!(
+            matches!(taken(home), Some(Envelope::RouteTopic { ref topic, .. }) if &**topic == "room")
+        );
+
+        assert_eq!(mesh.route(Route::Broadcast, message(), None, &metrics), 0);
+        for shard in 0..4 {
+            assert!(matches!(taken(shard), Some(Envelope::Broadcast { .. })));
+            assert!(taken(shard).is_none(), "once per shard");
+        }
     }
 
     #[test]

@@ -50,7 +50,7 @@ use crate::metrics::{self, Delivery, HandshakeRefusal, LogLimiter, Rejection, Sh
 use crate::node::NodeShared;
 use crate::protocol::{self, MidGenerator};
 use crate::reactor::{self, Doorbell, Reactor, Ready};
-use crate::router::{conn_id, shard_of, ConnId, Directory, Envelope, Inbox, Message};
+use crate::router::{conn_id, shard_of, ConnId, Directory, Envelope, Inbox, Message, Route};
 use crate::session::{Conn, Handshake, HandshakeOutcome, ReadOutcome};
 use crate::ws::HttpRefusal;
 
@@ -387,23 +387,15 @@ impl Shard {
             users,
             message: message.clone(),
         });
+        let mesh = &self.node.mesh;
         if to != *from {
-            self.route_user(to, message.clone(), None);
+            mesh.route(Route::User(to), message.clone(), None, &self.metrics);
         }
-        self.route_user(from.clone(), message, Some(sender));
-    }
-
-    /// Sends a message for `user` to the user's home shard, which forwards it to the shards
-    /// of this node holding the user's devices.
-    fn route_user(&self, user: Arc<str>, message: Message, except: Option<ConnId>) {
-        let home = self.node.mesh.home(&user);
-        self.send(
-            home,
-            Envelope::RouteUser {
-                user,
-                message,
-                except,
-            },
+        mesh.route(
+            Route::User(from.clone()),
+            message,
+            Some(sender),
+            &self.metrics,
         );
     }
 
@@ -425,8 +417,9 @@ impl Shard {
             topic: topic.clone(),
             message: message.clone(),
         });
-        let home = self.node.mesh.home(&topic);
-        self.send(home, Envelope::RouteTopic { topic, message });
+        self.node
+            .mesh
+            .route(Route::Topic(topic), message, None, &self.metrics);
     }
 
     /// Handles one envelope from the inbox.

@@ -113,21 +113,12 @@ impl Bridge {
                 self.route_users(users, Message::new(mid, frame));
             }
             Body::Topic { mid, topic, frame } => {
-                let home = mesh.home(&topic);
-                mesh.send(
-                    home,
-                    Envelope::RouteTopic {
-                        topic: Arc::from(topic),
-                        message: Message::new(mid, frame),
-                    },
-                    shard_metrics(home),
-                );
+                let to = Route::Topic(Arc::from(topic));
+                mesh.route(to, Message::new(mid, frame), None, shard_metrics(0));
             }
             Body::Broadcast { mid, frame } => {
                 let message = Message::new(mid, frame);
-                mesh.send_to_all(shard_metrics(0), || Envelope::Broadcast {
-                    message: message.clone(),
-                });
+                mesh.route(Route::Broadcast, message, None, shard_metrics(0));
             }
             Body::Kick { user, code } => {
                 let home = mesh.home(&user);
@@ -181,15 +172,10 @@ impl Bridge {
 
     /// Hands a message from another node to the home shard of each of `users`.
     fn route_users(&self, users: Vec<String>, message: Message) {
-        let mesh = &self.node.mesh;
+        let metrics = self.node.metrics.shard(0);
         for user in users {
-            let home = mesh.home(&user);
-            let envelope = Envelope::RouteUser {
-                user: Arc::from(user),
-                message: message.clone(),
-                except: None,
-            };
-            mesh.send(home, envelope, self.node.metrics.shard(home));
+            let to = Route::User(Arc::from(user));
+            self.node.mesh.route(to, message.clone(), None, metrics);
         }
     }
 

@@ -62,7 +62,7 @@ use super::{BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Presenc
 use crate::mailbox::Inbox;
 use crate::metrics::{self, BusDrop};
 use crate::node::NodeShared;
-use crate::router::{self, shard_of, ConnId, Envelope, Message, Template};
+use crate::router::{self, shard_of, ConnId, Envelope, Message, Route, Template};
 use crate::ws::close;
 use inbound::answer_down;
 use outbound::{Answer, Batch, Pending};
