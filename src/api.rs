@@ -43,10 +43,11 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
-use crate::auth::valid_name;
+use crate::auth::{bearer, valid_name};
 use crate::cluster::BusError;
 use crate::metrics::{ApiTimeout, LogLimiter};
 use crate::node::{NodeShared, Publisher, Target};
+use crate::ws::HttpRefusal;
 
 type Body = Full<Bytes>;
 
@@ -62,16 +63,12 @@ const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The answer to a connection past `max_api_connections`, written without waiting.
 fn too_many_connections() -> Vec<u8> {
-    let body = json!({"error": {
-        "code": "busy",
-        "message": "too many API connections (max_api_connections); retry",
-    }})
-    .to_string();
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    HttpRefusal {
+        status: 503,
+        code: "busy",
+        message: "too many API connections (max_api_connections); retry",
+    }
+    .response()
 }
 
 /// A running API server; stops when dropped.
@@ -547,17 +544,6 @@ impl Api {
     }
 }
 
-/// The credentials of an `Authorization: Bearer <credentials>` value; the scheme is
-/// case-insensitive (RFC 9110 §11.1), as on the WebSocket port.
-fn bearer(value: &str) -> Option<&str> {
-    let scheme = value.get(..7)?;
-    scheme
-        .eq_ignore_ascii_case("bearer ")
-        .then(|| value.get(7..))
-        .flatten()
-        .map(str::trim)
-}
-
 /// A cluster question the bus could not answer.
 fn cluster_failure(error: BusError) -> Failure {
     let code = match error {
@@ -600,16 +586,6 @@ pub fn parse_publish_body(body: &[u8]) -> Result<PublishRequest<'_>, serde_json:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_scheme_is_case_insensitive() {
-        assert_eq!(bearer("Bearer k"), Some("k"));
-        assert_eq!(bearer("bearer k"), Some("k"));
-        assert_eq!(bearer("BEARER  k "), Some("k"));
-        assert_eq!(bearer("Basic k"), None);
-        assert_eq!(bearer("Bearer"), None);
-        assert_eq!(bearer("Bearé k"), None, "not a char boundary at 7");
-    }
 
     #[test]
     fn escaped_names_deserialize() {

@@ -210,6 +210,17 @@ fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <credentials>` value, on the WebSocket
+/// port and the API alike; the scheme is case-insensitive (RFC 9110 §11.1).
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let scheme = value.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case("bearer ")
+        .then(|| value.get(7..))
+        .flatten()
+        .map(str::trim)
+}
+
 /// A user id or topic name: 1 to `max` bytes, no control characters.
 pub fn valid_name(name: &str, max: usize) -> bool {
     !name.is_empty() && name.len() <= max && !name.chars().any(char::is_control)
@@ -218,6 +229,16 @@ pub fn valid_name(name: &str, max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer k"), Some("k"));
+        assert_eq!(bearer("bearer k"), Some("k"));
+        assert_eq!(bearer("BEARER  k "), Some("k"));
+        assert_eq!(bearer("Basic k"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearé k"), None, "not a char boundary at 7");
+    }
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
 
