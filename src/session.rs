@@ -464,6 +464,8 @@ impl Conn {
             max_frame: config.max_frame_bytes,
             max_message: config.max_message_bytes,
         };
+        // One clock read per read: every message of it arrived at once.
+        let now_ms = shard.clock_ms();
         let mut rate = self.rate.get();
         let mut completed = false;
         let mut frames = false;
@@ -481,15 +483,10 @@ impl Conn {
                 }
                 Event::Pong => {}
                 Event::Ping(_) | Event::Text(_) | Event::Binary(_)
-                    if !rate.take(
-                        shard.clock_ms(),
-                        config.rate_limit_per_sec,
-                        config.rate_limit_burst,
-                    ) =>
+                    if !rate.take(now_ms, config.rate_limit_per_sec, config.rate_limit_burst) =>
                 {
                     shard.metrics.rejected(Rejection::RateLimited);
-                    let answer =
-                        !matches!(event, Event::Ping(_)) && rate.answer_refusal(shard.clock_ms());
+                    let answer = !matches!(event, Event::Ping(_)) && rate.answer_refusal(now_ms);
                     if answer {
                         // Parsed only for its id, once per window at most.
                         let id = match event {
@@ -538,12 +535,13 @@ impl Conn {
         });
         self.rate.set(rate);
         if frames {
-            self.last_seen.set(shard.clock());
+            // `Shard::clock` is the same clock in seconds.
+            self.last_seen.set((now_ms / 1000) as u32);
         }
         // The incomplete message's age counts from its first byte: from now if it is new
         // (nothing held before) or follows a message that just completed.
         if fresh || completed {
-            inbound.set_incomplete_since(shard.clock_ms() as u32);
+            inbound.set_incomplete_since(now_ms as u32);
         }
         let held = inbound.buffered();
         drop(inbound);
