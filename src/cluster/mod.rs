@@ -78,6 +78,19 @@ pub enum Outbound {
     },
 }
 
+/// A message for other nodes on its way through the bridge, from [`Bus::send`] until Redis
+/// answered for it or it was dropped and counted.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) outbound: Outbound,
+    /// Its share of `bridge_queue_max_bytes`, taken when it was queued and given back when
+    /// it is finished.
+    pub(crate) size: usize,
+    /// It met a node whose subscription was gone: it is retried until it finds a route (or
+    /// `bridge_hold_ms` runs out), since that node's devices come back under a new instance.
+    pub(crate) lost_route: bool,
+}
+
 /// The users a direct message goes to (the recipient, and the sender for its copies).
 pub type Users = SmallVec<[Arc<str>; 2]>;
 
@@ -256,7 +269,7 @@ impl BusState {
 /// The shards' and the API's handle to the bridge. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Bus {
-    mailbox: Mailbox<Outbound, Control>,
+    mailbox: Mailbox<Pending, Control>,
     max_bytes: usize,
     queries: tokio::sync::mpsc::Sender<Query>,
     state: Arc<BusState>,
@@ -264,7 +277,7 @@ pub struct Bus {
 
 /// The bridge's ends of the bus.
 pub struct BridgeEnds {
-    inbox: Inbox<Outbound, Control>,
+    inbox: Inbox<Pending, Control>,
     queries: tokio::sync::mpsc::Receiver<Query>,
     state: Arc<BusState>,
 }
@@ -312,7 +325,12 @@ impl Bus {
         let size = outbound.size();
         let before = self.state.queued_bytes.fetch_add(size, Ordering::Relaxed);
         let accepted = before + size <= self.max_bytes || before == 0;
-        if accepted && self.mailbox.message(outbound).is_ok() {
+        let pending = Pending {
+            outbound,
+            size,
+            lost_route: false,
+        };
+        if accepted && self.mailbox.message(pending).is_ok() {
             return true;
         }
         self.state.release(size);
@@ -402,7 +420,7 @@ mod tests {
             1
         );
         let taken = ends.inbox.try_message().expect("queued");
-        bus.state().release(taken.size());
+        bus.state().release(taken.size);
         assert_eq!(bus.state().queued_bytes(), 400);
 
         let (bus, _ends) = Bus::new(100, 1000);

@@ -334,6 +334,21 @@ pub enum Routed {
 }
 
 impl Routed {
+    /// Reads the script's reply as Redis sent it (`None`: not an answer of [`ROUTE`]).
+    pub fn of(reply: &redis::Value) -> Option<Routed> {
+        let redis::Value::Array(items) = reply else {
+            return None;
+        };
+        let numbers = items
+            .iter()
+            .map(|item| match item {
+                redis::Value::Int(n) => Some(*n),
+                _ => None,
+            })
+            .collect::<Option<Vec<i64>>>()?;
+        Routed::parse(&numbers)
+    }
+
     /// Reads the script's answer (`None`: not an answer of [`ROUTE`]).
     pub fn parse(answer: &[i64]) -> Option<Routed> {
         match *answer {
@@ -502,6 +517,20 @@ mod tests {
             })
         );
         assert_eq!(Routed::parse(&[]), None);
+        let reply = redis::Value::Array(vec![
+            redis::Value::Int(1),
+            redis::Value::Int(0),
+            redis::Value::Int(0),
+        ]);
+        assert_eq!(
+            Routed::of(&reply),
+            Some(Routed::Done {
+                sent: 1,
+                no_route: 0,
+                unheard: 0
+            })
+        );
+        assert_eq!(Routed::of(&redis::Value::Int(1)), None);
         assert_eq!(Routed::parse(&[1, 2]), None);
     }
 

@@ -58,14 +58,16 @@ use tokio::sync::mpsc;
 use super::dedupe::{RecentEnvelopes, MAX_REMEMBERED};
 use super::redis_layout::{self as layout, Names, Routed, Scripts};
 use super::wire::{self, Body};
-use super::{BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Presence, Query};
+use super::{
+    BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Pending, Presence, Query,
+};
 use crate::mailbox::Inbox;
 use crate::metrics::{self, BusDrop};
 use crate::node::NodeShared;
 use crate::router::{self, shard_of, ConnId, Envelope, Message, Route, Template};
 use crate::ws::close;
 use inbound::answer_down;
-use outbound::{Answer, Batch, Pending};
+use outbound::{Answer, Batch};
 
 /// Route-key TTL refreshes sent per heartbeat at most (a full round is spread over
 /// [`layout::ROUTE_REFRESH_ROUND_SECS`]; this caps a heartbeat's share on huge nodes).
@@ -190,7 +192,7 @@ struct Bridge {
     names: Names,
     scripts: Scripts,
     /// Messages and control changes from the shards and the API.
-    inbox: Inbox<Outbound, Control>,
+    inbox: Inbox<Pending, Control>,
     state: Arc<BusState>,
     /// Every device of this node by user: what a new session re-publishes.
     devices: RefCell<HashMap<Arc<str>, Devices, RandomState>>,
@@ -279,11 +281,7 @@ impl Bridge {
     /// The node stopped with messages still waiting for Redis: count them, never vanish.
     fn abandon_leftovers(&self) {
         let mut left = std::mem::take(&mut *self.retry.borrow_mut());
-        left.extend(self.inbox.drain_messages().map(|outbound| Pending {
-            size: outbound.size(),
-            outbound,
-            lost_route: false,
-        }));
+        left.extend(self.inbox.drain_messages());
         if !left.is_empty() {
             tracing::warn!(
                 messages = left.len(),

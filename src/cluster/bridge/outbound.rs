@@ -27,16 +27,6 @@ const MAX_BATCH: usize = 4096;
 /// How long a message that met a reconnecting node waits before it is routed again.
 const UNHEARD_RETRY: Duration = Duration::from_millis(100);
 
-/// A message the bridge has taken from the lane and not finished with yet.
-pub(super) struct Pending {
-    pub(super) outbound: Outbound,
-    /// Its share of `bridge_queue_max_bytes`, given back when it is finished.
-    pub(super) size: usize,
-    /// It met a node whose subscription was gone: it is retried until it finds a route (or
-    /// `bridge_hold_ms` runs out), since that node's devices come back under a new instance.
-    pub(super) lost_route: bool,
-}
-
 /// What to do with one pipelined command's answer.
 pub(super) enum Answer {
     /// Nothing (count errors only).
@@ -109,16 +99,10 @@ impl Bridge {
                 }
             }
             while taken < MAX_BATCH {
-                let Some(outbound) = self.inbox.try_message() else {
+                let Some(pending) = self.inbox.try_message() else {
                     break;
                 };
                 taken += 1;
-                let size = outbound.size();
-                let pending = Pending {
-                    outbound,
-                    size,
-                    lost_route: false,
-                };
                 self.encode(pending, &mut batch);
             }
         }
@@ -291,17 +275,7 @@ impl Bridge {
                 self.state.release(pending.size);
                 return;
             }
-            Value::Array(items) => {
-                let numbers: SmallVec<[i64; 3]> = items
-                    .iter()
-                    .map(|item| match item {
-                        Value::Int(n) => *n,
-                        _ => i64::MIN,
-                    })
-                    .collect();
-                Routed::parse(&numbers)
-            }
-            _ => None,
+            reply => Routed::of(reply),
         };
         match routed {
             Some(Routed::EpochLost) => {
@@ -323,10 +297,8 @@ impl Bridge {
                     }
                     return;
                 }
-                for _ in 0..no_route {
-                    metrics.dropped(BusDrop::NoRoute);
-                }
                 if no_route > 0 {
+                    metrics.drops[BusDrop::NoRoute as usize].add(no_route);
                     self.state
                         .log_drop(BusDrop::NoRoute, pending.outbound.message().map(|m| m.mid));
                 }
