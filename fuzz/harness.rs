@@ -348,8 +348,9 @@ fn check_id(id: Option<&RawValue>) {
 
 /// Input: any bytes, read as UTF-8 (lossily, so every input reaches the parser).
 ///
-/// Asserts: no panic on any UTF-8; only JSON objects are accepted; an accepted id, and the id of a refusal, is at most 64
-/// bytes of a JSON string or number and comes back unchanged in `ack`, `pong` and `err`
+/// Asserts: no panic on any UTF-8; only JSON objects are accepted; an accepted id, and the
+/// id of a refusal, is at most 64 bytes of a JSON string or number and comes back unchanged
+/// in `ack`, `pong` and `err`
 /// frames that are valid JSON; a parsed `pub` / `send` renders into a valid `pub` / `msg`
 /// frame carrying the same topic / recipient and byte-identical `data`; a topic of `sub` /
 /// `unsub` survives rendering unchanged.

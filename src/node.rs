@@ -367,16 +367,19 @@ impl Publisher {
         let mesh = &self.node.mesh;
         let mut dropped = 0;
         let node = &self.node;
-        let users: Vec<Arc<str>> = target.users.iter().map(|u| Arc::from(*u)).collect();
-        if let [user] = users.as_slice() {
+        let direct = match target.users {
+            [] => None,
             // One recipient: one frame, rendered here once for every device on every node.
-            let message = Message::new(mid, render::msg(None, user, mid, ts, data.get()));
-            dropped += self.route_users(&users, message);
-        } else if !users.is_empty() {
+            [user] => Some(Message::new(
+                mid,
+                render::msg(None, user, mid, ts, data.get()),
+            )),
             // Each recipient's frame names it: carry `data` once and render per recipient
             // as its sockets are written (see `router::Body`).
-            let message = Message::per_user(mid, self.template(ts, data));
-            dropped += self.route_users(&users, message);
+            _ => Some(Message::per_user(mid, self.template(ts, data))),
+        };
+        if let Some(message) = direct {
+            dropped += self.route_users(target.users, message);
         }
         let publication = match target.topics {
             [] => None,
@@ -423,9 +426,9 @@ impl Publisher {
     /// Routes `message` to every device of `users`: each user's home shard here, and the
     /// other nodes through the bus in messages of at most [`USERS_PER_BUS_MESSAGE`] users
     /// (one route script each). Returns the routes that could not be queued.
-    fn route_users(&self, users: &[Arc<str>], message: Message) -> usize {
+    fn route_users(&self, users: &[&str], message: Message) -> usize {
         let node = &self.node;
-        let mesh = &node.mesh;
+        let users: Vec<Arc<str>> = users.iter().map(|u| Arc::from(*u)).collect();
         let mut dropped = 0;
         for chunk in users.chunks(USERS_PER_BUS_MESSAGE) {
             dropped += usize::from(!node.to_other_nodes(|| Outbound::User {
@@ -434,8 +437,10 @@ impl Publisher {
             }));
         }
         for user in users {
-            let to = Route::User(user.clone());
-            dropped += mesh.route(to, message.clone(), None, node.metrics.shard(0));
+            let to = Route::User(user);
+            dropped += node
+                .mesh
+                .route(to, message.clone(), None, node.metrics.shard(0));
         }
         dropped
     }

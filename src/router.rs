@@ -87,31 +87,28 @@ pub struct Template {
 }
 
 impl Message {
-    /// A message with one frame for every recipient, entering the node now.
-    pub fn new(mid: u64, frame: Bytes) -> Self {
+    /// A message entering the node now.
+    fn entering(mid: u64, body: Body) -> Self {
         Message {
             mid,
             entered_ns: metrics::monotonic_ns(),
-            body: Body::Frame(frame),
+            body,
         }
+    }
+
+    /// A message with one frame for every recipient, entering the node now.
+    pub fn new(mid: u64, frame: Bytes) -> Self {
+        Self::entering(mid, Body::Frame(frame))
     }
 
     /// A direct message rendered per recipient user, entering the node now.
     pub fn per_user(mid: u64, template: Template) -> Self {
-        Message {
-            mid,
-            entered_ns: metrics::monotonic_ns(),
-            body: Body::PerUser(Arc::new(template)),
-        }
+        Self::entering(mid, Body::PerUser(Arc::new(template)))
     }
 
     /// A publication rendered per topic, entering the node now.
     pub fn per_topic(mid: u64, template: Template) -> Self {
-        Message {
-            mid,
-            entered_ns: metrics::monotonic_ns(),
-            body: Body::PerTopic(Arc::new(template)),
-        }
+        Self::entering(mid, Body::PerTopic(Arc::new(template)))
     }
 
     /// The frame the recipients of `target` get: the user of a direct message, the topic of

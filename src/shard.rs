@@ -492,7 +492,7 @@ impl Shard {
                     .unwrap_or_default();
                 self.deliver(
                     &recipients,
-                    &message.shared_frame(),
+                    &message.frame_for(&topic),
                     &message,
                     Delivery::Topic,
                 )

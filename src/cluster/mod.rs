@@ -4,13 +4,13 @@
 //! and the bridge thread behind it ([`bridge`]), which owns every Redis connection. Nothing
 //! else in the process talks to Redis, and nothing here ever blocks a shard:
 //!
-//! - **Messages** (direct, topic, broadcast, kick) go to the bridge over a crossbeam lane
-//!   bounded both in messages (`bridge_queue_capacity`) and in bytes
-//!   (`bridge_queue_max_bytes`, counted until the bridge is done with a message, retries
-//!   included). When it is full (Redis slow or down for long) the message is dropped and
-//!   counted (`shardcast_bus_drops_total{reason="bus_full"}`), never waited for. While Redis is down
-//!   the lane is the holding queue; messages older than `bridge_hold_ms` when Redis returns
-//!   are dropped and counted (`reason="stale"`) rather than delivered late.
+//! - **Messages** (direct, topic, broadcast, kick) go to the bridge over a lane bounded
+//!   both in messages (`bridge_queue_capacity`) and in bytes (`bridge_queue_max_bytes`,
+//!   counted until the bridge is done with a message, retries included). When it is full
+//!   (Redis slow or down for long) the message is dropped and counted
+//!   (`shardcast_bus_drops_total{reason="bus_full"}`), never waited for. While Redis is
+//!   down the lane is the holding queue; messages older than `bridge_hold_ms` when Redis
+//!   returns are dropped and counted (`reason="stale"`) rather than delivered late.
 //! - **Control** (a device came or went, a topic gained its first or lost its last local
 //!   subscriber) goes over an unbounded lane, because losing one would leave a ghost route or
 //!   a deaf topic. It is bounded by connection and subscription events, not by traffic, and
@@ -20,8 +20,9 @@
 //!   channel and are answered asynchronously; a full channel or a down bus answers 503.
 //!
 //! Messages and control reach the bridge through the same two-lane [`crate::mailbox`] as
-//! shards use: a burst of sends costs one wake-up. Local delivery never waits for any of this: shards deliver to their own sockets
-//! first and hand the bus a copy of the already-rendered frame for the other nodes.
+//! shards use: a burst of sends costs one wake-up. Local delivery never waits for any of
+//! this: shards deliver to their own sockets first and hand the bus a copy of the
+//! already-rendered message for the other nodes.
 //!
 //! The Redis layout, and why routes are leased per node rather than per user, is in
 //! [`redis_layout`]; the envelope format in [`wire`]; how retried messages are delivered once
