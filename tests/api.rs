@@ -105,12 +105,17 @@ fn publish_errors_have_status_and_json() {
     );
 }
 
-#[test]
-fn api_key_is_required_when_configured() {
+/// A node out of dev mode whose API wants `key`.
+fn production_node_with_api_key(key: &str) -> TestNode {
     let mut config = dev_config();
     config.dev = false;
-    config.api_key = Some("k3y".into());
-    let node = TestNode::start(config);
+    config.api_key = Some(key.into());
+    TestNode::start(config)
+}
+
+#[test]
+fn api_key_is_required_when_configured() {
+    let node = production_node_with_api_key("k3y");
     let api = node.node().api_addr();
     let body = json!({"broadcast":true,"data":1}).to_string();
     assert_eq!(
@@ -345,10 +350,7 @@ fn escaped_names_publish() {
 
 #[test]
 fn the_bearer_scheme_is_case_insensitive() {
-    let mut config = dev_config();
-    config.dev = false;
-    config.api_key = Some("k3y".into());
-    let node = TestNode::start(config);
+    let node = production_node_with_api_key("k3y");
     let api = node.node().api_addr();
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let response = raw_exchange(
