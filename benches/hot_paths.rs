@@ -127,7 +127,7 @@ fn handoff(c: &mut Criterion) {
     let mut cx = std::task::Context::from_waker(&waker);
     group.bench_function("shardcast_mesh", |b| {
         b.iter(|| {
-            mesh.send(1, envelope(), &metrics);
+            mesh.to_shard(1, envelope(), &metrics);
             inboxes[1].poll_recv(&mut cx)
         })
     });

@@ -28,7 +28,6 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,9 +43,14 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::auth::{bearer, valid_name};
+use crate::cluster::Bus;
 use crate::cluster::BusError;
+use crate::config::{Config, NodeIdentity};
+use crate::metrics::NodeMetrics;
 use crate::metrics::{ApiTimeout, LogLimiter};
-use crate::node::{NodeShared, Publisher, Target};
+use crate::publish::{Publisher, Target};
+use crate::router::Router;
+use crate::session::Admission;
 use crate::ws::HttpRefusal;
 
 type Body = Full<Bytes>;
@@ -79,9 +83,9 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Serves the API on `listener` (already bound) from a thread of its own.
-    pub fn start(
+    pub(crate) fn start(
         listener: std::net::TcpListener,
-        node: Arc<NodeShared>,
+        context: ApiContext,
     ) -> std::io::Result<ApiServer> {
         listener.set_nonblocking(true)?;
         let (shutdown, stopped) = tokio::sync::oneshot::channel();
@@ -90,7 +94,7 @@ impl ApiServer {
             .build()?;
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || runtime.block_on(serve(listener, node, stopped)))?;
+            .spawn(move || runtime.block_on(serve(listener, context, stopped)))?;
         Ok(ApiServer {
             shutdown: Some(shutdown),
             thread: Some(thread),
@@ -111,7 +115,7 @@ impl Drop for ApiServer {
 
 async fn serve(
     listener: std::net::TcpListener,
-    node: Arc<NodeShared>,
+    context: ApiContext,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -121,11 +125,8 @@ async fn serve(
             return;
         }
     };
-    let api = Arc::new(Api {
-        publisher: Publisher::new(node.clone()),
-        node,
-    });
-    let config = &api.node.config;
+    let api = Arc::new(context);
+    let config = &api.config;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_millis(config.api_header_timeout_ms));
@@ -138,7 +139,7 @@ async fn serve(
             accepted = listener.accept() => accepted,
             _ = &mut stopped => return,
         };
-        let metrics = api.node.metrics.api();
+        let metrics = api.metrics.api();
         let stream = match accepted {
             Ok((stream, _)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
@@ -178,7 +179,7 @@ async fn serve(
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(error) = http.serve_connection(io, service).await {
                 if error.is_timeout() {
-                    slot.0.node.metrics.api().timed_out(ApiTimeout::Header);
+                    slot.0.metrics.api().timed_out(ApiTimeout::Header);
                 }
                 tracing::debug!(%error, "API connection ended with an error");
             }
@@ -187,24 +188,33 @@ async fn serve(
 }
 
 /// One of the `max_api_connections` slots, counted in `api_connections` while held.
-struct ConnectionSlot(Arc<Api>);
+struct ConnectionSlot(Arc<ApiContext>);
 
 impl ConnectionSlot {
-    fn take(api: Arc<Api>) -> Self {
-        api.node.metrics.api().connections.add(1);
+    fn take(api: Arc<ApiContext>) -> Self {
+        api.metrics.api().connections.add(1);
         ConnectionSlot(api)
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.node.metrics.api().connections.add(-1);
+        self.0.metrics.api().connections.add(-1);
     }
 }
 
-struct Api {
-    node: Arc<NodeShared>,
-    publisher: Publisher,
+/// What the API serves from: the handles it uses, given by the node.
+pub(crate) struct ApiContext {
+    pub(crate) config: Arc<Config>,
+    pub(crate) identity: Arc<NodeIdentity>,
+    pub(crate) publisher: Publisher,
+    /// For topic subscriber counts on this node.
+    pub(crate) router: Router,
+    /// The cluster bus (presence, topic counts and the registry cluster-wide).
+    pub(crate) bus: Option<Bus>,
+    /// The draining flag (readiness, publish refusal).
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) metrics: NodeMetrics,
 }
 
 /// An API error: status, code and message.
@@ -242,7 +252,7 @@ pub struct PublishRequest<'a> {
     data: Option<&'a RawValue>,
 }
 
-impl Api {
+impl ApiContext {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         match self.route(request).await {
             Ok(response) => response,
@@ -277,14 +287,8 @@ impl Api {
     }
 
     fn authorize(&self, request: &Request<Incoming>) -> Result<(), Failure> {
-        let Some(key) = self
-            .node
-            .config
-            .api_key
-            .as_deref()
-            .filter(|k| !k.is_empty())
-        else {
-            return if self.node.config.dev {
+        let Some(key) = self.config.api_key.as_deref().filter(|k| !k.is_empty()) else {
+            return if self.config.dev {
                 Ok(())
             } else {
                 Err(Failure::new(
@@ -312,7 +316,7 @@ impl Api {
     }
 
     fn draining(&self) -> bool {
-        self.node.draining.load(Ordering::Relaxed)
+        self.admission.draining()
     }
 
     fn readiness(&self) -> Response<Body> {
@@ -321,7 +325,7 @@ impl Api {
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"ready": false, "reason": "draining"}),
             )
-        } else if self.node.bus.is_some() && !self.node.bus_up() {
+        } else if self.bus.as_ref().is_some_and(|bus| !bus.is_up()) {
             // Never look healthy while cross-node delivery silently cannot happen.
             json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -340,14 +344,14 @@ impl Api {
                 "node is draining; publish through another node",
             ));
         }
-        let config = &self.node.config;
+        let config = &self.config;
         let limit = config.max_api_body_bytes;
         let within = Duration::from_millis(config.api_body_timeout_ms);
         let collected =
             tokio::time::timeout(within, Limited::new(request.into_body(), limit).collect())
                 .await
                 .map_err(|_| {
-                    self.node.metrics.api().timed_out(ApiTimeout::Body);
+                    self.metrics.api().timed_out(ApiTimeout::Body);
                     Failure::new(
                         StatusCode::REQUEST_TIMEOUT,
                         "timeout",
@@ -380,7 +384,7 @@ impl Api {
                 "name users, topics or broadcast",
             ));
         }
-        let max = self.node.config.max_name_bytes;
+        let max = self.config.max_name_bytes;
         if let Some(bad) = publish
             .users
             .iter()
@@ -433,7 +437,8 @@ impl Api {
     }
 
     fn metrics(&self) -> Response<Body> {
-        let text = crate::metrics::render_prometheus(&self.node.metrics, self.node.bus.as_ref());
+        let text =
+            crate::metrics::render_prometheus(&self.metrics, self.bus.as_ref().map(Bus::reading));
         let mut response = Response::new(Full::new(Bytes::from(text)));
         response.headers_mut().insert(
             CONTENT_TYPE,
@@ -445,7 +450,7 @@ impl Api {
     /// A name from the path: percent-decoded and checked like client-supplied names.
     fn name(&self, segment: &str) -> Result<String, Failure> {
         let name = percent_decode(segment)?;
-        if valid_name(&name, self.node.config.max_name_bytes) {
+        if valid_name(&name, self.config.max_name_bytes) {
             Ok(name)
         } else {
             Err(Failure::new(
@@ -458,7 +463,7 @@ impl Api {
 
     async fn presence(&self, user: &str) -> Result<Response<Body>, Failure> {
         let user = self.name(user)?;
-        if let Some(bus) = &self.node.bus {
+        if let Some(bus) = &self.bus {
             let presence = bus.presence(&user).await.map_err(cluster_failure)?;
             return Ok(json_response(
                 StatusCode::OK,
@@ -476,7 +481,7 @@ impl Api {
             .await
             .ok_or_else(busy)?;
         let nodes: Vec<&str> = if connections > 0 {
-            vec![&self.node.node_id]
+            vec![&self.identity.id]
         } else {
             vec![]
         };
@@ -488,7 +493,7 @@ impl Api {
 
     async fn topic(&self, topic: &str) -> Result<Response<Body>, Failure> {
         let topic = self.name(topic)?;
-        if let Some(bus) = &self.node.bus {
+        if let Some(bus) = &self.bus {
             let counts = bus.topic(&topic).await.map_err(cluster_failure)?;
             let subscribers: u64 = counts.iter().map(|(_, n)| n).sum();
             let nodes: Vec<serde_json::Value> = counts
@@ -501,9 +506,14 @@ impl Api {
                 json!({"topic": topic, "subscribers": subscribers, "nodes": nodes}),
             ));
         }
-        let subscribers = self.node.topic_subscribers(&topic).await.ok_or_else(busy)?;
+        let subscribers = self
+            .router
+            .mesh()
+            .topic_subscribers(&topic, &self.metrics)
+            .await
+            .ok_or_else(busy)?;
         let nodes: Vec<serde_json::Value> = if subscribers > 0 {
-            vec![json!({"node": &*self.node.node_id, "subscribers": subscribers})]
+            vec![json!({"node": &*self.identity.id, "subscribers": subscribers})]
         } else {
             vec![]
         };
@@ -526,19 +536,18 @@ impl Api {
     }
 
     async fn nodes(&self) -> Result<Response<Body>, Failure> {
-        let node = &self.node;
-        if let Some(bus) = &node.bus {
+        if let Some(bus) = &self.bus {
             let nodes = bus.nodes().await.map_err(cluster_failure)?;
             return Ok(json_response(StatusCode::OK, json!(nodes)));
         }
         Ok(json_response(
             StatusCode::OK,
             json!([{
-                "node": &*node.node_id,
-                "ws": node.client_addr.to_string(),
-                "api": node.api_addr.to_string(),
-                "shards": node.metrics.shards().len(),
-                "connections": node.metrics.connections(),
+                "node": &*self.identity.id,
+                "ws": self.identity.client_addr.to_string(),
+                "api": self.identity.api_addr.to_string(),
+                "shards": self.identity.shards,
+                "connections": self.metrics.connections(),
             }]),
         ))
     }

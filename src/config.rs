@@ -206,6 +206,22 @@ pub enum LogFormat {
     Json,
 }
 
+/// Who a running node is: settled at start, then shared read-only by the shards, the API
+/// and the bridge.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// The node id (configured or generated).
+    pub id: std::sync::Arc<str>,
+    /// The node's number in message ids (see [`crate::protocol::MidGenerator`]).
+    pub number: u16,
+    /// The client listener's bound address.
+    pub client_addr: SocketAddr,
+    /// The API listener's bound address.
+    pub api_addr: SocketAddr,
+    /// Number of shards.
+    pub shards: usize,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

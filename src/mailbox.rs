@@ -126,7 +126,7 @@ impl<M, C> Mailbox<M, C> {
 
 impl<T: Laned> Mailbox<T, T> {
     /// Hands over `value` on its lane.
-    pub fn send(&self, value: T) -> Result<(), Refused<T>> {
+    pub fn post(&self, value: T) -> Result<(), Refused<T>> {
         match value.lane() {
             Lane::Message => self.message(value),
             Lane::Control => self.control(value),
@@ -202,13 +202,13 @@ mod tests {
     #[test]
     fn messages_are_bounded_control_is_not_and_comes_first() {
         let (mailbox, inbox) = mailbox::<Item, Item>(1);
-        assert_eq!(mailbox.send(Item::Traffic(1)), Ok(()));
+        assert_eq!(mailbox.post(Item::Traffic(1)), Ok(()));
         assert_eq!(
-            mailbox.send(Item::Traffic(2)),
+            mailbox.post(Item::Traffic(2)),
             Err(Refused::Full(Item::Traffic(2)))
         );
         for n in 0..10 {
-            assert_eq!(mailbox.send(Item::Admin(n)), Ok(()));
+            assert_eq!(mailbox.post(Item::Admin(n)), Ok(()));
         }
         let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
             Poll::Ready(cx.waker().clone())

@@ -689,11 +689,24 @@ const BUS_FAMILIES: &[Labelled<BusMetrics>] = &[(
     |b, i| b.drops[i].get(),
 )];
 
+/// The cluster bus at one scrape: its counters and its levels.
+#[derive(Clone, Copy)]
+pub struct BusReading<'a> {
+    /// The bridge's counters.
+    pub metrics: &'a BusMetrics,
+    /// Whether Redis is up (`redis_up`).
+    pub up: bool,
+    /// Messages waiting in the bridge's lane.
+    pub queue_depth: usize,
+    /// Bytes of messages the bridge holds.
+    pub queued_bytes: usize,
+}
+
 /// Renders every metric of the node in the Prometheus/OpenMetrics text format
 /// (`shardcast_` prefix, `_total` counters, units in names). A fresh registry per scrape
 /// reads the shards' atomics, so the hot paths never touch the exporter. What is exported
 /// is the tables above; this function only walks them.
-pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) -> String {
+pub fn render_prometheus(node: &NodeMetrics, bus: Option<BusReading<'_>>) -> String {
     use prometheus_client::encoding::text::encode;
     use prometheus_client::metrics::counter::Counter as PromCounter;
     use prometheus_client::metrics::family::Family;
@@ -715,7 +728,7 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
     }
     if let Some(bus) = bus {
         for (name, help, pick) in BUS_TOTALS {
-            total(name, help, pick(&bus.state().metrics));
+            total(name, help, pick(bus.metrics));
         }
     }
 
@@ -740,9 +753,7 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
     }
     if let Some(bus) = bus {
         for (name, help, label, values, pick) in BUS_FAMILIES {
-            family(name, help, label, values, &|i| {
-                pick(&bus.state().metrics, i)
-            });
+            family(name, help, label, values, &|i| pick(bus.metrics, i));
         }
     }
 
@@ -769,17 +780,17 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
         level(
             "redis_up",
             "1 while Redis is reachable, answering in time, and this node is registered",
-            i64::from(bus.is_up()),
+            i64::from(bus.up),
         );
         level(
             "bridge_queue_depth",
             "Messages for other nodes waiting in the bridge's lane",
-            bus.queue_depth() as i64,
+            bus.queue_depth as i64,
         );
         level(
             "bridge_queue_bytes",
             "Bytes of messages for other nodes the bridge holds (queued, in flight, to retry)",
-            bus.state().queued_bytes() as i64,
+            bus.queued_bytes as i64,
         );
     }
     level(
@@ -799,7 +810,7 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<&crate::cluster::Bus>) 
             "redis_roundtrip",
             "Round trip of one pipelined batch of Redis commands",
             Unit::Seconds,
-            MergedHistogram::of(std::iter::once(&bus.state().metrics.roundtrip)),
+            MergedHistogram::of(std::iter::once(&bus.metrics.roundtrip)),
         );
     }
 

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use crate::mailbox::{self, Lane, Laned, Mailbox, Refused};
-use crate::metrics::{self, Delivery, ShardMetrics};
+use crate::metrics::{self, Delivery, NodeMetrics, ShardMetrics};
 
 /// A connection id, unique within a node: the shard in the top 8 bits, a per-shard sequence
 /// below. Shown to clients in `hello` as `conn`.
@@ -272,15 +272,77 @@ impl Laned for Envelope {
     }
 }
 
-/// Who a message routed into the node is for (see [`Mesh::route`]).
+/// Who a message is for (see [`Router::route`]).
 #[derive(Debug, Clone)]
 pub enum Route {
-    /// Every device of a user.
-    User(Arc<str>),
+    /// Every device of each user: a direct message's recipient, and its sender for the
+    /// copies its other devices get (one bus message for both).
+    Users(Users),
     /// Every subscriber of a topic.
     Topic(Arc<str>),
     /// Every user connection.
     Broadcast,
+}
+
+/// The users a direct message goes to (usually one, or the recipient and the sender).
+pub type Users = SmallVec<[Arc<str>; 2]>;
+
+/// How far a message is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// This node and, clustered, the other nodes: a message entering here.
+    Cluster,
+    /// Only this node: a message another node already routed to the cluster.
+    Node,
+}
+
+/// Where messages for other nodes go (the cluster bus); implemented by
+/// [`crate::cluster::Bus`], so routing needs no knowledge of Redis.
+pub trait Uplink: Send + Sync {
+    /// Hands `message` for `to` to the other nodes; returns how many hand-offs were dropped
+    /// (counted by the uplink).
+    fn forward(&self, to: &Route, message: &Message) -> usize;
+}
+
+/// The one entry through which every message enters routing: the API's publisher, the
+/// shards (client `pub` and `send`) and the bridge (messages from other nodes) all call
+/// [`Router::route`]. Cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Router {
+    mesh: Mesh,
+    uplink: Option<Arc<dyn Uplink>>,
+}
+
+impl Router {
+    /// Routing over `mesh`, and through `uplink` to the other nodes when clustered.
+    pub fn new(mesh: Mesh, uplink: Option<Arc<dyn Uplink>>) -> Self {
+        Router { mesh, uplink }
+    }
+
+    /// The shards' inboxes.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// Routes `message` to `to`, skipping connection `except`: within [`Reach::Cluster`],
+    /// first to the other nodes (so a slow local fan-out never delays them), then into this
+    /// node through each target's home shard (which forwards to the shards holding
+    /// recipients), or to every shard for a broadcast. Returns how many hand-offs could not
+    /// be queued (each counted: `metrics` for shard inboxes, the bus's own for the bus).
+    pub fn route(
+        &self,
+        to: Route,
+        message: Message,
+        except: Option<ConnId>,
+        reach: Reach,
+        metrics: &ShardMetrics,
+    ) -> usize {
+        let mut dropped = 0;
+        if let (Reach::Cluster, Some(uplink)) = (reach, &self.uplink) {
+            dropped += uplink.forward(&to, &message);
+        }
+        dropped + self.mesh.route(to, message, except, metrics)
+    }
 }
 
 /// The answer channel of a query envelope (the asker awaits the other end).
@@ -313,11 +375,35 @@ impl Envelope {
 /// The receiving end of one shard's inbox.
 pub type Inbox = crate::mailbox::Inbox<Envelope>;
 
+/// The home shard of every user and topic: a pure function of its name and the number of
+/// shards, the same on every shard (fixed hash seeds).
+#[derive(Clone)]
+pub struct Homes {
+    hasher: RandomState,
+    shards: usize,
+}
+
+impl Homes {
+    /// Homes over `shards` shards.
+    pub fn new(shards: usize) -> Self {
+        Homes {
+            // Fixed seeds: every shard (and, later, every node) must agree on home shards.
+            hasher: RandomState::with_seeds(0x5348_4152, 0x4443_4153, 0x5421_7a17, 0x0b5e_55ed),
+            shards,
+        }
+    }
+
+    /// The home shard of a user id or topic name.
+    pub fn home(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) % self.shards as u64) as usize
+    }
+}
+
 /// Senders to every shard's inbox. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Mesh {
     lanes: Arc<[Mailbox<Envelope>]>,
-    hasher: RandomState,
+    homes: Homes,
 }
 
 impl Mesh {
@@ -328,8 +414,7 @@ impl Mesh {
             (0..shards).map(|_| mailbox::mailbox(capacity)).unzip();
         let mesh = Mesh {
             lanes: lanes.into(),
-            // Fixed seeds: every shard (and, later, every node) must agree on home shards.
-            hasher: RandomState::with_seeds(0x5348_4152, 0x4443_4153, 0x5421_7a17, 0x0b5e_55ed),
+            homes: Homes::new(shards),
         };
         (mesh, inboxes)
     }
@@ -339,16 +424,21 @@ impl Mesh {
         self.lanes.len()
     }
 
+    /// The home shards.
+    pub fn homes(&self) -> &Homes {
+        &self.homes
+    }
+
     /// The home shard of a user id or topic name.
     pub fn home(&self, key: &str) -> usize {
-        (self.hasher.hash_one(key) % self.lanes.len() as u64) as usize
+        self.homes.home(key)
     }
 
     /// Hands `envelope` to `shard`, waking it if it sleeps. Never blocks. A message is
     /// dropped and counted on `metrics` (the sender's) when the shard's message lane is
     /// full; a control envelope is never dropped while the shard runs.
-    pub fn send(&self, shard: usize, envelope: Envelope, metrics: &ShardMetrics) -> bool {
-        match self.lanes[shard].send(envelope) {
+    pub fn to_shard(&self, shard: usize, envelope: Envelope, metrics: &ShardMetrics) -> bool {
+        match self.lanes[shard].post(envelope) {
             Ok(()) => true,
             Err(Refused::Full(dropped)) => {
                 metrics.dropped(metrics::Drop::InboxFull);
@@ -374,51 +464,66 @@ impl Mesh {
         }
     }
 
-    /// Routes `message` into this node: to the home shard of `to`'s user or topic (which
-    /// forwards it to the shards holding recipients, skipping connection `except`), or to
-    /// every shard for a broadcast. The one entry the API, the shards and the bridge use.
-    /// Returns how many hand-offs could not be queued (counted on `metrics`).
-    pub fn route(
+    /// Routes `message` into this node (see [`Router::route`]); returns how many hand-offs
+    /// could not be queued.
+    fn route(
         &self,
         to: Route,
         message: Message,
         except: Option<ConnId>,
         metrics: &ShardMetrics,
     ) -> usize {
-        let (home, envelope) = match to {
-            Route::User(user) => (
-                self.home(&user),
-                Envelope::RouteUser {
-                    user,
-                    message,
-                    except,
-                },
-            ),
-            Route::Topic(topic) => (self.home(&topic), Envelope::RouteTopic { topic, message }),
-            Route::Broadcast => {
-                return self.send_to_all(metrics, || Envelope::Broadcast {
-                    message: message.clone(),
+        match to {
+            Route::Users(users) => users
+                .into_iter()
+                .filter(|user| {
+                    let envelope = Envelope::RouteUser {
+                        user: user.clone(),
+                        message: message.clone(),
+                        except,
+                    };
+                    !self.to_shard(self.homes.home(user), envelope, metrics)
                 })
+                .count(),
+            Route::Topic(topic) => {
+                let home = self.homes.home(&topic);
+                usize::from(!self.to_shard(home, Envelope::RouteTopic { topic, message }, metrics))
             }
-        };
-        usize::from(!self.send(home, envelope, metrics))
+            Route::Broadcast => self.send_to_all(metrics, || Envelope::Broadcast {
+                message: message.clone(),
+            }),
+        }
     }
 
-    /// Sends `make()` to every shard in `mask`; returns how many could not be queued.
-    pub fn send_to_mask(
-        &self,
-        mask: ShardMask,
-        metrics: &ShardMetrics,
-        mut make: impl FnMut() -> Envelope,
-    ) -> usize {
-        mask.iter()
-            .filter(|shard| !self.send(*shard, make(), metrics))
-            .count()
+    /// Subscribers of `topic` on this node: asks the topic's home shard which shards hold
+    /// some, then each of those. `None` if a shard could not be asked (inbox gone).
+    pub async fn topic_subscribers(&self, topic: &str, metrics: &NodeMetrics) -> Option<usize> {
+        let topic: Arc<str> = Arc::from(topic);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let home = self.homes.home(&topic);
+        let query = Envelope::QueryTopic {
+            topic: topic.clone(),
+            reply,
+        };
+        self.to_shard(home, query, metrics.shard(home));
+        let mut total = 0;
+        for shard in answer.await.ok()?.iter() {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let count = Envelope::CountSubscribers {
+                topic: topic.clone(),
+                reply,
+            };
+            self.to_shard(shard, count, metrics.shard(shard));
+            total += answer.await.ok()?;
+        }
+        Some(total)
     }
 
     /// Sends `make()` to every shard; returns how many could not be queued.
-    pub fn send_to_all(&self, metrics: &ShardMetrics, make: impl FnMut() -> Envelope) -> usize {
-        self.send_to_mask(ShardMask::all(self.shards()), metrics, make)
+    fn send_to_all(&self, metrics: &ShardMetrics, mut make: impl FnMut() -> Envelope) -> usize {
+        (0..self.shards())
+            .filter(|shard| !self.to_shard(*shard, make(), metrics))
+            .count()
     }
 }
 
@@ -427,15 +532,6 @@ impl Mesh {
 pub struct ShardMask(u64);
 
 impl ShardMask {
-    /// Every shard of `shards`.
-    pub fn all(shards: usize) -> Self {
-        ShardMask(if shards >= 64 {
-            u64::MAX
-        } else {
-            (1 << shards) - 1
-        })
-    }
-
     /// Adds a shard.
     pub fn insert(&mut self, shard: usize) {
         self.0 |= 1 << shard;
@@ -535,11 +631,6 @@ impl Directory {
     pub fn topic_shards(&self, topic: &str) -> ShardMask {
         self.topics.get(topic).copied().unwrap_or_default()
     }
-
-    /// Users whose home is this shard.
-    pub fn user_count(&self) -> usize {
-        self.users.len()
-    }
 }
 
 #[cfg(test)]
@@ -577,7 +668,7 @@ mod tests {
         );
         dir.device_offline("alice", conn_id(1, 1));
         dir.device_offline("alice", conn_id(0, 2));
-        assert_eq!(dir.user_count(), 0);
+        assert!(dir.users.is_empty());
     }
 
     #[test]
@@ -609,7 +700,12 @@ mod tests {
 
         let home = mesh.home("alice");
         assert_eq!(
-            mesh.route(Route::User("alice".into()), message(), Some(3), &metrics),
+            mesh.route(
+                Route::Users(smallvec::smallvec!["alice".into()]),
+                message(),
+                Some(3),
+                &metrics
+            ),
             0
         );
         assert!(matches!(
@@ -635,8 +731,13 @@ mod tests {
 
     #[test]
     fn masks() {
-        assert_eq!(ShardMask::all(3).iter().collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert_eq!(ShardMask::all(64).iter().count(), 64);
+        let mut mask = ShardMask::default();
+        for shard in [63, 0, 5] {
+            mask.insert(shard);
+        }
+        assert_eq!(mask.iter().collect::<Vec<_>>(), vec![0, 5, 63]);
+        mask.remove(5);
+        assert_eq!(mask.iter().collect::<Vec<_>>(), vec![0, 63]);
     }
 
     #[test]
@@ -651,12 +752,12 @@ mod tests {
             code: 1000,
             reason: metrics::Close::Kicked,
         };
-        assert!(mesh.send(1, message(), &metrics));
-        assert!(!mesh.send(1, message(), &metrics), "message lane full");
+        assert!(mesh.to_shard(1, message(), &metrics));
+        assert!(!mesh.to_shard(1, message(), &metrics), "message lane full");
         assert_eq!(metrics.drops[metrics::Drop::InboxFull as usize].get(), 1);
         for _ in 0..10 {
             assert!(
-                mesh.send(1, control(), &metrics),
+                mesh.to_shard(1, control(), &metrics),
                 "control is never dropped"
             );
         }

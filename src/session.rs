@@ -1,7 +1,12 @@
-//! One client connection: the upgrade, the protocol v1 session, and the close.
+//! One client connection's I/O: the upgrade, WebSocket framing, the write queue, the
+//! inbound rate limit, the heartbeat, and the close.
 //!
 //! Connections are not tasks. The shard's event loop ([`crate::shard`]) calls into this
-//! module when a socket is ready; everything here is synchronous and non-blocking.
+//! module when a socket is ready; everything here is synchronous and non-blocking. This
+//! module knows nothing of routing: complete text messages are handed to the caller's
+//! request handler (the shard's core), and a close asked for here is reported back (a
+//! `false` from [`Conn::push`], [`ReadOutcome::CloseRequested`], [`Conn::heartbeat`]'s
+//! answer) for the shard to take the connection out of its tables.
 //!
 //! # Memory
 //! An open connection is one [`Conn`] (about 160 bytes) plus its entries in the shard's
@@ -37,25 +42,95 @@
 //! input) is a flag plus a queued close frame; the shard takes the connection out of its
 //! tables, flushes, half-closes and waits up to `close_timeout_ms` for the peer to finish, so
 //! a client reads every frame sent before the close frame.
+//!
+//! # Admission
+//! [`Admission`] counts the node's client sockets against the effective `max_connections`
+//! and holds the draining flag: a handshake completing while the node is full or stopping
+//! is answered 503.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, OwnedFd};
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::{Buf, Bytes};
 use smallvec::SmallVec;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
-use crate::auth::{valid_name, Identity, PublishRights};
-use crate::metrics::{self, Rejection};
-use crate::protocol::{self, render, ErrorCode, Request};
+use crate::auth::{Authenticator, Identity};
+use crate::config::{Config, REFUSAL_SLOTS};
+use crate::metrics::{self, Rejection, ShardMetrics};
+use crate::protocol::{self, render, ErrorCode};
 use crate::reactor;
-use crate::router::{ConnId, Message};
-use crate::shard::Shard;
+use crate::router::ConnId;
 use crate::ws::{self, close, Endpoint, Event, Flow, HttpRefusal, Inbound, Limits, Violation};
+
+/// What a connection's I/O needs from its shard: the settings and the metrics to count on.
+#[derive(Clone, Copy)]
+pub(crate) struct Env<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) metrics: &'a ShardMetrics,
+}
+
+/// The node's client sockets against its connection limit, and whether it is draining.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    /// Sockets past `accept`, upgraded or still handshaking (the `max_connections` count).
+    sockets: AtomicUsize,
+    /// The effective `max_connections` (see [`Config::connection_limit`]).
+    max: usize,
+    /// Set once the node is stopping: new handshakes get 503.
+    draining: AtomicBool,
+}
+
+impl Admission {
+    /// No sockets yet, at most `max` served.
+    pub(crate) fn new(max: usize) -> Self {
+        Admission {
+            sockets: AtomicUsize::new(0),
+            max,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The effective `max_connections`.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A socket was accepted.
+    pub(crate) fn enter(&self) {
+        self.sockets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A counted socket was closed.
+    pub(crate) fn leave(&self) {
+        self.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether a socket just accepted is past even the refusal slots, so it is answered
+    /// 503 at once instead of being read (see [`crate::shard`]'s descriptor notes).
+    pub(crate) fn refuse_at_accept(&self) -> bool {
+        self.sockets.load(Ordering::Relaxed) >= self.max.saturating_add(REFUSAL_SLOTS)
+    }
+
+    /// Whether a completed handshake must be refused with 503: the node is full or
+    /// draining (the socket asking is already counted).
+    pub(crate) fn refuse_handshake(&self) -> bool {
+        self.draining() || self.sockets.load(Ordering::Relaxed) > self.max
+    }
+
+    /// Whether the node is stopping.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts draining; `false` if it had already started.
+    pub(crate) fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::SeqCst)
+    }
+}
 
 /// Reads per readiness event before a busy connection lets the others of the shard go first.
 const READS_PER_TURN: usize = 16;
@@ -170,6 +245,47 @@ impl RateLimit {
     }
 }
 
+/// A connection's signs of life at one heartbeat sweep. Times are the shard's clock:
+/// milliseconds for `now_ms`, seconds for the last complete frame and the last ping, and
+/// wrapping milliseconds for the first byte of an incomplete message.
+struct Pulse {
+    now_ms: u64,
+    last_seen: u32,
+    last_ping: u32,
+    incomplete_since: Option<u32>,
+}
+
+/// What the heartbeat sweep does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Quiet,
+    Ping,
+    Close(metrics::Close),
+}
+
+impl Pulse {
+    /// Close a connection holding an incomplete message longer than
+    /// `incomplete_message_timeout_ms`, or silent (no complete frame) for three heartbeat
+    /// intervals; ping one an interval after the last ping.
+    fn verdict(&self, config: &Config) -> Verdict {
+        let now = (self.now_ms / 1000) as u32;
+        let interval = config.heartbeat_secs;
+        let incomplete_for = self
+            .incomplete_since
+            .map(|since| (self.now_ms as u32).wrapping_sub(since));
+        if incomplete_for.is_some_and(|age| u64::from(age) >= config.incomplete_message_timeout_ms)
+        {
+            Verdict::Close(metrics::Close::IncompleteTimeout)
+        } else if now.saturating_sub(self.last_seen) >= 3 * interval {
+            Verdict::Close(metrics::Close::HeartbeatTimeout)
+        } else if now.saturating_sub(self.last_ping) >= interval {
+            Verdict::Ping
+        } else {
+            Verdict::Quiet
+        }
+    }
+}
+
 /// What the shard should do with a connection after it was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadOutcome {
@@ -188,118 +304,117 @@ pub enum ReadOutcome {
 }
 
 /// An upgraded connection.
-pub struct Conn {
+pub(crate) struct Conn {
     /// Node-unique connection id (also its epoll token).
-    pub id: ConnId,
+    pub(crate) id: ConnId,
     fd: OwnedFd,
-    /// The user, or `None` on the dev-mode `/echo` endpoint.
-    user: Option<Arc<str>>,
-    publish: PublishRights,
+    /// On the dev-mode `/echo` endpoint: messages are echoed, not handled as requests.
+    echo: bool,
     /// Frames the socket has not taken yet; allocated only while there are some.
     out: RefCell<Option<Box<WriteQueue>>>,
     inbound: RefCell<Inbound>,
     rate: Cell<RateLimit>,
     close: Cell<Option<(u16, metrics::Close)>>,
     peer_close: Cell<Option<Option<u16>>>,
+    /// Shard clock, seconds: the last complete frame, and the last ping sent.
     last_seen: Cell<u32>,
     last_ping: Cell<u32>,
-    topics: RefCell<Vec<Arc<str>>>,
+}
+
+/// What became of a frame pushed to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Written or queued.
+    Accepted,
+    /// Refused: the connection was already closing.
+    Refused,
+    /// Refused, and the connection is now closing because of it (slow consumer, socket
+    /// error): the shard must take it out of its tables.
+    Closed,
 }
 
 impl Conn {
-    /// A connection on `fd` (already upgraded) for `identity` (`None` for `/echo`).
-    pub fn new(id: ConnId, fd: OwnedFd, identity: Option<Identity>, shard: &Shard) -> Self {
-        let (user, publish) = match identity {
-            Some(identity) => (Some(identity.user), identity.publish),
-            None => (None, PublishRights::none()),
-        };
-        let now = shard.clock();
+    /// A connection on `fd` (already upgraded; `echo` on `/echo`), opened at shard time
+    /// `now_ms`.
+    pub(crate) fn new(id: ConnId, fd: OwnedFd, echo: bool, env: Env<'_>, now_ms: u64) -> Self {
+        let now = (now_ms / 1000) as u32;
         Conn {
             id,
             fd,
-            user,
-            publish,
+            echo,
             out: RefCell::default(),
             inbound: RefCell::default(),
-            rate: Cell::new(RateLimit::new(
-                shard.node.config.rate_limit_burst,
-                shard.clock_ms(),
-            )),
+            rate: Cell::new(RateLimit::new(env.config.rate_limit_burst, now_ms)),
             close: Cell::new(None),
             peer_close: Cell::new(None),
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
-            topics: RefCell::default(),
         }
-    }
-
-    /// The connection's user (`None` for `/echo`).
-    pub fn user(&self) -> Option<&Arc<str>> {
-        self.user.as_ref()
     }
 
     /// The close code and reason requested, if any.
-    pub fn close_request(&self) -> Option<(u16, metrics::Close)> {
+    pub(crate) fn close_request(&self) -> Option<(u16, metrics::Close)> {
         self.close.get()
     }
 
-    /// Queues (or writes at once) a frame. Returns whether it was accepted; a refused frame
-    /// means the connection is closing, and a slow consumer is closed here with 1008.
-    pub fn push(&self, frame: &Bytes, shard: &Shard) -> bool {
+    /// Writes a frame at once, or queues what the socket does not take. A slow consumer is
+    /// closed here with 1008, a failed socket with 1001.
+    pub(crate) fn push(&self, frame: &Bytes, env: Env<'_>) -> Pushed {
         if self.close.get().is_some() {
-            return false;
+            return Pushed::Refused;
         }
-        let metrics = &shard.metrics;
+        let metrics = env.metrics;
         let mut slot = self.out.borrow_mut();
         let Some(out) = slot.as_deref_mut() else {
             let mut queued = WriteQueue::default();
-            match reactor::send(self.fd.as_fd(), &[IoSlice::new(frame)]) {
+            match reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(frame)]) {
                 Ok(n) if n == frame.len() => {}
                 Ok(n) => queued.push_tail(frame.slice(n..)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => queued.push(frame.clone()),
                 Err(_) => {
                     drop(slot);
-                    self.request_close(close::GOING_AWAY, metrics::Close::IoError, shard);
-                    return false;
+                    self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
+                    return Pushed::Closed;
                 }
             }
             if !queued.frames.is_empty() {
                 *slot = Some(Box::new(queued));
             }
             metrics.frames_out.inc();
-            return true;
+            return Pushed::Accepted;
         };
-        if out.bytes + frame.len() > shard.node.config.max_outbound_bytes {
+        if out.bytes + frame.len() > env.config.max_outbound_bytes {
             drop(slot);
-            self.request_close(close::POLICY, metrics::Close::SlowConsumer, shard);
+            self.request_close(close::POLICY, metrics::Close::SlowConsumer, env);
             tracing::debug!(conn = self.id, "slow consumer closed");
-            return false;
+            return Pushed::Closed;
         }
         out.push(frame.clone());
         metrics.frames_out.inc();
-        true
+        Pushed::Accepted
     }
 
-    /// Asks the connection to close with `code`; the first request wins. A slow consumer's
-    /// queue is dropped at once; otherwise queued frames go out before the close frame.
-    pub fn request_close(&self, code: u16, reason: metrics::Close, shard: &Shard) {
+    /// Asks the connection to close with `code`; the first request wins (`true` if this
+    /// was it: the shard must then take the connection out of its tables). A slow
+    /// consumer's queue is dropped at once; otherwise queued frames go out before the close
+    /// frame.
+    pub(crate) fn request_close(&self, code: u16, reason: metrics::Close, env: Env<'_>) -> bool {
         if self.close.get().is_some() {
-            return;
+            return false;
         }
         self.close.set(Some((code, reason)));
-        shard.metrics.closed(reason);
+        env.metrics.closed(reason);
         let mut slot = self.out.borrow_mut();
         let out = slot.get_or_insert_with(Box::default);
         if reason == metrics::Close::SlowConsumer {
             out.discard_unstarted();
         }
         out.push(ws::close_frame(code, reason.label()));
-        drop(slot);
-        shard.schedule_close(self.id);
+        true
     }
 
     /// Marks a connection whose socket is gone, so deliveries still holding it skip it.
-    pub fn mark_gone(&self) {
+    pub(crate) fn mark_gone(&self) {
         if self.close.get().is_none() {
             self.close
                 .set(Some((close::GOING_AWAY, metrics::Close::Peer)));
@@ -307,7 +422,7 @@ impl Conn {
     }
 
     /// Answers the peer's close frame with the same code (RFC 6455 §5.5.1).
-    pub fn answer_peer_close(&self) {
+    pub(crate) fn answer_peer_close(&self) {
         if self.close.get().is_none() {
             let code = self.peer_close.get().flatten().unwrap_or(close::NORMAL);
             self.close.set(Some((code, metrics::Close::Peer)));
@@ -318,71 +433,43 @@ impl Conn {
         }
     }
 
-    /// Called by the sweeper: closes a connection whose incomplete message is older than
-    /// `incomplete_message_timeout_ms`, or which sent no complete frame for three
-    /// intervals; pings when an interval has passed since the last ping.
-    /// `now` is the shard's clock in seconds, `now_ms` in milliseconds.
-    pub fn heartbeat(&self, now: u32, now_ms: u64, interval: u32, shard: &Shard) {
-        let now_ms = now_ms as u32;
-        let incomplete_for = self
-            .inbound
-            .borrow()
-            .incomplete_since()
-            .map(|since| now_ms.wrapping_sub(since));
-        if incomplete_for
-            .is_some_and(|age| u64::from(age) >= shard.node.config.incomplete_message_timeout_ms)
-        {
-            tracing::debug!(conn = self.id, "incomplete message held too long");
-            self.request_close(close::POLICY, metrics::Close::IncompleteTimeout, shard);
-        } else if now.saturating_sub(self.last_seen.get()) >= 3 * interval {
-            self.request_close(close::POLICY, metrics::Close::HeartbeatTimeout, shard);
-        } else if now.saturating_sub(self.last_ping.get()) >= interval {
-            self.last_ping.set(now);
-            self.push(&ws::ping_frame(), shard);
-        }
-    }
-
-    /// Whether subscribed to `topic`.
-    pub fn has_topic(&self, topic: &str) -> bool {
-        self.topics.borrow().iter().any(|t| **t == *topic)
-    }
-
-    /// Number of topics subscribed.
-    pub fn topic_count(&self) -> usize {
-        self.topics.borrow().len()
-    }
-
-    /// Records a subscription (the shard's tables hold the other side).
-    pub fn add_topic(&self, topic: Arc<str>) {
-        self.topics.borrow_mut().push(topic);
-    }
-
-    /// Forgets a subscription; `false` if there was none.
-    pub fn remove_topic(&self, topic: &str) -> bool {
-        let mut topics = self.topics.borrow_mut();
-        match topics.iter().position(|t| **t == *topic) {
-            Some(index) => {
-                topics.swap_remove(index);
-                true
+    /// Called by the sweeper at shard time `now_ms`: closes a connection whose incomplete
+    /// message is older than `incomplete_message_timeout_ms`, or which sent no complete
+    /// frame for three heartbeat intervals; pings when an interval has passed since the
+    /// last ping. Returns whether the connection is now closing because of it.
+    pub(crate) fn heartbeat(&self, now_ms: u64, env: Env<'_>) -> bool {
+        let pulse = Pulse {
+            now_ms,
+            last_seen: self.last_seen.get(),
+            last_ping: self.last_ping.get(),
+            incomplete_since: self.inbound.borrow().incomplete_since(),
+        };
+        match pulse.verdict(env.config) {
+            Verdict::Quiet => false,
+            Verdict::Ping => {
+                self.last_ping.set((now_ms / 1000) as u32);
+                self.push(&ws::ping_frame(), env) == Pushed::Closed
             }
-            None => false,
+            Verdict::Close(reason) => {
+                tracing::debug!(
+                    conn = self.id,
+                    reason = reason.label(),
+                    "closing a silent connection"
+                );
+                self.request_close(close::POLICY, reason, env)
+            }
         }
     }
 
     /// Drops what is held for an incomplete message (when the connection leaves the shard's
     /// tables) and takes it off the shard's budget.
-    pub fn release_incomplete(&self, shard: &Shard) {
+    pub(crate) fn release_incomplete(&self, env: Env<'_>) {
         let held = self.inbound.borrow_mut().release();
-        shard.metrics.incomplete_bytes.add(-(held as i64));
-    }
-
-    /// Takes every subscription (when the connection leaves).
-    pub fn take_topics(&self) -> Vec<Arc<str>> {
-        self.topics.take()
+        env.metrics.incomplete_bytes.add(-(held as i64));
     }
 
     /// Writes queued frames until the socket is full. `Ok(true)` when nothing is left.
-    pub fn flush(&self) -> io::Result<bool> {
+    pub(crate) fn flush(&self) -> io::Result<bool> {
         let mut slot = self.out.borrow_mut();
         let Some(out) = slot.as_deref_mut() else {
             return Ok(true);
@@ -395,7 +482,7 @@ impl Conn {
                     .take(IOVECS_PER_WRITE)
                     .map(|f| IoSlice::new(f))
                     .collect();
-                reactor::send(self.fd.as_fd(), &slices)
+                reactor::sendmsg(self.fd.as_fd(), &slices)
             };
             match sent {
                 Ok(n) => out.consume(n),
@@ -408,18 +495,25 @@ impl Conn {
     }
 
     /// Half-closes the socket once our close frame is out.
-    pub fn shutdown_write(&self) {
+    pub(crate) fn shutdown_write(&self) {
         reactor::shutdown_write(self.fd.as_fd());
     }
 
-    /// Reads and handles what the socket has, up to `READS_PER_TURN` reads.
-    pub fn read(self: &Rc<Self>, shard: &Shard) -> ReadOutcome {
+    /// Reads and handles what the socket has, up to `READS_PER_TURN` reads through the
+    /// shard's `scratch` buffer, at shard time `now_ms`; every complete text message of a
+    /// user session goes to `requests`, whose answer frame is written back.
+    pub(crate) fn read(
+        &self,
+        scratch: &mut [u8],
+        env: Env<'_>,
+        now_ms: u64,
+        requests: &mut dyn FnMut(&str) -> Bytes,
+    ) -> ReadOutcome {
         for _ in 0..READS_PER_TURN {
-            let mut scratch = shard.scratch.borrow_mut();
-            match reactor::recv(self.fd.as_fd(), &mut scratch[..]) {
+            match reactor::recv(self.fd.as_fd(), scratch) {
                 Ok(0) => return ReadOutcome::Eof,
                 Ok(n) => {
-                    if self.on_bytes(&mut scratch[..n], shard) == Flow::Stop {
+                    if self.on_bytes(&mut scratch[..n], env, now_ms, requests) == Flow::Stop {
                         return self.stop_reason();
                     }
                     if n < scratch.len() {
@@ -434,10 +528,9 @@ impl Conn {
     }
 
     /// Reads and discards after our close frame, until EOF. `true` once the peer is done.
-    pub fn read_discarding(&self, shard: &Shard) -> bool {
+    pub(crate) fn read_discarding(&self, scratch: &mut [u8]) -> bool {
         for _ in 0..READS_PER_TURN {
-            let mut scratch = shard.scratch.borrow_mut();
-            match reactor::recv(self.fd.as_fd(), &mut scratch[..]) {
+            match reactor::recv(self.fd.as_fd(), scratch) {
                 Ok(0) => return true,
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -455,17 +548,22 @@ impl Conn {
         }
     }
 
-    /// Decodes freshly read bytes and handles every complete message. Only complete frames
-    /// count as signs of life for the heartbeat: a peer dripping one frame a byte at a time
-    /// is as silent as one sending nothing.
-    pub fn on_bytes(self: &Rc<Self>, input: &mut [u8], shard: &Shard) -> Flow {
-        let config = &shard.node.config;
+    /// Decodes freshly read bytes (arrived at shard time `now_ms`) and handles every
+    /// complete message. Only complete frames count as signs of life for the heartbeat: a
+    /// peer dripping one frame a byte at a time is as silent as one sending nothing.
+    pub(crate) fn on_bytes(
+        &self,
+        input: &mut [u8],
+        env: Env<'_>,
+        now_ms: u64,
+        requests: &mut dyn FnMut(&str) -> Bytes,
+    ) -> Flow {
+        let config = env.config;
+        let metrics = env.metrics;
         let limits = Limits {
             max_frame: config.max_frame_bytes,
             max_message: config.max_message_bytes,
         };
-        // One clock read per read: every message of it arrived at once.
-        let now_ms = shard.clock_ms();
         let mut rate = self.rate.get();
         let mut completed = false;
         let mut frames = false;
@@ -473,7 +571,7 @@ impl Conn {
         let held_before = inbound.buffered();
         let fresh = inbound.incomplete_since().is_none();
         let result = inbound.feed(input, limits, |event| {
-            shard.metrics.frames_in.inc();
+            metrics.frames_in.inc();
             frames = true;
             completed |= matches!(event, Event::Text(_) | Event::Binary(_));
             match event {
@@ -485,7 +583,7 @@ impl Conn {
                 Event::Ping(_) | Event::Text(_) | Event::Binary(_)
                     if !rate.take(now_ms, config.rate_limit_per_sec, config.rate_limit_burst) =>
                 {
-                    shard.metrics.rejected(Rejection::RateLimited);
+                    metrics.rejected(Rejection::RateLimited);
                     let answer = !matches!(event, Event::Ping(_)) && rate.answer_refusal(now_ms);
                     if answer {
                         // Parsed only for its id, once per window at most.
@@ -501,30 +599,30 @@ impl Conn {
                             ErrorCode::TooMany,
                             "rate limit exceeded; further messages dropped without reply for 1 s",
                         );
-                        self.push(&err, shard);
+                        self.push(&err, env);
                     }
                 }
                 Event::Ping(payload) => {
-                    self.push(&ws::frame(OpCode::Control(Control::Pong), payload), shard);
+                    self.push(&ws::frame(OpCode::Control(Control::Pong), payload), env);
                 }
-                Event::Text(text) if self.user.is_none() => {
-                    self.push(&ws::frame(OpCode::Data(Data::Text), text.as_bytes()), shard);
+                Event::Text(text) if self.echo => {
+                    self.push(&ws::frame(OpCode::Data(Data::Text), text.as_bytes()), env);
                 }
-                Event::Binary(bytes) if self.user.is_none() => {
-                    self.push(&ws::frame(OpCode::Data(Data::Binary), bytes), shard);
+                Event::Binary(bytes) if self.echo => {
+                    self.push(&ws::frame(OpCode::Data(Data::Binary), bytes), env);
                 }
                 Event::Binary(_) => {
-                    shard.metrics.rejected(Rejection::Binary);
+                    metrics.rejected(Rejection::Binary);
                     let err = render::err(
                         None,
                         ErrorCode::BadRequest,
                         "binary frames are not supported; send JSON text",
                     );
-                    self.push(&err, shard);
+                    self.push(&err, env);
                 }
                 Event::Text(text) => {
-                    let reply = handle_request(shard, self, text);
-                    self.push(&reply, shard);
+                    let reply = requests(text);
+                    self.push(&reply, env);
                 }
             }
             if self.close.get().is_some() {
@@ -535,7 +633,7 @@ impl Conn {
         });
         self.rate.set(rate);
         if frames {
-            // `Shard::clock` is the same clock in seconds.
+            // The heartbeat's clock is the same, in seconds.
             self.last_seen.set((now_ms / 1000) as u32);
         }
         // The incomplete message's age counts from its first byte: from now if it is new
@@ -546,7 +644,7 @@ impl Conn {
         let held = inbound.buffered();
         drop(inbound);
         if held != held_before {
-            let shard_held = &shard.metrics.incomplete_bytes;
+            let shard_held = &metrics.incomplete_bytes;
             shard_held.add(held as i64 - held_before as i64);
             if held > held_before && shard_held.get() > config.shard_incomplete_bytes as i64 {
                 tracing::debug!(
@@ -554,7 +652,7 @@ impl Conn {
                     held,
                     "shard's incomplete-message budget full"
                 );
-                self.request_close(close::POLICY, metrics::Close::IncompleteBudget, shard);
+                self.request_close(close::POLICY, metrics::Close::IncompleteBudget, env);
                 return Flow::Stop;
             }
         }
@@ -567,7 +665,7 @@ impl Conn {
                     Violation::BadUtf8 => metrics::Close::BadUtf8,
                 };
                 tracing::debug!(conn = self.id, %violation, "closing on bad input");
-                self.request_close(violation.close_code(), reason, shard);
+                self.request_close(violation.close_code(), reason, env);
                 Flow::Stop
             }
         }
@@ -575,26 +673,42 @@ impl Conn {
 }
 
 /// A socket still in its HTTP upgrade.
-pub struct Handshake {
+pub(crate) struct Handshake {
     fd: OwnedFd,
     request: Vec<u8>,
 }
 
 /// What a handshake read came to.
-pub enum HandshakeOutcome {
+pub(crate) enum HandshakeOutcome {
     /// Incomplete: wait for more.
     Pending,
     /// The peer left or the socket failed before a complete request.
     Gone,
     /// Refused with an HTTP error (already written, best effort); close the socket.
     Refused(HttpRefusal),
-    /// Upgraded: the connection and the bytes the client sent after its request.
-    Open(Rc<Conn>, Vec<u8>),
+    /// Upgraded (the 101 is written).
+    Open(Upgraded),
+}
+
+/// A socket that has just been upgraded.
+pub(crate) struct Upgraded {
+    pub(crate) fd: OwnedFd,
+    /// Who it authenticated as (`None` for `/echo`).
+    pub(crate) identity: Option<Identity>,
+    /// What the client sent after its request.
+    pub(crate) early: Vec<u8>,
+}
+
+/// What a handshake is checked against.
+pub(crate) struct Gate<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) auth: &'a Authenticator,
+    pub(crate) admission: &'a Admission,
 }
 
 impl Handshake {
     /// A socket that has just been accepted.
-    pub fn new(fd: OwnedFd) -> Self {
+    pub(crate) fn new(fd: OwnedFd) -> Self {
         Handshake {
             fd,
             request: Vec::new(),
@@ -602,12 +716,11 @@ impl Handshake {
     }
 
     /// Reads what arrived and, once the request is complete, answers it.
-    pub fn read(
+    pub(crate) fn read(
         mut self: Box<Self>,
-        id: ConnId,
-        shard: &Shard,
+        gate: &Gate<'_>,
     ) -> (Option<Box<Self>>, HandshakeOutcome) {
-        let max = shard.node.config.max_handshake_bytes;
+        let max = gate.config.max_handshake_bytes;
         let upgrade = loop {
             let len = self.request.len();
             if len >= max {
@@ -623,121 +736,54 @@ impl Handshake {
                 }
                 Err(_) => return (None, HandshakeOutcome::Gone),
             }
-            match ws::parse_upgrade(&self.request, shard.node.config.dev) {
+            match ws::parse_upgrade(&self.request, gate.config.dev) {
                 Ok(None) => continue,
                 Ok(Some(upgrade)) => break Ok(upgrade),
                 Err(refusal) => break Err(refusal),
             }
         };
-        let outcome = match upgrade.and_then(|upgrade| self.admit(upgrade, shard)) {
+        let outcome = match upgrade.and_then(|upgrade| admit(upgrade, gate)) {
             Ok((identity, response, consumed)) => {
-                if reactor::send(self.fd.as_fd(), &[IoSlice::new(&response)]).ok()
+                if reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(&response)]).ok()
                     != Some(response.len())
                 {
                     return (None, HandshakeOutcome::Gone);
                 }
                 let early = self.request.split_off(consumed);
                 let Handshake { fd, .. } = *self;
-                HandshakeOutcome::Open(Rc::new(Conn::new(id, fd, identity, shard)), early)
+                HandshakeOutcome::Open(Upgraded {
+                    fd,
+                    identity,
+                    early,
+                })
             }
             Err(refusal) => {
-                let _ = reactor::send(self.fd.as_fd(), &[IoSlice::new(&refusal.response())]);
+                let _ = reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(&refusal.response())]);
                 HandshakeOutcome::Refused(refusal)
             }
         };
         (None, outcome)
     }
-
-    /// Capacity and credentials, once the request parsed.
-    #[allow(clippy::type_complexity)]
-    fn admit(
-        &self,
-        upgrade: ws::Upgrade,
-        shard: &Shard,
-    ) -> Result<(Option<Identity>, Vec<u8>, usize), HttpRefusal> {
-        if shard.over_capacity() {
-            return Err(HttpRefusal::UNAVAILABLE);
-        }
-        let identity = match upgrade.endpoint {
-            Endpoint::Echo => None,
-            Endpoint::Push => Some(
-                shard
-                    .node
-                    .auth
-                    .authenticate(upgrade.token.as_deref(), upgrade.dev_user.as_deref())
-                    .map_err(|e| HttpRefusal::unauthorized(e.label()))?,
-            ),
-        };
-        Ok((identity, upgrade.response, upgrade.consumed))
-    }
 }
 
-/// Handles one protocol request and returns the reply frame (`ack`, `err` or `pong`).
-fn handle_request(shard: &Shard, conn: &Rc<Conn>, text: &str) -> Bytes {
-    let (id, request) = match protocol::parse_request(text) {
-        Ok(parsed) => parsed,
-        Err(refusal) => {
-            shard.metrics.rejected(if refusal.is_unknown_op() {
-                Rejection::UnknownOp
-            } else {
-                Rejection::Malformed
-            });
-            return render::err(refusal.id, refusal.code, refusal.msg);
-        }
-    };
-    let refuse = |reason: Rejection, code: ErrorCode, msg: &str| {
-        shard.metrics.rejected(reason);
-        render::err(id, code, msg)
-    };
-    let max_name = shard.node.config.max_name_bytes;
-    match request {
-        Request::Ping => render::pong(id),
-        Request::Sub { topic } => match shard.subscribe(conn, &topic) {
-            Ok(_) => render::ack(id, None),
-            Err(Rejection::TooManyTopics) => refuse(
-                Rejection::TooManyTopics,
-                ErrorCode::TooMany,
-                "too many topics on this connection",
-            ),
-            Err(reason) => refuse(reason, ErrorCode::BadRequest, "invalid topic name"),
-        },
-        Request::Unsub { topic } => match shard.unsubscribe(conn, &topic) {
-            Ok(()) => render::ack(id, None),
-            Err(reason) => refuse(reason, ErrorCode::NotFound, "not subscribed to this topic"),
-        },
-        Request::Pub { topic, data } => {
-            if !valid_name(&topic, max_name) {
-                return refuse(
-                    Rejection::BadName,
-                    ErrorCode::BadRequest,
-                    "invalid topic name",
-                );
-            }
-            if !conn.publish.allows(&topic) {
-                return refuse(
-                    Rejection::Forbidden,
-                    ErrorCode::Forbidden,
-                    "token does not allow publishing to this topic",
-                );
-            }
-            let (mid, ts) = shard.stamp();
-            let frame = render::publication(Some(&topic), mid, ts, data.get());
-            tracing::debug!(mid, conn = conn.id, topic = &*topic, "client publication");
-            shard.route_topic(Arc::from(&*topic), Message::new(mid, frame));
-            render::ack(id, Some(mid))
-        }
-        Request::Send { to, data } => {
-            if !valid_name(&to, max_name) {
-                return refuse(Rejection::BadName, ErrorCode::BadRequest, "invalid user id");
-            }
-            let from = conn.user().expect("only user sessions handle requests");
-            let (mid, ts) = shard.stamp();
-            let frame = render::msg(Some(from), &to, mid, ts, data.get());
-            tracing::debug!(mid, conn = conn.id, to = &*to, "client direct message");
-            shard.route_direct(Arc::from(&*to), from, Message::new(mid, frame), conn.id);
-            render::ack(id, Some(mid))
-        }
+/// Capacity and credentials, once the request parsed.
+#[allow(clippy::type_complexity)]
+fn admit(
+    upgrade: ws::Upgrade,
+    gate: &Gate<'_>,
+) -> Result<(Option<Identity>, Vec<u8>, usize), HttpRefusal> {
+    if gate.admission.refuse_handshake() {
+        return Err(HttpRefusal::UNAVAILABLE);
     }
+    let identity = match upgrade.endpoint {
+        Endpoint::Echo => None,
+        Endpoint::Push => Some(
+            gate.auth
+                .authenticate(upgrade.token.as_deref(), upgrade.dev_user.as_deref())
+                .map_err(|e| HttpRefusal::unauthorized(e.label()))?,
+        ),
+    };
+    Ok((identity, upgrade.response, upgrade.consumed))
 }
 
 #[cfg(test)]
@@ -785,6 +831,48 @@ mod tests {
             std::mem::size_of::<Conn>()
         );
         assert_eq!(std::mem::size_of::<Inbound>(), 8);
+    }
+
+    #[test]
+    fn heartbeat_pings_each_interval_and_closes_the_silent_and_the_stuck() {
+        let config = Config {
+            heartbeat_secs: 10,
+            incomplete_message_timeout_ms: 5_000,
+            ..Config::default()
+        };
+        let at = |now_ms: u64, last_seen: u32, last_ping: u32, incomplete_since| {
+            Pulse {
+                now_ms,
+                last_seen,
+                last_ping,
+                incomplete_since,
+            }
+            .verdict(&config)
+        };
+        assert_eq!(at(9_999, 0, 0, None), Verdict::Quiet);
+        assert_eq!(at(10_000, 0, 0, None), Verdict::Ping);
+        assert_eq!(at(19_999, 0, 10, None), Verdict::Quiet, "pinged at 10 s");
+        assert_eq!(at(20_000, 15, 10, None), Verdict::Ping);
+        assert_eq!(
+            at(30_000, 0, 20, None),
+            Verdict::Close(metrics::Close::HeartbeatTimeout),
+            "nothing complete for three intervals"
+        );
+        assert_eq!(
+            at(12_000, 12, 10, Some(8_000)),
+            Verdict::Quiet,
+            "4 s incomplete"
+        );
+        assert_eq!(
+            at(13_000, 12, 10, Some(8_000)),
+            Verdict::Close(metrics::Close::IncompleteTimeout)
+        );
+        // The millisecond clock of incomplete messages wraps; only differences count.
+        let wrapped = u64::from(u32::MAX) + 3_000;
+        assert_eq!(
+            at(wrapped, 4_294_967, 4_294_967, Some(u32::MAX - 1_000)),
+            Verdict::Quiet
+        );
     }
 
     #[test]

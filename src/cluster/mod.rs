@@ -37,11 +37,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use smallvec::SmallVec;
-
 use crate::mailbox::{self, Inbox, Mailbox};
-use crate::metrics::{BusDrop, BusMetrics, LogLimiter};
-use crate::router::{ConnId, Message};
+use crate::metrics::{BusDrop, BusMetrics, BusReading, LogLimiter};
+use crate::router::{ConnId, Message, Route, Uplink, Users};
+
+/// Users per bus message of a multi-user publish: one route script each, so Redis never
+/// runs one script over an unbounded number of keys.
+const USERS_PER_BUS_MESSAGE: usize = 512;
 
 /// Queries the API may have waiting for the bridge at once; more are answered 503.
 const QUERY_CAPACITY: usize = 1024;
@@ -79,7 +81,7 @@ pub enum Outbound {
     },
 }
 
-/// A message for other nodes on its way through the bridge, from [`Bus::send`] until Redis
+/// A message for other nodes on its way through the bridge, from [`Bus::queue`] until Redis
 /// answered for it or it was dropped and counted.
 #[derive(Debug)]
 pub(crate) struct Pending {
@@ -91,9 +93,6 @@ pub(crate) struct Pending {
     /// `bridge_hold_ms` runs out), since that node's devices come back under a new instance.
     pub(crate) lost_route: bool,
 }
-
-/// The users a direct message goes to (the recipient, and the sender for its copies).
-pub type Users = SmallVec<[Arc<str>; 2]>;
 
 impl Outbound {
     /// Bytes this message holds while it waits for Redis (for `bridge_queue_max_bytes`).
@@ -218,6 +217,8 @@ pub struct BusState {
     /// Bytes of the messages handed to the bridge and not yet done with (queued, in a
     /// pipeline, or waiting for a retry): what `bridge_queue_max_bytes` bounds.
     queued_bytes: AtomicUsize,
+    /// The node is draining: the bridge deregisters it, so no new route leads here.
+    draining: AtomicBool,
     stopping: AtomicBool,
     /// The bridge's counters.
     pub metrics: BusMetrics,
@@ -248,6 +249,10 @@ impl BusState {
         self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
     }
 
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
     pub(crate) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -263,6 +268,30 @@ impl BusState {
                 dropped_total = self.metrics.drops_total(),
                 "cross-node message dropped (logged at most once a second)"
             );
+        }
+    }
+}
+
+impl Uplink for Bus {
+    /// One bus message per topic or broadcast, and per [`USERS_PER_BUS_MESSAGE`] users.
+    fn forward(&self, to: &Route, message: &Message) -> usize {
+        match to {
+            Route::Users(users) => users
+                .chunks(USERS_PER_BUS_MESSAGE)
+                .filter(|chunk| {
+                    !self.queue(Outbound::User {
+                        users: chunk.iter().cloned().collect(),
+                        message: message.clone(),
+                    })
+                })
+                .count(),
+            Route::Topic(topic) => usize::from(!self.queue(Outbound::Topic {
+                topic: topic.clone(),
+                message: message.clone(),
+            })),
+            Route::Broadcast => usize::from(!self.queue(Outbound::Broadcast {
+                message: message.clone(),
+            })),
         }
     }
 }
@@ -314,14 +343,19 @@ impl Bus {
         self.state.is_up()
     }
 
-    /// Messages waiting for the bridge.
-    pub fn queue_depth(&self) -> usize {
-        self.mailbox.pending_messages()
+    /// The bus's counters and levels, for a metrics scrape.
+    pub fn reading(&self) -> BusReading<'_> {
+        BusReading {
+            metrics: &self.state.metrics,
+            up: self.is_up(),
+            queue_depth: self.mailbox.pending_messages(),
+            queued_bytes: self.state.queued_bytes(),
+        }
     }
 
     /// Hands a message for other nodes to the bridge; `false` if it was dropped (lane full
     /// in messages or in bytes, counted and logged).
-    pub fn send(&self, outbound: Outbound) -> bool {
+    pub fn queue(&self, outbound: Outbound) -> bool {
         let mid = outbound.message().map(|m| m.mid);
         let size = outbound.size();
         let before = self.state.queued_bytes.fetch_add(size, Ordering::Relaxed);
@@ -346,8 +380,9 @@ impl Bus {
         let _ = self.mailbox.control(control);
     }
 
-    /// Wakes the bridge (after the node started draining).
-    pub fn wake(&self) {
+    /// Tells the bridge the node is draining, so it deregisters the node from the cluster.
+    pub fn start_draining(&self) {
+        self.state.draining.store(true, Ordering::Release);
         self.mailbox.wake();
     }
 
@@ -412,9 +447,9 @@ mod tests {
     #[test]
     fn the_lane_is_bounded_in_bytes_as_well_as_messages() {
         let (bus, ends) = Bus::new(100, 1000);
-        assert!(bus.send(broadcast(600)));
-        assert!(!bus.send(broadcast(600)), "over the byte budget");
-        assert!(bus.send(broadcast(400)), "what fits is taken");
+        assert!(bus.queue(broadcast(600)));
+        assert!(!bus.queue(broadcast(600)), "over the byte budget");
+        assert!(bus.queue(broadcast(400)), "what fits is taken");
         assert_eq!(bus.state().queued_bytes(), 1000);
         assert_eq!(
             bus.state().metrics.drops[BusDrop::BusFull as usize].get(),
@@ -426,14 +461,14 @@ mod tests {
 
         let (bus, _ends) = Bus::new(100, 1000);
         assert!(
-            bus.send(broadcast(5000)),
+            bus.queue(broadcast(5000)),
             "a message larger than the budget still goes when nothing else waits"
         );
-        assert!(!bus.send(broadcast(1)));
+        assert!(!bus.queue(broadcast(1)));
 
         let (bus, _ends) = Bus::new(1, 1000);
-        assert!(bus.send(broadcast(1)));
-        assert!(!bus.send(broadcast(1)), "over the message count");
+        assert!(bus.queue(broadcast(1)));
+        assert!(!bus.queue(broadcast(1)), "over the message count");
         assert_eq!(
             bus.state().queued_bytes(),
             1,

@@ -39,6 +39,11 @@ fn presence_of(answer: Vec<Value>) -> Result<Presence, BusError> {
     })
 }
 
+/// The route to every device of `users` (named in an envelope from another node).
+fn users_of(users: Vec<String>) -> Route {
+    Route::Users(users.into_iter().map(Arc::from).collect())
+}
+
 fn nodes_of(flat: &[String]) -> Vec<NodeInfo> {
     flat.chunks_exact(5)
         .map(|f| NodeInfo {
@@ -73,8 +78,13 @@ impl Bridge {
             }
         };
         let own = envelope.origin == self.instance.get();
-        let mesh = &self.node.mesh;
-        let shard_metrics = |shard: usize| self.node.metrics.shard(shard);
+        let mesh = self.router.mesh();
+        let shard_metrics = |shard: usize| self.metrics.shard(shard);
+        // Other nodes got it from its origin: route it within this node only.
+        let route = |to: Route, message: Message| {
+            self.router
+                .route(to, message, None, Reach::Node, shard_metrics(0))
+        };
         match envelope.body {
             Body::Probe { .. } => {
                 if own {
@@ -107,22 +117,20 @@ impl Bridge {
                     from: from.map(Arc::from),
                     data: Arc::from(data),
                 };
-                self.route_users(users, Message::per_user(mid, template));
+                route(users_of(users), Message::per_user(mid, template));
             }
             Body::User { mid, users, frame } => {
-                self.route_users(users, Message::new(mid, frame));
+                route(users_of(users), Message::new(mid, frame));
             }
             Body::Topic { mid, topic, frame } => {
-                let to = Route::Topic(Arc::from(topic));
-                mesh.route(to, Message::new(mid, frame), None, shard_metrics(0));
+                route(Route::Topic(Arc::from(topic)), Message::new(mid, frame));
             }
             Body::Broadcast { mid, frame } => {
-                let message = Message::new(mid, frame);
-                mesh.route(Route::Broadcast, message, None, shard_metrics(0));
+                route(Route::Broadcast, Message::new(mid, frame));
             }
             Body::Kick { user, code } => {
                 let home = mesh.home(&user);
-                mesh.send(
+                mesh.to_shard(
                     home,
                     Envelope::CloseUser {
                         user: Arc::from(user),
@@ -136,15 +144,21 @@ impl Bridge {
                 self.close_local(conn, close::REPLACED, metrics::Close::Replaced);
             }
             Body::TopicQuery { request, topic } => {
-                let node = self.node.clone();
+                let router = self.router.clone();
+                let metrics = self.metrics.clone();
+                let node_id = self.identity.id.clone();
                 let channel = self.names.instance_channel(envelope.origin);
                 let instance = self.instance.get();
                 let Some(mut conn) = self.commands.borrow().clone() else {
                     return;
                 };
                 tokio::task::spawn_local(async move {
-                    let count = node.topic_subscribers(&topic).await.unwrap_or(0);
-                    let answer = wire::topic_count(instance, request, count as u64, &node.node_id);
+                    let count = router
+                        .mesh()
+                        .topic_subscribers(&topic, &metrics)
+                        .await
+                        .unwrap_or(0);
+                    let answer = wire::topic_count(instance, request, count as u64, &node_id);
                     let sent: Result<(), _> = timed(
                         redis::cmd("PUBLISH")
                             .arg(channel)
@@ -168,15 +182,6 @@ impl Bridge {
             }
         }
         metrics.envelopes_in.inc();
-    }
-
-    /// Hands a message from another node to the home shard of each of `users`.
-    fn route_users(&self, users: Vec<String>, message: Message) {
-        let metrics = self.node.metrics.shard(0);
-        for user in users {
-            let to = Route::User(Arc::from(user));
-            self.node.mesh.route(to, message.clone(), None, metrics);
-        }
     }
 
     /// Whether a message envelope arrives for the first time (a retry can bring it twice).

@@ -61,10 +61,10 @@ use super::wire::{self, Body};
 use super::{
     BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Pending, Presence, Query,
 };
+use crate::config::{Config, NodeIdentity};
 use crate::mailbox::Inbox;
-use crate::metrics::{self, BusDrop};
-use crate::node::NodeShared;
-use crate::router::{self, shard_of, ConnId, Envelope, Message, Route, Template};
+use crate::metrics::{self, BusDrop, NodeMetrics};
+use crate::router::{self, shard_of, ConnId, Envelope, Message, Reach, Route, Router, Template};
 use crate::ws::close;
 use inbound::answer_down;
 use outbound::{Answer, Batch};
@@ -105,20 +105,36 @@ enum SessionError {
     EpochLost,
 }
 
+/// What a node gives its bridge.
+pub(crate) struct BridgeSetup {
+    pub(crate) config: Arc<Config>,
+    pub(crate) identity: Arc<NodeIdentity>,
+    /// Where messages from other nodes enter this node's routing.
+    pub(crate) router: Router,
+    /// The node's metrics (connection count for the registry, drop counters).
+    pub(crate) metrics: NodeMetrics,
+}
+
 /// Starts the bridge thread. It is pinned to the first core after the shards' when the
 /// machine has one to spare, so Redis I/O never competes with a shard for its core.
-pub fn spawn(
-    node: Arc<NodeShared>,
+pub(crate) fn spawn(
+    setup: BridgeSetup,
     ends: BridgeEnds,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let url = node.config.redis.clone().unwrap_or_default();
+    let BridgeSetup {
+        config,
+        identity,
+        router,
+        metrics,
+    } = setup;
+    let url = config.redis.clone().unwrap_or_default();
     let client = redis::Client::open(url.as_str()).map_err(std::io::Error::other)?;
     std::thread::Builder::new()
         .name("bridge".into())
         .spawn(move || {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let shards = node.mesh.shards();
-            if node.config.pin_shards && cpus > shards {
+            let shards = identity.shards;
+            if config.pin_shards && cpus > shards {
                 pin_to_cpu(shards);
             }
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -136,12 +152,15 @@ pub fn spawn(
                 queries,
                 state,
             } = ends;
-            let dedupe_window_ms = node.config.bridge_hold_ms.saturating_mul(2);
-            let names = Names::new(&node.config.redis_prefix);
+            let dedupe_window_ms = config.bridge_hold_ms.saturating_mul(2);
+            let names = Names::new(&config.redis_prefix);
             let bridge = Rc::new(Bridge {
                 scripts: Scripts::new(names.clone()),
                 names,
-                node,
+                config,
+                identity,
+                router,
+                metrics,
                 client,
                 inbox,
                 state,
@@ -187,7 +206,10 @@ fn pin_to_cpu(cpu: usize) {
 type Devices = SmallVec<[(ConnId, u64); 2]>;
 
 struct Bridge {
-    node: Arc<NodeShared>,
+    config: Arc<Config>,
+    identity: Arc<NodeIdentity>,
+    router: Router,
+    metrics: NodeMetrics,
     client: redis::Client,
     names: Names,
     scripts: Scripts,
@@ -242,7 +264,7 @@ struct Subscriptions {
 impl Bridge {
     async fn run(self: Rc<Self>, mut queries: mpsc::Receiver<Query>) {
         let mut backoff = MIN_BACKOFF;
-        let max_backoff = Duration::from_millis(self.node.config.redis_backoff_max_ms);
+        let max_backoff = Duration::from_millis(self.config.redis_backoff_max_ms);
         loop {
             if self.state.stopping() {
                 return;
@@ -361,29 +383,29 @@ impl Bridge {
             register
                 .cmd("SET")
                 .arg(self.names.alive(instance))
-                .arg(&*self.node.node_id)
+                .arg(&*self.identity.id)
                 .arg("PX")
-                .arg(self.node.config.cluster_node_ttl_ms)
+                .arg(self.config.cluster_node_ttl_ms)
                 .ignore();
             self.registry_update(&mut register, true);
             register
-                .sadd(self.names.nodes(), &*self.node.node_id)
+                .sadd(self.names.nodes(), &*self.identity.id)
                 .ignore();
-            let mid_node = self.names.mid_node(self.node.node_number);
+            let mid_node = self.names.mid_node(self.identity.number);
             register
                 .cmd("SET")
                 .arg(&mid_node)
-                .arg(&*self.node.node_id)
+                .arg(&*self.identity.id)
                 .arg("NX")
                 .arg("PX")
-                .arg(self.node.config.cluster_node_ttl_ms)
+                .arg(self.config.cluster_node_ttl_ms)
                 .ignore()
                 .get(&mid_node);
             let (holder,): (Option<String>,) = self.timed_query(&register, &mut conn).await?;
-            if holder.as_deref() != Some(&*self.node.node_id) {
+            if holder.as_deref() != Some(&*self.identity.id) {
                 self.state.metrics.errors.inc();
                 tracing::error!(
-                    number = self.node.node_number,
+                    number = self.identity.number,
                     holder = holder.as_deref().unwrap_or("nobody"),
                     "another node holds this node's message-id number; message ids may collide until one of them restarts"
                 );
@@ -399,7 +421,7 @@ impl Bridge {
         }
         self.last_probe.set(Instant::now());
         tracing::info!(
-            node_id = %self.node.node_id,
+            node_id = %self.identity.id,
             instance = %self.instance_hex.borrow(),
             devices = self.devices.borrow().values().map(|d| d.len()).sum::<usize>(),
             topics = topics.len(),
@@ -420,11 +442,10 @@ impl Bridge {
         let candidate = layout::instance_hex(rand_u64());
         let previous = self.epoch.borrow().clone();
         let mut join = redis::pipe();
-        join.add_command(self.scripts.join(
-            &candidate,
-            &previous,
-            self.node.config.cluster_settle_ms,
-        ));
+        join.add_command(
+            self.scripts
+                .join(&candidate, &previous, self.config.cluster_settle_ms),
+        );
         let ((epoch, settling_ms),): ((String, i64),) = self.timed_query(&join, conn).await?;
         if !previous.is_empty() && previous != epoch {
             tracing::warn!(
@@ -456,15 +477,15 @@ impl Bridge {
 
     /// Adds the registry hash update (and its TTL) to `pipe`.
     fn registry_update(&self, pipe: &mut redis::Pipeline, full: bool) {
-        let key = self.names.node(&self.node.node_id);
-        let connections = self.node.metrics.connections().max(0);
+        let key = self.names.node(&self.identity.id);
+        let connections = self.metrics.connections().max(0);
         if full {
             pipe.hset_multiple(
                 &key,
                 &[
-                    ("ws", self.node.client_addr.to_string()),
-                    ("api", self.node.api_addr.to_string()),
-                    ("shards", self.node.mesh.shards().to_string()),
+                    ("ws", self.identity.client_addr.to_string()),
+                    ("api", self.identity.api_addr.to_string()),
+                    ("shards", self.identity.shards.to_string()),
                     ("connections", connections.to_string()),
                     ("instance", self.instance_hex.borrow().clone()),
                 ],
@@ -473,7 +494,7 @@ impl Bridge {
         } else {
             pipe.hset(&key, "connections", connections).ignore();
         }
-        pipe.pexpire(&key, self.node.config.cluster_node_ttl_ms as i64)
+        pipe.pexpire(&key, self.config.cluster_node_ttl_ms as i64)
             .ignore();
     }
 
@@ -525,7 +546,7 @@ impl Bridge {
     /// Marks the bus stalled (`redis_up` 0, `/readyz` 503) while the writer's round trip
     /// has been outstanding for more than half a heartbeat, and ready again once it ends.
     async fn watch_stalls(&self) -> Result<(), SessionError> {
-        let beat = Duration::from_millis(self.node.config.cluster_heartbeat_ms);
+        let beat = Duration::from_millis(self.config.cluster_heartbeat_ms);
         let mut stalled = false;
         loop {
             tokio::time::sleep(beat / 8).await;
@@ -551,15 +572,10 @@ impl Bridge {
         mut conn: MultiplexedConnection,
         subscriptions: &mut Subscriptions,
     ) -> Result<(), SessionError> {
-        let beat = Duration::from_millis(self.node.config.cluster_heartbeat_ms);
+        let beat = Duration::from_millis(self.config.cluster_heartbeat_ms);
         let mut next_beat = tokio::time::Instant::now() + beat;
         loop {
-            if self
-                .node
-                .draining
-                .load(std::sync::atomic::Ordering::Relaxed)
-                && !self.deregistered.get()
-            {
+            if self.state.draining() && !self.deregistered.get() {
                 self.deregister(&mut conn).await?;
             }
             let stopping = self.state.stopping();
@@ -611,7 +627,7 @@ impl Bridge {
                         instance,
                         conn,
                         since_ms,
-                        self.node.config.max_devices_per_user,
+                        self.config.max_devices_per_user,
                     );
                     batch.push(cmd, Answer::Evictions);
                 }
@@ -678,11 +694,11 @@ impl Bridge {
 
     fn close_local(&self, conn: ConnId, code: u16, reason: metrics::Close) {
         let shard = shard_of(conn);
-        if shard < self.node.mesh.shards() {
-            self.node.mesh.send(
+        if shard < self.identity.shards {
+            self.router.mesh().to_shard(
                 shard,
                 Envelope::CloseConn { conn, code, reason },
-                self.node.metrics.shard(shard),
+                self.metrics.shard(shard),
             );
         }
     }
@@ -709,7 +725,7 @@ impl Bridge {
 
     /// Lease, registry, probe and a slice of route-key TTLs, in one pipeline.
     async fn heartbeat(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
-        let beat = Duration::from_millis(self.node.config.cluster_heartbeat_ms);
+        let beat = Duration::from_millis(self.config.cluster_heartbeat_ms);
         if self.last_probe.get().elapsed() > beat * PROBE_MISSES {
             return Err(SessionError::SubscriptionLost);
         }
@@ -720,14 +736,14 @@ impl Bridge {
         if !self.deregistered.get() {
             pipe.cmd("SET")
                 .arg(self.names.alive(instance))
-                .arg(&*self.node.node_id)
+                .arg(&*self.identity.id)
                 .arg("XX")
                 .arg("PX")
-                .arg(self.node.config.cluster_node_ttl_ms);
+                .arg(self.config.cluster_node_ttl_ms);
             self.registry_update(&mut pipe, false);
             pipe.pexpire(
-                self.names.mid_node(self.node.node_number),
-                self.node.config.cluster_node_ttl_ms as i64,
+                self.names.mid_node(self.identity.number),
+                self.config.cluster_node_ttl_ms as i64,
             )
             .ignore();
         }
@@ -764,9 +780,8 @@ impl Bridge {
             queue.extend(self.devices.borrow().keys().cloned());
             self.refresh_round_started.set(Instant::now());
         }
-        let beats_per_round = (round.as_millis() as usize
-            / self.node.config.cluster_heartbeat_ms.max(1) as usize)
-            .max(1);
+        let beats_per_round =
+            (round.as_millis() as usize / self.config.cluster_heartbeat_ms.max(1) as usize).max(1);
         let per_beat = queue
             .len()
             .div_ceil(beats_per_round)
@@ -782,15 +797,15 @@ impl Bridge {
         let mut pipe = redis::pipe();
         pipe.del(self.names.alive(self.instance.get()))
             .ignore()
-            .del(self.names.node(&self.node.node_id))
+            .del(self.names.node(&self.identity.id))
             .ignore()
-            .srem(self.names.nodes(), &*self.node.node_id)
+            .srem(self.names.nodes(), &*self.identity.id)
             .ignore()
-            .del(self.names.mid_node(self.node.node_number))
+            .del(self.names.mid_node(self.identity.number))
             .ignore();
         let _: () = self.timed_query(&pipe, conn).await?;
         self.deregistered.set(true);
-        tracing::info!(node_id = %self.node.node_id, "deregistered from the cluster");
+        tracing::info!(node_id = %self.identity.id, "deregistered from the cluster");
         Ok(())
     }
 }

@@ -175,7 +175,7 @@ impl Bridge {
     /// Whether `message` has waited longer than `bridge_hold_ms` since it entered the node.
     fn too_old(&self, message: &Message) -> bool {
         let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
-        waited > self.node.config.bridge_hold_ms.saturating_mul(1_000_000)
+        waited > self.config.bridge_hold_ms.saturating_mul(1_000_000)
     }
 
     /// Finishes a message the bridge gives up on: counted, logged (rate-limited), released.

@@ -1,0 +1,1087 @@
+//! The shard's core: its tables, its share of the home-shard directory and the protocol's
+//! request handling, with no sockets, no clock and no channels.
+//!
+//! Like quinn-proto, the core is deterministic: every call takes the time it needs as an
+//! argument ([`Now`]) and says what should happen instead of doing it: frames to write to
+//! local connections ([`Fanout`]), envelopes for other shards, messages to route, changes
+//! for the cluster bus and connections to close ([`Action`]). The driver (the parent
+//! module) owns the sockets, the epoll set, the inbox and the timers, and carries those
+//! out. So routing, the device limit, topic interest and request handling are tested here
+//! without a socket, and the driver holds no routing logic.
+//!
+//! The core is generic over its connection handle ([`Peer`]): the driver's handle is the
+//! connection itself (`Rc<Conn>`), so a fan-out writes to the recipients the tables hold
+//! without looking each one up again; tests use a plain struct.
+//!
+//! # Tables
+//! Local: which of this shard's connections belong to each user, and subscribe to each
+//! topic. Home: the [`Directory`] entries of the users and topics whose home this shard is
+//! (devices node-wide, oldest first; shards with subscribers). A connection's own topic
+//! list lives in its [`PeerState`], so unsubscribing on close needs no search.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ahash::RandomState;
+use bytes::Bytes;
+use indexmap::IndexMap;
+use smallvec::{smallvec, SmallVec};
+
+use crate::auth::{valid_name, Identity, PublishRights};
+use crate::cluster::Control;
+use crate::metrics::{self, Delivery, LogLimiter, Rejection, ShardMetrics};
+use crate::protocol::{self, render, ErrorCode, MidGenerator, Request};
+use crate::router::{shard_of, ConnId, Directory, Envelope, Homes, Message, Route, ShardMask};
+use crate::ws::close;
+
+/// The time a core call happens at: a monotonic instant (rate-limited logs) and the wall
+/// clock in milliseconds (message ids and `ts`, device connect times).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    pub(crate) instant: Instant,
+    pub(crate) wall_ms: u64,
+}
+
+impl Now {
+    /// The current time.
+    pub(crate) fn read() -> Self {
+        Now {
+            instant: Instant::now(),
+            wall_ms: protocol::now_ms(),
+        }
+    }
+}
+
+/// A connection as the core sees it: an id and its [`PeerState`]. Cloning must be cheap
+/// (the tables hold clones).
+pub(crate) trait Peer: Clone {
+    /// The connection's node-unique id.
+    fn id(&self) -> ConnId;
+    /// Who it is and what it subscribes.
+    fn state(&self) -> &PeerState;
+}
+
+/// What the core keeps per connection: its user, its publish rights and its topics.
+#[derive(Debug)]
+pub(crate) struct PeerState {
+    /// `None` on the dev-mode `/echo` endpoint.
+    user: Option<Arc<str>>,
+    publish: PublishRights,
+    topics: RefCell<Vec<Arc<str>>>,
+}
+
+impl PeerState {
+    /// The state of a connection authenticated as `identity` (`None` for `/echo`).
+    pub(crate) fn new(identity: Option<Identity>) -> Self {
+        let (user, publish) = match identity {
+            Some(identity) => (Some(identity.user), identity.publish),
+            None => (None, PublishRights::none()),
+        };
+        PeerState {
+            user,
+            publish,
+            topics: RefCell::default(),
+        }
+    }
+
+    /// The connection's user (`None` for `/echo`).
+    pub(crate) fn user(&self) -> Option<&Arc<str>> {
+        self.user.as_ref()
+    }
+
+    fn has_topic(&self, topic: &str) -> bool {
+        self.topics.borrow().iter().any(|t| **t == *topic)
+    }
+
+    fn topic_count(&self) -> usize {
+        self.topics.borrow().len()
+    }
+
+    /// Forgets a subscription; `false` if there was none.
+    fn remove_topic(&self, topic: &str) -> bool {
+        let mut topics = self.topics.borrow_mut();
+        match topics.iter().position(|t| **t == *topic) {
+            Some(index) => {
+                topics.swap_remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// What the core needs of the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// This node's id (in `hello`).
+    pub(crate) node_id: Arc<str>,
+    /// The node's number in message ids.
+    pub(crate) node_number: u16,
+    /// Heartbeat interval, seconds (in `hello`).
+    pub(crate) heartbeat_secs: u32,
+    /// Longest user id or topic name, bytes.
+    pub(crate) max_name_bytes: usize,
+    /// Subscriptions per connection.
+    pub(crate) max_topics_per_connection: usize,
+    /// Devices per user on this node while the cluster cannot enforce the limit.
+    pub(crate) max_devices_per_user: usize,
+    /// Whether the node has a cluster bus (changes go to [`Action::Bus`]).
+    pub(crate) clustered: bool,
+}
+
+/// Something for the driver to do after a core call.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Hand an envelope to a shard's inbox (possibly this shard's).
+    Send { shard: usize, envelope: Envelope },
+    /// Route a message entering the node here (a client's `pub` or `send`) to the node and
+    /// the cluster, skipping connection `except`.
+    Route {
+        to: Route,
+        message: Message,
+        except: Option<ConnId>,
+    },
+    /// Tell the cluster bus what changed.
+    Bus(Control),
+    /// Close a connection of this shard (if still open) with `code`.
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: metrics::Close,
+    },
+}
+
+/// Actions of one call; almost always none or one or two.
+pub(crate) type Actions = SmallVec<[Action; 2]>;
+
+/// One frame to write to local connections.
+pub(crate) struct Fanout<P> {
+    /// The recipients, in table order.
+    pub(crate) to: Vec<P>,
+    /// The complete WebSocket frame.
+    pub(crate) frame: Bytes,
+    /// When the message entered the node ([`metrics::monotonic_ns`]).
+    pub(crate) entered_ns: u64,
+    /// For the delivery counters.
+    pub(crate) kind: Delivery,
+}
+
+/// One shard's tables and protocol logic (see the module docs).
+pub(crate) struct ShardCore<P: Peer> {
+    index: usize,
+    homes: Homes,
+    settings: Settings,
+    metrics: Arc<ShardMetrics>,
+    users: HashMap<Arc<str>, SmallVec<[P; 1]>, RandomState>,
+    topics: HashMap<Arc<str>, IndexMap<ConnId, P, RandomState>, RandomState>,
+    directory: Directory,
+    mids: MidGenerator,
+    /// Limits the warning about direct messages for users with no device online.
+    no_route_log: LogLimiter,
+}
+
+impl<P: Peer> ShardCore<P> {
+    /// The core of shard `index`, counting on `metrics`.
+    pub(crate) fn new(
+        index: usize,
+        homes: Homes,
+        settings: Settings,
+        metrics: Arc<ShardMetrics>,
+    ) -> Self {
+        ShardCore {
+            index,
+            mids: MidGenerator::new(settings.node_number, index),
+            homes,
+            settings,
+            metrics,
+            users: HashMap::default(),
+            topics: HashMap::default(),
+            directory: Directory::default(),
+            no_route_log: LogLimiter::default(),
+        }
+    }
+
+    /// A connection was upgraded: enters the tables, tells its user's home shard and the
+    /// bus. Returns its `hello` (`None` for `/echo`).
+    pub(crate) fn open(&mut self, peer: &P, now: Now, out: &mut Actions) -> Option<Bytes> {
+        self.metrics.connections.add(1);
+        let user = peer.state().user()?.clone();
+        let devices = self.users.entry(user.clone()).or_default();
+        if devices.is_empty() {
+            self.metrics.users.add(1);
+        }
+        devices.push(peer.clone());
+        let conn = peer.id();
+        out.push(Action::Send {
+            shard: self.homes.home(&user),
+            envelope: Envelope::DeviceOnline {
+                user: user.clone(),
+                conn,
+            },
+        });
+        if self.settings.clustered {
+            out.push(Action::Bus(Control::DeviceOnline {
+                user: user.clone(),
+                conn,
+                since_ms: now.wall_ms,
+            }));
+        }
+        let settings = &self.settings;
+        Some(render::hello(
+            &user,
+            conn,
+            &settings.node_id,
+            settings.heartbeat_secs,
+        ))
+    }
+
+    /// A connection left: out of every table; a topic's last local subscriber leaving tells
+    /// the topic's home shard, and the user's home shard and the bus forget the device.
+    /// Called exactly once per [`open`](Self::open).
+    pub(crate) fn close(&mut self, peer: &P, out: &mut Actions) {
+        self.metrics.connections.add(-1);
+        let conn = peer.id();
+        for topic in peer.state().topics.take() {
+            self.remove_subscriber(&topic, conn, out);
+        }
+        let Some(user) = peer.state().user() else {
+            return;
+        };
+        if let Some(devices) = self.users.get_mut(user) {
+            devices.retain(|c| c.id() != conn);
+            if devices.is_empty() {
+                self.users.remove(user);
+                self.metrics.users.add(-1);
+            }
+        }
+        out.push(Action::Send {
+            shard: self.homes.home(user),
+            envelope: Envelope::DeviceOffline {
+                user: user.clone(),
+                conn,
+            },
+        });
+        if self.settings.clustered {
+            out.push(Action::Bus(Control::DeviceOffline {
+                user: user.clone(),
+                conn,
+            }));
+        }
+    }
+
+    /// Handles one protocol request (a complete text message) from `peer` and returns the
+    /// reply frame (`ack`, `err` or `pong`).
+    pub(crate) fn request(&mut self, peer: &P, text: &str, now: Now, out: &mut Actions) -> Bytes {
+        let (id, request) = match protocol::parse_request(text) {
+            Ok(parsed) => parsed,
+            Err(refusal) => {
+                self.metrics.rejected(if refusal.is_unknown_op() {
+                    Rejection::UnknownOp
+                } else {
+                    Rejection::Malformed
+                });
+                return render::err(refusal.id, refusal.code, refusal.msg);
+            }
+        };
+        let refuse = |reason: Rejection, code: ErrorCode, msg: &str| {
+            self.metrics.rejected(reason);
+            render::err(id, code, msg)
+        };
+        let max_name = self.settings.max_name_bytes;
+        let state = peer.state();
+        match request {
+            Request::Ping => render::pong(id),
+            Request::Sub { topic } => {
+                if !valid_name(&topic, max_name) {
+                    return refuse(
+                        Rejection::BadName,
+                        ErrorCode::BadRequest,
+                        "invalid topic name",
+                    );
+                }
+                if state.has_topic(&topic) {
+                    return render::ack(id, None);
+                }
+                if state.topic_count() >= self.settings.max_topics_per_connection {
+                    return refuse(
+                        Rejection::TooManyTopics,
+                        ErrorCode::TooMany,
+                        "too many topics on this connection",
+                    );
+                }
+                self.add_subscriber(peer, &topic, out);
+                render::ack(id, None)
+            }
+            Request::Unsub { topic } => {
+                if !state.remove_topic(&topic) {
+                    return refuse(
+                        Rejection::NotSubscribed,
+                        ErrorCode::NotFound,
+                        "not subscribed to this topic",
+                    );
+                }
+                self.remove_subscriber(&topic, peer.id(), out);
+                render::ack(id, None)
+            }
+            Request::Pub { topic, data } => {
+                if !valid_name(&topic, max_name) {
+                    return refuse(
+                        Rejection::BadName,
+                        ErrorCode::BadRequest,
+                        "invalid topic name",
+                    );
+                }
+                if !state.publish.allows(&topic) {
+                    return refuse(
+                        Rejection::Forbidden,
+                        ErrorCode::Forbidden,
+                        "token does not allow publishing to this topic",
+                    );
+                }
+                let (mid, ts) = self.stamp(now);
+                let frame = render::publication(Some(&topic), mid, ts, data.get());
+                tracing::debug!(mid, conn = peer.id(), topic = &*topic, "client publication");
+                out.push(Action::Route {
+                    to: Route::Topic(Arc::from(&*topic)),
+                    message: Message::new(mid, frame),
+                    except: None,
+                });
+                render::ack(id, Some(mid))
+            }
+            Request::Send { to, data } => {
+                if !valid_name(&to, max_name) {
+                    return refuse(Rejection::BadName, ErrorCode::BadRequest, "invalid user id");
+                }
+                let from = state.user().expect("only user sessions handle requests");
+                let (mid, ts) = self.stamp(now);
+                let frame = render::msg(Some(from), &to, mid, ts, data.get());
+                tracing::debug!(mid, conn = peer.id(), to = &*to, "client direct message");
+                // The recipient's devices, and the sender's other devices for the copy; the
+                // sending connection is not one of the recipient's unless both are one user.
+                let users = if *to == **from {
+                    smallvec![from.clone()]
+                } else {
+                    smallvec![Arc::from(&*to), from.clone()]
+                };
+                out.push(Action::Route {
+                    to: Route::Users(users),
+                    message: Message::new(mid, frame),
+                    except: Some(peer.id()),
+                });
+                render::ack(id, Some(mid))
+            }
+        }
+    }
+
+    /// Handles one envelope from the inbox. `bus_up` says whether the cluster bus is
+    /// enforcing the device limit right now. Returns what to write to local connections.
+    pub(crate) fn envelope(
+        &mut self,
+        envelope: Envelope,
+        bus_up: bool,
+        now: Now,
+        out: &mut Actions,
+    ) -> Option<Fanout<P>> {
+        self.metrics.envelopes_in.inc();
+        match envelope {
+            Envelope::RouteUser {
+                user,
+                message,
+                except,
+            } => {
+                let shards = self.directory.user_shards(&user);
+                // A sender's copy always finds the sending device, unless it just left.
+                if shards.is_empty() && !self.settings.clustered {
+                    self.metrics.dropped(metrics::Drop::NoRoute);
+                    self.log_no_route(&user, message.mid, now);
+                }
+                self.send_to_shards(shards, out, || Envelope::DeliverUser {
+                    user: user.clone(),
+                    message: message.clone(),
+                    except,
+                });
+                None
+            }
+            Envelope::RouteTopic { topic, message } => {
+                let shards = self.directory.topic_shards(&topic);
+                if !shards.is_empty() {
+                    // One frame for every subscriber on this node, rendered here at most once.
+                    let message = message.rendered_for(&topic);
+                    self.send_to_shards(shards, out, || Envelope::DeliverTopic {
+                        topic: topic.clone(),
+                        message: message.clone(),
+                    });
+                }
+                None
+            }
+            Envelope::DeliverUser {
+                user,
+                message,
+                except,
+            } => {
+                let devices = self.users.get(&user)?;
+                let to: Vec<P> = devices
+                    .iter()
+                    .filter(|c| Some(c.id()) != except)
+                    .cloned()
+                    .collect();
+                (!to.is_empty()).then(|| Fanout {
+                    frame: message.frame_for(&user),
+                    to,
+                    entered_ns: message.entered_ns,
+                    kind: Delivery::Direct,
+                })
+            }
+            Envelope::DeliverTopic { topic, message } => {
+                let subscribers = self.topics.get(&topic)?;
+                Some(Fanout {
+                    to: subscribers.values().cloned().collect(),
+                    frame: message.frame_for(&topic),
+                    entered_ns: message.entered_ns,
+                    kind: Delivery::Topic,
+                })
+            }
+            Envelope::Broadcast { message } => Some(Fanout {
+                to: self.users.values().flatten().cloned().collect(),
+                frame: message.shared_frame(),
+                entered_ns: message.entered_ns,
+                kind: Delivery::Broadcast,
+            }),
+            Envelope::DeviceOnline { user, conn } => {
+                // While the bus is up the cluster enforces the device limit (it knows the
+                // oldest device on any node); this shard enforces it only as a fallback.
+                let max = if bus_up {
+                    usize::MAX
+                } else {
+                    self.settings.max_devices_per_user
+                };
+                if let Some(oldest) = self.directory.device_online(user, conn, max) {
+                    out.push(Action::Send {
+                        shard: shard_of(oldest),
+                        envelope: Envelope::CloseConn {
+                            conn: oldest,
+                            code: close::REPLACED,
+                            reason: metrics::Close::Replaced,
+                        },
+                    });
+                }
+                None
+            }
+            Envelope::DeviceOffline { user, conn } => {
+                self.directory.device_offline(&user, conn);
+                None
+            }
+            Envelope::TopicInterest {
+                topic,
+                shard,
+                active,
+            } => {
+                let changed = self.directory.topic_interest(topic.clone(), shard, active);
+                if let (Some(active), true) = (changed, self.settings.clustered) {
+                    out.push(Action::Bus(Control::TopicActive { topic, active }));
+                }
+                None
+            }
+            Envelope::CloseUser { user, code, reason } => {
+                for &conn in self.directory.devices(&user) {
+                    out.push(Action::Send {
+                        shard: shard_of(conn),
+                        envelope: Envelope::CloseConn { conn, code, reason },
+                    });
+                }
+                None
+            }
+            Envelope::CloseConn { conn, code, reason } => {
+                out.push(Action::Close { conn, code, reason });
+                None
+            }
+            Envelope::QueryUser { user, reply } => {
+                let _ = reply.send(self.directory.devices(&user).len());
+                None
+            }
+            Envelope::QueryTopic { topic, reply } => {
+                let _ = reply.send(self.directory.topic_shards(&topic));
+                None
+            }
+            Envelope::CountSubscribers { topic, reply } => {
+                let _ = reply.send(self.topics.get(&topic).map_or(0, |s| s.len()));
+                None
+            }
+        }
+    }
+
+    /// A message id and timestamp for a message made now.
+    fn stamp(&mut self, now: Now) -> (u64, u64) {
+        (self.mids.next(now.wall_ms), now.wall_ms)
+    }
+
+    fn send_to_shards(
+        &self,
+        shards: ShardMask,
+        out: &mut Actions,
+        mut envelope: impl FnMut() -> Envelope,
+    ) {
+        out.extend(shards.iter().map(|shard| Action::Send {
+            shard,
+            envelope: envelope(),
+        }));
+    }
+
+    /// Subscribes `peer` to `topic` (not yet subscribed); the topic's first local
+    /// subscriber tells its home shard.
+    fn add_subscriber(&mut self, peer: &P, topic: &str, out: &mut Actions) {
+        let key = match self.topics.get_key_value(topic) {
+            Some((key, _)) => key.clone(),
+            None => {
+                let key: Arc<str> = Arc::from(topic);
+                self.metrics.topics.add(1);
+                out.push(self.interest(key.clone(), true));
+                key
+            }
+        };
+        self.topics
+            .entry(key.clone())
+            .or_default()
+            .insert(peer.id(), peer.clone());
+        peer.state().topics.borrow_mut().push(key);
+    }
+
+    fn remove_subscriber(&mut self, topic: &str, conn: ConnId, out: &mut Actions) {
+        let Some(subscribers) = self.topics.get_mut(topic) else {
+            return;
+        };
+        subscribers.swap_remove(&conn);
+        if subscribers.is_empty() {
+            let (key, _) = self
+                .topics
+                .remove_entry(topic)
+                .expect("entry was just found");
+            self.metrics.topics.add(-1);
+            out.push(self.interest(key, false));
+        }
+    }
+
+    /// Tells `topic`'s home shard that this shard gained or lost its interest.
+    fn interest(&self, topic: Arc<str>, active: bool) -> Action {
+        Action::Send {
+            shard: self.homes.home(&topic),
+            envelope: Envelope::TopicInterest {
+                topic,
+                shard: self.index,
+                active,
+            },
+        }
+    }
+
+    /// Logs (at most once a second) a direct message that found no device of its user.
+    fn log_no_route(&self, user: &str, mid: u64, now: Now) {
+        if let Some(suppressed) = self.no_route_log.allow(now.instant) {
+            tracing::warn!(
+                user,
+                mid,
+                suppressed,
+                "direct message for a user with no device online dropped (logged at most once a second; shardcast_drops_total{{reason=\"no_route\"}} counts each)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A node of several cores and no sockets: envelopes travel through one FIFO queue
+    //! (as through the shards' inboxes), time is made up, and what the cores ask for is
+    //! recorded.
+
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::router::conn_id;
+
+    struct TestPeer {
+        id: ConnId,
+        state: PeerState,
+    }
+
+    type Handle = Rc<TestPeer>;
+
+    impl Peer for Handle {
+        fn id(&self) -> ConnId {
+            self.id
+        }
+
+        fn state(&self) -> &PeerState {
+            &self.state
+        }
+    }
+
+    struct TestNode {
+        cores: Vec<ShardCore<Handle>>,
+        homes: Homes,
+        queue: VecDeque<(usize, Envelope)>,
+        /// Frames written, by connection.
+        written: Vec<(ConnId, String)>,
+        closed: Vec<(ConnId, u16)>,
+        bus: Vec<Control>,
+        bus_up: bool,
+        now: Now,
+        next_seq: u64,
+    }
+
+    fn settings(clustered: bool) -> Settings {
+        Settings {
+            node_id: "test-node".into(),
+            node_number: 7,
+            heartbeat_secs: 25,
+            max_name_bytes: 64,
+            max_topics_per_connection: 3,
+            max_devices_per_user: 4,
+            clustered,
+        }
+    }
+
+    impl TestNode {
+        fn new(shards: usize, clustered: bool) -> Self {
+            let homes = Homes::new(shards);
+            let cores = (0..shards)
+                .map(|index| {
+                    let metrics = Arc::new(ShardMetrics::default());
+                    ShardCore::new(index, homes.clone(), settings(clustered), metrics)
+                })
+                .collect();
+            TestNode {
+                cores,
+                homes,
+                queue: VecDeque::new(),
+                written: Vec::new(),
+                closed: Vec::new(),
+                bus: Vec::new(),
+                bus_up: false,
+                now: Now {
+                    instant: Instant::now(),
+                    wall_ms: 1_700_000_000_000,
+                },
+                next_seq: 1,
+            }
+        }
+
+        fn tick(&mut self, ms: u64) {
+            self.now.instant += Duration::from_millis(ms);
+            self.now.wall_ms += ms;
+        }
+
+        /// Does what the cores asked for; routes go where `Router::route` sends them
+        /// within a node.
+        fn apply(&mut self, actions: Actions) {
+            for action in actions {
+                match action {
+                    Action::Send { shard, envelope } => self.queue.push_back((shard, envelope)),
+                    Action::Route {
+                        to,
+                        message,
+                        except,
+                    } => match to {
+                        Route::Users(users) => {
+                            for user in users {
+                                let home = self.homes.home(&user);
+                                let envelope = Envelope::RouteUser {
+                                    user,
+                                    message: message.clone(),
+                                    except,
+                                };
+                                self.queue.push_back((home, envelope));
+                            }
+                        }
+                        Route::Topic(topic) => {
+                            let home = self.homes.home(&topic);
+                            self.queue
+                                .push_back((home, Envelope::RouteTopic { topic, message }));
+                        }
+                        Route::Broadcast => {
+                            for shard in 0..self.cores.len() {
+                                let message = message.clone();
+                                self.queue
+                                    .push_back((shard, Envelope::Broadcast { message }));
+                            }
+                        }
+                    },
+                    Action::Bus(control) => self.bus.push(control),
+                    Action::Close { conn, code, .. } => self.closed.push((conn, code)),
+                }
+            }
+        }
+
+        /// Hands every queued envelope to its shard, in order, until none is left.
+        fn settle(&mut self) {
+            for _ in 0..10_000 {
+                let Some((shard, envelope)) = self.queue.pop_front() else {
+                    return;
+                };
+                let mut actions = Actions::new();
+                let fanout =
+                    self.cores[shard].envelope(envelope, self.bus_up, self.now, &mut actions);
+                self.apply(actions);
+                if let Some(fanout) = fanout {
+                    assert!(fanout.to.iter().all(|p| shard_of(p.id) == shard));
+                    let frame = frame_text(&fanout.frame);
+                    self.written
+                        .extend(fanout.to.iter().map(|p| (p.id, frame.clone())));
+                }
+            }
+            panic!("envelopes never settled");
+        }
+
+        fn connect(&mut self, shard: usize, user: &str) -> Handle {
+            let identity = Identity {
+                user: user.into(),
+                device: None,
+                publish: PublishRights::from_patterns(vec!["news.*".into()]),
+            };
+            let peer = Rc::new(TestPeer {
+                id: conn_id(shard, self.next_seq),
+                state: PeerState::new(Some(identity)),
+            });
+            self.next_seq += 1;
+            let mut actions = Actions::new();
+            let hello = self.cores[shard].open(&peer, self.now, &mut actions);
+            assert!(frame_text(&hello.expect("a user gets hello")).contains("\"op\":\"hello\""));
+            self.apply(actions);
+            self.settle();
+            peer
+        }
+
+        fn disconnect(&mut self, peer: &Handle) {
+            let mut actions = Actions::new();
+            self.cores[shard_of(peer.id)].close(peer, &mut actions);
+            self.apply(actions);
+            self.settle();
+        }
+
+        fn request(&mut self, peer: &Handle, text: &str) -> String {
+            let mut actions = Actions::new();
+            let reply = self.cores[shard_of(peer.id)].request(peer, text, self.now, &mut actions);
+            self.apply(actions);
+            self.settle();
+            frame_text(&reply)
+        }
+
+        /// Takes the frames written so far to `peer`.
+        fn frames_of(&mut self, peer: &Handle) -> Vec<String> {
+            let (mine, rest) = std::mem::take(&mut self.written)
+                .into_iter()
+                .partition(|(id, _)| *id == peer.id);
+            self.written = rest;
+            mine.into_iter().map(|(_, frame)| frame).collect()
+        }
+
+        fn metrics(&self, shard: usize) -> &ShardMetrics {
+            &self.cores[shard].metrics
+        }
+    }
+
+    /// The payload of an unmasked server text frame.
+    fn frame_text(frame: &Bytes) -> String {
+        let header = match frame[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        String::from_utf8(frame[header..].to_vec()).expect("text frame")
+    }
+
+    #[test]
+    fn a_direct_message_reaches_every_device_on_every_shard_but_the_sender() {
+        let mut node = TestNode::new(4, false);
+        let alice = [
+            node.connect(0, "alice"),
+            node.connect(3, "alice"),
+            node.connect(1, "alice"),
+        ];
+        let bob = [node.connect(2, "bob"), node.connect(1, "bob")];
+        node.written.clear();
+
+        let ack = node.request(
+            &bob[0],
+            r#"{"op":"send","id":5,"to":"alice","data":{"n":1}}"#,
+        );
+        assert!(ack.starts_with(r#"{"op":"ack","id":5,"mid":""#), "{ack}");
+        for device in &alice {
+            let frames = node.frames_of(device);
+            assert_eq!(frames.len(), 1, "each device of alice once");
+            assert!(
+                frames[0].contains(r#""from":"bob","to":"alice""#),
+                "{}",
+                frames[0]
+            );
+        }
+        assert!(
+            node.frames_of(&bob[0]).is_empty(),
+            "not back to the sending device"
+        );
+        assert_eq!(
+            node.frames_of(&bob[1]).len(),
+            1,
+            "a copy to the sender's other device"
+        );
+        assert!(node.written.is_empty());
+
+        // A user messaging itself reaches its other devices once each.
+        node.request(&alice[0], r#"{"op":"send","to":"alice","data":1}"#);
+        assert!(node.frames_of(&alice[0]).is_empty());
+        assert_eq!(node.frames_of(&alice[1]).len(), 1);
+        assert_eq!(node.frames_of(&alice[2]).len(), 1);
+    }
+
+    #[test]
+    fn messages_carry_the_time_they_were_made() {
+        let mut node = TestNode::new(2, false);
+        let alice = node.connect(0, "alice");
+        let bob = node.connect(1, "bob");
+        node.tick(1_234);
+        node.request(&alice, r#"{"op":"send","to":"bob","data":null}"#);
+        let frame = node.frames_of(&bob).pop().expect("delivered");
+        assert!(
+            frame.contains(&format!("\"ts\":{}", node.now.wall_ms)),
+            "{frame}"
+        );
+    }
+
+    #[test]
+    fn the_device_limit_closes_the_oldest_device_with_4001() {
+        let mut node = TestNode::new(3, false);
+        for core in &mut node.cores {
+            core.settings.max_devices_per_user = 2;
+        }
+        let first = node.connect(0, "alice");
+        let second = node.connect(1, "alice");
+        assert!(node.closed.is_empty());
+        let third = node.connect(2, "alice");
+        assert_eq!(
+            node.closed,
+            vec![(first.id, close::REPLACED)],
+            "limit 2: the oldest"
+        );
+        node.disconnect(&first);
+
+        // While the bus is up the cluster enforces the limit, not the home shard.
+        node.closed.clear();
+        node.bus_up = true;
+        node.connect(0, "alice");
+        assert!(node.closed.is_empty());
+        drop((second, third));
+    }
+
+    #[test]
+    fn topic_interest_follows_the_first_and_last_subscriber_of_each_shard() {
+        let mut node = TestNode::new(4, true);
+        let a = node.connect(0, "a");
+        let b = node.connect(1, "b");
+        let c = node.connect(1, "c");
+        node.bus.clear();
+
+        assert!(node
+            .request(&a, r#"{"op":"sub","topic":"room"}"#)
+            .contains("ack"));
+        assert!(node
+            .request(&b, r#"{"op":"sub","topic":"room"}"#)
+            .contains("ack"));
+        assert!(node
+            .request(&c, r#"{"op":"sub","topic":"room"}"#)
+            .contains("ack"));
+        let home = node.homes.home("room");
+        assert_eq!(
+            node.cores[home]
+                .directory
+                .topic_shards("room")
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let active: Vec<bool> = node
+            .bus
+            .drain(..)
+            .filter_map(|c| match c {
+                Control::TopicActive { active, .. } => Some(active),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(active, vec![true], "the node subscribes the bus once");
+
+        // A publication reaches each subscriber once, rendered once per node.
+        let pub_text = r#"{"op":"pub","topic":"room","data":"hi"}"#;
+        let publisher = node.connect(2, "p");
+        let refused = node.request(&publisher, pub_text);
+        assert!(refused.contains(r#""code":"forbidden""#), "{refused}");
+        node.request(
+            &publisher,
+            r#"{"op":"pub","topic":"news.today","data":"hi"}"#,
+        );
+        assert!(node.written.is_empty(), "no subscriber of news.today");
+
+        let mut route = Actions::new();
+        route.push(Action::Route {
+            to: Route::Topic("room".into()),
+            message: Message::new(1, Bytes::from_static(b"\x81\x02hi")),
+            except: None,
+        });
+        node.apply(route);
+        node.settle();
+        assert_eq!(node.frames_of(&a), vec!["hi"]);
+        assert_eq!(node.frames_of(&b), vec!["hi"]);
+        assert_eq!(node.frames_of(&c), vec!["hi"]);
+
+        // Shard 1 keeps its interest until its last subscriber leaves.
+        node.request(&b, r#"{"op":"unsub","topic":"room"}"#);
+        assert_eq!(
+            node.cores[home]
+                .directory
+                .topic_shards("room")
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        node.disconnect(&c);
+        assert_eq!(
+            node.cores[home]
+                .directory
+                .topic_shards("room")
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![0]
+        );
+        node.disconnect(&a);
+        assert!(node.cores[home].directory.topic_shards("room").is_empty());
+        let inactive = node
+            .bus
+            .iter()
+            .filter(|c| matches!(c, Control::TopicActive { active: false, .. }))
+            .count();
+        assert_eq!(inactive, 1, "the node unsubscribes the bus once");
+        assert_eq!(
+            node.metrics(0).topics.get() + node.metrics(1).topics.get(),
+            0
+        );
+    }
+
+    #[test]
+    fn requests_are_refused_with_a_reason_and_counted() {
+        let mut node = TestNode::new(1, false);
+        let alice = node.connect(0, "alice");
+        let cases = [
+            (
+                r#"{"op":"sub","id":1,"topic":""}"#,
+                "bad_request",
+                Rejection::BadName,
+            ),
+            (
+                r#"{"op":"unsub","id":2,"topic":"x"}"#,
+                "not_found",
+                Rejection::NotSubscribed,
+            ),
+            (
+                r#"{"op":"pub","id":3,"topic":"x","data":1}"#,
+                "forbidden",
+                Rejection::Forbidden,
+            ),
+            (
+                r#"{"op":"dance","id":4}"#,
+                "bad_request",
+                Rejection::UnknownOp,
+            ),
+            (
+                r#"{"op":"send","id":5,"to":"","data":1}"#,
+                "bad_request",
+                Rejection::BadName,
+            ),
+        ];
+        for (text, code, reason) in cases {
+            let before = node.metrics(0).rejections[reason as usize].get();
+            let reply = node.request(&alice, text);
+            assert!(
+                reply.contains(&format!(r#""code":"{code}""#)),
+                "{text}: {reply}"
+            );
+            let after = node.metrics(0).rejections[reason as usize].get();
+            assert_eq!(after, before + 1, "{text}");
+        }
+        for topic in ["a", "b", "c"] {
+            let reply = node.request(&alice, &format!(r#"{{"op":"sub","topic":"{topic}"}}"#));
+            assert!(reply.contains("ack"));
+        }
+        assert!(
+            node.request(&alice, r#"{"op":"sub","topic":"a"}"#)
+                .contains("ack"),
+            "again"
+        );
+        let reply = node.request(&alice, r#"{"op":"sub","topic":"d"}"#);
+        assert!(reply.contains("too_many"), "{reply}");
+        assert_eq!(
+            node.request(&alice, r#"{"op":"ping","id":9}"#),
+            r#"{"op":"pong","id":9}"#
+        );
+    }
+
+    #[test]
+    fn a_message_for_a_user_with_no_device_is_counted_on_a_single_node() {
+        let mut node = TestNode::new(2, false);
+        let alice = node.connect(0, "alice");
+        node.disconnect(&alice);
+        assert_eq!(node.metrics(0).users.get() + node.metrics(1).users.get(), 0);
+        let bob = node.connect(1, "bob");
+        node.request(&bob, r#"{"op":"send","to":"alice","data":1}"#);
+        let home = node.homes.home("alice");
+        assert_eq!(
+            node.metrics(home).drops[metrics::Drop::NoRoute as usize].get(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_clustered_core_tells_the_bus_about_devices() {
+        let mut node = TestNode::new(2, true);
+        node.tick(5);
+        let alice = node.connect(1, "alice");
+        node.disconnect(&alice);
+        match &node.bus[..] {
+            [Control::DeviceOnline {
+                user,
+                conn,
+                since_ms,
+            }, Control::DeviceOffline { conn: gone, .. }] => {
+                assert_eq!(&**user, "alice");
+                assert_eq!((*conn, *gone), (alice.id, alice.id));
+                assert_eq!(*since_ms, node.now.wall_ms);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_kick_closes_every_device_of_the_user() {
+        let mut node = TestNode::new(3, false);
+        let devices = [node.connect(0, "eve"), node.connect(2, "eve")];
+        let mut actions = Actions::new();
+        actions.push(Action::Send {
+            shard: node.homes.home("eve"),
+            envelope: Envelope::CloseUser {
+                user: "eve".into(),
+                code: close::KICKED,
+                reason: metrics::Close::Kicked,
+            },
+        });
+        node.apply(actions);
+        node.settle();
+        let mut closed = node.closed.clone();
+        closed.sort();
+        assert_eq!(
+            closed,
+            vec![
+                (devices[0].id, close::KICKED),
+                (devices[1].id, close::KICKED)
+            ]
+        );
+    }
+}
