@@ -328,11 +328,16 @@ fn same_raw(a: Option<&RawValue>, b: Option<&RawValue>) -> bool {
 fn check_id(id: Option<&RawValue>) {
     let Some(id) = id else { return };
     let text = id.get();
-    assert!(text.len() <= protocol::MAX_ID_BYTES, "id over 64 bytes");
-    assert!(
-        text.starts_with(['"', '-']) || text.starts_with(|c: char| c.is_ascii_digit()),
-        "id {text} is neither a string nor a number"
-    );
+    let within = if text.starts_with('"') {
+        serde_json::from_str::<String>(text).is_ok_and(|s| s.len() <= protocol::MAX_ID_BYTES)
+    } else {
+        assert!(
+            text.starts_with('-') || text.starts_with(|c: char| c.is_ascii_digit()),
+            "id {text} is neither a string nor a number"
+        );
+        text.len() <= protocol::MAX_ID_BYTES
+    };
+    assert!(within, "id over 64 bytes (a string's once decoded)");
     // Echoed ids must come back exactly as sent, in every reply that carries one.
     for (frame, op) in [
         (render::ack(Some(id), Some(1)), "ack"),
@@ -349,7 +354,8 @@ fn check_id(id: Option<&RawValue>) {
 /// Input: any bytes, read as UTF-8 (lossily, so every input reaches the parser).
 ///
 /// Asserts: no panic on any UTF-8; only JSON objects are accepted; an accepted id, and the
-/// id of a refusal, is at most 64 bytes of a JSON string or number and comes back unchanged
+/// id of a refusal, is a JSON number of at most 64 characters or a JSON string of at most
+/// 64 bytes once decoded, and comes back unchanged
 /// in `ack`, `pong` and `err`
 /// frames that are valid JSON; a parsed `pub` / `send` renders into a valid `pub` / `msg`
 /// frame carrying the same topic / recipient and byte-identical `data`; a topic of `sub` /
@@ -381,7 +387,7 @@ pub fn client_request(data: &[u8]) {
                     assert_eq!(out.to.as_deref(), Some(&*to));
                     assert!(same_raw(out.data, Some(data)), "msg data changed");
                 }
-                Request::Ping => {}
+                Request::Ping | Request::Refresh { .. } => {}
             }
         }
         Err(refusal) => {

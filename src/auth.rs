@@ -32,6 +32,9 @@ pub struct Identity {
     pub device: Option<Box<str>>,
     /// Which topics this user may publish to.
     pub publish: PublishRights,
+    /// The token's `exp` (seconds since the epoch), if it has one: the connection is closed
+    /// with 4402 when it passes unless the client sends a fresher token (`refresh`).
+    pub expires: Option<u64>,
 }
 
 /// Topic patterns a user may publish to: `*` for all, `prefix.*` for a prefix, or exact names.
@@ -113,12 +116,12 @@ impl AuthError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    // Only checked for shape here (a malformed one refuses the token); jsonwebtoken checks
-    // the times themselves.
-    #[serde(default, rename = "exp", deserialize_with = "numeric_date")]
-    _exp: (),
+    // Checked for shape here (a malformed one refuses the token); jsonwebtoken checks the
+    // times themselves. `exp` is kept: an open connection is closed when it passes.
+    #[serde(default, deserialize_with = "numeric_date")]
+    exp: Option<u64>,
     #[serde(default, rename = "nbf", deserialize_with = "numeric_date")]
-    _nbf: (),
+    _nbf: Option<u64>,
     #[serde(default)]
     dev: Option<String>,
     #[serde(default, rename = "pub")]
@@ -172,6 +175,7 @@ impl Authenticator {
                 user,
                 device: claims.dev.map(String::into_boxed_str),
                 publish: PublishRights::from_patterns(claims.publish),
+                expires: claims.exp,
             });
         }
         match dev_user {
@@ -179,6 +183,7 @@ impl Authenticator {
                 user: self.check_name(name)?,
                 device: None,
                 publish: PublishRights::all(),
+                expires: None,
             }),
             _ => Err(AuthError::Missing),
         }
@@ -193,16 +198,19 @@ impl Authenticator {
     }
 }
 
-/// Checks a present time claim: a non-negative, finite JSON number below `u64::MAX`, the
-/// values jsonwebtoken validates (anything else it would silently skip).
-fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+/// Reads a present time claim: a non-negative, finite JSON number below `u64::MAX`, the
+/// values jsonwebtoken validates (anything else it would silently skip), rounded to whole
+/// seconds as jsonwebtoken does.
+fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let number = serde_json::Number::deserialize(d)?;
-    let valid = number.is_u64()
-        || number
+    let seconds = number.as_u64().or_else(|| {
+        number
             .as_f64()
-            .is_some_and(|f| f.is_finite() && f >= 0.0 && f < u64::MAX as f64);
-    if valid {
-        Ok(())
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.round() as u64)
+    });
+    if seconds.is_some() {
+        Ok(seconds)
     } else {
         Err(serde::de::Error::custom(
             "a time claim must be a non-negative number of seconds",

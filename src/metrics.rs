@@ -122,6 +122,8 @@ label_enum! {
         IncompleteBudget => "incomplete_budget",
         /// Replaced by a newer device of the same user (4001).
         Replaced => "replaced",
+        /// The token's `exp` passed without a `refresh` (4402).
+        TokenExpired => "token_expired",
         /// Kicked through the API (4003).
         Kicked => "kicked",
         /// Node shutting down (1001).
@@ -150,6 +152,8 @@ label_enum! {
         RateLimited => "rate_limited",
         /// Unsubscribing from a topic not subscribed.
         NotSubscribed => "not_subscribed",
+        /// A `refresh` with an invalid or expired token.
+        BadToken => "bad_token",
     }
 }
 

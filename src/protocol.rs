@@ -47,6 +47,11 @@ pub enum Request<'a> {
     },
     /// Application ping.
     Ping,
+    /// A fresher token for the same user, before the connection's token expires (v1.1).
+    Refresh {
+        /// The token (JWT).
+        token: Cow<'a, str>,
+    },
 }
 
 /// A request that could not be understood; answered with an `err` frame.
@@ -80,6 +85,8 @@ pub enum ErrorCode {
     TooMany,
     /// The thing named does not exist (e.g. unsubscribing from a topic not subscribed).
     NotFound,
+    /// A credential was refused (a `refresh` with an invalid or expired token).
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -90,6 +97,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooMany => "too_many",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -106,6 +114,8 @@ struct RawRequest<'a> {
     to: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// Keeps an explicit `"data": null` apart from a missing `data`.
@@ -120,9 +130,16 @@ pub(crate) fn is_object(json: &[u8]) -> bool {
     json.trim_ascii_start().first() == Some(&b'{')
 }
 
+/// An id is a number of at most [`MAX_ID_BYTES`] characters, or a string whose decoded
+/// value is at most [`MAX_ID_BYTES`] bytes (its quotes and escapes do not count).
 fn valid_id(id: &RawValue) -> bool {
     let text = id.get();
-    text.len() <= MAX_ID_BYTES && matches!(text.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+    match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<Cow<'_, str>>(text)
+            .is_ok_and(|decoded| decoded.len() <= MAX_ID_BYTES),
+        Some(b'-' | b'0'..=b'9') => text.len() <= MAX_ID_BYTES,
+        _ => false,
+    }
 }
 
 /// Parses one text message. The `id`, when usable, is returned on both paths so the reply
@@ -167,6 +184,11 @@ pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Req
             data: raw.data.ok_or_else(|| refuse(id, "send needs data"))?,
         },
         "ping" => Request::Ping,
+        "refresh" => Request::Refresh {
+            token: raw
+                .token
+                .ok_or_else(|| refuse(id, "refresh needs a token"))?,
+        },
         _ => return Err(refuse(id, UNKNOWN_OP)),
     };
     Ok((id, request))
@@ -213,13 +235,16 @@ pub mod render {
         ws::seal_text_frame(out)
     }
 
-    /// `hello`: the first frame after the upgrade.
-    pub fn hello(user: &str, conn: u64, node: &str, hb_secs: u32) -> Bytes {
-        let mut out = open("hello", user.len() + node.len() + 48);
+    /// `hello`: the first frame after the upgrade; `exp` when the token expires (v1.1).
+    pub fn hello(user: &str, conn: u64, node: &str, hb_secs: u32, exp: Option<u64>) -> Bytes {
+        let mut out = open("hello", user.len() + node.len() + 72);
         string_field(&mut out, "user", user);
         write!(out, "\"conn\":\"{conn}\",").expect("Vec write");
         string_field(&mut out, "node", node);
         write!(out, "\"hb\":{hb_secs},").expect("Vec write");
+        if let Some(exp) = exp {
+            write!(out, "\"exp\":{exp},").expect("Vec write");
+        }
         close(out)
     }
 
@@ -482,7 +507,7 @@ mod tests {
             serde_json::json!({"op":"pub","mid":"7","ts":8,"data":[1]})
         );
         assert_eq!(
-            json_of(&render::hello("u", 5, "n1", 25)),
+            json_of(&render::hello("u", 5, "n1", 25, None)),
             serde_json::json!({"op":"hello","user":"u","conn":"5","node":"n1","hb":25})
         );
         assert_eq!(

@@ -58,7 +58,7 @@ use bytes::{Buf, Bytes};
 use smallvec::SmallVec;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
-use crate::auth::{Authenticator, Identity};
+use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::{Config, REFUSAL_SLOTS};
 use crate::metrics::{self, Rejection, ShardMetrics};
 use crate::protocol::{self, render, ErrorCode};
@@ -684,7 +684,9 @@ pub(crate) enum HandshakeOutcome {
     Pending,
     /// The peer left or the socket failed before a complete request.
     Gone,
-    /// Refused with an HTTP error (already written, best effort); close the socket.
+    /// Refused (the answer is written, best effort): with an HTTP error, or, for credentials
+    /// refused to a client that offered `shardcast.v1`, with an upgrade and a close frame
+    /// 4401/4402 (a page can read those; an HTTP 401 it cannot). Close the socket.
     Refused(HttpRefusal),
     /// Upgraded (the 101 is written).
     Open(Upgraded),
@@ -742,7 +744,10 @@ impl Handshake {
                 Err(refusal) => break Err(refusal),
             }
         };
-        let outcome = match upgrade.and_then(|upgrade| admit(upgrade, gate)) {
+        let admitted = upgrade
+            .map_err(Denial::Http)
+            .and_then(|upgrade| admit(upgrade, gate));
+        let outcome = match admitted {
             Ok((identity, response, consumed)) => {
                 if reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(&response)]).ok()
                     != Some(response.len())
@@ -757,13 +762,32 @@ impl Handshake {
                     early,
                 })
             }
-            Err(refusal) => {
+            Err(Denial::Http(refusal)) => {
                 let _ = reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(&refusal.response())]);
                 HandshakeOutcome::Refused(refusal)
+            }
+            Err(Denial::Close { response, error }) => {
+                let (code, reason) = match error {
+                    AuthError::Expired => (close::TOKEN_EXPIRED, "token_expired"),
+                    _ => (close::UNAUTHORIZED, "unauthorized"),
+                };
+                let frame = ws::close_frame(code, reason);
+                let answer = [IoSlice::new(&response), IoSlice::new(&frame)];
+                let _ = reactor::sendmsg(self.fd.as_fd(), &answer);
+                reactor::shutdown_write(self.fd.as_fd());
+                HandshakeOutcome::Refused(HttpRefusal::unauthorized(error.label()))
             }
         };
         (None, outcome)
     }
+}
+
+/// How a handshake is refused.
+enum Denial {
+    /// With an HTTP status.
+    Http(HttpRefusal),
+    /// Credentials refused to a `shardcast.v1` client: upgrade with `response`, then close.
+    Close { response: Vec<u8>, error: AuthError },
 }
 
 /// Capacity and credentials, once the request parsed.
@@ -771,17 +795,25 @@ impl Handshake {
 fn admit(
     upgrade: ws::Upgrade,
     gate: &Gate<'_>,
-) -> Result<(Option<Identity>, Vec<u8>, usize), HttpRefusal> {
+) -> Result<(Option<Identity>, Vec<u8>, usize), Denial> {
     if gate.admission.refuse_handshake() {
-        return Err(HttpRefusal::UNAVAILABLE);
+        return Err(Denial::Http(HttpRefusal::UNAVAILABLE));
     }
     let identity = match upgrade.endpoint {
         Endpoint::Echo => None,
-        Endpoint::Push => Some(
-            gate.auth
-                .authenticate(upgrade.token.as_deref(), upgrade.dev_user.as_deref())
-                .map_err(|e| HttpRefusal::unauthorized(e.label()))?,
-        ),
+        Endpoint::Push => {
+            let token = upgrade.token.as_deref();
+            match gate.auth.authenticate(token, upgrade.dev_user.as_deref()) {
+                Ok(identity) => Some(identity),
+                Err(error) if upgrade.subprotocol => {
+                    return Err(Denial::Close {
+                        response: upgrade.response,
+                        error,
+                    })
+                }
+                Err(error) => return Err(Denial::Http(HttpRefusal::unauthorized(error.label()))),
+            }
+        }
     };
     Ok((identity, upgrade.response, upgrade.consumed))
 }

@@ -100,7 +100,19 @@ pub mod close {
     pub const REPLACED: u16 = 4001;
     /// Kicked by the API.
     pub const KICKED: u16 = 4003;
+    /// Missing or invalid credentials, for a client that offered the `shardcast.v1`
+    /// subprotocol (a page cannot read an HTTP 401).
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// The token expired: at the handshake (with `shardcast.v1`), or at its `exp` on an open
+    /// connection that did not `refresh` it.
+    pub const TOKEN_EXPIRED: u16 = 4402;
 }
+
+/// The subprotocol a node answers when a client offers it (`Sec-WebSocket-Protocol`).
+/// Browsers abort a connection whose offered subprotocol is not answered; a client that
+/// offers this one also learns credential failures as close codes 4401/4402 instead of an
+/// HTTP 401 it cannot read.
+pub const SUBPROTOCOL: &str = "shardcast.v1";
 
 /// A complete inbound message or control frame.
 #[derive(Debug, PartialEq)]
@@ -432,6 +444,8 @@ pub struct Upgrade {
     pub dev_user: Option<String>,
     /// The `101 Switching Protocols` response to send.
     pub response: Vec<u8>,
+    /// The client offered [`SUBPROTOCOL`] (and the response names it).
+    pub subprotocol: bool,
     /// Bytes of the buffer the request used; anything after is the client's first frames.
     pub consumed: usize,
 }
@@ -535,7 +549,14 @@ pub fn parse_upgrade(buf: &[u8], dev: bool) -> Result<Option<Upgrade>, HttpRefus
             return Err(HttpRefusal::BAD_VERSION);
         }
     }
-    let response = create_response(&request).map_err(|_| HttpRefusal::BAD_REQUEST)?;
+    let mut response = create_response(&request).map_err(|_| HttpRefusal::BAD_REQUEST)?;
+    let subprotocol = offers_subprotocol(&request);
+    if subprotocol {
+        response.headers_mut().insert(
+            "sec-websocket-protocol",
+            tungstenite::http::HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
     let mut response_bytes = Vec::with_capacity(160);
     write_response(&mut response_bytes, &response).map_err(|_| HttpRefusal::BAD_REQUEST)?;
 
@@ -560,8 +581,21 @@ pub fn parse_upgrade(buf: &[u8], dev: bool) -> Result<Option<Upgrade>, HttpRefus
         token,
         dev_user,
         response: response_bytes,
+        subprotocol,
         consumed,
     }))
+}
+
+/// Whether any `Sec-WebSocket-Protocol` header lists [`SUBPROTOCOL`] (a comma-separated
+/// list; the header may also be repeated). Other subprotocols are ignored, not answered.
+fn offers_subprotocol(request: &Request) -> bool {
+    request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|offered| offered.trim() == SUBPROTOCOL)
 }
 
 #[cfg(test)]

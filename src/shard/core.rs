@@ -18,8 +18,14 @@
 //! topic. Home: the [`Directory`] entries of the users and topics whose home this shard is
 //! (devices node-wide, oldest first; shards with subscribers). A connection's own topic
 //! list lives in its [`PeerState`], so unsubscribing on close needs no search.
+//!
+//! # Token lifetime
+//! A connection whose token has `exp` carries it (`hello.exp`); the driver closes it with
+//! 4402 once [`PeerState::expired`]. A `refresh` request with a valid token for the same
+//! user moves the expiry (validated by jsonwebtoken against the system clock, the one
+//! place the core reads a clock itself); the publish rights stay those of the handshake.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,7 +35,9 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 use smallvec::{smallvec, SmallVec};
 
-use crate::auth::{valid_name, Identity, PublishRights};
+use crate::auth::{
+    valid_name, AuthError, Authenticator, Identity, PublishRights, CLOCK_LEEWAY_SECS,
+};
 use crate::cluster::Control;
 use crate::metrics::{self, Delivery, LogLimiter, Rejection, ShardMetrics};
 use crate::protocol::{self, render, ErrorCode, MidGenerator, Request};
@@ -63,27 +71,44 @@ pub(crate) trait Peer: Clone {
     fn state(&self) -> &PeerState;
 }
 
-/// What the core keeps per connection: its user, its publish rights and its topics.
+/// What the core keeps per connection: its user, its publish rights, its topics and when
+/// its token expires.
 #[derive(Debug)]
 pub(crate) struct PeerState {
     /// `None` on the dev-mode `/echo` endpoint.
     user: Option<Arc<str>>,
     publish: PublishRights,
     topics: RefCell<Vec<Arc<str>>>,
+    /// The token's `exp`, seconds since the epoch (saturated to `u32`, enough until 2106);
+    /// 0 for a token without one. A `refresh` moves it.
+    expires: Cell<u32>,
 }
 
 impl PeerState {
     /// The state of a connection authenticated as `identity` (`None` for `/echo`).
     pub(crate) fn new(identity: Option<Identity>) -> Self {
-        let (user, publish) = match identity {
-            Some(identity) => (Some(identity.user), identity.publish),
-            None => (None, PublishRights::none()),
+        let (user, publish, expires) = match identity {
+            Some(identity) => (Some(identity.user), identity.publish, identity.expires),
+            None => (None, PublishRights::none(), None),
         };
         PeerState {
             user,
             publish,
             topics: RefCell::default(),
+            expires: Cell::new(expires_secs(expires)),
         }
+    }
+
+    /// When the token expires (seconds since the epoch), if it does.
+    fn expires(&self) -> Option<u64> {
+        Some(u64::from(self.expires.get())).filter(|&exp| exp != 0)
+    }
+
+    /// Whether the token has expired at `now` (with the clock leeway tokens get at the
+    /// handshake, so a token accepted just past its `exp` is not closed at once).
+    pub(crate) fn expired(&self, now: Now) -> bool {
+        self.expires()
+            .is_some_and(|exp| now.wall_ms / 1000 >= exp + CLOCK_LEEWAY_SECS)
     }
 
     /// The connection's user (`None` for `/echo`).
@@ -110,6 +135,11 @@ impl PeerState {
             None => false,
         }
     }
+}
+
+/// A token's `exp` as a connection keeps it: seconds saturated to `u32`, 0 for none.
+fn expires_secs(exp: Option<u64>) -> u32 {
+    exp.map_or(0, |exp| exp.clamp(1, u64::from(u32::MAX)) as u32)
 }
 
 /// What the core needs of the configuration.
@@ -180,6 +210,8 @@ pub(crate) struct ShardCore<P: Peer> {
     mids: MidGenerator,
     /// Limits the warning about direct messages for users with no device online.
     no_route_log: LogLimiter,
+    /// Checks the tokens of `refresh` requests.
+    auth: Arc<Authenticator>,
 }
 
 impl<P: Peer> ShardCore<P> {
@@ -189,8 +221,10 @@ impl<P: Peer> ShardCore<P> {
         homes: Homes,
         settings: Settings,
         metrics: Arc<ShardMetrics>,
+        auth: Arc<Authenticator>,
     ) -> Self {
         ShardCore {
+            auth,
             index,
             mids: MidGenerator::new(settings.node_number, index),
             homes,
@@ -234,6 +268,7 @@ impl<P: Peer> ShardCore<P> {
             conn,
             &settings.node_id,
             settings.heartbeat_secs,
+            peer.state().expires(),
         ))
     }
 
@@ -293,6 +328,25 @@ impl<P: Peer> ShardCore<P> {
         let state = peer.state();
         match request {
             Request::Ping => render::pong(id),
+            Request::Refresh { token } => match self.auth.authenticate(Some(&token), None) {
+                Ok(identity) if Some(&identity.user) == state.user() => {
+                    state.expires.set(expires_secs(identity.expires));
+                    render::ack(id, None)
+                }
+                Ok(_) => refuse(
+                    Rejection::Forbidden,
+                    ErrorCode::Forbidden,
+                    "the token is for another user",
+                ),
+                Err(error) => refuse(
+                    Rejection::BadToken,
+                    ErrorCode::Unauthorized,
+                    match error {
+                        AuthError::Expired => "token expired",
+                        _ => "invalid token",
+                    },
+                ),
+            },
             Request::Sub { topic } => {
                 if !valid_name(&topic, max_name) {
                     return refuse(
@@ -601,6 +655,8 @@ mod tests {
     use super::*;
     use crate::router::conn_id;
 
+    const SECRET: &str = "core-test-secret";
+
     struct TestPeer {
         id: ConnId,
         state: PeerState,
@@ -649,7 +705,8 @@ mod tests {
             let cores = (0..shards)
                 .map(|index| {
                     let metrics = Arc::new(ShardMetrics::default());
-                    ShardCore::new(index, homes.clone(), settings(clustered), metrics)
+                    let auth = Arc::new(Authenticator::new(Some(SECRET), false, 64));
+                    ShardCore::new(index, homes.clone(), settings(clustered), metrics, auth)
                 })
                 .collect();
             TestNode {
@@ -739,6 +796,7 @@ mod tests {
                 user: user.into(),
                 device: None,
                 publish: PublishRights::from_patterns(vec!["news.*".into()]),
+                expires: None,
             };
             let peer = Rc::new(TestPeer {
                 id: conn_id(shard, self.next_seq),
@@ -1057,6 +1115,62 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn token(user: &str, exp: u64) -> String {
+        let claims = serde_json::json!({"sub": user, "exp": exp});
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("encode")
+    }
+
+    #[test]
+    fn a_token_expires_unless_refreshed_by_the_same_user() {
+        let mut node = TestNode::new(1, false);
+        let wall_now = protocol::now_ms() / 1000;
+        let identity = Identity {
+            user: "alice".into(),
+            device: None,
+            publish: PublishRights::none(),
+            expires: Some(wall_now + 60),
+        };
+        let alice = Rc::new(TestPeer {
+            id: conn_id(0, 99),
+            state: PeerState::new(Some(identity)),
+        });
+        let hello = node.cores[0].open(&alice, node.now, &mut Actions::new());
+        let hello = frame_text(&hello.expect("hello"));
+        assert!(
+            hello.ends_with(&format!(r#""hb":25,"exp":{}}}"#, wall_now + 60)),
+            "{hello}"
+        );
+
+        let at = |secs: u64| Now {
+            instant: Instant::now(),
+            wall_ms: secs * 1000,
+        };
+        assert!(!alice.state.expired(at(wall_now + 60)), "leeway");
+        assert!(alice.state.expired(at(wall_now + 60 + CLOCK_LEEWAY_SECS)));
+
+        let refresh = |t: &str| format!(r#"{{"op":"refresh","id":"r","token":"{t}"}}"#);
+        let reply = node.request(&alice, &refresh(&token("bob", wall_now + 600)));
+        assert!(reply.contains(r#""code":"forbidden""#), "{reply}");
+        let reply = node.request(&alice, &refresh("not-a-token"));
+        assert!(reply.contains(r#""code":"unauthorized""#), "{reply}");
+        let reply = node.request(&alice, &refresh(&token("alice", wall_now - 3_600)));
+        assert!(reply.contains("token expired"), "{reply}");
+        assert!(
+            alice.state.expired(at(wall_now + 65)),
+            "refusals change nothing"
+        );
+
+        let reply = node.request(&alice, &refresh(&token("alice", wall_now + 600)));
+        assert_eq!(reply, r#"{"op":"ack","id":"r"}"#);
+        assert!(!alice.state.expired(at(wall_now + 65)));
+        assert!(alice.state.expired(at(wall_now + 605)));
+        assert_eq!(
+            node.metrics(0).rejections[Rejection::BadToken as usize].get(),
+            2
+        );
     }
 
     #[test]

@@ -232,12 +232,8 @@ impl Shard {
             max_devices_per_user: config.max_devices_per_user,
             clustered: bus.is_some(),
         };
-        let core = ShardCore::new(
-            index,
-            router.mesh().homes().clone(),
-            settings,
-            metrics.clone(),
-        );
+        let homes = router.mesh().homes().clone();
+        let core = ShardCore::new(index, homes, settings, metrics.clone(), auth.clone());
         Ok(Shard {
             index,
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
@@ -759,13 +755,18 @@ impl Shard {
         }
     }
 
-    /// Pings connections due a heartbeat and closes those silent for three intervals or
-    /// holding an incomplete message too long.
+    /// Closes connections whose token expired (4402); pings connections due a heartbeat
+    /// and closes those silent for three intervals or holding an incomplete message too
+    /// long.
     fn sweep_heartbeats(&self) {
         let now_ms = self.clock_ms();
+        let now = Now::read();
         for client in self.open_conns() {
-            if client.conn.heartbeat(now_ms, self.env()) {
-                self.schedule_close(client.conn.id);
+            let id = client.conn.id;
+            if client.peer.expired(now) {
+                self.close_conn(id, close::TOKEN_EXPIRED, metrics::Close::TokenExpired);
+            } else if client.conn.heartbeat(now_ms, self.env()) {
+                self.schedule_close(id);
             }
         }
     }
