@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: the typed configuration; defaults, TOML, `SHARDCAST_*` env, flags; validation.
+//! - [`history`]: streams (protocol v1.1): mailbox and topic history in memory on a lone node,
+//!   the replay rule shared with the Redis streams.
 //! - [`node`]: starts a node (listeners, shards, API), pushes messages in from other threads, stops it.
 //! - [`api`]: the HTTP API for backends (hyper on its own thread).
 //! - [`cluster`]: the Redis bus between nodes: the bridge thread (session, outbound accounting,
@@ -28,6 +30,7 @@ pub mod api;
 pub(crate) mod auth;
 pub mod cluster;
 pub mod config;
+pub mod history;
 pub(crate) mod mailbox;
 pub mod metrics;
 pub(crate) mod node;
