@@ -14,7 +14,7 @@
 //! **Memory.** All streams of a shard together stay under a byte budget (the node's
 //! `history_max_bytes` split over its shards): past it, the oldest messages of the shard
 //! are evicted first, whatever stream holds them. Finding them is cheap: every append also
-//! goes to the back of one FIFO of `(stream, epoch, seq, bytes)` records, so the oldest
+//! goes to the back of one FIFO of `(stream, epoch, seq)` records, so the oldest
 //! message is at its front. Records of messages already gone (trimmed by count or age, or
 //! their stream forgotten) are skipped when they reach the front, and the FIFO is compacted
 //! when it holds more than twice as many records as there are messages, so it stays
@@ -348,7 +348,6 @@ struct Record {
     key: StreamKey,
     ep: Arc<str>,
     seq: u64,
-    bytes: usize,
 }
 
 /// Bytes a stream costs besides its messages: its table slot, key and epoch.
@@ -443,7 +442,6 @@ impl Streams {
             key: key.clone(),
             ep: ep.clone(),
             seq,
-            bytes,
         });
         self.stats.appends += 1;
         self.stats.messages += 1;
