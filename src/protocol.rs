@@ -125,6 +125,46 @@ fn valid_id(id: &RawValue) -> bool {
     text.len() <= MAX_ID_BYTES && matches!(text.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
 }
 
+/// Longest stream epoch a client may name in `since`, in bytes (the server makes 8).
+pub const MAX_EP_BYTES: usize = 64;
+
+/// A client's position in a stream (protocol v1.1): the `since` of `resume` and of `sub`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since<'a> {
+    /// The last sequence number the client has; 0 asks for everything retained.
+    pub seq: u64,
+    /// The epoch that number belongs to (`""` when the client names none, as a fresh
+    /// device asking with `seq: 0` may).
+    pub ep: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct RawSince<'a> {
+    seq: u64,
+    #[serde(borrow, default)]
+    ep: Option<Cow<'a, str>>,
+}
+
+/// Reads a `since` value: `{"seq": N, "ep": "E"}` with `N` an integer from 0 to 2^64 - 1
+/// and `E` a string of at most [`MAX_EP_BYTES`]. A malformed one (not an object, a
+/// negative, fractional, too large or quoted `seq`, an `ep` that is not a string or too
+/// long) is refused with the reason, for an `err bad_request`. A well-formed position the
+/// stream does not have (ahead of it, another epoch) is not refused here: the replay answers
+/// it `recovered:false` ([`crate::history::plan_replay`]).
+pub fn parse_since(raw: &RawValue) -> Result<Since<'_>, &'static str> {
+    const MALFORMED: &str =
+        "since must be {\"seq\": a non-negative integer, \"ep\": a string of at most 64 bytes}";
+    if !is_object(raw.get().as_bytes()) {
+        return Err(MALFORMED);
+    }
+    let since: RawSince = serde_json::from_str(raw.get()).map_err(|_| MALFORMED)?;
+    let ep = since.ep.unwrap_or_default();
+    if ep.len() > MAX_EP_BYTES {
+        return Err(MALFORMED);
+    }
+    Ok(Since { seq: since.seq, ep })
+}
+
 /// Parses one text message. The `id`, when usable, is returned on both paths so the reply
 /// can echo it.
 #[allow(clippy::type_complexity)]
@@ -630,6 +670,39 @@ mod tests {
             text_of(&render::publication(Some("t"), 7, 8, "1")),
             r#"{"op":"pub","topic":"t","mid":"7","ts":8,"data":1}"#
         );
+    }
+
+    #[test]
+    fn since_reads_a_position_and_refuses_malformed_ones() {
+        let since = |text: &str| {
+            let raw = RawValue::from_string(text.into()).expect("json");
+            parse_since(&raw).map(|s| (s.seq, s.ep.into_owned()))
+        };
+        assert_eq!(since(r#"{"seq":5,"ep":"aZ09"}"#), Ok((5, "aZ09".into())));
+        assert_eq!(since(r#"{"seq":0}"#), Ok((0, String::new())));
+        assert_eq!(
+            since(r#"{"ep":"x","seq":18446744073709551615,"more":1}"#),
+            Ok((u64::MAX, "x".into())),
+            "the largest position is well-formed; the replay answers it"
+        );
+        assert_eq!(since(r#"{"seq":1,"ep":"\u00e9"}"#), Ok((1, "é".into())));
+        for bad in [
+            r#"{"seq":-1,"ep":"x"}"#,
+            r#"{"seq":1.5,"ep":"x"}"#,
+            r#"{"seq":1e3,"ep":"x"}"#,
+            r#"{"seq":18446744073709551616,"ep":"x"}"#,
+            r#"{"seq":"5","ep":"x"}"#,
+            r#"{"seq":null}"#,
+            r#"{"ep":"x"}"#,
+            r#"{"seq":1,"ep":7}"#,
+            r#"[1,"x"]"#,
+            r#"5"#,
+            r#"null"#,
+        ] {
+            assert!(since(bad).is_err(), "{bad}");
+        }
+        let long = format!(r#"{{"seq":1,"ep":"{}"}}"#, "e".repeat(MAX_EP_BYTES + 1));
+        assert!(since(&long).is_err());
     }
 
     #[test]
