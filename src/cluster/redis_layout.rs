@@ -17,9 +17,9 @@
 //! | `P:epoch` | string | the cluster epoch: random, made by the first bridge that finds it missing |
 //! | `P:settling` | string, TTL | exists while the nodes re-publish after Redis lost the epoch |
 //! | `P:mbox:USER` | stream, TTL | the user's mailbox: entry id `0-SEQ`, fields `t m [f] [o] d` |
-//! | `P:mbox-meta:USER` | hash, TTL | the mailbox's `ep` (epoch) and `seq` (last sequence number) |
+//! | `P:mbox-meta:USER` | hash, TTL | the mailbox's `ep` (epoch), `seq` (last sequence number), `mid` (latest message) |
 //! | `P:hist:TOPIC` | stream, TTL | a topic's history (topics matching a history rule) |
-//! | `P:hist-meta:TOPIC` | hash, TTL | the topic history's `ep` and `seq` |
+//! | `P:hist-meta:TOPIC` | hash, TTL | the topic history's `ep`, `seq` and `mid` |
 //!
 //! An *instance* is one connection session of a node's bridge (64 random bits, in hex). A
 //! device entry is valid only while its instance's `alive` key exists. That key is the
@@ -71,7 +71,10 @@
 //!   message in one call. Both publish `head .. data .. trailer`, where the trailer carries
 //!   each stream's `(seq, ep)` ([`split_positions`]): the receiving node renders the frames
 //!   with them. A delivery retried after an unheard publish must not append again: the
-//!   bridge retries with [`ROUTE`] and the payload it built with [`positions_trailer`].
+//!   bridge retries with [`ROUTE`] and the payload it built with [`positions_trailer`]. A
+//!   call repeated because its reply was lost (the connection dropped) appends nothing
+//!   either: a stream whose latest message has the call's `mid` answers that message's
+//!   position, and the receivers drop the second delivery by `mid` as they do today.
 //! - *Entries hold fields, not frames.* `t` (ts; first, so age trimming reads it by
 //!   position), `m` (mid), `f` (from, if any), `o` (the recipient, in a sender's copy), `d`
 //!   (data). A replay renders `msg`/`pub` with `seq`/`ep` from them, and the history API its
@@ -625,9 +628,10 @@ end
 /// - `stream_trim_expired(stream, cutoff)` drops the head entries whose `t` is at most
 ///   `cutoff` (entries are in time order; a few reads of at most 128 entries each);
 /// - `stream_seq(id)` reads the seq of an entry id `0-SEQ`;
-/// - `stream_append(stream, meta, candidate, size, ttl_secs, now_ms, fields)` appends one
-///   entry and answers its `seq, ep`, making the epoch from `candidate` when the meta is
-///   missing, and refreshes both keys' TTL;
+/// - `stream_append(stream, meta, candidate, size, ttl_secs, now_ms, mid, fields)` appends
+///   one entry and answers its `seq, ep`, making the epoch from `candidate` when the meta is
+///   missing, and refreshes both keys' TTL; when `mid` is the stream's latest message it
+///   appends nothing and answers that message's position (a repeated call);
 /// - `positions_trailer({seq, ep, seq, ep, …})` encodes positions as [`split_positions`]
 ///   reads them.
 macro_rules! stream_functions {
@@ -652,14 +656,19 @@ local function stream_trim_expired(stream, cutoff)
     count = 128
   end
 end
-local function stream_append(stream, meta, candidate, size, ttl_secs, now_ms, fields)
-  local ep = redis.call('HGET', meta, 'ep')
+local function stream_append(stream, meta, candidate, size, ttl_secs, now_ms, mid, fields)
+  local known = redis.call('HMGET', meta, 'ep', 'seq', 'mid')
+  local ep = known[1]
+  if ep and known[3] == mid then
+    return tonumber(known[2]), ep
+  end
   if not ep then
     ep = candidate
     redis.call('DEL', stream)
     redis.call('HSET', meta, 'ep', ep)
   end
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  redis.call('HSET', meta, 'mid', mid)
   redis.call('XADD', stream, 'MAXLEN', size, '0-' .. seq, unpack(fields))
   stream_trim_expired(stream, now_ms - ttl_secs * 1000)
   redis.call('EXPIRE', stream, ttl_secs)
@@ -721,7 +730,8 @@ for i = 1, users do
   end
   fields[#fields + 1] = 'd'
   fields[#fields + 1] = ARGV[14]
-  local seq, ep = stream_append(KEYS[users + i], KEYS[2 * users + i], ARGV[6], size, ttl, now, fields)
+  local seq, ep = stream_append(KEYS[users + i], KEYS[2 * users + i], ARGV[6], size, ttl, now,
+    ARGV[10], fields)
   positions[#positions + 1] = seq
   positions[#positions + 1] = ep
 end
@@ -738,7 +748,7 @@ pub const PUBLISH_TO_HISTORY: &str = concat!(
     stream_functions!(),
     r#"
 local seq, ep = stream_append(KEYS[1], KEYS[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
-  tonumber(ARGV[6]), {'t', ARGV[8], 'm', ARGV[7], 'd', ARGV[11]})
+  tonumber(ARGV[6]), ARGV[7], {'t', ARGV[8], 'm', ARGV[7], 'd', ARGV[11]})
 local heard = redis.call('PUBLISH', ARGV[1], ARGV[2] .. ARGV[11] .. positions_trailer({seq, ep}))
 return {seq, ep, heard}
 "#
@@ -1528,6 +1538,20 @@ mod tests {
             let replay = f.range(&mailbox("bob"), (2, &before.ep), 10, 1002, DAY.ttl_secs);
             assert_eq!((seqs(&replay), replay.recovered), (vec![1], false));
             assert_eq!(replay.ep, Some(after.ep));
+        }
+
+        /// A call repeated because its reply was lost appends nothing and answers the
+        /// same positions; the delivery itself is routed again.
+        #[test]
+        fn a_repeated_call_appends_nothing() {
+            let mut f = Fixture::new();
+            let first = f.send(&["bob", "alice"], 1, Some("alice"), DAY, 1000, "1");
+            let again = f.send(&["bob", "alice"], 1, Some("alice"), DAY, 1000, "1");
+            assert_eq!(again.positions, first.positions);
+            let next = f.send(&["bob"], 1, None, DAY, 1001, "2");
+            assert_eq!(next.positions[0].seq, 2);
+            let replay = f.range(&mailbox("bob"), (0, ""), 10, 1001, DAY.ttl_secs);
+            assert_eq!((seqs(&replay), replay.recovered), (vec![1, 2], true));
         }
 
         /// A stream whose meta hash is gone (a `maxmemory` eviction) belongs to a lost
