@@ -506,6 +506,20 @@ impl Streams {
         replay
     }
 
+    /// The history API's read: the retained messages after `after_seq` of the stream's
+    /// current epoch (the API names no epoch), at most `limit`. `recovered` then says
+    /// whether messages after `after_seq` were trimmed. Counted as one replay.
+    pub fn history(
+        &mut self,
+        key: &StreamKey,
+        after_seq: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Replay {
+        let ep = self.position(key, now_ms).map(|p| p.ep);
+        self.since(key, after_seq, ep.as_deref().unwrap_or(""), limit, now_ms)
+    }
+
     /// Expires messages and forgets expired streams among at most `max_streams` streams,
     /// continuing where the previous call stopped; answers how many it looked at. A shard
     /// calls it on a timer (e.g. every second with a few thousand) so expiry never costs
@@ -814,6 +828,25 @@ mod tests {
         assert_eq!((stats.replays, stats.unrecovered), (10, 5));
         assert_eq!(stats.replayed, 3 + 1 + 3 + 3 + 3 + 2);
         assert_eq!(stats.trimmed, 2);
+    }
+
+    #[test]
+    fn the_history_api_reads_the_current_epoch() {
+        let mut streams = Streams::new(1 << 20, 3);
+        let key = StreamKey::Topic("room".into());
+        let retention = Retention {
+            size: 2,
+            ttl_secs: 60,
+        };
+        for n in 1..=3 {
+            streams.append(&key, retention, n, message(n, n));
+        }
+        let r = streams.history(&key, 1, 10, 5);
+        assert_eq!((seqs(&r), r.recovered, r.last_seq), (vec![2, 3], true, 3));
+        let r = streams.history(&key, 0, 1, 5);
+        assert_eq!((seqs(&r), r.recovered), (vec![2], false), "1 was trimmed");
+        let r = streams.history(&StreamKey::Topic("none".into()), 4, 10, 5);
+        assert_eq!((seqs(&r), r.recovered, r.ep), (vec![], false, None));
     }
 
     #[test]

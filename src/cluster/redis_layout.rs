@@ -383,14 +383,15 @@ impl Scripts {
     }
 
     /// [`HISTORY_RANGE`]: the retained messages of stream `key` after `since_seq` of epoch
-    /// `since_ep`, at most `limit` (0: the position only, e.g. for `hello.mailbox`), with
+    /// `since_ep` (`None`: of the stream's current epoch, for the history API, which names
+    /// none), at most `limit` (0: the position only, e.g. for `hello.mailbox`), with
     /// messages older than `ttl_secs` at `now_ms` dropped first; the answer reads with
     /// [`replay_of`].
     pub fn history_range(
         &self,
         key: &StreamKey,
         since_seq: u64,
-        since_ep: &str,
+        since_ep: Option<&str>,
         limit: usize,
         now_ms: u64,
         ttl_secs: u64,
@@ -399,10 +400,11 @@ impl Scripts {
         cmd.arg(self.names.stream(key))
             .arg(self.names.stream_meta(key))
             .arg(since_seq)
-            .arg(since_ep)
+            .arg(since_ep.unwrap_or(""))
             .arg(limit)
             .arg(now_ms)
-            .arg(ttl_secs);
+            .arg(ttl_secs)
+            .arg(u8::from(since_ep.is_none()));
         cmd
     }
 }
@@ -754,8 +756,9 @@ return {seq, ep, heard}
 "#
 );
 
-/// `KEYS` stream, its meta; `ARGV` since seq, since epoch, limit, now (ms), ttl (s). Drops
-/// expired head entries, then applies [`crate::history::plan_replay`]. Returns
+/// `KEYS` stream, its meta; `ARGV` since seq, since epoch, limit, now (ms), ttl (s), any
+/// epoch (`1`: take the since seq as one of the current epoch). Drops expired head
+/// entries, then applies [`crate::history::plan_replay`]. Returns
 /// `{ep ('' when there is no stream), last seq, recovered (1/0), {{id, {field, value, …}}, …}}`.
 pub const HISTORY_RANGE: &str = concat!(
     stream_functions!(),
@@ -765,6 +768,7 @@ local ep = redis.call('HGET', KEYS[2], 'ep')
 if not ep then
   return {'', 0, since == 0 and 1 or 0, {}}
 end
+local since_ep = ARGV[6] == '1' and ep or ARGV[2]
 local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 stream_trim_expired(KEYS[1], tonumber(ARGV[4]) - tonumber(ARGV[5]) * 1000)
 local first = last + 1
@@ -773,7 +777,7 @@ if #head > 0 then first = stream_seq(head[1][1]) end
 local start, recovered
 if since == 0 then
   start, recovered = first, first == 1
-elseif ARGV[2] ~= ep then
+elseif since_ep ~= ep then
   start, recovered = first, false
 elseif since > last then
   start, recovered = last + 1, false
@@ -1303,9 +1307,14 @@ mod tests {
                 now_ms: u64,
                 ttl_secs: u64,
             ) -> Replay {
-                let cmd = self
-                    .scripts
-                    .history_range(key, since.0, since.1, limit, now_ms, ttl_secs);
+                let cmd = self.scripts.history_range(
+                    key,
+                    since.0,
+                    Some(since.1),
+                    limit,
+                    now_ms,
+                    ttl_secs,
+                );
                 let reply = self.query(&cmd);
                 replay_of(&reply).expect("a HISTORY_RANGE answer")
             }
@@ -1515,6 +1524,11 @@ mod tests {
             let room = StreamKey::Topic("room".into());
             let replay = f.range(&room, (1, &last.ep), 10, 2000, DAY.ttl_secs);
             assert_eq!((seqs(&replay), replay.recovered), (vec![2, 3], true));
+            let api = f
+                .scripts
+                .history_range(&room, 2, None, 10, 2000, DAY.ttl_secs);
+            let api = replay_of(&f.query(&api)).expect("answer");
+            assert_eq!((seqs(&api), api.recovered), (vec![3], true), "any epoch");
             assert_eq!(
                 replay.messages[0].message.from, None,
                 "topics keep no sender"
@@ -1620,6 +1634,14 @@ mod tests {
                         assert_eq!(from_redis.recovered, from_memory.recovered, "{case}");
                         assert_eq!(from_redis.last_seq, from_memory.last_seq, "{case}");
                     }
+                    let api =
+                        f.scripts
+                            .history_range(&key, since, None, 100, now, retention.ttl_secs);
+                    let from_redis = replay_of(&f.query(&api)).expect("answer");
+                    let from_memory = memory.history(&key, since, 100, now);
+                    let case = format!("history API: now {now} since {since}");
+                    assert_eq!(from_redis.messages, from_memory.messages, "{case}");
+                    assert_eq!(from_redis.recovered, from_memory.recovered, "{case}");
                 }
             }
             let replay = f.range(&key, (0, ""), 100, 14_500, retention.ttl_secs);
