@@ -13,6 +13,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::history::Retention;
+
 /// The largest shard count a node accepts: a message id carries the shard in 6 bits (see
 /// [`crate::protocol::MidGenerator`]) and the 64th value is reserved for ids made outside the
 /// shards (the HTTP API). A bigger box runs one node per 63 cores, or per NUMA node.
@@ -32,6 +34,14 @@ pub const RESERVED_DESCRIPTORS_PER_SHARD: usize = 8;
 /// request has arrived (a 503 written before the request is read can be lost to a TCP
 /// reset). Past these, an accepted socket is answered 503 and closed at once.
 pub const REFUSAL_SLOTS: usize = 32;
+
+/// Most messages one stream may keep (`mailbox_size`, a history rule's `size`): a resume
+/// replays at most this many, and a stream this long costs a few MiB in memory or Redis.
+pub const MAX_STREAM_SIZE: usize = 10_000;
+
+/// Longest time a stream may keep a message (`mailbox_ttl_secs`, a history rule's
+/// `ttl_secs`): 30 days. Longer-lived state belongs in a backend's database.
+pub const MAX_STREAM_TTL_SECS: u64 = 30 * 24 * 3600;
 
 /// Every setting of a node. Field docs give the default and what a real deployment changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,8 +170,76 @@ pub struct Config {
     pub drain_window_ms: u64,
     /// How long a closing connection waits for the peer's close frame, in ms. Default 2000.
     pub close_timeout_ms: u64,
+    /// Keep a mailbox stream per user (protocol v1.1): direct messages, and the sender's
+    /// copies of what a user sends, are numbered and kept for `resume`, for devices that
+    /// were offline and for the history API. Default `true`; `false` keeps direct messages
+    /// live-only, as in v1.
+    pub mailbox: bool,
+    /// Messages a user's mailbox keeps. Default 100; at most [`MAX_STREAM_SIZE`].
+    pub mailbox_size: usize,
+    /// How long a mailbox keeps a message, in seconds; a mailbox with no message for this
+    /// long is forgotten. Default 86400 (24 h); at most [`MAX_STREAM_TTL_SECS`].
+    pub mailbox_ttl_secs: u64,
+    /// Bytes of stream history a node keeps in memory when it runs alone (no `redis`),
+    /// split evenly over its shards; past it the oldest messages are evicted first. Default
+    /// 67108864 (64 MiB): a full mailbox of 100 messages of 100 bytes is about 25 KiB, so
+    /// some 2,500 of them. Clustered nodes keep history in Redis, bounded by count and age
+    /// (and Redis's own `maxmemory`).
+    pub history_max_bytes: usize,
+    /// Which topics keep a history (`[[history.topics]]`). Default none.
+    pub history: History,
     /// `human` (default) or `json` log lines.
     pub log_format: LogFormat,
+}
+
+/// The `[history]` table: topic history rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct History {
+    /// Rules tried in order; a topic keeps a history under the first rule whose pattern it
+    /// matches (see [`Config::history_rule_for`]), and none when no rule matches.
+    pub topics: Vec<TopicHistory>,
+}
+
+/// One `[[history.topics]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicHistory {
+    /// Topic names the rule covers: `*` stands for any run of characters (none included),
+    /// every other character for itself. `chat.*` covers `chat.1` and `chat.a.b`, not
+    /// `chat`; `*` alone covers every topic.
+    pub pattern: String,
+    /// Messages the topic's stream keeps; at least 1, at most [`MAX_STREAM_SIZE`].
+    pub size: usize,
+    /// How long the stream keeps a message, in seconds; at least 1, at most
+    /// [`MAX_STREAM_TTL_SECS`].
+    pub ttl_secs: u64,
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of bytes (possibly
+/// empty). Linear in practice: on a mismatch it resumes after the last `*` only.
+pub fn glob_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name) = (pattern.as_bytes(), name.as_bytes());
+    let (mut p, mut n) = (0, 0);
+    // Where the last `*` was, and the name position it currently stands up to.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, n));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == name[n] {
+            p += 1;
+            n += 1;
+        } else if let Some((star_p, star_n)) = star {
+            // Let the last `*` take one more byte and try again after it.
+            p = star_p + 1;
+            n = star_n + 1;
+            star = Some((star_p, star_n + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
 }
 
 /// Reads an optional string that an environment variable may have turned into a number or a
@@ -265,6 +343,11 @@ impl Default for Config {
             grace_period_ms: 10_000,
             drain_window_ms: 3000,
             close_timeout_ms: 2000,
+            mailbox: true,
+            mailbox_size: 100,
+            mailbox_ttl_secs: 86_400,
+            history_max_bytes: 64 * 1024 * 1024,
+            history: History::default(),
             log_format: LogFormat::Human,
         }
     }
@@ -409,6 +492,7 @@ impl Config {
             ("bridge_queue_capacity", self.bridge_queue_capacity as u64),
             ("bridge_queue_max_bytes", self.bridge_queue_max_bytes as u64),
             ("bridge_hold_ms", self.bridge_hold_ms),
+            ("history_max_bytes", self.history_max_bytes as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -423,6 +507,30 @@ impl Config {
         }
         if self.max_handshake_bytes < 512 {
             problems.push("`max_handshake_bytes` must be at least 512".into());
+        }
+        let mut retention = |name: String, size: usize, ttl_secs: u64| {
+            if !(1..=MAX_STREAM_SIZE).contains(&size) {
+                problems.push(format!(
+                    "`{name}size` is {size}, must be 1 to {MAX_STREAM_SIZE}"
+                ));
+            }
+            if !(1..=MAX_STREAM_TTL_SECS).contains(&ttl_secs) {
+                problems.push(format!(
+                    "`{name}ttl_secs` is {ttl_secs}, must be 1 to {MAX_STREAM_TTL_SECS}"
+                ));
+            }
+        };
+        retention("mailbox_".into(), self.mailbox_size, self.mailbox_ttl_secs);
+        for (i, rule) in self.history.topics.iter().enumerate() {
+            retention(format!("history.topics[{i}]."), rule.size, rule.ttl_secs);
+        }
+        for (i, rule) in self.history.topics.iter().enumerate() {
+            if !crate::auth::valid_name(&rule.pattern, self.max_name_bytes) {
+                problems.push(format!(
+                    "`history.topics[{i}].pattern` must be 1 to `max_name_bytes` ({}) bytes without control characters",
+                    self.max_name_bytes
+                ));
+            }
         }
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -477,6 +585,33 @@ impl Config {
                 lowered: configured > fits,
             },
         }
+    }
+
+    /// The retention of `topic`'s history: that of the first `[[history.topics]]` rule whose
+    /// pattern matches it (so list specific patterns before broad ones), or `None` when no
+    /// rule does and the topic keeps no history (its publications stay one PUBLISH).
+    pub fn history_rule_for(&self, topic: &str) -> Option<Retention> {
+        self.history
+            .topics
+            .iter()
+            .find(|rule| glob_matches(&rule.pattern, topic))
+            .map(|rule| Retention {
+                size: rule.size,
+                ttl_secs: rule.ttl_secs,
+            })
+    }
+
+    /// The retention of every user's mailbox, or `None` when mailboxes are off.
+    pub fn mailbox_retention(&self) -> Option<Retention> {
+        self.mailbox.then_some(Retention {
+            size: self.mailbox_size,
+            ttl_secs: self.mailbox_ttl_secs,
+        })
+    }
+
+    /// One shard's share of `history_max_bytes`.
+    pub fn history_max_bytes_per_shard(&self) -> usize {
+        self.history_max_bytes / self.shard_count()
     }
 
     /// The heartbeat interval.
@@ -590,6 +725,153 @@ mod tests {
                 "env beats file, numeric text stays text"
             );
             assert_eq!(config.max_devices_per_user, 3, "file beats default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn glob_patterns_match_whole_names() {
+        let cases = [
+            ("chat.*", "chat.1", true),
+            ("chat.*", "chat.a.b", true),
+            ("chat.*", "chat.", true),
+            ("chat.*", "chat", false),
+            ("chat.*", "xchat.1", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("room", "room", true),
+            ("room", "rooms", false),
+            ("room", "roo", false),
+            ("*.live", "a.b.live", true),
+            ("*.live", "a.live.x", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "acb", false),
+            ("a*b*c", "abcbc", true),
+            ("**", "x", true),
+            ("a*", "", false),
+            ("é*", "été", true),
+            ("*aab", "aaaab", true),
+        ];
+        for (pattern, name, expected) in cases {
+            assert_eq!(glob_matches(pattern, name), expected, "{pattern} ~ {name}");
+        }
+        let long = "a".repeat(10_000);
+        assert!(
+            !glob_matches("*a*a*a*b", &long),
+            "no exponential backtracking"
+        );
+    }
+
+    #[test]
+    fn the_first_matching_history_rule_wins() {
+        let rule = |pattern: &str, size, ttl_secs| TopicHistory {
+            pattern: pattern.into(),
+            size,
+            ttl_secs,
+        };
+        let config = Config {
+            dev: true,
+            history: History {
+                topics: vec![rule("chat.vip.*", 1000, 3600), rule("chat.*", 100, 300)],
+            },
+            ..Config::default()
+        };
+        assert!(config.validate().is_ok());
+        let retention = |size, ttl_secs| Some(Retention { size, ttl_secs });
+        assert_eq!(config.history_rule_for("chat.vip.1"), retention(1000, 3600));
+        assert_eq!(config.history_rule_for("chat.2"), retention(100, 300));
+        assert_eq!(config.history_rule_for("news"), None);
+        assert_eq!(config.mailbox_retention(), retention(100, 86_400));
+        let off = Config {
+            mailbox: false,
+            ..config
+        };
+        assert_eq!(off.mailbox_retention(), None);
+    }
+
+    #[test]
+    fn history_settings_are_checked() {
+        let rule = |pattern: &str, size, ttl_secs| TopicHistory {
+            pattern: pattern.into(),
+            size,
+            ttl_secs,
+        };
+        let bad = Config {
+            dev: true,
+            mailbox_size: 0,
+            mailbox_ttl_secs: MAX_STREAM_TTL_SECS + 1,
+            history_max_bytes: 0,
+            history: History {
+                topics: vec![
+                    rule("", 10, 10),
+                    rule("ok.*", MAX_STREAM_SIZE + 1, 0),
+                    rule("tab\t*", 1, 1),
+                    rule(&"x".repeat(129), 1, 1),
+                ],
+            },
+            ..Config::default()
+        };
+        match bad.validate() {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 8, "{problems:?}");
+                assert!(problems
+                    .iter()
+                    .any(|p| p.starts_with("`history.topics[1].size`")));
+                assert!(problems.iter().any(|p| p.starts_with("`mailbox_size`")));
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn history_rules_and_mailbox_settings_load() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "node.toml",
+                r#"
+                    secret = "s"
+                    mailbox_size = 50
+                    history_max_bytes = 1048576
+
+                    [[history.topics]]
+                    pattern = "chat.*"
+                    size = 100
+                    ttl_secs = 300
+
+                    [[history.topics]]
+                    pattern = "news"
+                    size = 10
+                    ttl_secs = 60
+                "#,
+            )?;
+            jail.set_env("SHARDCAST_MAILBOX_TTL_SECS", "3600");
+            jail.set_env("SHARDCAST_MAILBOX", "false");
+            let flags = ServeFlags {
+                config: Some("node.toml".into()),
+                ..ServeFlags::default()
+            };
+            let config = Config::load(&flags).map_err(|e| e.to_string())?;
+            assert_eq!(config.history.topics.len(), 2);
+            assert_eq!(config.history.topics[1].pattern, "news");
+            assert_eq!(
+                (config.mailbox, config.mailbox_size, config.mailbox_ttl_secs),
+                (false, 50, 3600)
+            );
+            assert_eq!(config.history_max_bytes, 1 << 20);
+            jail.create_file(
+                "typo.toml",
+                "secret = \"s\"\n[[history.topics]]\npattern = \"a\"\nsize = 1\nttl = 5",
+            )?;
+            let typo = ServeFlags {
+                config: Some("typo.toml".into()),
+                ..ServeFlags::default()
+            };
+            assert!(
+                Config::load(&typo).is_err(),
+                "unknown rule keys are refused"
+            );
             Ok(())
         });
     }

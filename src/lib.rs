@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`config`]: the typed configuration; defaults, TOML, `SHARDCAST_*` env, flags; validation;
 //!   the identity a started node settles on.
+//! - [`history`]: streams (protocol v1.1): mailbox and topic history in memory on a lone node,
+//!   the replay rule shared with the Redis streams.
 //! - [`node`]: starts a node (listeners, shards, bridge, API), hands each part the narrow
 //!   handles it uses, and stops it.
 //! - [`publish`]: messages from outside the shards (the API, embedders) entering routing.
@@ -40,6 +42,7 @@ pub mod api;
 pub(crate) mod auth;
 pub mod cluster;
 pub mod config;
+pub mod history;
 pub(crate) mod mailbox;
 pub mod metrics;
 pub(crate) mod node;

@@ -142,6 +142,46 @@ fn valid_id(id: &RawValue) -> bool {
     }
 }
 
+/// Longest stream epoch a client may name in `since`, in bytes (the server makes 8).
+pub const MAX_EP_BYTES: usize = 64;
+
+/// A client's position in a stream (protocol v1.1): the `since` of `resume` and of `sub`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since<'a> {
+    /// The last sequence number the client has; 0 asks for everything retained.
+    pub seq: u64,
+    /// The epoch that number belongs to (`""` when the client names none, as a fresh
+    /// device asking with `seq: 0` may).
+    pub ep: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct RawSince<'a> {
+    seq: u64,
+    #[serde(borrow, default)]
+    ep: Option<Cow<'a, str>>,
+}
+
+/// Reads a `since` value: `{"seq": N, "ep": "E"}` with `N` an integer from 0 to 2^64 - 1
+/// and `E` a string of at most [`MAX_EP_BYTES`]. A malformed one (not an object, a
+/// negative, fractional, too large or quoted `seq`, an `ep` that is not a string or too
+/// long) is refused with the reason, for an `err bad_request`. A well-formed position the
+/// stream does not have (ahead of it, another epoch) is not refused here: the replay answers
+/// it `recovered:false` ([`crate::history::plan_replay`]).
+pub fn parse_since(raw: &RawValue) -> Result<Since<'_>, &'static str> {
+    const MALFORMED: &str =
+        "since must be {\"seq\": a non-negative integer, \"ep\": a string of at most 64 bytes}";
+    if !is_object(raw.get().as_bytes()) {
+        return Err(MALFORMED);
+    }
+    let since: RawSince = serde_json::from_str(raw.get()).map_err(|_| MALFORMED)?;
+    let ep = since.ep.unwrap_or_default();
+    if ep.len() > MAX_EP_BYTES {
+        return Err(MALFORMED);
+    }
+    Ok(Since { seq: since.seq, ep })
+}
+
 /// Parses one text message. The `id`, when usable, is returned on both paths so the reply
 /// can echo it.
 #[allow(clippy::type_complexity)]
@@ -192,6 +232,16 @@ pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Req
         _ => return Err(refuse(id, UNKNOWN_OP)),
     };
     Ok((id, request))
+}
+
+/// A message's place in its stream (protocol v1.1): its sequence number and the stream's
+/// epoch, as `msg`, `pub` and replay acks carry them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPos<'a> {
+    /// Sequence number, gap-free from 1 within an epoch.
+    pub seq: u64,
+    /// The stream's epoch.
+    pub ep: &'a str,
 }
 
 /// Renders server frames. Each function returns one complete WebSocket text frame.
@@ -248,6 +298,26 @@ pub mod render {
         close(out)
     }
 
+    /// `hello` of a user with a mailbox (protocol v1.1): `hello` followed by
+    /// `"mailbox":{"seq":N,"ep":"E"}`, the mailbox's last position.
+    pub fn hello_with_mailbox(
+        user: &str,
+        conn: u64,
+        node: &str,
+        hb_secs: u32,
+        mailbox: StreamPos<'_>,
+    ) -> Bytes {
+        let mut out = open("hello", user.len() + node.len() + 96 + mailbox.ep.len());
+        string_field(&mut out, "user", user);
+        write!(out, "\"conn\":\"{conn}\",").expect("Vec write");
+        string_field(&mut out, "node", node);
+        write!(out, "\"hb\":{hb_secs},\"mailbox\":{{").expect("Vec write");
+        stream_fields(&mut out, Some(mailbox));
+        *out.last_mut().expect("stream_fields wrote") = b'}';
+        out.push(b',');
+        close(out)
+    }
+
     /// `ack`, with the request's id and the message id where one was made.
     pub fn ack(id: Option<&RawValue>, mid: Option<u64>) -> Bytes {
         let mut out = open("ack", 64);
@@ -280,26 +350,100 @@ pub mod render {
         close(out)
     }
 
+    /// Writes `"seq":N,"ep":"E",` when the message belongs to a stream.
+    fn stream_fields(out: &mut Vec<u8>, at: Option<StreamPos<'_>>) {
+        if let Some(at) = at {
+            write!(out, "\"seq\":{},", at.seq).expect("Vec write");
+            string_field(out, "ep", at.ep);
+        }
+    }
+
+    fn stream_capacity(at: Option<StreamPos<'_>>) -> usize {
+        at.map_or(0, |at| 40 + at.ep.len())
+    }
+
     /// `msg`: a direct message; `from` is absent when the server sends it.
     pub fn msg(from: Option<&str>, to: &str, mid: u64, ts: u64, data: &str) -> Bytes {
-        let mut out = open("msg", 64 + to.len() + from.map_or(0, str::len) + data.len());
+        msg_frame(from, to, mid, ts, data, None)
+    }
+
+    /// `msg` of a message kept in a mailbox stream (protocol v1.1): `msg` with `seq` and `ep`
+    /// between `ts` and `data`.
+    pub fn msg_in_stream(
+        from: Option<&str>,
+        to: &str,
+        mid: u64,
+        ts: u64,
+        data: &str,
+        at: StreamPos<'_>,
+    ) -> Bytes {
+        msg_frame(from, to, mid, ts, data, Some(at))
+    }
+
+    fn msg_frame(
+        from: Option<&str>,
+        to: &str,
+        mid: u64,
+        ts: u64,
+        data: &str,
+        at: Option<StreamPos<'_>>,
+    ) -> Bytes {
+        let capacity = 64 + to.len() + from.map_or(0, str::len) + data.len();
+        let mut out = open("msg", capacity + stream_capacity(at));
         if let Some(from) = from {
             string_field(&mut out, "from", from);
         }
         string_field(&mut out, "to", to);
         mid_ts(&mut out, mid, ts);
+        stream_fields(&mut out, at);
         raw_field(&mut out, "data", data);
         close(out)
     }
 
     /// `pub`: a topic publication, or a broadcast when `topic` is `None`.
     pub fn publication(topic: Option<&str>, mid: u64, ts: u64, data: &str) -> Bytes {
-        let mut out = open("pub", 64 + topic.map_or(0, str::len) + data.len());
+        publication_frame(topic, mid, ts, data, None)
+    }
+
+    /// `pub` of a publication kept in its topic's stream (protocol v1.1): `pub` with `seq`
+    /// and `ep` between `ts` and `data`.
+    pub fn publication_in_stream(
+        topic: &str,
+        mid: u64,
+        ts: u64,
+        data: &str,
+        at: StreamPos<'_>,
+    ) -> Bytes {
+        publication_frame(Some(topic), mid, ts, data, Some(at))
+    }
+
+    fn publication_frame(
+        topic: Option<&str>,
+        mid: u64,
+        ts: u64,
+        data: &str,
+        at: Option<StreamPos<'_>>,
+    ) -> Bytes {
+        let capacity = 64 + topic.map_or(0, str::len) + data.len();
+        let mut out = open("pub", capacity + stream_capacity(at));
         if let Some(topic) = topic {
             string_field(&mut out, "topic", topic);
         }
         mid_ts(&mut out, mid, ts);
+        stream_fields(&mut out, at);
         raw_field(&mut out, "data", data);
+        close(out)
+    }
+
+    /// `ack` of a `resume`, or of a `sub` with `since` (protocol v1.1): whether every message
+    /// after the client's position was replayed, and the stream's position now.
+    pub fn ack_replay(id: Option<&RawValue>, recovered: bool, now_at: StreamPos<'_>) -> Bytes {
+        let mut out = open("ack", 64 + now_at.ep.len());
+        if let Some(id) = id {
+            raw_field(&mut out, "id", id.get());
+        }
+        write!(out, "\"recovered\":{recovered},").expect("Vec write");
+        stream_fields(&mut out, Some(now_at));
         close(out)
     }
 }
@@ -514,6 +658,76 @@ mod tests {
             json_of(&render::pong(None)),
             serde_json::json!({"op":"pong"})
         );
+    }
+
+    #[test]
+    fn streamed_frames_carry_seq_and_ep() {
+        let at = StreamPos {
+            seq: 12,
+            ep: "aZ09",
+        };
+        assert_eq!(
+            text_of(&render::msg_in_stream(Some("al"), "bob", 7, 8, "{}", at)),
+            r#"{"op":"msg","from":"al","to":"bob","mid":"7","ts":8,"seq":12,"ep":"aZ09","data":{}}"#
+        );
+        assert_eq!(
+            text_of(&render::publication_in_stream("room", 7, 8, "1", at)),
+            r#"{"op":"pub","topic":"room","mid":"7","ts":8,"seq":12,"ep":"aZ09","data":1}"#
+        );
+        assert_eq!(
+            text_of(&render::hello_with_mailbox("u", 5, "n1", 25, at)),
+            r#"{"op":"hello","user":"u","conn":"5","node":"n1","hb":25,"mailbox":{"seq":12,"ep":"aZ09"}}"#
+        );
+        let id = RawValue::from_string("3".into()).expect("raw");
+        assert_eq!(
+            json_of(&render::ack_replay(Some(&id), false, at)),
+            serde_json::json!({"op":"ack","id":3,"recovered":false,"seq":12,"ep":"aZ09"})
+        );
+    }
+
+    #[test]
+    fn v1_frames_keep_their_bytes() {
+        assert_eq!(
+            text_of(&render::msg(None, "bob", 7, 8, "{}")),
+            r#"{"op":"msg","to":"bob","mid":"7","ts":8,"data":{}}"#
+        );
+        assert_eq!(
+            text_of(&render::publication(Some("t"), 7, 8, "1")),
+            r#"{"op":"pub","topic":"t","mid":"7","ts":8,"data":1}"#
+        );
+    }
+
+    #[test]
+    fn since_reads_a_position_and_refuses_malformed_ones() {
+        let since = |text: &str| {
+            let raw = RawValue::from_string(text.into()).expect("json");
+            parse_since(&raw).map(|s| (s.seq, s.ep.into_owned()))
+        };
+        assert_eq!(since(r#"{"seq":5,"ep":"aZ09"}"#), Ok((5, "aZ09".into())));
+        assert_eq!(since(r#"{"seq":0}"#), Ok((0, String::new())));
+        assert_eq!(
+            since(r#"{"ep":"x","seq":18446744073709551615,"more":1}"#),
+            Ok((u64::MAX, "x".into())),
+            "the largest position is well-formed; the replay answers it"
+        );
+        assert_eq!(since(r#"{"seq":1,"ep":"\u00e9"}"#), Ok((1, "é".into())));
+        for bad in [
+            r#"{"seq":-1,"ep":"x"}"#,
+            r#"{"seq":1.5,"ep":"x"}"#,
+            r#"{"seq":1e3,"ep":"x"}"#,
+            r#"{"seq":18446744073709551616,"ep":"x"}"#,
+            r#"{"seq":"5","ep":"x"}"#,
+            r#"{"seq":null}"#,
+            r#"{"ep":"x"}"#,
+            r#"{"seq":1,"ep":7}"#,
+            r#"[1,"x"]"#,
+            r#"5"#,
+            r#"null"#,
+        ] {
+            assert!(since(bad).is_err(), "{bad}");
+        }
+        let long = format!(r#"{{"seq":1,"ep":"{}"}}"#, "e".repeat(MAX_EP_BYTES + 1));
+        assert!(since(&long).is_err());
     }
 
     #[test]

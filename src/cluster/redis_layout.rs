@@ -16,6 +16,10 @@
 //! | `P:mid-node:N` | string, TTL | lease of node number `N` (0–511) in message ids; value = node id |
 //! | `P:epoch` | string | the cluster epoch: random, made by the first bridge that finds it missing |
 //! | `P:settling` | string, TTL | exists while the nodes re-publish after Redis lost the epoch |
+//! | `P:mbox:USER` | stream, TTL | the user's mailbox: entry id `0-SEQ`, fields `t m [f] [o] d` |
+//! | `P:mbox-meta:USER` | hash, TTL | the mailbox's `ep` (epoch), `seq` (last sequence number), `mid` (latest message) |
+//! | `P:hist:TOPIC` | stream, TTL | a topic's history (topics matching a history rule) |
+//! | `P:hist-meta:TOPIC` | hash, TTL | the topic history's `ep`, `seq` and `mid` |
 //!
 //! An *instance* is one connection session of a node's bridge (64 random bits, in hex). A
 //! device entry is valid only while its instance's `alive` key exists. That key is the
@@ -49,8 +53,52 @@
 //! misses, and reports the miss so the bridge retries the message until the node's new
 //! instance has re-published its devices (or counts it lost after `bridge_hold_ms`).
 //!
+//! **Streams (protocol v1.1).** A user's mailbox and a topic's history are each a Redis
+//! Stream plus a small meta hash; [`crate::history`] describes what a stream is and
+//! [`crate::history::plan_replay`] the replay rule, which [`HISTORY_RANGE`] follows in Lua.
+//!
+//! - *Streams rather than lists.* An entry's id is `0-SEQ`, so "after seq N" is one
+//!   exclusive range read, `XRANGE key (0-N + COUNT L` (O(log n + L)), with no index
+//!   arithmetic for a trimmed head to break; `XADD` refuses an id that is not above the
+//!   last, so the meta's counter and the stream can never silently disagree (the script
+//!   fails instead of storing a duplicate `seq`); `MAXLEN` trims by count in the same
+//!   command; and backends can read a mailbox with `XRANGE`/`XREAD` for audits. A list plus
+//!   a counter would do the same work with `LRANGE` offsets and `LTRIM`; per-entry memory
+//!   is alike (both pack entries into listpacks).
+//! - *The seq is given where the message is routed.* [`ROUTE_TO_MAILBOXES`] appends a
+//!   direct message to every addressed mailbox and routes it in the same script call (one
+//!   round trip, as [`ROUTE`]), and [`PUBLISH_TO_HISTORY`] appends and publishes a topic
+//!   message in one call. Both publish `head .. data .. trailer`, where the trailer carries
+//!   each stream's `(seq, ep)` ([`split_positions`]): the receiving node renders the frames
+//!   with them. A delivery retried after an unheard publish must not append again: the
+//!   bridge retries with [`ROUTE`] and the payload it built with [`positions_trailer`]. A
+//!   call repeated because its reply was lost (the connection dropped) appends nothing
+//!   either: a stream whose latest message has the call's `mid` answers that message's
+//!   position, and the receivers drop the second delivery by `mid` as they do today.
+//! - *Entries hold fields, not frames.* `t` (ts; first, so age trimming reads it by
+//!   position), `m` (mid), `f` (from, if any), `o` (the recipient, in a sender's copy), `d`
+//!   (data). A replay renders `msg`/`pub` with `seq`/`ep` from them, and the history API its
+//!   JSON; a frame would be bigger by its framing and field names, differ per mailbox, and
+//!   serve only one of the two.
+//! - *Bounds.* Count: `XADD … MAXLEN size`. Age: the head entries older than ttl are
+//!   trimmed (`XTRIM MINID`) on every append and read, so a read never returns an expired
+//!   message. Both keys `EXPIRE` ttl after the last append: an idle stream is forgotten
+//!   with its epoch, like in memory.
+//! - *Epochs.* The meta hash's `ep` is set when the meta is missing: a new stream, one that
+//!   expired, or a Redis that restarted empty. The caller passes a fresh random candidate
+//!   per call (Lua has no good randomness). A missing meta with a stream left over (only a
+//!   `maxmemory` eviction does that) drops the stream: it belongs to a lost epoch.
+//!
 //! The scripts read keys they are not passed (`alive` keys) and publish to channels, which
-//! standalone Redis and replicated setups allow; Redis Cluster would need hash tags.
+//! standalone Redis and replicated setups allow; Redis Cluster would need hash tags. Every
+//! key one script call touches must then share a slot: the user keys would become
+//! `P:{u:USER}:user`, `P:{u:USER}:mbox`, `P:{u:USER}:mbox-meta` (and `P:{t:TOPIC}:hist…`),
+//! and a direct message to several users would be routed per slot. The names above keep the
+//! user or topic as the last part so that change is a rename.
+
+use bytes::Bytes;
+
+use crate::history::{Entry, Message, Position, Replay, Retention, StreamKey};
 
 /// Seconds a user's device set lives without a refresh by one of its live owners.
 pub const ROUTE_KEY_TTL_SECS: u64 = 3600;
@@ -121,6 +169,22 @@ impl Names {
     pub fn broadcast(&self) -> String {
         format!("{}:broadcast", self.prefix)
     }
+
+    /// A stream's entries: `P:mbox:USER` or `P:hist:TOPIC`.
+    pub fn stream(&self, key: &StreamKey) -> String {
+        match key {
+            StreamKey::Mailbox(user) => format!("{}:mbox:{user}", self.prefix),
+            StreamKey::Topic(topic) => format!("{}:hist:{topic}", self.prefix),
+        }
+    }
+
+    /// A stream's epoch and last sequence number: `P:mbox-meta:USER` or `P:hist-meta:TOPIC`.
+    pub fn stream_meta(&self, key: &StreamKey) -> String {
+        match key {
+            StreamKey::Mailbox(user) => format!("{}:mbox-meta:{user}", self.prefix),
+            StreamKey::Topic(topic) => format!("{}:hist-meta:{topic}", self.prefix),
+        }
+    }
 }
 
 /// The server-side scripts (loaded into Redis at every session start) and the typed
@@ -133,6 +197,9 @@ pub struct Scripts {
     device_online: redis::Script,
     presence: redis::Script,
     nodes: redis::Script,
+    route_to_mailboxes: redis::Script,
+    publish_to_history: redis::Script,
+    history_range: redis::Script,
 }
 
 impl Scripts {
@@ -145,6 +212,9 @@ impl Scripts {
             device_online: redis::Script::new(DEVICE_ONLINE),
             presence: redis::Script::new(PRESENCE),
             nodes: redis::Script::new(NODES),
+            route_to_mailboxes: redis::Script::new(ROUTE_TO_MAILBOXES),
+            publish_to_history: redis::Script::new(PUBLISH_TO_HISTORY),
+            history_range: redis::Script::new(HISTORY_RANGE),
         }
     }
 
@@ -152,7 +222,16 @@ impl Scripts {
     /// [`Scripts::loaded`] checks.
     pub fn load(&self) -> redis::Pipeline {
         let mut load = redis::pipe();
-        for source in [JOIN, ROUTE, DEVICE_ONLINE, PRESENCE, NODES] {
+        for source in [
+            JOIN,
+            ROUTE,
+            DEVICE_ONLINE,
+            PRESENCE,
+            NODES,
+            ROUTE_TO_MAILBOXES,
+            PUBLISH_TO_HISTORY,
+            HISTORY_RANGE,
+        ] {
             load.cmd("SCRIPT").arg("LOAD").arg(source);
         }
         load
@@ -166,6 +245,9 @@ impl Scripts {
             &self.device_online,
             &self.presence,
             &self.nodes,
+            &self.route_to_mailboxes,
+            &self.publish_to_history,
+            &self.history_range,
         ];
         hashes.len() == ours.len()
             && ours
@@ -246,6 +328,125 @@ impl Scripts {
         let mut cmd = Self::call(&self.nodes, 0);
         cmd.arg(self.names.prefix());
         cmd
+    }
+
+    /// [`ROUTE_TO_MAILBOXES`]: append `message` to the mailbox of each of `users` (the
+    /// first `recipients` of them the recipients, the rest a sender whose copy records
+    /// `message.to`), then route `head .. data .. positions` as [`ROUTE`] routes its
+    /// payload; the answer reads with [`MailboxRouted::of`].
+    pub fn route_to_mailboxes(
+        &self,
+        users: &[impl AsRef<str>],
+        recipients: usize,
+        instance_hex: &str,
+        epoch: &str,
+        head: &[u8],
+        message: &StreamAppend<'_>,
+    ) -> redis::Cmd {
+        let mut cmd = Self::call(&self.route_to_mailboxes, 3 * users.len());
+        for user in users {
+            cmd.arg(self.names.user(user.as_ref()));
+        }
+        let keys = |user: &dyn AsRef<str>| StreamKey::Mailbox(user.as_ref().into());
+        for user in users {
+            cmd.arg(self.names.stream(&keys(user)));
+        }
+        for user in users {
+            cmd.arg(self.names.stream_meta(&keys(user)));
+        }
+        cmd.arg(self.names.prefix())
+            .arg(instance_hex)
+            .arg(head)
+            .arg(epoch)
+            .arg(recipients);
+        message.args(&mut cmd);
+        cmd
+    }
+
+    /// [`PUBLISH_TO_HISTORY`]: append `message` to `topic`'s history and publish
+    /// `head .. data .. position` on the topic's channel; the answer reads with
+    /// [`HistoryPublished::of`].
+    pub fn publish_to_history(
+        &self,
+        topic: &str,
+        head: &[u8],
+        message: &StreamAppend<'_>,
+    ) -> redis::Cmd {
+        let key = StreamKey::Topic(topic.into());
+        let mut cmd = Self::call(&self.publish_to_history, 2);
+        cmd.arg(self.names.stream(&key))
+            .arg(self.names.stream_meta(&key))
+            .arg(self.names.topic(topic))
+            .arg(head);
+        message.args(&mut cmd);
+        cmd
+    }
+
+    /// [`HISTORY_RANGE`]: the retained messages of stream `key` after `since_seq` of epoch
+    /// `since_ep` (`None`: of the stream's current epoch, for the history API, which names
+    /// none), at most `limit` (0: the position only, e.g. for `hello.mailbox`), with
+    /// messages older than `ttl_secs` at `now_ms` dropped first; the answer reads with
+    /// [`replay_of`].
+    pub fn history_range(
+        &self,
+        key: &StreamKey,
+        since_seq: u64,
+        since_ep: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+        ttl_secs: u64,
+    ) -> redis::Cmd {
+        let mut cmd = Self::call(&self.history_range, 2);
+        cmd.arg(self.names.stream(key))
+            .arg(self.names.stream_meta(key))
+            .arg(since_seq)
+            .arg(since_ep.unwrap_or(""))
+            .arg(limit)
+            .arg(now_ms)
+            .arg(ttl_secs)
+            .arg(u8::from(since_ep.is_none()));
+        cmd
+    }
+}
+
+/// One message appended to streams by [`Scripts::route_to_mailboxes`] or
+/// [`Scripts::publish_to_history`].
+#[derive(Debug, Clone, Copy)]
+pub struct StreamAppend<'a> {
+    /// The epoch a stream created by this call takes. Fresh per call (e.g.
+    /// [`crate::history::EpochSource::next_epoch`] seeded at random), so a stream created
+    /// afresh never takes an epoch it had before; streams created by the same call may
+    /// share it.
+    pub candidate_ep: &'a str,
+    /// The streams' count and age bounds.
+    pub retention: Retention,
+    /// The sender's clock, ms: messages older than the ttl at this time are dropped.
+    pub now_ms: u64,
+    /// Message id.
+    pub mid: u64,
+    /// Server time of the message, ms.
+    pub ts: u64,
+    /// The sending user (`None`: from the server; topic histories do not keep it).
+    pub from: Option<&'a str>,
+    /// The recipient recorded in a sender's copy of a direct message.
+    pub to: Option<&'a str>,
+    /// The message's `data`, JSON text; also the part of the published payload between
+    /// `head` and the trailer.
+    pub data: &'a str,
+}
+
+impl StreamAppend<'_> {
+    /// `ARGV` candidate epoch, size, ttl (s), now (ms), mid, ts, from, to, data.
+    fn args(&self, cmd: &mut redis::Cmd) {
+        cmd.arg(self.candidate_ep)
+            .arg(self.retention.size)
+            .arg(self.retention.ttl_secs)
+            .arg(self.now_ms)
+            .arg(self.mid)
+            .arg(self.ts)
+            .arg(self.from.unwrap_or(""))
+            .arg(self.to.unwrap_or(""))
+            .arg(self.data);
     }
 }
 
@@ -365,55 +566,428 @@ impl Routed {
     }
 }
 
+/// The routing loop of [`ROUTE`] and [`ROUTE_TO_MAILBOXES`], one Lua function:
+/// `route(users, recipients, payload)` publishes `payload` once to every other live
+/// instance holding a device of any user of `KEYS[1..users]` (a node holding both a direct
+/// message's recipient and its sender gets one envelope) and prunes dead and unsubscribed
+/// instances' devices. It returns `{nodes published to, recipients without a live device,
+/// unsubscribed instances met}` and the 0-based indexes of those recipients (the first
+/// `recipients` keys are recipients; the rest a sender whose other devices get a copy).
+macro_rules! route_function {
+    () => {
+        r#"
+local function route(users, recipients, payload)
+  local state = {}
+  local sent, no_route, unheard = 0, 0, 0
+  local offline = {}
+  for i = 1, users do
+    local key = KEYS[i]
+    local dead = {}
+    local found, missed = false, false
+    for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+      local instance = string.match(member, '^([^/]+)/') or ''
+      local s = state[instance]
+      if s == nil then
+        if instance == ARGV[2] then
+          s = 'self'
+        elseif instance ~= '' and redis.call('EXISTS', ARGV[1] .. ':alive:' .. instance) == 1 then
+          if redis.call('PUBLISH', ARGV[1] .. ':inst:' .. instance, payload) > 0 then
+            s = 'live'
+            sent = sent + 1
+          else
+            redis.call('DEL', ARGV[1] .. ':alive:' .. instance)
+            s = 'unheard'
+            unheard = unheard + 1
+          end
+        else
+          s = 'dead'
+        end
+        state[instance] = s
+      end
+      if s == 'self' or s == 'live' then
+        found = true
+      else
+        if s == 'unheard' then missed = true end
+        dead[#dead + 1] = member
+      end
+    end
+    for first = 1, #dead, 1000 do
+      redis.call('ZREM', key, unpack(dead, first, math.min(first + 999, #dead)))
+    end
+    if i <= recipients and not found and not missed then
+      no_route = no_route + 1
+      offline[#offline + 1] = i - 1
+    end
+  end
+  return {sent, no_route, unheard}, offline
+end
+"#
+    };
+}
+
+/// The stream functions of [`ROUTE_TO_MAILBOXES`], [`PUBLISH_TO_HISTORY`] and
+/// [`HISTORY_RANGE`] (see the module docs, "Streams"):
+/// - `stream_trim_expired(stream, cutoff)` drops the head entries whose `t` is at most
+///   `cutoff` (entries are in time order; a few reads of at most 128 entries each);
+/// - `stream_seq(id)` reads the seq of an entry id `0-SEQ`;
+/// - `stream_append(stream, meta, candidate, size, ttl_secs, now_ms, mid, fields)` appends
+///   one entry and answers its `seq, ep`, making the epoch from `candidate` when the meta is
+///   missing, and refreshes both keys' TTL; when `mid` is the stream's latest message it
+///   appends nothing and answers that message's position (a repeated call);
+/// - `positions_trailer({seq, ep, seq, ep, …})` encodes positions as [`split_positions`]
+///   reads them.
+macro_rules! stream_functions {
+    () => {
+        r#"
+local function stream_seq(id)
+  return tonumber(string.match(id, '%-(%d+)$'))
+end
+local function stream_trim_expired(stream, cutoff)
+  local count = 1
+  while true do
+    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', count)
+    for i, entry in ipairs(batch) do
+      if tonumber(entry[2][2]) > cutoff then
+        if i > 1 then redis.call('XTRIM', stream, 'MINID', entry[1]) end
+        return
+      end
+    end
+    if #batch == 0 then return end
+    redis.call('XTRIM', stream, 'MINID', '0-' .. (stream_seq(batch[#batch][1]) + 1))
+    if #batch < count then return end
+    count = 128
+  end
+end
+local function stream_append(stream, meta, candidate, size, ttl_secs, now_ms, mid, fields)
+  local known = redis.call('HMGET', meta, 'ep', 'seq', 'mid')
+  local ep = known[1]
+  if ep and known[3] == mid then
+    return tonumber(known[2]), ep
+  end
+  if not ep then
+    ep = candidate
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'ep', ep)
+  end
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  redis.call('HSET', meta, 'mid', mid)
+  redis.call('XADD', stream, 'MAXLEN', size, '0-' .. seq, unpack(fields))
+  stream_trim_expired(stream, now_ms - ttl_secs * 1000)
+  redis.call('EXPIRE', stream, ttl_secs)
+  redis.call('EXPIRE', meta, ttl_secs)
+  return seq, ep
+end
+local function positions_trailer(positions)
+  local parts = {}
+  for i = 1, #positions, 2 do
+    parts[#parts + 1] = struct.pack('<I8B', positions[i], #positions[i + 1]) .. positions[i + 1]
+  end
+  local body = table.concat(parts)
+  return body .. struct.pack('<I4', #body)
+end
+"#
+    };
+}
+
 /// `KEYS` user keys; `ARGV` prefix, own instance, payload, epoch, recipients (how many of
 /// the leading keys are recipients rather than a sender whose other devices get a copy).
-/// Publishes the payload once to every other live instance holding a device of any of the
-/// users (a node holding both a direct message's recipient and its sender gets one
-/// envelope); prunes dead and unsubscribed instances' devices. Returns `{-1}` when the epoch
-/// is gone, else `{nodes published to, recipients without a live device, unsubscribed
-/// instances met}`.
-pub const ROUTE: &str = r#"
+/// Routes the payload (see `route_function`). Returns `{-1}` when the epoch is gone, else
+/// `{nodes published to, recipients without a live device, unsubscribed instances met}`.
+pub const ROUTE: &str = concat!(
+    route_function!(),
+    r#"
 if redis.call('GET', ARGV[1] .. ':epoch') ~= ARGV[4] then return {-1} end
+local routed = route(#KEYS, tonumber(ARGV[5]), ARGV[3])
+return routed
+"#
+);
+
+/// `KEYS` n user keys, then their n mailbox streams, then their n mailbox metas; `ARGV`
+/// prefix, own instance, head, epoch, recipients (as [`ROUTE`]), then candidate epoch,
+/// size, ttl (s), now (ms), mid, ts, from (`''`: none), to, data ([`StreamAppend`]).
+///
+/// Checks the cluster epoch first and appends nothing when it is gone (the bridge retries
+/// the whole call). Appends the message to each mailbox (a sender's copy, past the
+/// recipients, records `to` as `o`), then routes `head .. data .. trailer` as [`ROUTE`]
+/// does, the trailer holding each mailbox's `(seq, ep)` in `KEYS` order. Returns `{-1}`,
+/// or `{{sent, no_route, unheard}, {offline recipient indexes}, {seq, ep, seq, ep, …}}`.
+pub const ROUTE_TO_MAILBOXES: &str = concat!(
+    route_function!(),
+    stream_functions!(),
+    r#"
+if redis.call('GET', ARGV[1] .. ':epoch') ~= ARGV[4] then return {-1} end
+local users = #KEYS / 3
 local recipients = tonumber(ARGV[5])
-local state = {}
-local sent, no_route, unheard = 0, 0, 0
-for i, key in ipairs(KEYS) do
-  local dead = {}
-  local found, missed = false, false
-  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-    local instance = string.match(member, '^([^/]+)/') or ''
-    local s = state[instance]
-    if s == nil then
-      if instance == ARGV[2] then
-        s = 'self'
-      elseif instance ~= '' and redis.call('EXISTS', ARGV[1] .. ':alive:' .. instance) == 1 then
-        if redis.call('PUBLISH', ARGV[1] .. ':inst:' .. instance, ARGV[3]) > 0 then
-          s = 'live'
-          sent = sent + 1
-        else
-          redis.call('DEL', ARGV[1] .. ':alive:' .. instance)
-          s = 'unheard'
-          unheard = unheard + 1
-        end
-      else
-        s = 'dead'
-      end
-      state[instance] = s
-    end
-    if s == 'self' or s == 'live' then
-      found = true
-    else
-      if s == 'unheard' then missed = true end
-      dead[#dead + 1] = member
-    end
+local size, ttl, now = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local positions = {}
+for i = 1, users do
+  local fields = {'t', ARGV[11], 'm', ARGV[10]}
+  if ARGV[12] ~= '' then
+    fields[#fields + 1] = 'f'
+    fields[#fields + 1] = ARGV[12]
   end
-  for first = 1, #dead, 1000 do
-    redis.call('ZREM', key, unpack(dead, first, math.min(first + 999, #dead)))
+  if i > recipients and ARGV[13] ~= '' then
+    fields[#fields + 1] = 'o'
+    fields[#fields + 1] = ARGV[13]
   end
-  if i <= recipients and not found and not missed then no_route = no_route + 1 end
+  fields[#fields + 1] = 'd'
+  fields[#fields + 1] = ARGV[14]
+  local seq, ep = stream_append(KEYS[users + i], KEYS[2 * users + i], ARGV[6], size, ttl, now,
+    ARGV[10], fields)
+  positions[#positions + 1] = seq
+  positions[#positions + 1] = ep
 end
-return {sent, no_route, unheard}
-"#;
+local routed, offline = route(users, recipients, ARGV[3] .. ARGV[14] .. positions_trailer(positions))
+return {routed, offline, positions}
+"#
+);
+
+/// `KEYS` topic stream, its meta; `ARGV` channel, head, then candidate epoch, size, ttl (s),
+/// now (ms), mid, ts, from, to, data ([`StreamAppend`]; `from` and `to` are not kept).
+/// Appends the message and publishes `head .. data .. trailer` (the trailer holding its
+/// `(seq, ep)`) on the channel. Returns `{seq, ep, subscribers that got it}`.
+pub const PUBLISH_TO_HISTORY: &str = concat!(
+    stream_functions!(),
+    r#"
+local seq, ep = stream_append(KEYS[1], KEYS[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
+  tonumber(ARGV[6]), ARGV[7], {'t', ARGV[8], 'm', ARGV[7], 'd', ARGV[11]})
+local heard = redis.call('PUBLISH', ARGV[1], ARGV[2] .. ARGV[11] .. positions_trailer({seq, ep}))
+return {seq, ep, heard}
+"#
+);
+
+/// `KEYS` stream, its meta; `ARGV` since seq, since epoch, limit, now (ms), ttl (s), any
+/// epoch (`1`: take the since seq as one of the current epoch). Drops expired head
+/// entries, then applies [`crate::history::plan_replay`]. Returns
+/// `{ep ('' when there is no stream), last seq, recovered (1/0), {{id, {field, value, …}}, …}}`.
+pub const HISTORY_RANGE: &str = concat!(
+    stream_functions!(),
+    r#"
+local since = tonumber(ARGV[1])
+local ep = redis.call('HGET', KEYS[2], 'ep')
+if not ep then
+  return {'', 0, since == 0 and 1 or 0, {}}
+end
+local since_ep = ARGV[6] == '1' and ep or ARGV[2]
+local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
+stream_trim_expired(KEYS[1], tonumber(ARGV[4]) - tonumber(ARGV[5]) * 1000)
+local first = last + 1
+local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #head > 0 then first = stream_seq(head[1][1]) end
+local start, recovered
+if since == 0 then
+  start, recovered = first, first == 1
+elseif since_ep ~= ep then
+  start, recovered = first, false
+elseif since > last then
+  start, recovered = last + 1, false
+elseif since + 1 < first then
+  start, recovered = first, false
+else
+  start, recovered = since + 1, true
+end
+local messages = {}
+local limit = tonumber(ARGV[3])
+if limit > 0 and start <= last then
+  messages = redis.call('XRANGE', KEYS[1], '0-' .. start, '+', 'COUNT', limit)
+end
+return {ep, last, recovered and 1 or 0, messages}
+"#
+);
+
+/// What [`ROUTE_TO_MAILBOXES`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxRouted {
+    /// The routing answer, as [`ROUTE`] gives it. On [`Routed::EpochLost`] nothing was
+    /// appended, and `offline` and `positions` are empty.
+    pub routed: Routed,
+    /// Indexes (into the users passed) of the recipients with no live device anywhere: the
+    /// API's `offline` list. Their count is `no_route`.
+    pub offline: Vec<usize>,
+    /// Each user's mailbox position of the message, in the order the users were passed.
+    pub positions: Vec<Position>,
+}
+
+impl MailboxRouted {
+    /// Reads the script's reply as Redis sent it (`None`: not an answer of
+    /// [`ROUTE_TO_MAILBOXES`]).
+    pub fn of(reply: &redis::Value) -> Option<MailboxRouted> {
+        let items = array(reply)?;
+        if let [redis::Value::Int(-1)] = items {
+            return Some(MailboxRouted {
+                routed: Routed::EpochLost,
+                offline: Vec::new(),
+                positions: Vec::new(),
+            });
+        }
+        let [routed, offline, positions] = items else {
+            return None;
+        };
+        let routed = match Routed::of(routed)? {
+            Routed::EpochLost => return None,
+            done => done,
+        };
+        let offline = array(offline)?
+            .iter()
+            .map(|i| usize::try_from(int(i)?).ok())
+            .collect::<Option<Vec<usize>>>()?;
+        let positions = array(positions)?
+            .chunks(2)
+            .map(|pair| match pair {
+                [seq, ep] => Some(Position {
+                    seq: u64::try_from(int(seq)?).ok()?,
+                    ep: text(ep)?.into(),
+                }),
+                _ => None,
+            })
+            .collect::<Option<Vec<Position>>>()?;
+        Some(MailboxRouted {
+            routed,
+            offline,
+            positions,
+        })
+    }
+}
+
+/// What [`PUBLISH_TO_HISTORY`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPublished {
+    /// The message's place in the topic's history.
+    pub position: Position,
+    /// Subscribers (nodes) the publish reached.
+    pub heard: u64,
+}
+
+impl HistoryPublished {
+    /// Reads the script's reply (`None`: not an answer of [`PUBLISH_TO_HISTORY`]).
+    pub fn of(reply: &redis::Value) -> Option<HistoryPublished> {
+        let [seq, ep, heard] = array(reply)? else {
+            return None;
+        };
+        Some(HistoryPublished {
+            position: Position {
+                seq: u64::try_from(int(seq)?).ok()?,
+                ep: text(ep)?.into(),
+            },
+            heard: u64::try_from(int(heard)?).ok()?,
+        })
+    }
+}
+
+/// Reads [`HISTORY_RANGE`]'s reply into the [`Replay`] the in-memory store also answers
+/// (`None`: not an answer of [`HISTORY_RANGE`]).
+pub fn replay_of(reply: &redis::Value) -> Option<Replay> {
+    let [ep, last, recovered, messages] = array(reply)? else {
+        return None;
+    };
+    let ep = text(ep)?;
+    let messages = array(messages)?
+        .iter()
+        .map(entry_of)
+        .collect::<Option<Vec<Entry>>>()?;
+    Some(Replay {
+        messages,
+        recovered: int(recovered)? == 1,
+        last_seq: u64::try_from(int(last)?).ok()?,
+        ep: (!ep.is_empty()).then(|| ep.into()),
+    })
+}
+
+/// One stream entry, `{id, {field, value, …}}`.
+fn entry_of(value: &redis::Value) -> Option<Entry> {
+    let [id, fields] = array(value)? else {
+        return None;
+    };
+    let seq = text(id)?.strip_prefix("0-")?.parse().ok()?;
+    let (mut mid, mut ts, mut from, mut to, mut data) = (None, None, None, None, None);
+    for pair in array(fields)?.chunks(2) {
+        let [field, value] = pair else {
+            return None;
+        };
+        let value = text(value)?;
+        match text(field)? {
+            "t" => ts = value.parse().ok(),
+            "m" => mid = value.parse().ok(),
+            "f" => from = Some(value.into()),
+            "o" => to = Some(value.into()),
+            "d" => data = Some(value.into()),
+            _ => {}
+        }
+    }
+    Some(Entry {
+        seq,
+        message: Message {
+            mid: mid?,
+            ts: ts?,
+            from,
+            to,
+            data: data?,
+        },
+    })
+}
+
+fn array(value: &redis::Value) -> Option<&[redis::Value]> {
+    match value {
+        redis::Value::Array(items) => Some(items),
+        _ => None,
+    }
+}
+
+fn int(value: &redis::Value) -> Option<i64> {
+    match value {
+        redis::Value::Int(n) => Some(*n),
+        _ => None,
+    }
+}
+
+fn text(value: &redis::Value) -> Option<&str> {
+    match value {
+        redis::Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        redis::Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The trailer [`ROUTE_TO_MAILBOXES`] and [`PUBLISH_TO_HISTORY`] append to what they
+/// publish: each stream's position, then the positions' length, little-endian:
+///
+/// ```text
+/// (seq u64 | ep_len u8 | ep)… | positions_len u32
+/// ```
+///
+/// Built here for a retry of a delivery whose streams were already appended to (the bridge
+/// then routes `head .. data .. trailer` with [`ROUTE`]).
+pub fn positions_trailer(positions: &[Position]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(positions.len() * 17 + 4);
+    for position in positions {
+        let ep = &position.ep.as_bytes()[..position.ep.len().min(255)];
+        out.extend_from_slice(&position.seq.to_le_bytes());
+        out.push(ep.len() as u8);
+        out.extend_from_slice(ep);
+    }
+    let len = out.len() as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// Splits a payload published by [`ROUTE_TO_MAILBOXES`] or [`PUBLISH_TO_HISTORY`] into
+/// `head .. data` (a slice of the same buffer) and the positions of its trailer (`None`:
+/// no well-formed trailer).
+pub fn split_positions(payload: &Bytes) -> Option<(Bytes, Vec<Position>)> {
+    let len_at = payload.len().checked_sub(4)?;
+    let len = u32::from_le_bytes(payload[len_at..].try_into().ok()?) as usize;
+    let start = len_at.checked_sub(len)?;
+    let mut rest = &payload[start..len_at];
+    let mut positions = Vec::new();
+    while !rest.is_empty() {
+        let seq = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+        let ep_len = *rest.get(8)? as usize;
+        let ep = std::str::from_utf8(rest.get(9..9 + ep_len)?).ok()?;
+        positions.push(Position { seq, ep: ep.into() });
+        rest = &rest[9 + ep_len..];
+    }
+    Some((payload.slice(..start), positions))
+}
 
 /// `KEYS[1]` user key; `ARGV` prefix, own instance, member, connect time (ms), device limit,
 /// key TTL (s). Adds the device; when the user's live devices exceed the limit, removes the
@@ -541,5 +1115,597 @@ mod tests {
         assert_eq!(names.topic("room"), "sc:topic:room");
         assert_eq!(names.alive(1), "sc:alive:0000000000000001");
         assert_eq!(names.instance_channel(1), "sc:inst:0000000000000001");
+    }
+
+    #[test]
+    fn positions_trailer_round_trips() {
+        let positions = vec![
+            Position {
+                seq: 1,
+                ep: "abcdEFGH".into(),
+            },
+            Position {
+                seq: u64::MAX,
+                ep: "".into(),
+            },
+        ];
+        let mut payload = b"head|data".to_vec();
+        payload.extend_from_slice(&positions_trailer(&positions));
+        let (rest, read) = split_positions(&Bytes::from(payload)).expect("well-formed");
+        assert_eq!((&rest[..], read), (&b"head|data"[..], positions));
+        let (rest, read) = split_positions(&Bytes::from(positions_trailer(&[]))).expect("empty");
+        assert!(rest.is_empty() && read.is_empty());
+        for bad in [
+            &b""[..],
+            b"abc",
+            b"\x05\x00\x00\x00",
+            b"\xaa\x01\x00\x00\x00",
+        ] {
+            assert_eq!(
+                split_positions(&Bytes::copy_from_slice(bad)),
+                None,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn stream_names_keep_mailboxes_and_topics_apart() {
+        let names = Names::new("sc");
+        let mailbox = StreamKey::Mailbox("x".into());
+        let topic = StreamKey::Topic("x".into());
+        assert_eq!(names.stream(&mailbox), "sc:mbox:x");
+        assert_eq!(names.stream_meta(&mailbox), "sc:mbox-meta:x");
+        assert_eq!(names.stream(&topic), "sc:hist:x");
+        assert_eq!(names.stream_meta(&topic), "sc:hist-meta:x");
+    }
+
+    /// The stream scripts against a real `redis-server`.
+    mod live {
+        use std::net::TcpListener;
+        use std::process::{Child, Command, Stdio};
+        use std::time::{Duration, Instant};
+
+        use super::*;
+        use crate::history::{plan_replay, Streams};
+
+        /// A throwaway `redis-server` on a free loopback port, saving nothing; killed (by its
+        /// own pid) on drop.
+        struct Server {
+            child: Child,
+            url: String,
+        }
+
+        impl Server {
+            fn start() -> Server {
+                for _ in 0..5 {
+                    let port = TcpListener::bind("127.0.0.1:0")
+                        .and_then(|l| l.local_addr())
+                        .expect("free port")
+                        .port();
+                    let mut child = Command::new("redis-server")
+                        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                        .args(["--save", "", "--appendonly", "no"])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("spawn redis-server (scripts/test installs it)");
+                    let url = format!("redis://127.0.0.1:{port}/");
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while Instant::now() < deadline {
+                        if child.try_wait().expect("try_wait").is_some() {
+                            break; // the port was taken: try another
+                        }
+                        let ping = redis::Client::open(url.as_str())
+                            .and_then(|c| c.get_connection())
+                            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+                        if ping.is_ok() {
+                            return Server { child, url };
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                panic!("redis-server did not start on any of 5 free ports");
+            }
+
+            fn connect(&self) -> redis::Connection {
+                let client = redis::Client::open(self.url.as_str()).expect("url");
+                let conn = client.get_connection().expect("connect");
+                conn.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                conn
+            }
+        }
+
+        impl Drop for Server {
+            fn drop(&mut self) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+
+        const INSTANCE: &str = "00000000000000aa";
+        const CLUSTER_EPOCH: &str = "cluster-epoch-1";
+
+        struct Fixture {
+            server: Server,
+            conn: redis::Connection,
+            scripts: Scripts,
+            names: Names,
+            epochs: crate::history::EpochSource,
+        }
+
+        impl Fixture {
+            fn new() -> Fixture {
+                let server = Server::start();
+                let mut conn = server.connect();
+                let names = Names::new("t");
+                let scripts = Scripts::new(names.clone());
+                let hashes: Vec<String> = scripts.load().query(&mut conn).expect("load");
+                assert!(scripts.loaded(&hashes));
+                let _: () = redis::cmd("SET")
+                    .arg(names.epoch())
+                    .arg(CLUSTER_EPOCH)
+                    .query(&mut conn)
+                    .expect("epoch");
+                Fixture {
+                    server,
+                    conn,
+                    scripts,
+                    names,
+                    epochs: crate::history::EpochSource::new(42),
+                }
+            }
+
+            fn query(&mut self, cmd: &redis::Cmd) -> redis::Value {
+                cmd.query(&mut self.conn).expect("script")
+            }
+
+            /// Sends `data` from `from` (or the server) to `users`, the first `recipients` of
+            /// which are recipients, at `now_ms`.
+            fn send(
+                &mut self,
+                users: &[&str],
+                recipients: usize,
+                from: Option<&str>,
+                retention: Retention,
+                now_ms: u64,
+                data: &str,
+            ) -> MailboxRouted {
+                let candidate = self.epochs.next_epoch();
+                let to = (users.len() > recipients).then_some(users[0]);
+                let append = StreamAppend {
+                    candidate_ep: &candidate,
+                    retention,
+                    now_ms,
+                    mid: now_ms * 10,
+                    ts: now_ms,
+                    from,
+                    to,
+                    data,
+                };
+                let cmd = self.scripts.route_to_mailboxes(
+                    users,
+                    recipients,
+                    INSTANCE,
+                    CLUSTER_EPOCH,
+                    b"head|",
+                    &append,
+                );
+                let reply = self.query(&cmd);
+                MailboxRouted::of(&reply).expect("a ROUTE_TO_MAILBOXES answer")
+            }
+
+            fn range(
+                &mut self,
+                key: &StreamKey,
+                since: (u64, &str),
+                limit: usize,
+                now_ms: u64,
+                ttl_secs: u64,
+            ) -> Replay {
+                let cmd = self.scripts.history_range(
+                    key,
+                    since.0,
+                    Some(since.1),
+                    limit,
+                    now_ms,
+                    ttl_secs,
+                );
+                let reply = self.query(&cmd);
+                replay_of(&reply).expect("a HISTORY_RANGE answer")
+            }
+
+            fn device(&mut self, user: &str, instance: u64, alive: bool) {
+                let _: () = redis::cmd("ZADD")
+                    .arg(self.names.user(user))
+                    .arg(1)
+                    .arg(device_member(instance, 1))
+                    .query(&mut self.conn)
+                    .expect("zadd");
+                if alive {
+                    let _: () = redis::cmd("SET")
+                        .arg(self.names.alive(instance))
+                        .arg("node")
+                        .query(&mut self.conn)
+                        .expect("alive");
+                }
+            }
+        }
+
+        fn mailbox(user: &str) -> StreamKey {
+            StreamKey::Mailbox(user.into())
+        }
+
+        fn seqs(replay: &Replay) -> Vec<u64> {
+            replay.messages.iter().map(|e| e.seq).collect()
+        }
+
+        const DAY: Retention = Retention {
+            size: 100,
+            ttl_secs: 86_400,
+        };
+
+        #[test]
+        fn mailbox_appends_are_gap_free_and_keep_their_epoch() {
+            let mut f = Fixture::new();
+            let first = f.send(&["bob"], 1, None, DAY, 1000, "1");
+            assert_eq!(
+                first.routed,
+                Routed::Done {
+                    sent: 0,
+                    no_route: 1,
+                    unheard: 0
+                }
+            );
+            assert_eq!(first.offline, vec![0], "bob has no device");
+            let ep = first.positions[0].ep.clone();
+            assert_eq!(first.positions[0].seq, 1);
+            for n in 2..=5 {
+                let next = f.send(&["bob"], 1, None, DAY, 1000 + n, "{}");
+                assert_eq!(
+                    next.positions,
+                    vec![Position {
+                        seq: n,
+                        ep: ep.clone()
+                    }]
+                );
+            }
+            let replay = f.range(&mailbox("bob"), (0, ""), 100, 2000, DAY.ttl_secs);
+            assert_eq!(
+                (seqs(&replay), replay.recovered),
+                (vec![1, 2, 3, 4, 5], true)
+            );
+            assert_eq!((replay.last_seq, replay.ep), (5, Some(ep)));
+            let first = &replay.messages[0].message;
+            assert_eq!((first.mid, first.ts, &*first.data), (10_000, 1000, "1"));
+            assert_eq!((first.from.clone(), first.to.clone()), (None, None));
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(f.names.stream(&mailbox("bob")))
+                .query(&mut f.conn)
+                .expect("ttl");
+            assert!((86_000..=86_400).contains(&ttl), "{ttl}");
+            let meta_ttl: i64 = redis::cmd("TTL")
+                .arg(f.names.stream_meta(&mailbox("bob")))
+                .query(&mut f.conn)
+                .expect("ttl");
+            assert!((86_000..=86_400).contains(&meta_ttl), "{meta_ttl}");
+        }
+
+        #[test]
+        fn a_senders_copy_records_the_recipient() {
+            let mut f = Fixture::new();
+            f.device("alice", 0xaa, true); // alice is on this very instance
+            let sent = f.send(&["bob", "alice"], 1, Some("alice"), DAY, 1000, "\"hi\"");
+            assert_eq!(sent.offline, vec![0], "bob is offline; alice is the sender");
+            assert_eq!(
+                sent.positions.iter().map(|p| p.seq).collect::<Vec<_>>(),
+                [1, 1]
+            );
+            let bob = f.range(&mailbox("bob"), (0, ""), 10, 1000, DAY.ttl_secs);
+            let copy = f.range(&mailbox("alice"), (0, ""), 10, 1000, DAY.ttl_secs);
+            let (bob, copy) = (&bob.messages[0].message, &copy.messages[0].message);
+            assert_eq!(
+                (bob.from.as_deref(), bob.to.as_deref()),
+                (Some("alice"), None)
+            );
+            assert_eq!(
+                (copy.from.as_deref(), copy.to.as_deref()),
+                (Some("alice"), Some("bob"))
+            );
+        }
+
+        #[test]
+        fn a_lost_cluster_epoch_appends_nothing() {
+            let mut f = Fixture::new();
+            let _: () = redis::cmd("SET")
+                .arg(f.names.epoch())
+                .arg("another")
+                .query(&mut f.conn)
+                .expect("set");
+            let answer = f.send(&["bob"], 1, None, DAY, 1000, "1");
+            assert_eq!(answer.routed, Routed::EpochLost);
+            assert!(answer.positions.is_empty());
+            let replay = f.range(&mailbox("bob"), (0, ""), 10, 1000, DAY.ttl_secs);
+            assert_eq!(
+                (replay.ep, replay.last_seq),
+                (None, 0),
+                "no stream was made"
+            );
+        }
+
+        /// Both scripts route alike: a subscribed live instance gets the payload, a dead
+        /// one's devices are pruned, a leased but unsubscribed one is reported unheard.
+        #[test]
+        fn routing_answers_are_those_of_route() {
+            let mut f = Fixture::new();
+            let mut subscriber = f.server.connect();
+            let mut pubsub = subscriber.as_pubsub();
+            pubsub
+                .subscribe(f.names.instance_channel(0xbb))
+                .expect("subscribe");
+            pubsub
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let users = ["live", "dead", "unheard", "here", "nobody"];
+            let setup = |f: &mut Fixture| {
+                f.device("live", 0xbb, true);
+                f.device("dead", 0xcc, false);
+                f.device("unheard", 0xdd, true);
+                f.device("here", 0xaa, false);
+            };
+            setup(&mut f);
+            let route = f
+                .scripts
+                .route(&users, 5, INSTANCE, CLUSTER_EPOCH, b"plain");
+            let plain = Routed::of(&f.query(&route)).expect("ROUTE answer");
+            assert_eq!(
+                plain,
+                Routed::Done {
+                    sent: 1,
+                    no_route: 2,
+                    unheard: 1
+                }
+            );
+            let message = pubsub.get_message().expect("published");
+            assert_eq!(message.get_payload_bytes(), b"plain");
+            setup(&mut f);
+            let streamed = f.send(&users, 5, None, DAY, 1000, "[1]");
+            assert_eq!(streamed.routed, plain);
+            assert_eq!(streamed.offline, vec![1, 4], "dead and nobody");
+            let message = pubsub.get_message().expect("published");
+            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+            let (rest, positions) = split_positions(&payload).expect("trailer");
+            assert_eq!(&rest[..], b"head|[1]");
+            assert_eq!(positions, streamed.positions);
+            assert_eq!(positions.len(), 5);
+            let epoch_lost = f.scripts.route(&users, 5, INSTANCE, "old", b"plain");
+            assert_eq!(Routed::of(&f.query(&epoch_lost)), Some(Routed::EpochLost));
+        }
+
+        #[test]
+        fn a_topic_publish_appends_and_publishes_in_one_call() {
+            let mut f = Fixture::new();
+            let mut subscriber = f.server.connect();
+            let mut pubsub = subscriber.as_pubsub();
+            pubsub.subscribe(f.names.topic("room")).expect("subscribe");
+            pubsub
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut last = None;
+            for n in 1..=3u64 {
+                let candidate = f.epochs.next_epoch();
+                let data = format!("{{\"n\":{n}}}");
+                let append = StreamAppend {
+                    candidate_ep: &candidate,
+                    retention: DAY,
+                    now_ms: 1000 + n,
+                    mid: n,
+                    ts: 1000 + n,
+                    from: Some("ignored"),
+                    to: None,
+                    data: &data,
+                };
+                let cmd = f.scripts.publish_to_history("room", b"H", &append);
+                let reply = f.query(&cmd);
+                let published = HistoryPublished::of(&reply).expect("answer");
+                assert_eq!((published.position.seq, published.heard), (n, 1));
+                let message = pubsub.get_message().expect("published");
+                let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                let (rest, positions) = split_positions(&payload).expect("trailer");
+                assert_eq!(rest, format!("H{data}").as_bytes());
+                assert_eq!(positions, vec![published.position.clone()]);
+                last = Some(published.position);
+            }
+            let last = last.expect("published");
+            let room = StreamKey::Topic("room".into());
+            let replay = f.range(&room, (1, &last.ep), 10, 2000, DAY.ttl_secs);
+            assert_eq!((seqs(&replay), replay.recovered), (vec![2, 3], true));
+            let api = f
+                .scripts
+                .history_range(&room, 2, None, 10, 2000, DAY.ttl_secs);
+            let api = replay_of(&f.query(&api)).expect("answer");
+            assert_eq!((seqs(&api), api.recovered), (vec![3], true), "any epoch");
+            assert_eq!(
+                replay.messages[0].message.from, None,
+                "topics keep no sender"
+            );
+        }
+
+        #[test]
+        fn a_redis_that_lost_everything_makes_new_epochs() {
+            let mut f = Fixture::new();
+            let before = f.send(&["bob"], 1, None, DAY, 1000, "1").positions[0].clone();
+            f.send(&["bob"], 1, None, DAY, 1001, "2");
+            let _: () = redis::cmd("FLUSHALL").query(&mut f.conn).expect("flush");
+            let _: () = redis::cmd("SET")
+                .arg(f.names.epoch())
+                .arg(CLUSTER_EPOCH)
+                .query(&mut f.conn)
+                .expect("epoch");
+            let after = f.send(&["bob"], 1, None, DAY, 1002, "3").positions[0].clone();
+            assert_eq!(after.seq, 1);
+            assert_ne!(after.ep, before.ep);
+            let replay = f.range(&mailbox("bob"), (2, &before.ep), 10, 1002, DAY.ttl_secs);
+            assert_eq!((seqs(&replay), replay.recovered), (vec![1], false));
+            assert_eq!(replay.ep, Some(after.ep));
+        }
+
+        /// A call repeated because its reply was lost appends nothing and answers the
+        /// same positions; the delivery itself is routed again.
+        #[test]
+        fn a_repeated_call_appends_nothing() {
+            let mut f = Fixture::new();
+            let first = f.send(&["bob", "alice"], 1, Some("alice"), DAY, 1000, "1");
+            let again = f.send(&["bob", "alice"], 1, Some("alice"), DAY, 1000, "1");
+            assert_eq!(again.positions, first.positions);
+            let next = f.send(&["bob"], 1, None, DAY, 1001, "2");
+            assert_eq!(next.positions[0].seq, 2);
+            let replay = f.range(&mailbox("bob"), (0, ""), 10, 1001, DAY.ttl_secs);
+            assert_eq!((seqs(&replay), replay.recovered), (vec![1, 2], true));
+        }
+
+        /// A stream whose meta hash is gone (a `maxmemory` eviction) belongs to a lost
+        /// epoch: the next append starts the stream afresh instead of failing on `XADD`.
+        #[test]
+        fn a_stream_without_its_meta_starts_afresh() {
+            let mut f = Fixture::new();
+            let old = f.send(&["bob"], 1, None, DAY, 1000, "1").positions[0].clone();
+            f.send(&["bob"], 1, None, DAY, 1001, "2");
+            let _: () = redis::cmd("DEL")
+                .arg(f.names.stream_meta(&mailbox("bob")))
+                .query(&mut f.conn)
+                .expect("del");
+            let replay = f.range(&mailbox("bob"), (2, &old.ep), 10, 1001, DAY.ttl_secs);
+            assert_eq!((replay.ep, replay.recovered), (None, false));
+            let new = f.send(&["bob"], 1, None, DAY, 1002, "3").positions[0].clone();
+            assert_eq!(new.seq, 1);
+            assert_ne!(new.ep, old.ep);
+            let replay = f.range(&mailbox("bob"), (0, ""), 10, 1002, DAY.ttl_secs);
+            assert_eq!((seqs(&replay), replay.recovered), (vec![1], true));
+            assert_eq!(&*replay.messages[0].message.data, "3");
+        }
+
+        /// The same appends and reads against Redis and the in-memory store answer alike
+        /// (epochs aside): trimming by count and by age, and every case of the replay rule.
+        #[test]
+        fn redis_and_memory_streams_answer_alike() {
+            let mut f = Fixture::new();
+            let mut memory = Streams::new(usize::MAX, 1);
+            let retention = Retention {
+                size: 4,
+                ttl_secs: 10,
+            };
+            let key = mailbox("bob");
+            let mut redis_ep = String::new();
+            let mut memory_ep = String::new();
+            // Seven messages a second apart: count trims 1..3; at 14 s, age trims 4.
+            for n in 1..=7u64 {
+                let now = n * 1000;
+                redis_ep = f.send(&["bob"], 1, None, retention, now, "{}").positions[0]
+                    .ep
+                    .to_string();
+                let message = crate::history::Message {
+                    mid: now * 10,
+                    ts: now,
+                    from: None,
+                    to: None,
+                    data: "{}".into(),
+                };
+                memory_ep = memory.append(&key, retention, now, message).ep.to_string();
+            }
+            for now in [7_000, 13_000, 14_500] {
+                for since in [0, 1, 3, 4, 5, 7, 8, u64::MAX] {
+                    for (foreign, limit) in [(false, 100), (true, 100), (false, 1), (false, 0)] {
+                        let (r_ep, m_ep) = if foreign {
+                            ("foreign", "foreign")
+                        } else {
+                            (redis_ep.as_str(), memory_ep.as_str())
+                        };
+                        let from_redis =
+                            f.range(&key, (since, r_ep), limit, now, retention.ttl_secs);
+                        let from_memory = memory.since(&key, since, m_ep, limit, now);
+                        let case =
+                            format!("now {now} since {since} foreign {foreign} limit {limit}");
+                        assert_eq!(from_redis.messages, from_memory.messages, "{case}");
+                        assert_eq!(from_redis.recovered, from_memory.recovered, "{case}");
+                        assert_eq!(from_redis.last_seq, from_memory.last_seq, "{case}");
+                    }
+                    let api =
+                        f.scripts
+                            .history_range(&key, since, None, 100, now, retention.ttl_secs);
+                    let from_redis = replay_of(&f.query(&api)).expect("answer");
+                    let from_memory = memory.history(&key, since, 100, now);
+                    let case = format!("history API: now {now} since {since}");
+                    assert_eq!(from_redis.messages, from_memory.messages, "{case}");
+                    assert_eq!(from_redis.recovered, from_memory.recovered, "{case}");
+                }
+            }
+            let replay = f.range(&key, (0, ""), 100, 14_500, retention.ttl_secs);
+            assert_eq!(seqs(&replay), vec![5, 6, 7], "4 aged out");
+            let len: usize = redis::cmd("XLEN")
+                .arg(f.names.stream(&key))
+                .query(&mut f.conn)
+                .expect("xlen");
+            assert!(
+                len <= 3,
+                "expired entries are removed from Redis, not just hidden"
+            );
+            let plan = plan_replay(4, &redis_ep, Some(&redis_ep), 5, 7);
+            assert!(plan.recovered, "the rule both follow");
+        }
+
+        /// Redis memory of 1,000 full 100-message mailboxes (`cargo test --lib
+        /// mailbox_memory -- --ignored --nocapture`): the figure BENCHMARKS.md reports.
+        #[test]
+        #[ignore = "a measurement, not a check"]
+        fn mailbox_memory() {
+            let mut f = Fixture::new();
+            let used = |conn: &mut redis::Connection| -> u64 {
+                let info: String = redis::cmd("INFO").arg("memory").query(conn).expect("info");
+                info.lines()
+                    .find_map(|l| l.strip_prefix("used_memory:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("used_memory")
+            };
+            let data = format!("{{\"text\":\"{}\"}}", "x".repeat(88)); // 100 bytes
+            let before = used(&mut f.conn);
+            for round in 0..100u64 {
+                let mut pipe = redis::pipe();
+                for user in 0..1000 {
+                    let candidate = f.epochs.next_epoch();
+                    let name = format!("user{user:04}");
+                    let append = StreamAppend {
+                        candidate_ep: &candidate,
+                        retention: DAY,
+                        now_ms: 1_750_000_000_000 + round,
+                        mid: 1 << 50 | round << 10 | user,
+                        ts: 1_750_000_000_000 + round,
+                        from: Some("sender-user"),
+                        to: None,
+                        data: &data,
+                    };
+                    pipe.add_command(f.scripts.route_to_mailboxes(
+                        &[name],
+                        1,
+                        INSTANCE,
+                        CLUSTER_EPOCH,
+                        b"",
+                        &append,
+                    ));
+                }
+                let _: Vec<redis::Value> = pipe.query(&mut f.conn).expect("pipeline");
+            }
+            let after = used(&mut f.conn);
+            let per_user = (after - before) as f64 / 1000.0;
+            println!(
+                "1,000 mailboxes x 100 messages of 100-byte data: {:.1} MiB, {per_user:.0} bytes per user, {:.1} GiB per 1M users",
+                (after - before) as f64 / 1048576.0,
+                per_user * 1e6 / 1073741824.0
+            );
+        }
     }
 }
