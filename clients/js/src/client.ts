@@ -589,7 +589,7 @@ export class Client extends Emitter<ClientEvents> {
       case "pong": {
         const entry = typeof frame.id === "number" ? this.pending.get(frame.id) : undefined;
         if (entry) entry.settle(frame);
-        else if (frame.op === "err") {
+        else if (frame.op === "err" && frame.id === undefined) {
           this.emit("error", new ShardcastError(String(frame.code), String(frame.msg ?? frame.code)));
         }
         return;

@@ -1,0 +1,201 @@
+// The SDK in a real browser: headless Chromium (CHROMIUM, default /usr/bin/chromium) driven
+// by puppeteer-core loads a test page and the minified bundles from a node http server on
+// 127.0.0.1, and talks to a real shardcast node. Prints connect-to-hello times and the rate
+// at which one tab receives publications made through the HTTP API.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { createServer } from "node:http";
+import { readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import puppeteer from "puppeteer-core";
+
+import { api, startNode, until } from "./harness.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const files = {
+  "/": ["text/html", join(here, "browser/index.html")],
+  "/shardcast.min.js": ["text/javascript", join(here, "../dist/shardcast.min.js")],
+  "/shardcast-tabs.min.js": ["text/javascript", join(here, "../dist/shardcast-tabs.min.js")],
+};
+
+let node;
+let server;
+let origin;
+let browser;
+
+before(async () => {
+  node = await startNode();
+  server = createServer((req, res) => {
+    const file = files[req.url];
+    if (!file) {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { "content-type": file[0], "cache-control": "no-store" });
+    res.end(readFileSync(file[1]));
+  });
+  await new Promise((done) => server.listen(0, "127.0.0.1", done));
+  origin = `http://127.0.0.1:${server.address().port}`;
+  browser = await puppeteer.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+    headless: true,
+    protocolTimeout: 60000,
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.close();
+  await node?.stop();
+});
+
+async function page() {
+  const p = await browser.newPage();
+  p.on("pageerror", (e) => console.error("page error:", e.message));
+  await p.goto(origin + "/");
+  await p.waitForFunction(() => window.sdkLoaded === true, { timeout: 10000 });
+  return p;
+}
+
+/** Publishes `count` messages to `topic` through the API, `concurrency` requests at a time. */
+async function publishMany(topic, count, concurrency = 16) {
+  let sent = 0;
+  const worker = async () => {
+    while (sent < count) {
+      const n = sent++;
+      const res = await api(node, "POST", "/v1/publish", { topics: [topic], data: { n } });
+      assert.equal(res.status, 202);
+    }
+  };
+  await Promise.all(Array.from({ length: concurrency }, worker));
+}
+
+test("in Chromium: connect, subscribe, receive a publication made through the HTTP API", { timeout: 60000 }, async () => {
+  const p = await page();
+  const hello = await p.evaluate(async (ws) => {
+    window.client = new Client(`${ws}?user=viewer`);
+    window.got = [];
+    const sub = window.client.subscribe("live", (m) => window.got.push(m.data));
+    const hello = await window.client.connect();
+    await sub.ready;
+    return hello;
+  }, node.ws);
+  assert.equal(hello.user, "viewer");
+  const res = await api(node, "POST", "/v1/publish", { topics: ["live"], data: { score: "1-0" } });
+  assert.equal(res.status, 202);
+  await p.waitForFunction(() => window.got.length === 1, { timeout: 10000 });
+  assert.deepEqual(await p.evaluate(() => window.got), [{ score: "1-0" }]);
+  const refused = await p.evaluate(async () => {
+    try {
+      await window.client.publish("", 1);
+      return null;
+    } catch (e) {
+      return { error: e instanceof ShardcastError, code: e.code };
+    }
+  });
+  assert.deepEqual(refused, { error: true, code: "bad_request" });
+  await p.evaluate(() => window.client.disconnect());
+  await p.close();
+});
+
+test("in Chromium: connect-to-hello time", { timeout: 60000 }, async () => {
+  const p = await page();
+  const times = await p.evaluate(async (ws) => {
+    const times = [];
+    for (let i = 0; i < 20; i++) {
+      const c = new Client(`${ws}?user=timer${i}`);
+      const start = performance.now();
+      await c.connect();
+      times.push(performance.now() - start);
+      c.disconnect();
+    }
+    return times;
+  }, node.ws);
+  const sorted = [...times].sort((a, b) => a - b);
+  const ms = (x) => x.toFixed(2);
+  console.log(
+    `chromium connect-to-hello over 20 connections: first ${ms(times[0])} ms, ` +
+      `median ${ms(sorted[10])} ms, min ${ms(sorted[0])} ms, max ${ms(sorted[19])} ms`,
+  );
+  assert.ok(sorted[10] < 1000);
+  await p.close();
+});
+
+for (const count of [1000, 10000]) {
+  test(`in Chromium: one tab receives ${count} publications`, { timeout: 120000 }, async () => {
+    const p = await page();
+    const topic = `flood.${count}`;
+    await p.evaluate(
+      async (ws, topic) => {
+        window.flood = { n: 0, first: 0, last: 0, seen: new Set() };
+        window.client = new Client(`${ws}?user=flood`);
+        const sub = window.client.subscribe(topic, (m) => {
+          const f = window.flood;
+          const now = performance.now();
+          if (f.n === 0) f.first = now;
+          f.last = now;
+          f.n++;
+          f.seen.add(m.data.n);
+        });
+        await window.client.connect();
+        await sub.ready;
+      },
+      node.ws,
+      topic,
+    );
+    const start = Date.now();
+    await publishMany(topic, count);
+    const published = Date.now() - start;
+    await p.waitForFunction((count) => window.flood.n >= count, { timeout: 60000, polling: 50 }, count);
+    const total = Date.now() - start;
+    const flood = await p.evaluate(() => ({ ...window.flood, seen: window.flood.seen.size }));
+    assert.equal(flood.n, count);
+    assert.equal(flood.seen, count, "every publication once");
+    const tabRate = count / Math.max((flood.last - flood.first) / 1000, 0.001);
+    console.log(
+      `chromium tab, ${count} publications via POST /v1/publish (16 in flight): ` +
+        `published in ${published} ms (${Math.round((count / published) * 1000)}/s), ` +
+        `all received ${total} ms after the first publish (${Math.round((count / total) * 1000)}/s end to end), ` +
+        `tab receive rate first-to-last ${Math.round(tabRate)}/s`,
+    );
+    await p.evaluate(() => window.client.disconnect());
+    await p.close();
+  });
+}
+
+test("in Chromium: tabs share one connection (SharedClient), and a new leader takes over", { timeout: 60000 }, async () => {
+  const open = async () => {
+    const p = await page();
+    await p.evaluate((ws) => {
+      window.got = [];
+      window.shared = new SharedClient(() => new Client(`${ws}?user=tabs`), { name: "test-tabs" });
+      window.shared.subscribe("tabs", (m) => window.got.push(m.data));
+    }, node.ws);
+    return p;
+  };
+  const first = await open();
+  const second = await open();
+  const connections = async () => (await api(node, "GET", "/v1/users/tabs")).body.connections;
+  const subscribers = async () => (await api(node, "GET", "/v1/topics/tabs")).body.subscribers;
+  await until(async () => (await connections()) === 1 && (await subscribers()) === 1, 10000, "one connection");
+  assert.deepEqual(
+    [await first.evaluate(() => window.shared.leader), await second.evaluate(() => window.shared.leader)],
+    [true, false],
+  );
+
+  await api(node, "POST", "/v1/publish", { topics: ["tabs"], data: 1 });
+  for (const p of [first, second]) await p.waitForFunction(() => window.got.includes(1), { timeout: 10000 });
+  const mid = await second.evaluate(() => window.shared.publish("tabs", 2));
+  assert.match(mid, /^\d+$/);
+  for (const p of [first, second]) await p.waitForFunction(() => window.got.includes(2), { timeout: 10000 });
+
+  await first.close({ runBeforeUnload: false });
+  await second.waitForFunction(() => window.shared.leader, { timeout: 10000 });
+  await until(async () => (await connections()) === 1 && (await subscribers()) === 1, 10000, "new leader subscribed");
+  await api(node, "POST", "/v1/publish", { topics: ["tabs"], data: 3 });
+  await second.waitForFunction(() => window.got.includes(3), { timeout: 10000 });
+  await second.evaluate(() => window.shared.close());
+  await second.close();
+});

@@ -1,0 +1,151 @@
+// End-to-end tests in Node: the SDK (with the `ws` package as its WebSocket) against real
+// shardcast nodes on loopback ports.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import WebSocket from "ws";
+
+import { Client, ShardcastError } from "../dist/index.js";
+import { api, next, startNode, until } from "./harness.js";
+
+const nodes = [];
+const clients = [];
+
+after(async () => {
+  for (const c of clients) c.disconnect();
+  await Promise.all(nodes.map((n) => n.stop()));
+});
+
+async function node(options) {
+  const n = await startNode(options);
+  nodes.push(n);
+  return n;
+}
+
+function client(n, user, options = {}) {
+  const c = new Client(`${n.ws}?user=${user}`, {
+    WebSocket,
+    minReconnectDelay: 50,
+    maxReconnectDelay: 500,
+    ...options,
+  });
+  clients.push(c);
+  return c;
+}
+
+test("connect: hello names the user, the node and the heartbeat", { timeout: 20000 }, async () => {
+  const n = await node();
+  const c = client(n, "alice");
+  const hello = await c.connect();
+  assert.equal(hello.op, "hello");
+  assert.equal(hello.user, "alice");
+  assert.equal(typeof hello.node, "string");
+  assert.equal(typeof hello.conn, "string");
+  assert.ok(hello.hb > 0);
+  assert.equal(c.state, "connected");
+  assert.ok((await c.ping()) >= 0);
+  c.disconnect();
+});
+
+test("sub/pub round trip between two clients; send between users", { timeout: 20000 }, async () => {
+  const n = await node();
+  const alice = client(n, "alice");
+  const bob = client(n, "bob");
+  await Promise.all([alice.connect(), bob.connect()]);
+
+  const got = [];
+  const sub = alice.subscribe("room.1", (m) => got.push(m));
+  await sub.ready;
+  const mid = await bob.publish("room.1", { text: "hi", n: [1, 2] });
+  assert.match(mid, /^\d+$/);
+  await until(() => got.length === 1, 5000, "publication");
+  assert.equal(got[0].topic, "room.1");
+  assert.equal(got[0].mid, mid);
+  assert.deepEqual(got[0].data, { text: "hi", n: [1, 2] });
+
+  const direct = next(alice, "message");
+  const sent = await bob.send("alice", "psst");
+  const m = await direct;
+  assert.equal(m.from, "bob");
+  assert.equal(m.to, "alice");
+  assert.equal(m.mid, sent);
+  assert.equal(m.data, "psst");
+
+  const fromApi = next(alice, "message");
+  assert.equal((await api(n, "POST", "/v1/publish", { users: ["alice"], data: 7 })).status, 202);
+  assert.equal((await fromApi).from, undefined);
+
+  const everyone = next(bob, "broadcast");
+  await api(n, "POST", "/v1/publish", { broadcast: true, data: "all" });
+  assert.equal((await everyone).data, "all");
+
+  sub.unsubscribe();
+  await until(async () => (await api(n, "GET", "/v1/topics/room.1")).body.subscribers === 0, 5000, "unsub");
+  alice.disconnect();
+  bob.disconnect();
+});
+
+test("errors from the server reject with their code", { timeout: 20000 }, async () => {
+  const n = await node();
+  const c = client(n, "carol");
+  await c.connect();
+  const bad = c.subscribe("", () => {});
+  await assert.rejects(bad.ready, (e) => e instanceof ShardcastError && e.code === "bad_request");
+  await assert.rejects(c.send("", 1), { code: "bad_request" });
+  // `up` is protocol v1.1: a v1 node refuses the op, and the refusal reaches the caller.
+  await assert.rejects(c.up({ x: 1 }), { code: "bad_request" });
+  c.disconnect();
+});
+
+test("kicked through the API (4003): no reconnect", { timeout: 20000 }, async () => {
+  const n = await node();
+  const c = client(n, "dave");
+  await c.connect();
+  const gone = next(c, "disconnected");
+  const kick = await api(n, "DELETE", "/v1/users/dave/connections");
+  assert.equal(kick.status, 202);
+  const info = await gone;
+  assert.equal(info.code, 4003);
+  assert.equal(info.reconnect, false);
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.equal(c.state, "idle");
+  assert.equal((await api(n, "GET", "/v1/users/dave")).body.online, false);
+});
+
+test("node killed and restarted on the same port: the client reconnects and resubscribes", { timeout: 30000 }, async () => {
+  const first = await node();
+  const c = client(first, "erin");
+  await c.connect();
+  const got = [];
+  await c.subscribe("news", (m) => got.push(m.data)).ready;
+  const reconnecting = [];
+  c.on("reconnecting", (r) => reconnecting.push(r));
+
+  const lost = next(c, "disconnected");
+  await first.stop("SIGKILL");
+  assert.deepEqual(await lost, { code: 1006, reason: "", reconnect: true });
+
+  const back = next(c, "connected", 20000);
+  const second = await node({ listen: first.listen });
+  const hello = await back;
+  assert.equal(hello.user, "erin");
+  assert.ok(reconnecting.length >= 1);
+  await until(async () => (await api(second, "GET", "/v1/topics/news")).body.subscribers === 1, 5000, "resubscribed");
+  await api(second, "POST", "/v1/publish", { topics: ["news"], data: "after restart" });
+  await until(() => got.includes("after restart"), 5000, "publication after restart");
+  c.disconnect();
+});
+
+test("node draining (SIGTERM, 1001): the client reconnects promptly to a node on the same address", { timeout: 30000 }, async () => {
+  const first = await node();
+  const c = client(first, "frank", { drainReconnectDelay: 200 });
+  await c.connect();
+  const lost = next(c, "disconnected");
+  await first.stop("SIGTERM");
+  const info = await lost;
+  assert.equal(info.code, 1001);
+  assert.equal(info.reconnect, true);
+  const back = next(c, "connected", 20000);
+  await node({ listen: first.listen });
+  assert.equal((await back).user, "frank");
+  c.disconnect();
+});

@@ -1,0 +1,128 @@
+// Real shardcast nodes for the end-to-end and browser tests: started from the binary named by
+// SHARDCAST_BIN (default ../../target/release/shardcast, else ../../target/debug/shardcast),
+// on loopback ports the kernel picks, in --dev mode (?user=NAME trusted, API without a key).
+import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+/** The shardcast binary to test against. */
+export function shardcastBin() {
+  if (process.env.SHARDCAST_BIN) return resolve(process.env.SHARDCAST_BIN);
+  for (const profile of ["release", "debug"]) {
+    const bin = resolve(here, "../../../target", profile, "shardcast");
+    if (existsSync(bin)) return bin;
+  }
+  throw new Error("no shardcast binary: build one (cargo build --release) or set SHARDCAST_BIN");
+}
+
+/**
+ * Starts a dev node; resolves once it logged its start line, with its WebSocket URL
+ * (`ws`), API base URL (`api`), the client listener address (`listen`) and `stop(signal)`.
+ */
+export function startNode({ listen = "127.0.0.1:0", args = [], startTimeout = 15000 } = {}) {
+  const proc = spawn(
+    shardcastBin(),
+    [
+      "serve",
+      "--dev",
+      "--listen",
+      listen,
+      "--api-listen",
+      "127.0.0.1:0",
+      "--shards",
+      "1",
+      "--log-format",
+      "json",
+      ...args,
+    ],
+    {
+      env: { ...process.env, SHARDCAST_PIN_SHARDS: "false", RUST_LOG: "info" },
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
+  const exited = new Promise((done) => proc.once("exit", (code, signal) => done({ code, signal })));
+  return new Promise((resolveStart, reject) => {
+    let log = "";
+    const timer = setTimeout(() => {
+      proc.kill("SIGKILL");
+      reject(new Error(`shardcast did not start within ${startTimeout} ms:\n${log}`));
+    }, startTimeout);
+    const onData = (chunk) => {
+      log += chunk;
+      for (const line of log.split("\n").slice(0, -1)) {
+        if (!line.includes("shardcast node started")) continue;
+        const fields = JSON.parse(line).fields ?? JSON.parse(line);
+        clearTimeout(timer);
+        proc.stdout.off("data", onData);
+        proc.stderr.off("data", onData);
+        proc.stdout.resume();
+        proc.stderr.resume();
+        resolveStart({
+          proc,
+          listen: fields.listen,
+          ws: `ws://${fields.listen}/ws`,
+          api: `http://${fields.api_listen}`,
+          exited,
+          /** Stops the node (SIGKILL unless told) and resolves once it exited. */
+          stop(signal = "SIGKILL") {
+            if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+            return exited;
+          },
+        });
+        return;
+      }
+    };
+    proc.stdout.setEncoding("utf8").on("data", onData);
+    proc.stderr.setEncoding("utf8").on("data", onData);
+    proc.once("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`shardcast exited (${code}) before it started:\n${log}`));
+    });
+  });
+}
+
+/** Calls the node's HTTP API; resolves with `{status, body}` (body parsed when JSON). */
+export async function api(node, method, path, body) {
+  const res = await fetch(node.api + path, {
+    method,
+    headers: body === undefined ? {} : { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  let parsed = text;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    // Not JSON (e.g. an empty body): kept as text.
+  }
+  return { status: res.status, body: parsed };
+}
+
+/** Resolves with the first `event` of `emitter` (a Client) within `ms`, else rejects. */
+export function next(emitter, event, ms = 10000) {
+  return new Promise((resolveNext, reject) => {
+    const timer = setTimeout(() => {
+      off();
+      reject(new Error(`no ${event} within ${ms} ms`));
+    }, ms);
+    const off = emitter.on(event, (payload) => {
+      clearTimeout(timer);
+      off();
+      resolveNext(payload);
+    });
+  });
+}
+
+/** Polls `check` every 20 ms until it returns a truthy value, within `ms`. */
+export async function until(check, ms = 10000, what = "condition") {
+  const end = Date.now() + ms;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > end) throw new Error(`${what} not met within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
