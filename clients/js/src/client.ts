@@ -568,7 +568,7 @@ export class Client extends Emitter<ClientEvents> {
         }
         const entry = this.topics.get(m.topic);
         if (!entry || !this.fresh(entry.stream, m)) return;
-        for (const handler of [...entry.handlers]) {
+        for (const handler of entry.handlers) {
           try {
             handler(m);
           } catch (e) {
