@@ -19,6 +19,14 @@ export function shardcastBin() {
 }
 
 /**
+ * The environment for a node: this one without any `SHARDCAST_*` variable, since a node reads
+ * every one as a setting and refuses unknown keys (such as `SHARDCAST_BIN`).
+ */
+function nodeEnv() {
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("SHARDCAST_")));
+}
+
+/**
  * Starts a dev node; resolves once it logged its start line, with its WebSocket URL
  * (`ws`), API base URL (`api`), the client listener address (`listen`) and `stop(signal)`.
  */
@@ -39,7 +47,7 @@ export function startNode({ listen = "127.0.0.1:0", args = [], startTimeout = 15
       ...args,
     ],
     {
-      env: { ...process.env, SHARDCAST_PIN_SHARDS: "false", RUST_LOG: "info" },
+      env: { ...nodeEnv(), SHARDCAST_PIN_SHARDS: "false", RUST_LOG: "info" },
       stdio: ["ignore", "pipe", "pipe"],
     },
   );
