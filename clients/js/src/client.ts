@@ -72,15 +72,19 @@ export interface Ack {
   ep?: string;
 }
 
-/** The part of the WebSocket API the client uses (browsers' `WebSocket`, the `ws` package). */
+/**
+ * The part of the WebSocket API the client uses (browsers' `WebSocket`, the `ws` package).
+ * The handlers' events are typed `any` so that every implementation's own event types fit;
+ * the client reads `data` of a message event and `code`/`reason` of a close event.
+ */
 export interface WebSocketLike {
   readonly readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
-  onopen: ((event: unknown) => void) | null;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
+  onopen: ((event: any) => void) | null;
+  onmessage: ((event: any) => void) | null;
+  onclose: ((event: any) => void) | null;
+  onerror: ((event: any) => void) | null;
 }
 
 /** A WebSocket constructor: `globalThis.WebSocket`, or `ws`'s in Node. */
@@ -257,7 +261,7 @@ export class Client extends Emitter<ClientEvents> {
   /** The last `hello`, while connected. */
   hello: Hello | undefined;
 
-  private readonly url: string;
+  private readonly url: URL;
   private readonly opts: Required<
     Omit<ClientOptions, "token" | "getToken" | "WebSocket" | "protocol" | "mailbox">
   >;
@@ -288,7 +292,8 @@ export class Client extends Emitter<ClientEvents> {
 
   constructor(url: string, options: ClientOptions = {}) {
     super();
-    this.url = url;
+    this.url = new URL(url, (globalThis as { location?: { href: string } }).location?.href);
+    this.url.protocol = this.url.protocol.replace(/^http/, "ws");
     this.token = options.token;
     this.getToken = options.getToken;
     this.WebSocketImpl =
@@ -520,8 +525,7 @@ export class Client extends Emitter<ClientEvents> {
       this.stop(1006, "no WebSocket implementation: pass options.WebSocket", false);
       return;
     }
-    const url = new URL(this.url, (globalThis as { location?: { href: string } }).location?.href);
-    url.protocol = url.protocol.replace(/^http/, "ws");
+    const url = new URL(this.url.href);
     if (this.token !== undefined) url.searchParams.set("token", this.token);
     let ws: WebSocketLike;
     try {
@@ -538,11 +542,11 @@ export class Client extends Emitter<ClientEvents> {
     ws.onopen = () => {
       opened = true;
     };
-    ws.onmessage = (event) => {
+    ws.onmessage = (event: { data: unknown }) => {
       if (this.ws === ws) this.receive(event.data);
     };
     ws.onerror = noop;
-    ws.onclose = (event) => {
+    ws.onclose = (event: { code: number; reason: string }) => {
       if (this.ws !== ws) return;
       this.ws = undefined;
       this.lost(event.code, event.reason, opened);
@@ -625,7 +629,7 @@ export class Client extends Emitter<ClientEvents> {
     }
     for (const [topic, entry] of this.topics) this.sendSub(topic, entry);
     for (const { frame } of this.queue.splice(0)) this.write(frame);
-    this.scheduleRefresh(hello.exp ?? (this.token ? tokenExp(this.token) : undefined));
+    this.scheduleRefresh(hello.exp);
     this.check();
     for (const w of this.waiters.splice(0)) w.resolve(hello);
     this.emit("connected", hello);

@@ -83,8 +83,12 @@ export class FakeClock {
     this.timers.delete(handle);
   }
 
-  /** Moves time forward by `ms`, running each timer that falls due, in order. */
+  /**
+   * Lets what is pending run, then moves time forward by `ms`, running each timer that falls
+   * due, in order.
+   */
   async advance(ms) {
+    await flush();
     const end = this.time + ms;
     for (;;) {
       let next;

@@ -349,23 +349,38 @@ test("4401 with a fixed token and no getToken stops with an unauthorized error",
   assert.equal(errors[0].code, "unauthorized");
 });
 
-test("the token is refreshed with a refresh frame shortly before hello.exp", async () => {
-  let n = 0;
-  const { c, ws } = await connected(
-    { getToken: () => `t${++n}`, refreshBefore: 30_000 },
-    { exp: Math.floor(clock.now() / 1000) + 600, hb: 0 },
-  );
+test("the token is refreshed with a refresh frame shortly before hello.exp, then before the new token's exp", async () => {
+  const jwt = (exp) => `h.${Buffer.from(JSON.stringify({ sub: "u", exp })).toString("base64url")}.s`;
+  const inSeconds = (s) => Math.floor(clock.now() / 1000) + s;
+  const tokens = [];
+  const getToken = () => {
+    tokens.push(jwt(inSeconds(tokens.length === 0 ? 600 : 300)));
+    return tokens[tokens.length - 1];
+  };
+  const { c, ws } = await connected({ getToken, refreshBefore: 30_000 }, { exp: inSeconds(600), hb: 0 });
   await clock.advance(569_999);
   assert.equal(ws.ops("refresh").length, 0);
   await clock.advance(1);
   assert.deepEqual(
     ws.ops("refresh").map(({ id, ...f }) => f),
-    [{ op: "refresh", token: "t2" }],
+    [{ op: "refresh", token: tokens[1] }],
   );
   ws.answer("refresh", (f) => ({ op: "ack", id: f.id }));
+  await clock.advance(269_999);
+  assert.equal(ws.ops("refresh").length, 1);
+  await clock.advance(1);
+  assert.equal(ws.ops("refresh")[1].token, tokens[2]);
   ws.serverClose(1006);
   await clock.advance(1000);
-  assert.equal(FakeSocket.last().url.searchParams.get("token"), "t2");
+  assert.equal(FakeSocket.last().url.searchParams.get("token"), tokens[2]);
+  c.disconnect();
+});
+
+test("a server without hello.exp gets no refresh, whatever the token says", async () => {
+  const jwt = `h.${Buffer.from(JSON.stringify({ exp: Math.floor(clock.now() / 1000) + 60 })).toString("base64url")}.s`;
+  const { c, ws } = await connected({ getToken: () => jwt }, { hb: 0 });
+  await clock.advance(120_000);
+  assert.equal(ws.ops("refresh").length, 0);
   c.disconnect();
 });
 
