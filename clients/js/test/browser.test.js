@@ -10,7 +10,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import puppeteer from "puppeteer-core";
 
-import { api, startNode, until } from "./harness.js";
+import { SECRET, api, epoch, jwt, startNode, until } from "./harness.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const files = {
@@ -25,7 +25,7 @@ let origin;
 let browser;
 
 before(async () => {
-  node = await startNode();
+  node = await startNode({ args: ["--secret", SECRET] });
   server = createServer((req, res) => {
     const file = files[req.url];
     if (!file) {
@@ -124,6 +124,20 @@ test("in Chromium: connect, subscribe, receive a publication made through the HT
   });
   assert.deepEqual(refused, { error: true, code: "bad_request" });
   await p.evaluate(() => window.client.disconnect());
+  await p.close();
+});
+
+test("in Chromium: a refused token (an HTTP 401 the page cannot read) makes the client ask getToken again", { timeout: 60000 }, async () => {
+  const p = await page();
+  const tokens = [jwt({ sub: "ivy", exp: epoch(-600) }), jwt({ sub: "ivy", exp: epoch(600) })];
+  const result = await p.evaluate(async (ws, tokens) => {
+    let calls = 0;
+    const client = new Client(ws, { minReconnectDelay: 50, getToken: async () => tokens[calls++] });
+    const hello = await client.connect();
+    client.disconnect();
+    return { user: hello.user, calls };
+  }, node.ws, tokens);
+  assert.deepEqual(result, { user: "ivy", calls: 2 });
   await p.close();
 });
 

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import WebSocket from "ws";
 
 import { Client, ShardcastError } from "../dist/index.js";
-import { api, next, startNode, until } from "./harness.js";
+import { SECRET, api, epoch, jwt, next, startNode, until } from "./harness.js";
 
 const nodes = [];
 const clients = [];
@@ -147,5 +147,33 @@ test("node draining (SIGTERM, 1001): the client reconnects promptly to a node on
   const back = next(c, "connected", 20000);
   await node({ listen: first.listen });
   assert.equal((await back).user, "frank");
+  c.disconnect();
+});
+
+test("a refused token (HTTP 401 at the handshake): getToken is asked again, the next attempt connects", { timeout: 20000 }, async () => {
+  const n = await node({ args: ["--secret", SECRET] });
+  const issued = [];
+  const c = new Client(n.ws, {
+    WebSocket,
+    minReconnectDelay: 50,
+    getToken: () => {
+      issued.push(jwt({ sub: "gina", exp: epoch(issued.length === 0 ? -600 : 600) }));
+      return issued[issued.length - 1];
+    },
+  });
+  clients.push(c);
+  const hello = await c.connect();
+  assert.equal(hello.user, "gina");
+  assert.equal(issued.length, 2, "the expired token, then a fresh one");
+  c.disconnect();
+});
+
+test("a token's pub claim: publishing elsewhere is refused with forbidden", { timeout: 20000 }, async () => {
+  const n = await node({ args: ["--secret", SECRET] });
+  const c = new Client(n.ws, { WebSocket, token: jwt({ sub: "hank", pub: ["chat.*"], exp: epoch(600) }) });
+  clients.push(c);
+  await c.connect();
+  assert.match(await c.publish("chat.1", "ok"), /^\d+$/);
+  await assert.rejects(c.publish("news", "no"), (e) => e instanceof ShardcastError && e.code === "forbidden");
   c.disconnect();
 });

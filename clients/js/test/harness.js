@@ -2,6 +2,7 @@
 // SHARDCAST_BIN (default ../../target/release/shardcast, else ../../target/debug/shardcast),
 // on loopback ports the kernel picks, in --dev mode (?user=NAME trusted, API without a key).
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -133,4 +134,19 @@ export async function until(check, ms = 10000, what = "condition") {
     if (Date.now() > end) throw new Error(`${what} not met within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** Secret of the nodes started with `args: ["--secret", SECRET]`. */
+export const SECRET = "shardcast-js-test-secret";
+
+/** An HS256 JWT with `claims`, signed with `secret`. */
+export function jwt(claims, secret = SECRET) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
+/** Seconds since the Unix epoch, `offset` from now. */
+export function epoch(offset = 0) {
+  return Math.floor(Date.now() / 1000) + offset;
 }
