@@ -263,7 +263,7 @@ export class Client extends Emitter<ClientEvents> {
 
   private readonly url: URL;
   private readonly opts: Required<
-    Omit<ClientOptions, "token" | "getToken" | "WebSocket" | "protocol" | "mailbox">
+    Omit<ClientOptions, "token" | "getToken" | "WebSocket" | "protocol" | "mailbox" | "clock">
   >;
   private readonly getToken: (() => string | Promise<string>) | undefined;
   private readonly WebSocketImpl: WebSocketConstructor | undefined;
@@ -310,7 +310,6 @@ export class Client extends Emitter<ClientEvents> {
       livenessMargin: options.livenessMargin ?? 10000,
       refreshBefore: options.refreshBefore ?? 30000,
       reconnect: options.reconnect ?? true,
-      clock: this.clock,
       random: options.random ?? Math.random,
     };
   }
