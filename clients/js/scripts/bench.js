@@ -13,14 +13,22 @@ await ready;
 let received = 0;
 client.subscribe("t", () => received++);
 const frames = Array.from({ length: N }, (_, i) =>
-  JSON.stringify({ op: "pub", topic: "t", mid: String(1e15 + i), ts: 1, data: { n: i, text: "hello" } }),
+  JSON.stringify({
+    op: "pub",
+    topic: "t",
+    mid: String(1e15 + i),
+    ts: 1,
+    data: { n: i, text: "hello" },
+  }),
 );
 
 function run(name, fn) {
   const start = performance.now();
   fn();
   const ms = performance.now() - start;
-  console.log(`${name}: ${Math.round((N / ms) * 1000)} messages/s, ${((ms * 1000) / N).toFixed(2)} µs each`);
+  console.log(
+    `${name}: ${Math.round((N / ms) * 1000)} messages/s, ${((ms * 1000) / N).toFixed(2)} µs each`,
+  );
 }
 
 for (let round = 0; round < 2; round++) {

@@ -38,5 +38,6 @@ cd "$here"
 npm ci --no-audit --no-fund --loglevel=error
 npm run --silent build
 npm run --silent typecheck
+npm run --silent lint
 node scripts/bundle.js
 node --test --test-concurrency=1 test/unit.test.js test/e2e.test.js test/browser.test.js

@@ -88,7 +88,10 @@ export interface WebSocketLike {
 }
 
 /** A WebSocket constructor: `globalThis.WebSocket`, or `ws`'s in Node. */
-export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+export type WebSocketConstructor = new (
+  url: string,
+  protocols?: string | string[],
+) => WebSocketLike;
 
 /** Time source and timers; injectable so that tests can drive a fake clock. */
 export interface Clock {
@@ -192,7 +195,8 @@ export interface Subscription {
   /**
    * Settles with the server's first answer to the topic's `sub`: resolves with the `ack`,
    * rejects with a {@link ShardcastError} when the server refused it (the subscription is
-   * then gone) or the client was stopped first.
+   * then gone), the client was stopped first (`disconnected`) or the topic's last handler
+   * unsubscribed first (`unsubscribed`).
    */
   readonly ready: Promise<Ack>;
   /** Stops this handler; the last handler of a topic unsubscribes it from the server. */
@@ -372,6 +376,12 @@ export class Client extends Emitter<ClientEvents> {
         if (!entry.handlers.delete(wrapped) || entry.handlers.size > 0) return;
         if (this.topics.get(topic) !== entry) return;
         this.topics.delete(topic);
+        const early = new ShardcastError(
+          "unsubscribed",
+          `sub ${topic}: unsubscribed before an answer`,
+          topic,
+        );
+        for (const w of entry.waiting.splice(0)) w.reject(early);
         if (this.state === "connected") this.control({ op: "unsub", topic }, noop);
       },
     };
@@ -426,7 +436,8 @@ export class Client extends Emitter<ClientEvents> {
         },
         user: true,
         timer: this.clock.setTimeout(
-          () => entry.fail(new ShardcastError("timeout", `${frame.op}: no answer in ${timeout} ms`)),
+          () =>
+            entry.fail(new ShardcastError("timeout", `${frame.op}: no answer in ${timeout} ms`)),
           timeout,
         ),
       };
@@ -593,7 +604,10 @@ export class Client extends Emitter<ClientEvents> {
         const entry = typeof frame.id === "number" ? this.pending.get(frame.id) : undefined;
         if (entry) entry.settle(frame);
         else if (frame.op === "err" && frame.id === undefined) {
-          this.emit("error", new ShardcastError(String(frame.code), String(frame.msg ?? frame.code)));
+          this.emit(
+            "error",
+            new ShardcastError(String(frame.code), String(frame.msg ?? frame.code)),
+          );
         }
         return;
       }
@@ -620,7 +634,10 @@ export class Client extends Emitter<ClientEvents> {
     if (since) {
       this.control({ op: "resume", since }, (answer) => {
         if (answer.op === "err") {
-          this.emit("error", new ShardcastError(String(answer.code), `resume: ${String(answer.msg)}`));
+          this.emit(
+            "error",
+            new ShardcastError(String(answer.code), `resume: ${String(answer.msg)}`),
+          );
         } else this.recovered(this.mailbox, answer as unknown as Ack);
       });
     } else if (hello.mailbox) {
@@ -687,7 +704,9 @@ export class Client extends Emitter<ClientEvents> {
     }
     for (const [id, entry] of [...this.pending]) {
       if (entry.user && !this.queue.some((q) => q.id === id)) {
-        entry.fail(new ShardcastError("disconnected", `connection lost (${code}) before an answer`));
+        entry.fail(
+          new ShardcastError("disconnected", `connection lost (${code}) before an answer`),
+        );
       }
     }
     if (AUTH_CLOSES.has(code) || !opened) this.needToken = true;
@@ -793,7 +812,8 @@ export class Client extends Emitter<ClientEvents> {
         for (const w of entry.waiting.splice(0)) w.reject(error);
       }
     }
-    if (wasConnected || code !== 1000) this.emit("disconnected", { code, reason, reconnect: false });
+    if (wasConnected || code !== 1000)
+      this.emit("disconnected", { code, reason, reconnect: false });
   }
 
   /** Browser hooks: network back online or page visible again → wake; offline → drop. */

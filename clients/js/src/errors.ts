@@ -6,7 +6,8 @@
  * `unavailable`, ...) or one the client makes itself: `timeout` (no answer within the
  * request's timeout), `disconnected` (the connection was lost with the request in flight, or
  * the client was stopped), `unauthorized` (the server refused the credentials and there is
- * no `getToken` to ask for new ones).
+ * no `getToken` to ask for new ones), `unsubscribed` (a subscription's `ready` when its topic
+ * was unsubscribed before the server answered).
  *
  * @module
  */
@@ -21,6 +22,7 @@ export type ErrorCode =
   | "timeout"
   | "disconnected"
   | "unauthorized"
+  | "unsubscribed"
   | (string & {});
 
 /** A request refused by the server, or failed on the client's side. */

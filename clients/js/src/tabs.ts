@@ -121,10 +121,9 @@ export class SharedClient extends Emitter<SharedEvents> {
   close(): void {
     this.handlers.clear();
     this.announce();
-    (globalThis as { removeEventListener?: (t: string, f: () => void) => void }).removeEventListener?.(
-      "pagehide",
-      this.bye,
-    );
+    (
+      globalThis as { removeEventListener?: (t: string, f: () => void) => void }
+    ).removeEventListener?.("pagehide", this.bye);
     this.client?.disconnect();
     this.client = undefined;
     this.channel?.close();
@@ -185,14 +184,19 @@ export class SharedClient extends Emitter<SharedEvents> {
     }
     for (const topic of wanted) {
       if (this.subscriptions.has(topic)) continue;
-      this.subscriptions.set(topic, this.client!.subscribe(topic, (m) => this.relay({ t: "pub", m })));
+      this.subscriptions.set(
+        topic,
+        this.client!.subscribe(topic, (m) => this.relay({ t: "pub", m })),
+      );
     }
   }
 
   private async run(note: Extract<Note, { t: "call" }>): Promise<void> {
     const reply: Note = { t: "reply", tab: note.tab, cid: note.cid };
     try {
-      reply.value = await (this.client![note.method] as (...a: unknown[]) => Promise<string>)(...note.args);
+      reply.value = await (this.client![note.method] as (...a: unknown[]) => Promise<string>)(
+        ...note.args,
+      );
     } catch (e) {
       reply.code = (e as ShardcastError).code ?? "error";
       reply.message = (e as Error).message;
@@ -207,7 +211,12 @@ export class SharedClient extends Emitter<SharedEvents> {
     return new Promise<string>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.calls.delete(cid);
-        reject(new ShardcastError("timeout", `${method}: no answer from the leading tab in ${timeout} ms`));
+        reject(
+          new ShardcastError(
+            "timeout",
+            `${method}: no answer from the leading tab in ${timeout} ms`,
+          ),
+        );
       }, timeout);
       this.calls.set(cid, {
         resolve: (v) => (clearTimeout(timer), resolve(v)),

@@ -78,11 +78,16 @@ async function publishMany(topics, count, concurrency = 16) {
           path: "/v1/publish",
           method: "POST",
           agent,
-          headers: { "content-type": "application/json", "content-length": Buffer.byteLength(data) },
+          headers: {
+            "content-type": "application/json",
+            "content-length": Buffer.byteLength(data),
+          },
         },
         (res) => {
           res.resume();
-          res.on("end", () => (res.statusCode === 202 ? done() : fail(new Error(`publish: ${res.statusCode}`))));
+          res.on("end", () =>
+            res.statusCode === 202 ? done() : fail(new Error(`publish: ${res.statusCode}`)),
+          );
         },
       );
       req.on("error", fail);
@@ -99,47 +104,65 @@ async function publishMany(topics, count, concurrency = 16) {
   }
 }
 
-test("in Chromium: connect, subscribe, receive a publication made through the HTTP API", { timeout: 60000 }, async () => {
-  const p = await page();
-  const hello = await p.evaluate(async (ws) => {
-    window.client = new Client(`${ws}?user=viewer`);
-    window.got = [];
-    const sub = window.client.subscribe("live", (m) => window.got.push(m.data));
-    const hello = await window.client.connect();
-    await sub.ready;
-    return hello;
-  }, node.ws);
-  assert.equal(hello.user, "viewer");
-  const res = await api(node, "POST", "/v1/publish", { topics: ["live"], data: { score: "1-0" } });
-  assert.equal(res.status, 202);
-  await p.waitForFunction(() => window.got.length === 1, { timeout: 10000 });
-  assert.deepEqual(await p.evaluate(() => window.got), [{ score: "1-0" }]);
-  const refused = await p.evaluate(async () => {
-    try {
-      await window.client.publish("", 1);
-      return null;
-    } catch (e) {
-      return { error: e instanceof ShardcastError, code: e.code };
-    }
-  });
-  assert.deepEqual(refused, { error: true, code: "bad_request" });
-  await p.evaluate(() => window.client.disconnect());
-  await p.close();
-});
+test(
+  "in Chromium: connect, subscribe, receive a publication made through the HTTP API",
+  { timeout: 60000 },
+  async () => {
+    const p = await page();
+    const hello = await p.evaluate(async (ws) => {
+      window.client = new Client(`${ws}?user=viewer`);
+      window.got = [];
+      const sub = window.client.subscribe("live", (m) => window.got.push(m.data));
+      const hello = await window.client.connect();
+      await sub.ready;
+      return hello;
+    }, node.ws);
+    assert.equal(hello.user, "viewer");
+    const res = await api(node, "POST", "/v1/publish", {
+      topics: ["live"],
+      data: { score: "1-0" },
+    });
+    assert.equal(res.status, 202);
+    await p.waitForFunction(() => window.got.length === 1, { timeout: 10000 });
+    assert.deepEqual(await p.evaluate(() => window.got), [{ score: "1-0" }]);
+    const refused = await p.evaluate(async () => {
+      try {
+        await window.client.publish("", 1);
+        return null;
+      } catch (e) {
+        return { error: e instanceof ShardcastError, code: e.code };
+      }
+    });
+    assert.deepEqual(refused, { error: true, code: "bad_request" });
+    await p.evaluate(() => window.client.disconnect());
+    await p.close();
+  },
+);
 
-test("in Chromium: a refused token (an HTTP 401 the page cannot read) makes the client ask getToken again", { timeout: 60000 }, async () => {
-  const p = await page();
-  const tokens = [jwt({ sub: "ivy", exp: epoch(-600) }), jwt({ sub: "ivy", exp: epoch(600) })];
-  const result = await p.evaluate(async (ws, tokens) => {
-    let calls = 0;
-    const client = new Client(ws, { minReconnectDelay: 50, getToken: async () => tokens[calls++] });
-    const hello = await client.connect();
-    client.disconnect();
-    return { user: hello.user, calls };
-  }, node.ws, tokens);
-  assert.deepEqual(result, { user: "ivy", calls: 2 });
-  await p.close();
-});
+test(
+  "in Chromium: a refused token (an HTTP 401 the page cannot read) makes the client ask getToken again",
+  { timeout: 60000 },
+  async () => {
+    const p = await page();
+    const tokens = [jwt({ sub: "ivy", exp: epoch(-600) }), jwt({ sub: "ivy", exp: epoch(600) })];
+    const result = await p.evaluate(
+      async (ws, tokens) => {
+        let calls = 0;
+        const client = new Client(ws, {
+          minReconnectDelay: 50,
+          getToken: async () => tokens[calls++],
+        });
+        const hello = await client.connect();
+        client.disconnect();
+        return { user: hello.user, calls };
+      },
+      node.ws,
+      tokens,
+    );
+    assert.deepEqual(result, { user: "ivy", calls: 2 });
+    await p.close();
+  },
+);
 
 test("in Chromium: connect-to-hello time", { timeout: 60000 }, async () => {
   const p = await page();
@@ -213,12 +236,18 @@ async function flood(count, fan, sdk) {
   const start = Date.now();
   await publishMany(topics, count);
   const published = Date.now() - start;
-  await p.waitForFunction((count) => window.flood.n >= count, { timeout: 60000, polling: 50 }, count);
+  await p.waitForFunction(
+    (count) => window.flood.n >= count,
+    { timeout: 60000, polling: 50 },
+    count,
+  );
   const total = Date.now() - start;
   const f = await p.evaluate(() => ({ ...window.flood, seen: window.flood.seen.size }));
   assert.equal(f.n, count);
   assert.equal(f.seen, count, "every publication once");
-  await p.evaluate(() => (window.flooded instanceof WebSocket ? window.flooded.close() : window.flooded.disconnect()));
+  await p.evaluate(() =>
+    window.flooded instanceof WebSocket ? window.flooded.close() : window.flooded.disconnect(),
+  );
   await p.close();
   const endToEnd = Math.round((count / Math.max(total, 1)) * 1000);
   const tab = Math.round((count / Math.max(f.last - f.first, 1)) * 1000);
@@ -232,58 +261,85 @@ async function flood(count, fan, sdk) {
 
 // One topic: one message per API call, so the publisher sets the pace.
 for (const count of [1000, 10000]) {
-  test(`in Chromium: one tab receives ${count} publications through the SDK (1 per API call)`, { timeout: 120000 }, async () => {
-    await flood(count, 1, true);
-  });
+  test(
+    `in Chromium: one tab receives ${count} publications through the SDK (1 per API call)`,
+    { timeout: 120000 },
+    async () => {
+      await flood(count, 1, true);
+    },
+  );
 }
 
 // Fifty topics (the tab subscribes to all): each API call makes fifty messages, so the tab's
 // receiving sets the pace. The SDK alternates with a bare WebSocket in the same browser.
-test("in Chromium: one tab receives 1000 and 10000 publications (50 per API call), SDK and bare WebSocket", { timeout: 180000 }, async () => {
-  await flood(1000, 50, true);
-  const rounds = { sdk: [], bare: [] };
-  for (let i = 0; i < 3; i++) {
-    rounds.sdk.push((await flood(10000, 50, true)).tab);
-    rounds.bare.push((await flood(10000, 50, false)).tab);
-  }
-  const median = (xs) => [...xs].sort((a, b) => a - b)[1];
-  console.log(
-    `chromium tab, 10000 publications, 50 per call, first-to-last receive rate, median of 3: ` +
-      `SDK ${median(rounds.sdk)}/s, bare WebSocket ${median(rounds.bare)}/s`,
-  );
-});
+test(
+  "in Chromium: one tab receives 1000 and 10000 publications (50 per API call), SDK and bare WebSocket",
+  { timeout: 180000 },
+  async () => {
+    await flood(1000, 50, true);
+    const rounds = { sdk: [], bare: [] };
+    for (let i = 0; i < 3; i++) {
+      rounds.sdk.push((await flood(10000, 50, true)).tab);
+      rounds.bare.push((await flood(10000, 50, false)).tab);
+    }
+    const median = (xs) => [...xs].sort((a, b) => a - b)[1];
+    console.log(
+      `chromium tab, 10000 publications, 50 per call, first-to-last receive rate, median of 3: ` +
+        `SDK ${median(rounds.sdk)}/s, bare WebSocket ${median(rounds.bare)}/s`,
+    );
+  },
+);
 
-test("in Chromium: tabs share one connection (SharedClient), and a new leader takes over", { timeout: 60000 }, async () => {
-  const open = async () => {
-    const p = await page();
-    await p.evaluate((ws) => {
-      window.got = [];
-      window.shared = new SharedClient(() => new Client(`${ws}?user=tabs`), { name: "test-tabs" });
-      window.shared.subscribe("tabs", (m) => window.got.push(m.data));
-    }, node.ws);
-    return p;
-  };
-  const first = await open();
-  const second = await open();
-  const connections = async () => (await api(node, "GET", "/v1/users/tabs")).body.connections;
-  const subscribers = async () => (await api(node, "GET", "/v1/topics/tabs")).body.subscribers;
-  await until(async () => (await connections()) === 1 && (await subscribers()) === 1, 10000, "one connection");
-  assert.deepEqual(
-    [await first.evaluate(() => window.shared.leader), await second.evaluate(() => window.shared.leader)],
-    [true, false],
-  );
+test(
+  "in Chromium: tabs share one connection (SharedClient), and a new leader takes over",
+  { timeout: 60000 },
+  async () => {
+    const open = async () => {
+      const p = await page();
+      await p.evaluate((ws) => {
+        window.got = [];
+        window.shared = new SharedClient(() => new Client(`${ws}?user=tabs`), {
+          name: "test-tabs",
+        });
+        window.shared.subscribe("tabs", (m) => window.got.push(m.data));
+      }, node.ws);
+      return p;
+    };
+    const first = await open();
+    const second = await open();
+    const connections = async () => (await api(node, "GET", "/v1/users/tabs")).body.connections;
+    const subscribers = async () => (await api(node, "GET", "/v1/topics/tabs")).body.subscribers;
+    await until(
+      async () => (await connections()) === 1 && (await subscribers()) === 1,
+      10000,
+      "one connection",
+    );
+    assert.deepEqual(
+      [
+        await first.evaluate(() => window.shared.leader),
+        await second.evaluate(() => window.shared.leader),
+      ],
+      [true, false],
+    );
 
-  await api(node, "POST", "/v1/publish", { topics: ["tabs"], data: 1 });
-  for (const p of [first, second]) await p.waitForFunction(() => window.got.includes(1), { timeout: 10000 });
-  const mid = await second.evaluate(() => window.shared.publish("tabs", 2));
-  assert.match(mid, /^\d+$/);
-  for (const p of [first, second]) await p.waitForFunction(() => window.got.includes(2), { timeout: 10000 });
+    await api(node, "POST", "/v1/publish", { topics: ["tabs"], data: 1 });
+    for (const p of [first, second])
+      await p.waitForFunction(() => window.got.includes(1), { timeout: 10000 });
+    const mid = await second.evaluate(() => window.shared.publish("tabs", 2));
+    assert.match(mid, /^\d+$/);
+    for (const p of [first, second])
+      await p.waitForFunction(() => window.got.includes(2), { timeout: 10000 });
 
-  await first.close({ runBeforeUnload: false });
-  await second.waitForFunction(() => window.shared.leader, { timeout: 10000 });
-  await until(async () => (await connections()) === 1 && (await subscribers()) === 1, 10000, "new leader subscribed");
-  await api(node, "POST", "/v1/publish", { topics: ["tabs"], data: 3 });
-  await second.waitForFunction(() => window.got.includes(3), { timeout: 10000 });
-  await second.evaluate(() => window.shared.close());
-  await second.close();
-});
+    await first.close({ runBeforeUnload: false });
+    await second.waitForFunction(() => window.shared.leader, { timeout: 10000 });
+    await until(
+      async () => (await connections()) === 1 && (await subscribers()) === 1,
+      10000,
+      "new leader subscribed",
+    );
+    await api(node, "POST", "/v1/publish", { topics: ["tabs"], data: 3 });
+    await second.waitForFunction(() => window.got.includes(3), { timeout: 10000 });
+    await second.evaluate(() => window.shared.close());
+    await second.close();
+  },
+);

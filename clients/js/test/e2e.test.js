@@ -79,7 +79,11 @@ test("sub/pub round trip between two clients; send between users", { timeout: 20
   assert.equal((await everyone).data, "all");
 
   sub.unsubscribe();
-  await until(async () => (await api(n, "GET", "/v1/topics/room.1")).body.subscribers === 0, 5000, "unsub");
+  await until(
+    async () => (await api(n, "GET", "/v1/topics/room.1")).body.subscribers === 0,
+    5000,
+    "unsub",
+  );
   alice.disconnect();
   bob.disconnect();
 });
@@ -111,69 +115,95 @@ test("kicked through the API (4003): no reconnect", { timeout: 20000 }, async ()
   assert.equal((await api(n, "GET", "/v1/users/dave")).body.online, false);
 });
 
-test("node killed and restarted on the same port: the client reconnects and resubscribes", { timeout: 30000 }, async () => {
-  const first = await node();
-  const c = client(first, "erin");
-  await c.connect();
-  const got = [];
-  await c.subscribe("news", (m) => got.push(m.data)).ready;
-  const reconnecting = [];
-  c.on("reconnecting", (r) => reconnecting.push(r));
+test(
+  "node killed and restarted on the same port: the client reconnects and resubscribes",
+  { timeout: 30000 },
+  async () => {
+    const first = await node();
+    const c = client(first, "erin");
+    await c.connect();
+    const got = [];
+    await c.subscribe("news", (m) => got.push(m.data)).ready;
+    const reconnecting = [];
+    c.on("reconnecting", (r) => reconnecting.push(r));
 
-  const lost = next(c, "disconnected");
-  await first.stop("SIGKILL");
-  assert.deepEqual(await lost, { code: 1006, reason: "", reconnect: true });
+    const lost = next(c, "disconnected");
+    await first.stop("SIGKILL");
+    assert.deepEqual(await lost, { code: 1006, reason: "", reconnect: true });
 
-  const back = next(c, "connected", 20000);
-  const second = await node({ listen: first.listen });
-  const hello = await back;
-  assert.equal(hello.user, "erin");
-  assert.ok(reconnecting.length >= 1);
-  await until(async () => (await api(second, "GET", "/v1/topics/news")).body.subscribers === 1, 5000, "resubscribed");
-  await api(second, "POST", "/v1/publish", { topics: ["news"], data: "after restart" });
-  await until(() => got.includes("after restart"), 5000, "publication after restart");
-  c.disconnect();
-});
+    const back = next(c, "connected", 20000);
+    const second = await node({ listen: first.listen });
+    const hello = await back;
+    assert.equal(hello.user, "erin");
+    assert.ok(reconnecting.length >= 1);
+    await until(
+      async () => (await api(second, "GET", "/v1/topics/news")).body.subscribers === 1,
+      5000,
+      "resubscribed",
+    );
+    await api(second, "POST", "/v1/publish", { topics: ["news"], data: "after restart" });
+    await until(() => got.includes("after restart"), 5000, "publication after restart");
+    c.disconnect();
+  },
+);
 
-test("node draining (SIGTERM, 1001): the client reconnects promptly to a node on the same address", { timeout: 30000 }, async () => {
-  const first = await node();
-  const c = client(first, "frank", { drainReconnectDelay: 200 });
-  await c.connect();
-  const lost = next(c, "disconnected");
-  await first.stop("SIGTERM");
-  const info = await lost;
-  assert.equal(info.code, 1001);
-  assert.equal(info.reconnect, true);
-  const back = next(c, "connected", 20000);
-  await node({ listen: first.listen });
-  assert.equal((await back).user, "frank");
-  c.disconnect();
-});
+test(
+  "node draining (SIGTERM, 1001): the client reconnects promptly to a node on the same address",
+  { timeout: 30000 },
+  async () => {
+    const first = await node();
+    const c = client(first, "frank", { drainReconnectDelay: 200 });
+    await c.connect();
+    const lost = next(c, "disconnected");
+    await first.stop("SIGTERM");
+    const info = await lost;
+    assert.equal(info.code, 1001);
+    assert.equal(info.reconnect, true);
+    const back = next(c, "connected", 20000);
+    await node({ listen: first.listen });
+    assert.equal((await back).user, "frank");
+    c.disconnect();
+  },
+);
 
-test("a refused token (HTTP 401 at the handshake): getToken is asked again, the next attempt connects", { timeout: 20000 }, async () => {
-  const n = await node({ args: ["--secret", SECRET] });
-  const issued = [];
-  const c = new Client(n.ws, {
-    WebSocket,
-    minReconnectDelay: 50,
-    getToken: () => {
-      issued.push(jwt({ sub: "gina", exp: epoch(issued.length === 0 ? -600 : 600) }));
-      return issued[issued.length - 1];
-    },
-  });
-  clients.push(c);
-  const hello = await c.connect();
-  assert.equal(hello.user, "gina");
-  assert.equal(issued.length, 2, "the expired token, then a fresh one");
-  c.disconnect();
-});
+test(
+  "a refused token (HTTP 401 at the handshake): getToken is asked again, the next attempt connects",
+  { timeout: 20000 },
+  async () => {
+    const n = await node({ args: ["--secret", SECRET] });
+    const issued = [];
+    const c = new Client(n.ws, {
+      WebSocket,
+      minReconnectDelay: 50,
+      getToken: () => {
+        issued.push(jwt({ sub: "gina", exp: epoch(issued.length === 0 ? -600 : 600) }));
+        return issued[issued.length - 1];
+      },
+    });
+    clients.push(c);
+    const hello = await c.connect();
+    assert.equal(hello.user, "gina");
+    assert.equal(issued.length, 2, "the expired token, then a fresh one");
+    c.disconnect();
+  },
+);
 
-test("a token's pub claim: publishing elsewhere is refused with forbidden", { timeout: 20000 }, async () => {
-  const n = await node({ args: ["--secret", SECRET] });
-  const c = new Client(n.ws, { WebSocket, token: jwt({ sub: "hank", pub: ["chat.*"], exp: epoch(600) }) });
-  clients.push(c);
-  await c.connect();
-  assert.match(await c.publish("chat.1", "ok"), /^\d+$/);
-  await assert.rejects(c.publish("news", "no"), (e) => e instanceof ShardcastError && e.code === "forbidden");
-  c.disconnect();
-});
+test(
+  "a token's pub claim: publishing elsewhere is refused with forbidden",
+  { timeout: 20000 },
+  async () => {
+    const n = await node({ args: ["--secret", SECRET] });
+    const c = new Client(n.ws, {
+      WebSocket,
+      token: jwt({ sub: "hank", pub: ["chat.*"], exp: epoch(600) }),
+    });
+    clients.push(c);
+    await c.connect();
+    assert.match(await c.publish("chat.1", "ok"), /^\d+$/);
+    await assert.rejects(
+      c.publish("news", "no"),
+      (e) => e instanceof ShardcastError && e.code === "forbidden",
+    );
+    c.disconnect();
+  },
+);

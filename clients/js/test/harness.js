@@ -24,7 +24,9 @@ export function shardcastBin() {
  * every one as a setting and refuses unknown keys (such as `SHARDCAST_BIN`).
  */
 function nodeEnv() {
-  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("SHARDCAST_")));
+  return Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith("SHARDCAST_")),
+  );
 }
 
 /**

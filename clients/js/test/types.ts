@@ -2,11 +2,21 @@
 // (`tsc -p test/tsconfig.json`, no output): the sockets of browsers and of `ws` fit the
 // client's options, and events, errors and results have the types the README promises.
 import WebSocket from "ws";
-import { Client, ShardcastError, type Hello, type Publication, type DisconnectInfo } from "../dist/index.js";
+import {
+  Client,
+  ShardcastError,
+  type Hello,
+  type Publication,
+  type DisconnectInfo,
+} from "../dist/index.js";
 import { SharedClient } from "../dist/tabs.js";
 
 const node = new Client("ws://127.0.0.1:8080/ws", { WebSocket, getToken: async () => "t" });
-const browser = new Client("/ws", { WebSocket: globalThis.WebSocket, token: "t", protocol: "shardcast.v1" });
+const browser = new Client("/ws", {
+  WebSocket: globalThis.WebSocket,
+  token: "t",
+  protocol: "shardcast.v1",
+});
 
 async function use(client: Client): Promise<void> {
   const hello: Hello = await client.connect();

@@ -68,7 +68,12 @@ test("ping resolves on its pong; up sends data and stream", async () => {
   ws.answer("ping", (f) => ({ op: "pong", id: f.id }));
   assert.equal(await rtt, 7);
   const up = c.up({ x: 1 }, { stream: "orders" });
-  assert.deepEqual(ws.ops("up")[0], { op: "up", data: { x: 1 }, stream: "orders", id: ws.ops("up")[0].id });
+  assert.deepEqual(ws.ops("up")[0], {
+    op: "up",
+    data: { x: 1 },
+    stream: "orders",
+    id: ws.ops("up")[0].id,
+  });
   ws.answer("up", (f) => ({ op: "ack", id: f.id, mid: "9" }));
   assert.equal(await up, "9");
 });
@@ -152,7 +157,9 @@ for (const code of [4001, 4003]) {
     await clock.advance(120_000);
     assert.equal(FakeSocket.all.length, 1);
     assert.equal(c.state, "idle");
-    assert.deepEqual(gone, [{ code, reason: code === 4001 ? "replaced" : "kicked", reconnect: false }]);
+    assert.deepEqual(gone, [
+      { code, reason: code === 4001 ? "replaced" : "kicked", reconnect: false },
+    ]);
   });
 }
 
@@ -279,6 +286,9 @@ test("handlers share one server subscription; the last unsubscribe sends unsub",
   ws.frame({ op: "pub", topic: "room", mid: "3", ts: 1, data: 3 });
   assert.deepEqual(a, [1]);
   assert.deepEqual(b, [1, 2]);
+  const early = c.subscribe("brief", () => {});
+  early.unsubscribe();
+  await assert.rejects(early.ready, { code: "unsubscribed", topic: "brief" });
   c.disconnect();
 });
 
@@ -350,14 +360,18 @@ test("4401 with a fixed token and no getToken stops with an unauthorized error",
 });
 
 test("the token is refreshed with a refresh frame shortly before hello.exp, then before the new token's exp", async () => {
-  const jwt = (exp) => `h.${Buffer.from(JSON.stringify({ sub: "u", exp })).toString("base64url")}.s`;
+  const jwt = (exp) =>
+    `h.${Buffer.from(JSON.stringify({ sub: "u", exp })).toString("base64url")}.s`;
   const inSeconds = (s) => Math.floor(clock.now() / 1000) + s;
   const tokens = [];
   const getToken = () => {
     tokens.push(jwt(inSeconds(tokens.length === 0 ? 600 : 300)));
     return tokens[tokens.length - 1];
   };
-  const { c, ws } = await connected({ getToken, refreshBefore: 30_000 }, { exp: inSeconds(600), hb: 0 });
+  const { c, ws } = await connected(
+    { getToken, refreshBefore: 30_000 },
+    { exp: inSeconds(600), hb: 0 },
+  );
   await clock.advance(569_999);
   assert.equal(ws.ops("refresh").length, 0);
   await clock.advance(1);
