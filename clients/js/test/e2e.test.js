@@ -2,6 +2,9 @@
 // shardcast nodes on loopback ports.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import WebSocket from "ws";
 
 import { Client, ShardcastError } from "../dist/index.js";
@@ -207,3 +210,46 @@ test(
     c.disconnect();
   },
 );
+
+test(
+  "replaced (4001, over max_devices_per_user): the oldest device does not reconnect",
+  { timeout: 20000 },
+  async () => {
+    const dir = mkdtempSync(join(tmpdir(), "shardcast-js-"));
+    try {
+      const config = join(dir, "one-device.toml");
+      writeFileSync(config, "max_devices_per_user = 1\n");
+      const n = await node({ args: ["--config", config] });
+      const older = client(n, "ken");
+      await older.connect();
+      const gone = next(older, "disconnected");
+      const newer = client(n, "ken");
+      await newer.connect();
+      const info = await gone;
+      assert.equal(info.code, 4001);
+      assert.equal(info.reconnect, false);
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(older.state, "idle");
+      assert.equal(newer.state, "connected");
+      assert.equal((await api(n, "GET", "/v1/users/ken")).body.connections, 1);
+      newer.disconnect();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+);
+
+test("send: the sender's other devices get a copy", { timeout: 20000 }, async () => {
+  const n = await node();
+  const phone = client(n, "lena");
+  const laptop = client(n, "lena");
+  const mo = client(n, "mo");
+  await Promise.all([phone.connect(), laptop.connect(), mo.connect()]);
+  const copy = next(laptop, "message");
+  const delivered = next(mo, "message");
+  const mid = await phone.send("mo", { hi: 1 });
+  for (const m of [await copy, await delivered]) {
+    assert.deepEqual([m.from, m.to, m.mid, m.data], ["lena", "mo", mid, { hi: 1 }]);
+  }
+  for (const c of [phone, laptop, mo]) c.disconnect();
+});
