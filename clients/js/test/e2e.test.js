@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import WebSocket from "ws";
+import WebSocket, { WebSocketServer } from "ws";
 
 import { Client, ShardcastError } from "../dist/index.js";
 import { SECRET, api, epoch, jwt, next, startNode, until } from "./harness.js";
@@ -253,3 +253,40 @@ test("send: the sender's other devices get a copy", { timeout: 20000 }, async ()
   }
   for (const c of [phone, laptop, mo]) c.disconnect();
 });
+
+test(
+  "liveness on real sockets: a server gone silent is pinged, then replaced",
+  { timeout: 20000 },
+  async () => {
+    // A stand-in server: says hello with a 1 s heartbeat, then never answers anything.
+    const server = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    await new Promise((done) => server.once("listening", done));
+    const heard = [];
+    let connections = 0;
+    server.on("connection", (socket) => {
+      connections++;
+      socket.on("message", (data) => heard.push(JSON.parse(String(data)).op));
+      socket.send(JSON.stringify({ op: "hello", user: "u", conn: "1", node: "silent", hb: 1 }));
+    });
+    try {
+      const c = new Client(`ws://127.0.0.1:${server.address().port}/ws`, {
+        WebSocket,
+        livenessMargin: 500,
+        minReconnectDelay: 50,
+      });
+      clients.push(c);
+      await c.connect();
+      const started = Date.now();
+      const gone = await next(c, "disconnected", 5000);
+      const after = Date.now() - started;
+      assert.deepEqual(gone, { code: 1006, reason: "liveness timeout", reconnect: true });
+      assert.ok(after >= 1400 && after < 3000, `replaced after ${after} ms`);
+      assert.deepEqual(heard, ["ping"]);
+      await next(c, "connected", 5000);
+      assert.equal(connections, 2);
+      c.disconnect();
+    } finally {
+      server.close();
+    }
+  },
+);
