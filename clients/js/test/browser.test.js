@@ -4,13 +4,13 @@
 // at which one tab receives publications made through the HTTP API.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import http, { createServer } from "node:http";
+import { createServer } from "node:http";
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import puppeteer from "puppeteer-core";
 
-import { SECRET, api, epoch, jwt, startNode, until } from "./harness.js";
+import { SECRET, api, epoch, jwt, publishMany, startNode, until } from "./harness.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const files = {
@@ -57,51 +57,6 @@ async function page() {
   await p.goto(origin + "/");
   await p.waitForFunction(() => window.sdkLoaded === true, { timeout: 10000 });
   return p;
-}
-
-/**
- * Publishes `count` messages through the API, `concurrency` requests at a time on keep-alive
- * connections (node:http: `fetch` sends a POST's headers and body in two writes and waits out
- * delayed ACKs, ~370 requests/s here). Each request names `topics`, so it makes one message
- * per topic.
- */
-async function publishMany(topics, count, concurrency = 16) {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency });
-  const url = new URL(node.api);
-  const post = (body) =>
-    new Promise((done, fail) => {
-      const data = JSON.stringify(body);
-      const req = http.request(
-        {
-          host: url.hostname,
-          port: url.port,
-          path: "/v1/publish",
-          method: "POST",
-          agent,
-          headers: {
-            "content-type": "application/json",
-            "content-length": Buffer.byteLength(data),
-          },
-        },
-        (res) => {
-          res.resume();
-          res.on("end", () =>
-            res.statusCode === 202 ? done() : fail(new Error(`publish: ${res.statusCode}`)),
-          );
-        },
-      );
-      req.on("error", fail);
-      req.end(data);
-    });
-  let calls = 0;
-  const worker = async () => {
-    while (calls < count / topics.length) await post({ topics, data: { n: calls++ } });
-  };
-  try {
-    await Promise.all(Array.from({ length: concurrency }, worker));
-  } finally {
-    agent.destroy();
-  }
 }
 
 test(
@@ -234,7 +189,7 @@ async function flood(count, fan, sdk) {
   const topics = Array.from({ length: fan }, (_, i) => `flood.${count}.${fan}.${i}`);
   await listen(p, topics, sdk);
   const start = Date.now();
-  await publishMany(topics, count);
+  await publishMany(node, topics, count);
   const published = Date.now() - start;
   await p.waitForFunction(
     (count) => window.flood.n >= count,

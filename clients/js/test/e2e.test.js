@@ -8,7 +8,7 @@ import { join } from "node:path";
 import WebSocket, { WebSocketServer } from "ws";
 
 import { Client, ShardcastError } from "../dist/index.js";
-import { SECRET, api, epoch, jwt, next, startNode, until } from "./harness.js";
+import { SECRET, api, epoch, jwt, next, publishMany, startNode, until } from "./harness.js";
 
 const nodes = [];
 const clients = [];
@@ -288,5 +288,37 @@ test(
     } finally {
       server.close();
     }
+  },
+);
+
+test(
+  "one Node client receives 10000 publications (50 per API call), each once",
+  { timeout: 30000 },
+  async () => {
+    const n = await node();
+    const c = client(n, "nora");
+    const topics = Array.from({ length: 50 }, (_, i) => `flood.${i}`);
+    const seen = new Set();
+    let first = 0;
+    let last = 0;
+    const count = (m) => {
+      last = performance.now();
+      if (seen.size === 0) first = last;
+      seen.add(`${m.topic}/${m.data.n}`);
+    };
+    const subs = topics.map((t) => c.subscribe(t, count));
+    await c.connect();
+    await Promise.all(subs.map((s) => s.ready));
+    const start = performance.now();
+    await publishMany(n, topics, 10000);
+    await until(() => seen.size >= 10000, 20000, "10000 publications");
+    const total = performance.now() - start;
+    assert.equal(seen.size, 10000);
+    console.log(
+      `node (ws) client, SDK, 10000 publications, 50 per POST /v1/publish: all received after ` +
+        `${Math.round(total)} ms (${Math.round(10000000 / total)}/s end to end; first-to-last ` +
+        `${Math.round(10000000 / Math.max(last - first, 1))}/s)`,
+    );
+    c.disconnect();
   },
 );
