@@ -5,7 +5,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:http";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import puppeteer from "puppeteer-core";
@@ -13,11 +13,15 @@ import puppeteer from "puppeteer-core";
 import { SECRET, api, epoch, jwt, publishMany, startNode, until } from "./harness.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const files = {
-  "/": ["text/html", join(here, "browser/index.html")],
-  "/shardcast.min.js": ["text/javascript", join(here, "../dist/shardcast.min.js")],
-  "/shardcast-tabs.min.js": ["text/javascript", join(here, "../dist/shardcast-tabs.min.js")],
-};
+
+/** The file served at a path: the test page, or a bundle from dist/ (entries and their chunk). */
+function served(path) {
+  if (path === "/") return ["text/html", join(here, "browser/index.html")];
+  if (/^\/shardcast[\w-]*\.min\.js$/.test(path)) {
+    return ["text/javascript", join(here, "../dist", path.slice(1))];
+  }
+  return undefined;
+}
 
 let node;
 let server;
@@ -27,8 +31,8 @@ let browser;
 before(async () => {
   node = await startNode({ args: ["--secret", SECRET] });
   server = createServer((req, res) => {
-    const file = files[req.url];
-    if (!file) {
+    const file = served(req.url);
+    if (!file || !existsSync(file[1])) {
       res.writeHead(404).end();
       return;
     }
@@ -282,6 +286,13 @@ test(
       await p.waitForFunction(() => window.got.includes(1), { timeout: 10000 });
     const mid = await second.evaluate(() => window.shared.publish("tabs", 2));
     assert.match(mid, /^\d+$/);
+    const refused = await second.evaluate(() =>
+      window.shared.send("", 1).then(
+        () => null,
+        (e) => ({ error: e instanceof ShardcastError, code: e.code }),
+      ),
+    );
+    assert.deepEqual(refused, { error: true, code: "bad_request" }, "a refusal crosses tabs");
     for (const p of [first, second])
       await p.waitForFunction(() => window.got.includes(2), { timeout: 10000 });
 
