@@ -7,7 +7,8 @@
  * request's timeout), `disconnected` (the connection was lost with the request in flight, or
  * the client was stopped), `unauthorized` (the server refused the credentials and there is
  * no `getToken` to ask for new ones), `unsubscribed` (a subscription's `ready` when its topic
- * was unsubscribed before the server answered).
+ * was unsubscribed before the server answered), `bad_frame` (on the `error` event: the server
+ * sent a frame that is not JSON).
  *
  * @module
  */
@@ -23,6 +24,7 @@ export type ErrorCode =
   | "disconnected"
   | "unauthorized"
   | "unsubscribed"
+  | "bad_frame"
   | (string & {});
 
 /** A request refused by the server, or failed on the client's side. */
