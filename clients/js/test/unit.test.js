@@ -438,3 +438,30 @@ test("browser hooks: online wakes a waiting client at once, offline drops the co
     delete globalThis.removeEventListener;
   }
 });
+
+test("browser hooks: a page turning visible reconnects a waiting client and checks a live one", async () => {
+  const target = new EventTarget();
+  globalThis.addEventListener = target.addEventListener.bind(target);
+  globalThis.removeEventListener = target.removeEventListener.bind(target);
+  globalThis.document = { visibilityState: "hidden" };
+  try {
+    const { c, ws } = await connected(
+      { minReconnectDelay: 60_000, livenessMargin: 5000 },
+      { hb: 10 },
+    );
+    // Timers of a hidden tab run late: the check that is due has not run when it turns visible.
+    clock.time += 16_000;
+    globalThis.document.visibilityState = "visible";
+    target.dispatchEvent(new Event("visibilitychange"));
+    assert.deepEqual(ws.closedWith, { code: 4000, reason: "liveness timeout" });
+    assert.equal(c.state, "waiting");
+    target.dispatchEvent(new Event("visibilitychange"));
+    await flush();
+    assert.equal(FakeSocket.all.length, 2);
+    c.disconnect();
+  } finally {
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+    delete globalThis.document;
+  }
+});
