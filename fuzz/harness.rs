@@ -371,7 +371,7 @@ pub fn client_request(data: &[u8]) {
             );
             check_id(id);
             match request {
-                Request::Sub { topic } | Request::Unsub { topic } => {
+                Request::Sub { topic, .. } | Request::Unsub { topic } => {
                     let frame = render::publication(Some(&topic), 1, 2, "null");
                     assert_eq!(rendered(&frame, "pub").topic.as_deref(), Some(&*topic));
                 }
@@ -387,7 +387,7 @@ pub fn client_request(data: &[u8]) {
                     assert_eq!(out.to.as_deref(), Some(&*to));
                     assert!(same_raw(out.data, Some(data)), "msg data changed");
                 }
-                Request::Ping | Request::Refresh { .. } => {}
+                Request::Ping | Request::Refresh { .. } | Request::Resume { .. } => {}
             }
         }
         Err(refusal) => {

@@ -45,7 +45,8 @@ use subtle::ConstantTimeEq;
 use crate::auth::{bearer, valid_name};
 use crate::cluster::Bus;
 use crate::cluster::BusError;
-use crate::config::{Config, NodeIdentity};
+use crate::config::{Config, NodeIdentity, MAX_STREAM_SIZE};
+use crate::history::StreamKey;
 use crate::metrics::NodeMetrics;
 use crate::metrics::{ApiTimeout, LogLimiter};
 use crate::publish::{Publisher, Target};
@@ -277,7 +278,15 @@ impl ApiContext {
                     (&Method::POST, ["publish"]) => self.publish(request).await,
                     (&Method::DELETE, ["users", user, "connections"]) => self.disconnect(user),
                     (&Method::GET, ["users", user]) => self.presence(user).await,
+                    (&Method::GET, ["users", user, "history"]) => {
+                        let query = request.uri().query();
+                        self.history(StreamKind::Mailbox, user, query).await
+                    }
                     (&Method::GET, ["topics", topic]) => self.topic(topic).await,
+                    (&Method::GET, ["topics", topic, "history"]) => {
+                        let query = request.uri().query();
+                        self.history(StreamKind::Topic, topic, query).await
+                    }
                     (&Method::GET, ["nodes"]) => self.nodes().await,
                     _ => Err(not_found()),
                 }
@@ -430,10 +439,86 @@ impl ApiContext {
             broadcast = publish.broadcast,
             "published"
         );
-        Ok(json_response(
-            StatusCode::ACCEPTED,
-            json!({"mid": mid.to_string()}),
-        ))
+        // A lone node with mailboxes knows who gets the message only from the mailbox later.
+        let offline = if self.bus.is_none() && self.config.mailbox && !users.is_empty() {
+            self.publisher.offline(&users).await
+        } else {
+            Vec::new()
+        };
+        let mut answer = json!({"mid": mid.to_string()});
+        if !offline.is_empty() {
+            answer["offline"] = json!(offline);
+        }
+        Ok(json_response(StatusCode::ACCEPTED, answer))
+    }
+
+    /// `GET /v1/users/{user}/history` and `GET /v1/topics/{topic}/history`: the stream's
+    /// retained messages after `since` (default 0: all) of its current epoch, at most
+    /// `limit` (default 100, at most [`MAX_STREAM_SIZE`]).
+    async fn history(
+        &self,
+        kind: StreamKind,
+        name: &str,
+        query: Option<&str>,
+    ) -> Result<Response<Body>, Failure> {
+        let name: Arc<str> = Arc::from(self.name(name)?);
+        let bad = |message: &str| Failure::new(StatusCode::BAD_REQUEST, "bad_request", message);
+        let (mut since, mut limit) = (0u64, 100usize);
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "since" => {
+                    since = value
+                        .parse()
+                        .map_err(|_| bad("since must be a non-negative integer"))?;
+                }
+                "limit" => {
+                    limit = value
+                        .parse()
+                        .ok()
+                        .filter(|l| (1..=MAX_STREAM_SIZE).contains(l))
+                        .ok_or_else(|| bad("limit must be 1 to 10000"))?;
+                }
+                _ => return Err(bad("unknown query parameter (since, limit)")),
+            }
+        }
+        if self.bus.is_some() {
+            return Err(Failure::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented",
+                "clustered nodes keep no history yet",
+            ));
+        }
+        let key = match kind {
+            StreamKind::Mailbox if self.config.mailbox => StreamKey::Mailbox(name),
+            StreamKind::Topic if self.config.history_rule_for(&name).is_some() => {
+                StreamKey::Topic(name)
+            }
+            StreamKind::Mailbox => {
+                return Err(Failure::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "mailboxes are off on this node",
+                ))
+            }
+            StreamKind::Topic => {
+                return Err(Failure::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no [[history.topics]] rule covers this topic",
+                ))
+            }
+        };
+        let json = self
+            .router
+            .mesh()
+            .read_history(key, since, limit, &self.metrics)
+            .await
+            .ok_or_else(busy)?;
+        let mut response = Response::new(Full::new(Bytes::from(json)));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(response)
     }
 
     fn metrics(&self) -> Response<Body> {
@@ -561,6 +646,12 @@ fn cluster_failure(error: BusError) -> Failure {
         BusError::Redis => "redis_error",
     };
     Failure::new(StatusCode::SERVICE_UNAVAILABLE, code, error.to_string())
+}
+
+/// Which kind of stream a history request reads.
+enum StreamKind {
+    Mailbox,
+    Topic,
 }
 
 fn busy() -> Failure {

@@ -201,6 +201,21 @@ pub struct History {
     pub topics: Vec<TopicHistory>,
 }
 
+impl History {
+    /// The retention of `topic`'s history: that of the first rule whose pattern matches it
+    /// (so list specific patterns before broad ones), or `None` when no rule does and the
+    /// topic keeps no history (its publications stay one PUBLISH).
+    pub fn rule_for(&self, topic: &str) -> Option<Retention> {
+        self.topics
+            .iter()
+            .find(|rule| glob_matches(&rule.pattern, topic))
+            .map(|rule| Retention {
+                size: rule.size,
+                ttl_secs: rule.ttl_secs,
+            })
+    }
+}
+
 /// One `[[history.topics]]` rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -587,18 +602,9 @@ impl Config {
         }
     }
 
-    /// The retention of `topic`'s history: that of the first `[[history.topics]]` rule whose
-    /// pattern matches it (so list specific patterns before broad ones), or `None` when no
-    /// rule does and the topic keeps no history (its publications stay one PUBLISH).
+    /// The retention of `topic`'s history (see [`History::rule_for`]).
     pub fn history_rule_for(&self, topic: &str) -> Option<Retention> {
-        self.history
-            .topics
-            .iter()
-            .find(|rule| glob_matches(&rule.pattern, topic))
-            .map(|rule| Retention {
-                size: rule.size,
-                ttl_secs: rule.ttl_secs,
-            })
+        self.history.rule_for(topic)
     }
 
     /// The retention of every user's mailbox, or `None` when mailboxes are off.

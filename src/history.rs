@@ -31,9 +31,6 @@
 //! that no longer exists, even when nothing was published to it since (a reload after a
 //! silence longer than `ttl`; Redis streams behave the same).
 
-// Wired in by issue 11's core integration.
-#![allow(dead_code)]
-
 use std::collections::VecDeque;
 use std::sync::Arc;
 

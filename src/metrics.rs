@@ -46,6 +46,11 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Sets the value (a level one owner measures, such as bytes held).
+    pub fn set(&self, n: i64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
 }
 
 macro_rules! label_enum {
@@ -154,6 +159,8 @@ label_enum! {
         NotSubscribed => "not_subscribed",
         /// A `refresh` with an invalid or expired token.
         BadToken => "bad_token",
+        /// A `resume` on a node that keeps no mailboxes.
+        NoStream => "no_stream",
     }
 }
 
@@ -430,6 +437,19 @@ pub struct ShardMetrics {
     pub drops: [Counter; Drop::ALL.len()],
     /// Envelopes this shard received from other shards.
     pub envelopes_in: Counter,
+    /// Bytes of stream history this shard holds in memory (a lone node's mailboxes and
+    /// topic histories).
+    pub history_bytes: Gauge,
+    /// Messages appended to streams (mailboxes and topic histories) on this shard.
+    pub stream_appends: Counter,
+    /// Direct messages kept for a user with no device online (they wait in the mailbox).
+    pub mailbox_offline: Counter,
+    /// Resumes (`resume`, `sub` with `since`) and history reads answered.
+    pub replays: Counter,
+    /// Messages those replays returned.
+    pub replayed: Counter,
+    /// Replays answered `recovered:false`.
+    pub replays_unrecovered: Counter,
     /// From a message entering the node (client request or API call) to its last socket
     /// write on this shard.
     pub delivery_latency: LatencyHistogram,
@@ -561,6 +581,11 @@ const SHARD_GAUGES: &[ShardGauge] = &[
         "Bytes held for incomplete inbound frames and messages",
         |s| s.incomplete_bytes.get(),
     ),
+    (
+        "history_bytes",
+        "Bytes of stream history held in memory (lone node)",
+        |s| s.history_bytes.get(),
+    ),
 ];
 
 const SHARD_TOTALS: &[Total<ShardMetrics>] = &[
@@ -579,6 +604,29 @@ const SHARD_TOTALS: &[Total<ShardMetrics>] = &[
     ("envelopes", "Envelopes handed between shards", |s| {
         s.envelopes_in.get()
     }),
+    (
+        "stream_appends",
+        "Messages appended to mailboxes and topic histories",
+        |s| s.stream_appends.get(),
+    ),
+    (
+        "mailbox_offline",
+        "Direct messages kept for users with no device online",
+        |s| s.mailbox_offline.get(),
+    ),
+    ("replays", "Resumes and history reads answered", |s| {
+        s.replays.get()
+    }),
+    (
+        "replayed_messages",
+        "Messages returned by resumes and history reads",
+        |s| s.replayed.get(),
+    ),
+    (
+        "replays_unrecovered",
+        "Resumes and history reads answered recovered:false",
+        |s| s.replays_unrecovered.get(),
+    ),
 ];
 
 const SHARD_FAMILIES: &[Labelled<ShardMetrics>] = &[

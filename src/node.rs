@@ -21,7 +21,7 @@ use crate::cluster::{redis_layout, Bus};
 use crate::config::{Config, ConfigError, NodeIdentity};
 use crate::metrics::NodeMetrics;
 use crate::protocol;
-use crate::publish::Publisher;
+use crate::publish::{Publisher, Streamed};
 use crate::router::{Mesh, Router, Uplink};
 use crate::session::Admission;
 use crate::shard::{self, ShardSetup};
@@ -75,6 +75,7 @@ pub struct Node {
     router: Router,
     bus: Option<Bus>,
     admission: Arc<Admission>,
+    streamed: Streamed,
     executors: Vec<ExecutorJoinHandle<()>>,
     bridge: Option<std::thread::JoinHandle<()>>,
     api: ApiServer,
@@ -137,6 +138,14 @@ impl Node {
         };
         let uplink = bus.clone().map(|bus| Arc::new(bus) as Arc<dyn Uplink>);
         let router = Router::new(mesh, uplink);
+        // A lone node keeps streams in memory on its shards; clustered nodes will in Redis.
+        let streamed = match bus {
+            None => Streamed {
+                mailboxes: config.mailbox,
+                topics: Some(Arc::new(config.history.clone())),
+            },
+            Some(_) => Streamed::default(),
+        };
         let metrics = NodeMetrics::new(shards);
         let admission = Arc::new(Admission::new(connection_limit.limit));
         let auth = Arc::new(Authenticator::new(
@@ -194,6 +203,7 @@ impl Node {
                     bus.clone(),
                     metrics.clone(),
                     identity.number,
+                    streamed.clone(),
                 ),
                 router: router.clone(),
                 bus: bus.clone(),
@@ -222,6 +232,7 @@ impl Node {
             router,
             bus,
             admission,
+            streamed,
             executors,
             bridge,
             api,
@@ -255,6 +266,7 @@ impl Node {
             self.bus.clone(),
             self.metrics.clone(),
             self.identity.number,
+            self.streamed.clone(),
         )
     }
 

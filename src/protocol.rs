@@ -21,10 +21,13 @@ pub const MAX_ID_BYTES: usize = 64;
 /// A client request, borrowed from the frame it came in.
 #[derive(Debug)]
 pub enum Request<'a> {
-    /// Subscribe to a topic.
+    /// Subscribe to a topic; with `since` (v1.1), first replay its history after that
+    /// position.
     Sub {
         /// Topic name.
         topic: Cow<'a, str>,
+        /// The client's last position in the topic's stream.
+        since: Option<Since<'a>>,
     },
     /// Unsubscribe from a topic.
     Unsub {
@@ -51,6 +54,11 @@ pub enum Request<'a> {
     Refresh {
         /// The token (JWT).
         token: Cow<'a, str>,
+    },
+    /// Replay the user's mailbox after the client's last position (v1.1).
+    Resume {
+        /// The client's last position.
+        since: Since<'a>,
     },
 }
 
@@ -116,6 +124,8 @@ struct RawRequest<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
 }
 
 /// Keeps an explicit `"data": null` apart from a missing `data`.
@@ -211,6 +221,10 @@ pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Req
     let request = match &*raw.op {
         "sub" => Request::Sub {
             topic: raw.topic.ok_or_else(|| refuse(id, "sub needs a topic"))?,
+            since: raw
+                .since
+                .map(|since| parse_since(since).map_err(|msg| refuse(id, msg)))
+                .transpose()?,
         },
         "unsub" => Request::Unsub {
             topic: raw.topic.ok_or_else(|| refuse(id, "unsub needs a topic"))?,
@@ -224,6 +238,10 @@ pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Req
             data: raw.data.ok_or_else(|| refuse(id, "send needs data"))?,
         },
         "ping" => Request::Ping,
+        "resume" => Request::Resume {
+            since: parse_since(raw.since.ok_or_else(|| refuse(id, "resume needs since"))?)
+                .map_err(|msg| refuse(id, msg))?,
+        },
         "refresh" => Request::Refresh {
             token: raw
                 .token
@@ -285,9 +303,19 @@ pub mod render {
         ws::seal_text_frame(out)
     }
 
-    /// `hello`: the first frame after the upgrade; `exp` when the token expires (v1.1).
-    pub fn hello(user: &str, conn: u64, node: &str, hb_secs: u32, exp: Option<u64>) -> Bytes {
-        let mut out = open("hello", user.len() + node.len() + 72);
+    /// `hello`: the first frame after the upgrade. v1.1 adds `exp` when the token expires
+    /// and `mailbox` (`{"seq":N,"ep":"E"}`, the mailbox's last position) when the user has
+    /// one.
+    pub fn hello(
+        user: &str,
+        conn: u64,
+        node: &str,
+        hb_secs: u32,
+        exp: Option<u64>,
+        mailbox: Option<StreamPos<'_>>,
+    ) -> Bytes {
+        let capacity = user.len() + node.len() + 72 + stream_capacity(mailbox);
+        let mut out = open("hello", capacity);
         string_field(&mut out, "user", user);
         write!(out, "\"conn\":\"{conn}\",").expect("Vec write");
         string_field(&mut out, "node", node);
@@ -295,26 +323,12 @@ pub mod render {
         if let Some(exp) = exp {
             write!(out, "\"exp\":{exp},").expect("Vec write");
         }
-        close(out)
-    }
-
-    /// `hello` of a user with a mailbox (protocol v1.1): `hello` followed by
-    /// `"mailbox":{"seq":N,"ep":"E"}`, the mailbox's last position.
-    pub fn hello_with_mailbox(
-        user: &str,
-        conn: u64,
-        node: &str,
-        hb_secs: u32,
-        mailbox: StreamPos<'_>,
-    ) -> Bytes {
-        let mut out = open("hello", user.len() + node.len() + 96 + mailbox.ep.len());
-        string_field(&mut out, "user", user);
-        write!(out, "\"conn\":\"{conn}\",").expect("Vec write");
-        string_field(&mut out, "node", node);
-        write!(out, "\"hb\":{hb_secs},\"mailbox\":{{").expect("Vec write");
-        stream_fields(&mut out, Some(mailbox));
-        *out.last_mut().expect("stream_fields wrote") = b'}';
-        out.push(b',');
+        if let Some(mailbox) = mailbox {
+            out.extend_from_slice(b"\"mailbox\":{");
+            stream_fields(&mut out, Some(mailbox));
+            *out.last_mut().expect("stream_fields wrote") = b'}';
+            out.push(b',');
+        }
         close(out)
     }
 
@@ -566,7 +580,22 @@ mod tests {
     fn parses_every_op() {
         let (id, req) = parse_request(r#"{"op":"sub","id":1,"topic":"a"}"#).expect("sub");
         assert_eq!(id.map(RawValue::get), Some("1"));
-        assert!(matches!(req, Request::Sub { topic } if topic == "a"));
+        assert!(matches!(req, Request::Sub { topic, since: None } if topic == "a"));
+        let (_, req) = parse_request(r#"{"op":"sub","topic":"a","since":{"seq":4,"ep":"e"}}"#)
+            .expect("sub since");
+        assert!(matches!(req, Request::Sub { since: Some(Since { seq: 4, ep }), .. } if ep == "e"));
+        let (_, req) = parse_request(r#"{"op":"resume","since":{"seq":0}}"#).expect("resume");
+        assert!(matches!(req, Request::Resume { since: Since { seq: 0, ep } } if ep.is_empty()));
+        for bad in [
+            r#"{"op":"resume","id":1}"#,
+            r#"{"op":"resume","id":1,"since":{"seq":-1,"ep":"e"}}"#,
+            r#"{"op":"resume","id":1,"since":{"seq":"4","ep":"e"}}"#,
+            r#"{"op":"sub","id":1,"topic":"a","since":7}"#,
+        ] {
+            let refusal = parse_request(bad).expect_err(bad);
+            assert_eq!(refusal.code, ErrorCode::BadRequest, "{bad}");
+            assert_eq!(refusal.id.map(RawValue::get), Some("1"), "{bad}");
+        }
         let (_, req) = parse_request(r#"{"op":"unsub","topic":"a"}"#).expect("unsub");
         assert!(matches!(req, Request::Unsub { topic } if topic == "a"));
         let (id, req) =
@@ -651,7 +680,7 @@ mod tests {
             serde_json::json!({"op":"pub","mid":"7","ts":8,"data":[1]})
         );
         assert_eq!(
-            json_of(&render::hello("u", 5, "n1", 25, None)),
+            json_of(&render::hello("u", 5, "n1", 25, None, None)),
             serde_json::json!({"op":"hello","user":"u","conn":"5","node":"n1","hb":25})
         );
         assert_eq!(
@@ -675,7 +704,7 @@ mod tests {
             r#"{"op":"pub","topic":"room","mid":"7","ts":8,"seq":12,"ep":"aZ09","data":1}"#
         );
         assert_eq!(
-            text_of(&render::hello_with_mailbox("u", 5, "n1", 25, at)),
+            text_of(&render::hello("u", 5, "n1", 25, None, Some(at))),
             r#"{"op":"hello","user":"u","conn":"5","node":"n1","hb":25,"mailbox":{"seq":12,"ep":"aZ09"}}"#
         );
         let id = RawValue::from_string("3".into()).expect("raw");

@@ -1,13 +1,15 @@
 //! Messages from outside the shards: the HTTP API and programs embedding a node push
 //! through a [`Publisher`], which renders each message once, stamps it with a message id
-//! and hands it to [`Router::route`] exactly as a client's `send`/`pub` is.
+//! and hands it to [`Router::route`] exactly as a client's `send`/`pub` is. A message for
+//! a stream (a mailbox, a topic with history, on a lone node) enters as a template instead:
+//! its home shard appends it and renders it with its position.
 
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
 use crate::cluster::{Bus, Outbound};
-use crate::config::MAX_SHARDS;
+use crate::config::{History, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
 use crate::router::{Envelope, Message, Reach, Route, Router, Template};
@@ -32,6 +34,16 @@ pub struct Published {
     pub dropped: usize,
 }
 
+/// Which messages a node keeps in streams in memory (a lone node): they enter routing as
+/// templates (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Streamed {
+    /// Users have mailboxes.
+    pub(crate) mailboxes: bool,
+    /// Topic history rules.
+    pub(crate) topics: Option<Arc<History>>,
+}
+
 /// Pushes server messages into the node from any thread. Frames are rendered once here
 /// and handed to the home shards, exactly as a client's `send`/`pub` would be.
 pub struct Publisher {
@@ -39,6 +51,7 @@ pub struct Publisher {
     bus: Option<Bus>,
     metrics: NodeMetrics,
     mids: SharedMidGenerator,
+    streamed: Streamed,
 }
 
 impl Publisher {
@@ -49,6 +62,7 @@ impl Publisher {
         bus: Option<Bus>,
         metrics: NodeMetrics,
         node_number: u16,
+        streamed: Streamed,
     ) -> Self {
         // The shard number past the last shard is reserved for ids made outside the shards.
         let mids = SharedMidGenerator::new(node_number, MAX_SHARDS);
@@ -57,6 +71,7 @@ impl Publisher {
             bus,
             metrics,
             mids,
+            streamed,
         }
     }
 
@@ -79,6 +94,8 @@ impl Publisher {
         let mut dropped = 0;
         let direct = match target.users {
             [] => None,
+            // A mailbox message is rendered on each user's home shard, with its position.
+            _ if self.streamed.mailboxes => Some(Message::per_user(mid, template(ts, data))),
             // One recipient: one frame, rendered here once for every device on every node.
             [user] => Some(Message::new(
                 mid,
@@ -92,9 +109,13 @@ impl Publisher {
             let users = target.users.iter().map(|user| Arc::from(*user)).collect();
             dropped += route(Route::Users(users), message);
         }
+        let has_history = |topic: &&str| {
+            let rules = self.streamed.topics.as_ref();
+            rules.is_some_and(|rules| rules.rule_for(topic).is_some())
+        };
         let publication = match target.topics {
             [] => None,
-            [topic] => Some(Message::new(
+            [topic] if !has_history(topic) => Some(Message::new(
                 mid,
                 render::publication(Some(topic), mid, ts, data.get()),
             )),
@@ -112,6 +133,32 @@ impl Publisher {
             dropped += route(Route::Broadcast, message);
         }
         Published { mid, dropped }
+    }
+
+    /// The users among `users` with no device online on this node: on a lone node, those
+    /// whose messages wait in their mailbox. Asks every home shard at once.
+    pub async fn offline(&self, users: &[&str]) -> Vec<String> {
+        let mesh = self.router.mesh();
+        let answers: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let home = mesh.home(user);
+                let envelope = Envelope::QueryUser {
+                    user: Arc::from(*user),
+                    reply,
+                };
+                mesh.to_shard(home, envelope, self.metrics.shard(home));
+                answer
+            })
+            .collect();
+        let mut offline = Vec::new();
+        for (user, answer) in users.iter().zip(answers) {
+            if answer.await == Ok(0) {
+                offline.push((*user).to_owned());
+            }
+        }
+        offline
     }
 
     /// How many connections `user` has on this node; `None` if the home shard's inbox is
@@ -156,6 +203,7 @@ fn template(ts: u64, data: &RawValue) -> Template {
     Template {
         ts,
         from: None,
+        to: None,
         data: Arc::from(data.get()),
     }
 }

@@ -23,6 +23,9 @@ use ahash::RandomState;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
+use serde_json::value::RawValue;
+
+use crate::history::{Position, StreamKey};
 use crate::mailbox::{self, Lane, Laned, Mailbox, Refused};
 use crate::metrics::{self, Delivery, NodeMetrics, ShardMetrics};
 
@@ -82,6 +85,9 @@ pub struct Template {
     pub ts: u64,
     /// The sending user (`None` from the server; always `None` for a publication).
     pub from: Option<Arc<str>>,
+    /// The recipient every frame names (a client's `send`, whose sender's copies name the
+    /// recipient too); `None`: each user's frame names that user.
+    pub to: Option<Arc<str>>,
     /// The message's `data`, JSON text passed through untouched.
     pub data: Arc<str>,
 }
@@ -117,7 +123,10 @@ impl Message {
         use crate::protocol::render;
         match &self.body {
             Body::Frame(frame) => frame.clone(),
-            Body::PerUser(t) => render::msg(t.from.as_deref(), target, self.mid, t.ts, &t.data),
+            Body::PerUser(t) => {
+                let to = t.to.as_deref().unwrap_or(target);
+                render::msg(t.from.as_deref(), to, self.mid, t.ts, &t.data)
+            }
             Body::PerTopic(t) => render::publication(Some(target), self.mid, t.ts, &t.data),
         }
     }
@@ -129,6 +138,46 @@ impl Message {
             mid: self.mid,
             entered_ns: self.entered_ns,
             body: Body::Frame(self.frame_for(target)),
+        }
+    }
+
+    /// The message as it is kept in `target`'s stream (the mailbox of user `target`, or
+    /// topic `target`'s history); `None` for a message that is one frame already.
+    pub fn stream_entry(&self, target: &str) -> Option<crate::history::Message> {
+        let (Body::PerUser(t) | Body::PerTopic(t)) = &self.body else {
+            return None;
+        };
+        Some(crate::history::Message {
+            mid: self.mid,
+            ts: t.ts,
+            from: t.from.clone(),
+            to: t.to.clone().filter(|to| **to != *target),
+            data: t.data.clone(),
+        })
+    }
+
+    /// The frame `target`'s recipients get when the message is number `at` of `target`'s
+    /// stream (see [`Message::stream_entry`]): `msg` or `pub` with `seq` and `ep`. A message
+    /// that is one frame already is never streamed and keeps its frame.
+    pub fn frame_in_stream(&self, target: &str, at: crate::protocol::StreamPos<'_>) -> Bytes {
+        use crate::protocol::render;
+        match &self.body {
+            Body::Frame(frame) => frame.clone(),
+            Body::PerUser(t) => {
+                let to = t.to.as_deref().unwrap_or(target);
+                render::msg_in_stream(t.from.as_deref(), to, self.mid, t.ts, &t.data, at)
+            }
+            Body::PerTopic(t) => render::publication_in_stream(target, self.mid, t.ts, &t.data, at),
+        }
+    }
+
+    /// This message as the one frame `frame` with the same id and entry time (a streamed
+    /// message, rendered with its position on its stream's home shard).
+    pub fn with_frame(&self, frame: Bytes) -> Message {
+        Message {
+            mid: self.mid,
+            entered_ns: self.entered_ns,
+            body: Body::Frame(frame),
         }
     }
 
@@ -175,6 +224,8 @@ pub enum Envelope {
         message: Message,
         /// Connection to skip.
         except: Option<ConnId>,
+        /// Its sequence number in the user's mailbox (0: not streamed).
+        seq: u64,
     },
     /// Deliver to this shard's subscribers of `topic` (from the home shard).
     DeliverTopic {
@@ -182,6 +233,54 @@ pub enum Envelope {
         topic: Arc<str>,
         /// The message.
         message: Message,
+        /// Its sequence number in the topic's history (0: not streamed).
+        seq: u64,
+    },
+    /// To a connection's shard, from its user's home shard: the device is registered and
+    /// the mailbox stands at `mailbox` (`None`: no mailbox yet), so its `hello` can go out.
+    Welcome {
+        /// User.
+        user: Arc<str>,
+        /// The new connection.
+        conn: ConnId,
+        /// The mailbox's last position.
+        mailbox: Option<Position>,
+    },
+    /// To a stream's home shard: replay `key` after the client's position to `conn`.
+    Resume {
+        /// The stream.
+        key: StreamKey,
+        /// The asking connection.
+        conn: ConnId,
+        /// The client's last sequence number.
+        since_seq: u64,
+        /// The epoch it belongs to.
+        since_ep: Box<str>,
+        /// The request's id, echoed in the ack.
+        id: Option<Box<RawValue>>,
+    },
+    /// To the asking connection's shard: the replay of a stream, then its ack. On the
+    /// message lane, behind the live messages the home shard forwarded before it.
+    Replay {
+        /// The stream.
+        key: StreamKey,
+        /// The asking connection.
+        conn: ConnId,
+        /// Replayed frames with their sequence numbers, oldest first.
+        frames: Vec<(u64, Bytes)>,
+        /// The `ack` (`recovered`, `seq`, `ep`).
+        ack: Bytes,
+    },
+    /// To a stream's home shard: the history API's read.
+    ReadHistory {
+        /// The stream.
+        key: StreamKey,
+        /// Messages after this sequence number of the current epoch.
+        after_seq: u64,
+        /// At most this many.
+        limit: usize,
+        /// Where the JSON answer goes.
+        reply: Reply<Vec<u8>>,
     },
     /// Deliver to every user connection of this shard.
     Broadcast {
@@ -259,8 +358,12 @@ impl Laned for Envelope {
             | Envelope::RouteTopic { .. }
             | Envelope::DeliverUser { .. }
             | Envelope::DeliverTopic { .. }
+            | Envelope::Replay { .. }
             | Envelope::Broadcast { .. } => Lane::Message,
             Envelope::DeviceOnline { .. }
+            | Envelope::Welcome { .. }
+            | Envelope::Resume { .. }
+            | Envelope::ReadHistory { .. }
             | Envelope::DeviceOffline { .. }
             | Envelope::TopicInterest { .. }
             | Envelope::CloseUser { .. }
@@ -493,6 +596,27 @@ impl Mesh {
                 message: message.clone(),
             }),
         }
+    }
+
+    /// The history API's read of stream `key` (after `after_seq`, at most `limit`) from its
+    /// home shard, as JSON; `None` if the shard could not be asked.
+    pub async fn read_history(
+        &self,
+        key: StreamKey,
+        after_seq: u64,
+        limit: usize,
+        metrics: &NodeMetrics,
+    ) -> Option<Vec<u8>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let home = self.homes.home(key.name());
+        let read = Envelope::ReadHistory {
+            key,
+            after_seq,
+            limit,
+            reply,
+        };
+        self.to_shard(home, read, metrics.shard(home));
+        answer.await.ok()
     }
 
     /// Subscribers of `topic` on this node: asks the topic's home shard which shards hold

@@ -265,7 +265,9 @@ fn lost_scripts_are_reloaded_and_no_message_is_lost() {
 
 #[test]
 fn a_direct_message_nobody_can_receive_is_counted_no_route() {
-    let single = TestNode::start(dev_config());
+    let mut config = dev_config();
+    config.mailbox = false;
+    let single = TestNode::start(config);
     let body = json!({"users":["nobody"],"data":1}).to_string();
     assert_eq!(
         http_json(api(&single), "POST", "/v1/publish", body.as_bytes()).0,
@@ -274,6 +276,19 @@ fn a_direct_message_nobody_can_receive_is_counted_no_route() {
     eventually("single node: counted", || {
         metric_series(api(&single), r#"shardcast_drops_total{reason="no_route"}"#) == 1.0
     });
+    // With mailboxes (the default) the message waits for the user instead.
+    let keeping = TestNode::start(dev_config());
+    assert_eq!(
+        http_json(api(&keeping), "POST", "/v1/publish", body.as_bytes()).0,
+        202
+    );
+    eventually("single node with mailboxes: kept", || {
+        metric_series(api(&keeping), "shardcast_mailbox_offline_total") == 1.0
+    });
+    assert_eq!(
+        metric_series(api(&keeping), r#"shardcast_drops_total{reason="no_route"}"#),
+        0.0
+    );
 
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 2, |_| {});

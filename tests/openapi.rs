@@ -35,10 +35,17 @@ fn every_documented_operation_answers_as_documented() {
     for (path, operations) in doc["paths"].as_object().expect("paths") {
         for (method, operation) in operations.as_object().expect("operations") {
             let mut concrete = path.clone();
+            let mut query = Vec::new();
             for parameter in operation["parameters"].as_array().into_iter().flatten() {
                 let name = parameter["name"].as_str().expect("name");
                 let example = parameter["example"].as_str().expect("parameter example");
-                concrete = concrete.replace(&format!("{{{name}}}"), example);
+                match parameter["in"].as_str() {
+                    Some("query") => query.push(format!("{name}={example}")),
+                    _ => concrete = concrete.replace(&format!("{{{name}}}"), example),
+                }
+            }
+            if !query.is_empty() {
+                concrete = format!("{concrete}?{}", query.join("&"));
             }
             let body = operation
                 .pointer("/requestBody/content/application~1json/example")
@@ -84,5 +91,5 @@ fn every_documented_operation_answers_as_documented() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8, "every operation was called");
+    assert_eq!(checked, 10, "every operation was called");
 }

@@ -1,13 +1,14 @@
-//! The shard's core: its tables, its share of the home-shard directory and the protocol's
-//! request handling, with no sockets, no clock and no channels.
+//! The shard's core: its tables, its share of the home-shard directory, its streams and the
+//! protocol's request handling, with no sockets, no clock and no channels.
 //!
 //! Like quinn-proto, the core is deterministic: every call takes the time it needs as an
 //! argument ([`Now`]) and says what should happen instead of doing it: frames to write to
 //! local connections ([`Fanout`]), envelopes for other shards, messages to route, changes
-//! for the cluster bus and connections to close ([`Action`]). The driver (the parent
-//! module) owns the sockets, the epoll set, the inbox and the timers, and carries those
-//! out. So routing, the device limit, topic interest and request handling are tested here
-//! without a socket, and the driver holds no routing logic.
+//! for the cluster bus, frames for one connection and connections to close ([`Action`]).
+//! The driver (the parent module) owns the sockets, the epoll set, the inbox and the
+//! timers, and carries those out. So routing, the device limit, topic interest, streams
+//! and request handling are tested here without a socket, and the driver holds no routing
+//! logic.
 //!
 //! The core is generic over its connection handle ([`Peer`]): the driver's handle is the
 //! connection itself (`Rc<Conn>`), so a fan-out writes to the recipients the tables hold
@@ -16,8 +17,32 @@
 //! # Tables
 //! Local: which of this shard's connections belong to each user, and subscribe to each
 //! topic. Home: the [`Directory`] entries of the users and topics whose home this shard is
-//! (devices node-wide, oldest first; shards with subscribers). A connection's own topic
-//! list lives in its [`PeerState`], so unsubscribing on close needs no search.
+//! (devices node-wide, oldest first; shards with subscribers), and their streams. A
+//! connection's own topic list lives in its [`PeerState`], so unsubscribing on close needs
+//! no search.
+//!
+//! # Streams (protocol v1.1, a lone node)
+//! A user's mailbox and a topic's history live on its home shard ([`Streams`]), the one
+//! place that numbers its messages, so a stream has one order. A streamed message reaches
+//! its home shard as a template (`data` and its parts), is appended there and rendered
+//! with its `seq`/`ep`, then forwarded like any other. Clustered nodes keep streams in Redis
+//! instead; until that is wired, they run without (see README).
+//!
+//! The seams, where replayed and live messages meet, are decided by sequence numbers:
+//! - *hello*: a user with a mailbox gets `hello` only once its home shard registered the
+//!   device and answered the mailbox's position `P` ([`Envelope::Welcome`]). Until then the
+//!   connection gets no message and none of its requests is read (the driver waits), and
+//!   from then on it gets exactly the mailbox messages after `P` (its *floor*), whichever
+//!   shard's inbox held them.
+//! - *resume*: the home shard answers with what it retains after the client's position,
+//!   on the message lane behind the live messages it forwarded earlier ([`Envelope::Replay`]),
+//!   so when the replay arrives the connection has had every live message up to its end;
+//!   only the replayed messages at or below the connection's floor are written, then the ack.
+//!   Messages that arrived live between `hello` and the resume therefore come before the
+//!   replay: every `seq` arrives exactly once, and a client orders by `seq`.
+//! - *sub with since*: the same, with the topic's last `seq` this shard delivered when the
+//!   subscription was made (or, for a shard new to the topic, the one before the first
+//!   live message after it) as the floor.
 //!
 //! # Token lifetime
 //! A connection whose token has `exp` carries it (`hello.exp`); the driver closes it with
@@ -33,19 +58,30 @@ use std::time::Instant;
 use ahash::RandomState;
 use bytes::Bytes;
 use indexmap::IndexMap;
+use serde_json::value::RawValue;
 use smallvec::{smallvec, SmallVec};
 
 use crate::auth::{
     valid_name, AuthError, Authenticator, Identity, PublishRights, CLOCK_LEEWAY_SECS,
 };
 use crate::cluster::Control;
+use crate::config::History;
+use crate::history::{self, Position, Retention, StreamKey, Streams};
 use crate::metrics::{self, Delivery, LogLimiter, Rejection, ShardMetrics};
-use crate::protocol::{self, render, ErrorCode, MidGenerator, Request};
-use crate::router::{shard_of, ConnId, Directory, Envelope, Homes, Message, Route, ShardMask};
+use crate::protocol::{self, render, ErrorCode, MidGenerator, Request, Since, StreamPos};
+use crate::router::{
+    shard_of, ConnId, Directory, Envelope, Homes, Message, Route, ShardMask, Template,
+};
 use crate::ws::close;
 
+/// Streams a shard looks at per sweep for expired messages and forgotten streams.
+const STREAMS_PER_SWEEP: usize = 4096;
+
+/// A connection whose `hello` waits for its mailbox's position: it gets no message yet.
+const NOT_WELCOMED: u64 = u64::MAX;
+
 /// The time a core call happens at: a monotonic instant (rate-limited logs) and the wall
-/// clock in milliseconds (message ids and `ts`, device connect times).
+/// clock in milliseconds (message ids and `ts`, device connect times, stream ages).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Now {
     pub(crate) instant: Instant,
@@ -71,8 +107,8 @@ pub(crate) trait Peer: Clone {
     fn state(&self) -> &PeerState;
 }
 
-/// What the core keeps per connection: its user, its publish rights, its topics and when
-/// its token expires.
+/// What the core keeps per connection: its user, its publish rights, its topics, when its
+/// token expires and where its mailbox stood when it was welcomed.
 #[derive(Debug)]
 pub(crate) struct PeerState {
     /// `None` on the dev-mode `/echo` endpoint.
@@ -82,6 +118,9 @@ pub(crate) struct PeerState {
     /// The token's `exp`, seconds since the epoch (saturated to `u32`, enough until 2106);
     /// 0 for a token without one. A `refresh` moves it.
     expires: Cell<u32>,
+    /// The mailbox's last `seq` when the connection was welcomed: it gets live mailbox
+    /// messages after it, and a resume replays up to it ([`NOT_WELCOMED`] before).
+    mailbox_floor: Cell<u64>,
 }
 
 impl PeerState {
@@ -96,7 +135,13 @@ impl PeerState {
             publish,
             topics: RefCell::default(),
             expires: Cell::new(expires_secs(expires)),
+            mailbox_floor: Cell::new(0),
         }
+    }
+
+    /// The connection's user (`None` for `/echo`).
+    pub(crate) fn user(&self) -> Option<&Arc<str>> {
+        self.user.as_ref()
     }
 
     /// When the token expires (seconds since the epoch), if it does.
@@ -111,9 +156,14 @@ impl PeerState {
             .is_some_and(|exp| now.wall_ms / 1000 >= exp + CLOCK_LEEWAY_SECS)
     }
 
-    /// The connection's user (`None` for `/echo`).
-    pub(crate) fn user(&self) -> Option<&Arc<str>> {
-        self.user.as_ref()
+    /// Whether a mailbox message `seq` (0: not streamed) goes to this connection live.
+    fn takes_mailbox(&self, seq: u64) -> bool {
+        let floor = self.mailbox_floor.get();
+        floor != NOT_WELCOMED && (seq == 0 || seq > floor)
+    }
+
+    fn welcomed(&self) -> bool {
+        self.mailbox_floor.get() != NOT_WELCOMED
     }
 
     fn has_topic(&self, topic: &str) -> bool {
@@ -159,6 +209,25 @@ pub(crate) struct Settings {
     pub(crate) max_devices_per_user: usize,
     /// Whether the node has a cluster bus (changes go to [`Action::Bus`]).
     pub(crate) clustered: bool,
+    /// Mailboxes kept by this shard (`None`: mailboxes off, or a clustered node).
+    pub(crate) mailbox: Option<Retention>,
+    /// Topic history rules applied by this shard (`None` on a clustered node).
+    pub(crate) topic_history: Option<Arc<History>>,
+    /// This shard's share of `history_max_bytes`.
+    pub(crate) history_max_bytes: usize,
+}
+
+impl Settings {
+    /// The retention of `topic`'s history kept here, if it has one.
+    fn topic_retention(&self, topic: &str) -> Option<Retention> {
+        self.topic_history.as_ref()?.rule_for(topic)
+    }
+
+    /// Whether direct messages must reach home shards as templates, to be appended to
+    /// the mailbox and rendered with their position there.
+    fn streams_mailboxes(&self) -> bool {
+        self.mailbox.is_some()
+    }
 }
 
 /// Something for the driver to do after a core call.
@@ -175,6 +244,10 @@ pub(crate) enum Action {
     },
     /// Tell the cluster bus what changed.
     Bus(Control),
+    /// Write a frame to one connection of this shard (if still open): a replay, its ack.
+    Write { conn: ConnId, frame: Bytes },
+    /// A welcomed connection's `hello`: write it, then start reading the connection.
+    Hello { conn: ConnId, frame: Bytes },
     /// Close a connection of this shard (if still open) with `code`.
     Close {
         conn: ConnId,
@@ -198,6 +271,38 @@ pub(crate) struct Fanout<P> {
     pub(crate) kind: Delivery,
 }
 
+/// What a connection gets once it is in the tables.
+#[derive(Debug)]
+pub(crate) enum Greeting {
+    /// Its `hello`, now.
+    Hello(Bytes),
+    /// Its `hello` once the user's home shard answers the mailbox's position
+    /// ([`Action::Hello`]); read none of its requests before.
+    AfterWelcome,
+    /// Nothing: an `/echo` connection.
+    None,
+}
+
+/// A topic's subscribers on this shard.
+struct Subscribers<P> {
+    conns: IndexMap<ConnId, P, RandomState>,
+    /// The last stream `seq` delivered here (0: none since the shard took an interest).
+    last_seq: u64,
+}
+
+impl<P> Default for Subscribers<P> {
+    fn default() -> Self {
+        Subscribers {
+            conns: IndexMap::default(),
+            last_seq: 0,
+        }
+    }
+}
+
+/// A `sub` with `since` waiting for its replay: the floor of what the subscription got
+/// live (`None` until the first live message says it).
+type PendingResume = (ConnId, Option<u64>);
+
 /// One shard's tables and protocol logic (see the module docs).
 pub(crate) struct ShardCore<P: Peer> {
     index: usize,
@@ -205,8 +310,12 @@ pub(crate) struct ShardCore<P: Peer> {
     settings: Settings,
     metrics: Arc<ShardMetrics>,
     users: HashMap<Arc<str>, SmallVec<[P; 1]>, RandomState>,
-    topics: HashMap<Arc<str>, IndexMap<ConnId, P, RandomState>, RandomState>,
+    topics: HashMap<Arc<str>, Subscribers<P>, RandomState>,
     directory: Directory,
+    /// Streams of the users and topics whose home this shard is (a lone node).
+    streams: Streams,
+    /// Topic resumes waiting for their replay, by topic.
+    topic_resumes: HashMap<Arc<str>, SmallVec<[PendingResume; 1]>, RandomState>,
     mids: MidGenerator,
     /// Limits the warning about direct messages for users with no device online.
     no_route_log: LogLimiter,
@@ -215,33 +324,39 @@ pub(crate) struct ShardCore<P: Peer> {
 }
 
 impl<P: Peer> ShardCore<P> {
-    /// The core of shard `index`, counting on `metrics`.
+    /// The core of shard `index`, counting on `metrics`; `epoch_seed` seeds its streams'
+    /// epochs (random in production, fixed in tests).
     pub(crate) fn new(
         index: usize,
         homes: Homes,
         settings: Settings,
         metrics: Arc<ShardMetrics>,
         auth: Arc<Authenticator>,
+        epoch_seed: u64,
     ) -> Self {
         ShardCore {
             auth,
             index,
             mids: MidGenerator::new(settings.node_number, index),
+            streams: Streams::new(settings.history_max_bytes, epoch_seed),
             homes,
             settings,
             metrics,
             users: HashMap::default(),
             topics: HashMap::default(),
             directory: Directory::default(),
+            topic_resumes: HashMap::default(),
             no_route_log: LogLimiter::default(),
         }
     }
 
     /// A connection was upgraded: enters the tables, tells its user's home shard and the
-    /// bus. Returns its `hello` (`None` for `/echo`).
-    pub(crate) fn open(&mut self, peer: &P, now: Now, out: &mut Actions) -> Option<Bytes> {
+    /// bus, and says when it gets its `hello`.
+    pub(crate) fn open(&mut self, peer: &P, now: Now, out: &mut Actions) -> Greeting {
         self.metrics.connections.add(1);
-        let user = peer.state().user()?.clone();
+        let Some(user) = peer.state().user().cloned() else {
+            return Greeting::None;
+        };
         let devices = self.users.entry(user.clone()).or_default();
         if devices.is_empty() {
             self.metrics.users.add(1);
@@ -262,14 +377,23 @@ impl<P: Peer> ShardCore<P> {
                 since_ms: now.wall_ms,
             }));
         }
+        if self.settings.streams_mailboxes() {
+            peer.state().mailbox_floor.set(NOT_WELCOMED);
+            return Greeting::AfterWelcome;
+        }
+        Greeting::Hello(self.hello(peer, &user, None))
+    }
+
+    fn hello(&self, peer: &P, user: &str, mailbox: Option<StreamPos<'_>>) -> Bytes {
         let settings = &self.settings;
-        Some(render::hello(
-            &user,
-            conn,
+        render::hello(
+            user,
+            peer.id(),
             &settings.node_id,
             settings.heartbeat_secs,
             peer.state().expires(),
-        ))
+            mailbox,
+        )
     }
 
     /// A connection left: out of every table; a topic's last local subscriber leaving tells
@@ -307,8 +431,15 @@ impl<P: Peer> ShardCore<P> {
     }
 
     /// Handles one protocol request (a complete text message) from `peer` and returns the
-    /// reply frame (`ack`, `err` or `pong`).
-    pub(crate) fn request(&mut self, peer: &P, text: &str, now: Now, out: &mut Actions) -> Bytes {
+    /// reply frame (`ack`, `err` or `pong`); `None` when the reply comes later (a resume's
+    /// ack follows its replay).
+    pub(crate) fn request(
+        &mut self,
+        peer: &P,
+        text: &str,
+        now: Now,
+        out: &mut Actions,
+    ) -> Option<Bytes> {
         let (id, request) = match protocol::parse_request(text) {
             Ok(parsed) => parsed,
             Err(refusal) => {
@@ -317,21 +448,21 @@ impl<P: Peer> ShardCore<P> {
                 } else {
                     Rejection::Malformed
                 });
-                return render::err(refusal.id, refusal.code, refusal.msg);
+                return Some(render::err(refusal.id, refusal.code, refusal.msg));
             }
         };
         let refuse = |reason: Rejection, code: ErrorCode, msg: &str| {
             self.metrics.rejected(reason);
-            render::err(id, code, msg)
+            Some(render::err(id, code, msg))
         };
         let max_name = self.settings.max_name_bytes;
         let state = peer.state();
         match request {
-            Request::Ping => render::pong(id),
+            Request::Ping => Some(render::pong(id)),
             Request::Refresh { token } => match self.auth.authenticate(Some(&token), None) {
                 Ok(identity) if Some(&identity.user) == state.user() => {
                     state.expires.set(expires_secs(identity.expires));
-                    render::ack(id, None)
+                    Some(render::ack(id, None))
                 }
                 Ok(_) => refuse(
                     Rejection::Forbidden,
@@ -347,7 +478,7 @@ impl<P: Peer> ShardCore<P> {
                     },
                 ),
             },
-            Request::Sub { topic } => {
+            Request::Sub { topic, since } => {
                 if !valid_name(&topic, max_name) {
                     return refuse(
                         Rejection::BadName,
@@ -355,18 +486,20 @@ impl<P: Peer> ShardCore<P> {
                         "invalid topic name",
                     );
                 }
-                if state.has_topic(&topic) {
-                    return render::ack(id, None);
+                if !state.has_topic(&topic) {
+                    if state.topic_count() >= self.settings.max_topics_per_connection {
+                        return refuse(
+                            Rejection::TooManyTopics,
+                            ErrorCode::TooMany,
+                            "too many topics on this connection",
+                        );
+                    }
+                    self.add_subscriber(peer, &topic, out);
                 }
-                if state.topic_count() >= self.settings.max_topics_per_connection {
-                    return refuse(
-                        Rejection::TooManyTopics,
-                        ErrorCode::TooMany,
-                        "too many topics on this connection",
-                    );
+                match since {
+                    None => Some(render::ack(id, None)),
+                    Some(since) => self.resume_topic(peer, &topic, since, id, out),
                 }
-                self.add_subscriber(peer, &topic, out);
-                render::ack(id, None)
             }
             Request::Unsub { topic } => {
                 if !state.remove_topic(&topic) {
@@ -377,7 +510,7 @@ impl<P: Peer> ShardCore<P> {
                     );
                 }
                 self.remove_subscriber(&topic, peer.id(), out);
-                render::ack(id, None)
+                Some(render::ack(id, None))
             }
             Request::Pub { topic, data } => {
                 if !valid_name(&topic, max_name) {
@@ -395,14 +528,19 @@ impl<P: Peer> ShardCore<P> {
                     );
                 }
                 let (mid, ts) = self.stamp(now);
-                let frame = render::publication(Some(&topic), mid, ts, data.get());
                 tracing::debug!(mid, conn = peer.id(), topic = &*topic, "client publication");
+                // A topic with history is appended and rendered on its home shard.
+                let message = if self.settings.topic_retention(&topic).is_some() {
+                    Message::per_topic(mid, template(ts, None, None, data))
+                } else {
+                    Message::new(mid, render::publication(Some(&topic), mid, ts, data.get()))
+                };
                 out.push(Action::Route {
                     to: Route::Topic(Arc::from(&*topic)),
-                    message: Message::new(mid, frame),
+                    message,
                     except: None,
                 });
-                render::ack(id, Some(mid))
+                Some(render::ack(id, Some(mid)))
             }
             Request::Send { to, data } => {
                 if !valid_name(&to, max_name) {
@@ -410,22 +548,80 @@ impl<P: Peer> ShardCore<P> {
                 }
                 let from = state.user().expect("only user sessions handle requests");
                 let (mid, ts) = self.stamp(now);
-                let frame = render::msg(Some(from), &to, mid, ts, data.get());
                 tracing::debug!(mid, conn = peer.id(), to = &*to, "client direct message");
+                let to: Arc<str> = Arc::from(&*to);
+                // Mailboxes append it on each user's home shard and render it there.
+                let message = if self.settings.streams_mailboxes() {
+                    let template = template(ts, Some(from.clone()), Some(to.clone()), data);
+                    Message::per_user(mid, template)
+                } else {
+                    Message::new(mid, render::msg(Some(from), &to, mid, ts, data.get()))
+                };
                 // The recipient's devices, and the sender's other devices for the copy; the
                 // sending connection is not one of the recipient's unless both are one user.
-                let users = if *to == **from {
+                let users = if to == *from {
                     smallvec![from.clone()]
                 } else {
-                    smallvec![Arc::from(&*to), from.clone()]
+                    smallvec![to, from.clone()]
                 };
                 out.push(Action::Route {
                     to: Route::Users(users),
-                    message: Message::new(mid, frame),
+                    message,
                     except: Some(peer.id()),
                 });
-                render::ack(id, Some(mid))
+                Some(render::ack(id, Some(mid)))
             }
+            Request::Resume { since } => {
+                let Some(user) = state.user().filter(|_| self.settings.mailbox.is_some()) else {
+                    return refuse(
+                        Rejection::NoStream,
+                        ErrorCode::NotFound,
+                        "this node keeps no mailboxes",
+                    );
+                };
+                out.push(self.resume(StreamKey::Mailbox(user.clone()), peer, since, id));
+                None
+            }
+        }
+    }
+
+    /// `sub` with `since`: asks the topic's home shard for its history after the client's
+    /// position; a topic without history is acked `recovered:false` at once.
+    fn resume_topic(
+        &mut self,
+        peer: &P,
+        topic: &str,
+        since: Since<'_>,
+        id: Option<&RawValue>,
+        out: &mut Actions,
+    ) -> Option<Bytes> {
+        if self.settings.topic_retention(topic).is_none() {
+            let none = StreamPos { seq: 0, ep: "" };
+            return Some(render::ack_replay(id, false, none));
+        }
+        let (key, subscribers) = self
+            .topics
+            .get_key_value(topic)
+            .expect("the connection subscribes the topic");
+        let floor = (subscribers.last_seq > 0).then_some(subscribers.last_seq);
+        self.topic_resumes
+            .entry(key.clone())
+            .or_default()
+            .push((peer.id(), floor));
+        out.push(self.resume(StreamKey::Topic(key.clone()), peer, since, id));
+        None
+    }
+
+    fn resume(&self, key: StreamKey, peer: &P, since: Since<'_>, id: Option<&RawValue>) -> Action {
+        Action::Send {
+            shard: self.homes.home(key.name()),
+            envelope: Envelope::Resume {
+                key,
+                conn: peer.id(),
+                since_seq: since.seq,
+                since_ep: since.ep.into(),
+                id: id.map(|id| id.to_owned()),
+            },
         }
     }
 
@@ -446,8 +642,11 @@ impl<P: Peer> ShardCore<P> {
                 except,
             } => {
                 let shards = self.directory.user_shards(&user);
-                // A sender's copy always finds the sending device, unless it just left.
-                if shards.is_empty() && !self.settings.clustered {
+                let (message, seq) = self.append_to_mailbox(&user, message, now);
+                if shards.is_empty() && seq > 0 {
+                    self.metrics.mailbox_offline.inc();
+                } else if shards.is_empty() && !self.settings.clustered {
+                    // A sender's copy always finds the sending device, unless it just left.
                     self.metrics.dropped(metrics::Drop::NoRoute);
                     self.log_no_route(&user, message.mid, now);
                 }
@@ -455,17 +654,20 @@ impl<P: Peer> ShardCore<P> {
                     user: user.clone(),
                     message: message.clone(),
                     except,
+                    seq,
                 });
                 None
             }
             Envelope::RouteTopic { topic, message } => {
                 let shards = self.directory.topic_shards(&topic);
+                let (message, seq) = self.append_to_topic(&topic, message, now);
                 if !shards.is_empty() {
                     // One frame for every subscriber on this node, rendered here at most once.
                     let message = message.rendered_for(&topic);
                     self.send_to_shards(shards, out, || Envelope::DeliverTopic {
                         topic: topic.clone(),
                         message: message.clone(),
+                        seq,
                     });
                 }
                 None
@@ -474,11 +676,12 @@ impl<P: Peer> ShardCore<P> {
                 user,
                 message,
                 except,
+                seq,
             } => {
                 let devices = self.users.get(&user)?;
                 let to: Vec<P> = devices
                     .iter()
-                    .filter(|c| Some(c.id()) != except)
+                    .filter(|c| Some(c.id()) != except && c.state().takes_mailbox(seq))
                     .cloned()
                     .collect();
                 (!to.is_empty()).then(|| Fanout {
@@ -488,17 +691,35 @@ impl<P: Peer> ShardCore<P> {
                     kind: Delivery::Direct,
                 })
             }
-            Envelope::DeliverTopic { topic, message } => {
-                let subscribers = self.topics.get(&topic)?;
+            Envelope::DeliverTopic {
+                topic,
+                message,
+                seq,
+            } => {
+                let subscribers = self.topics.get_mut(&topic)?;
+                if seq > 0 {
+                    subscribers.last_seq = seq;
+                    if let Some(pending) = self.topic_resumes.get_mut(&topic) {
+                        for (_, floor) in pending.iter_mut().filter(|(_, f)| f.is_none()) {
+                            *floor = Some(seq - 1);
+                        }
+                    }
+                }
                 Some(Fanout {
-                    to: subscribers.values().cloned().collect(),
+                    to: subscribers.conns.values().cloned().collect(),
                     frame: message.frame_for(&topic),
                     entered_ns: message.entered_ns,
                     kind: Delivery::Topic,
                 })
             }
             Envelope::Broadcast { message } => Some(Fanout {
-                to: self.users.values().flatten().cloned().collect(),
+                to: self
+                    .users
+                    .values()
+                    .flatten()
+                    .filter(|c| c.state().welcomed())
+                    .cloned()
+                    .collect(),
                 frame: message.shared_frame(),
                 entered_ns: message.entered_ns,
                 kind: Delivery::Broadcast,
@@ -511,6 +732,18 @@ impl<P: Peer> ShardCore<P> {
                 } else {
                     self.settings.max_devices_per_user
                 };
+                if self.settings.streams_mailboxes() {
+                    let key = StreamKey::Mailbox(user.clone());
+                    let mailbox = self.streams.position(&key, now.wall_ms);
+                    out.push(Action::Send {
+                        shard: shard_of(conn),
+                        envelope: Envelope::Welcome {
+                            user: user.clone(),
+                            conn,
+                            mailbox,
+                        },
+                    });
+                }
                 if let Some(oldest) = self.directory.device_online(user, conn, max) {
                     out.push(Action::Send {
                         shard: shard_of(oldest),
@@ -527,6 +760,20 @@ impl<P: Peer> ShardCore<P> {
                 self.directory.device_offline(&user, conn);
                 None
             }
+            Envelope::Welcome {
+                user,
+                conn,
+                mailbox,
+            } => {
+                let peer = self.users.get(&user)?.iter().find(|p| p.id() == conn)?;
+                let at = mailbox
+                    .as_ref()
+                    .map_or(StreamPos { seq: 0, ep: "" }, Position::as_pos);
+                peer.state().mailbox_floor.set(at.seq);
+                let frame = self.hello(peer, &user, Some(at));
+                out.push(Action::Hello { conn, frame });
+                None
+            }
             Envelope::TopicInterest {
                 topic,
                 shard,
@@ -536,6 +783,72 @@ impl<P: Peer> ShardCore<P> {
                 if let (Some(active), true) = (changed, self.settings.clustered) {
                     out.push(Action::Bus(Control::TopicActive { topic, active }));
                 }
+                None
+            }
+            Envelope::Resume {
+                key,
+                conn,
+                since_seq,
+                since_ep,
+                id,
+            } => {
+                let limit = self.retention_of(&key).map_or(0, |r| r.size);
+                let replay = self
+                    .streams
+                    .since(&key, since_seq, &since_ep, limit, now.wall_ms);
+                self.count_replay(&replay);
+                let ep = replay.ep.as_deref().unwrap_or("");
+                let frames = replay
+                    .messages
+                    .iter()
+                    .map(|entry| (entry.seq, history::frame(&key, ep, entry)))
+                    .collect();
+                let at = StreamPos {
+                    seq: replay.last_seq,
+                    ep,
+                };
+                let ack = render::ack_replay(id.as_deref(), replay.recovered, at);
+                out.push(Action::Send {
+                    shard: shard_of(conn),
+                    envelope: Envelope::Replay {
+                        key,
+                        conn,
+                        frames,
+                        ack,
+                    },
+                });
+                None
+            }
+            Envelope::Replay {
+                key,
+                conn,
+                frames,
+                ack,
+            } => {
+                let floor = match &key {
+                    StreamKey::Mailbox(user) => {
+                        let peer = self.users.get(user)?.iter().find(|p| p.id() == conn)?;
+                        Some(peer.state().mailbox_floor.get())
+                    }
+                    StreamKey::Topic(topic) => self.take_topic_resume(topic, conn)?,
+                };
+                let replayed = frames
+                    .into_iter()
+                    .filter(|(seq, _)| floor.is_none_or(|floor| *seq <= floor))
+                    .map(|(_, frame)| Action::Write { conn, frame });
+                out.extend(replayed);
+                out.push(Action::Write { conn, frame: ack });
+                None
+            }
+            Envelope::ReadHistory {
+                key,
+                after_seq,
+                limit,
+                reply,
+            } => {
+                let replay = self.streams.history(&key, after_seq, limit, now.wall_ms);
+                self.count_replay(&replay);
+                let _ = reply.send(history::history_json(&replay));
                 None
             }
             Envelope::CloseUser { user, code, reason } => {
@@ -560,10 +873,85 @@ impl<P: Peer> ShardCore<P> {
                 None
             }
             Envelope::CountSubscribers { topic, reply } => {
-                let _ = reply.send(self.topics.get(&topic).map_or(0, |s| s.len()));
+                let _ = reply.send(self.topics.get(&topic).map_or(0, |s| s.conns.len()));
                 None
             }
         }
+    }
+
+    /// Expires stream messages and forgets idle streams, a bounded number per call.
+    pub(crate) fn sweep(&mut self, now: Now) {
+        self.streams.sweep(now.wall_ms, STREAMS_PER_SWEEP);
+        self.metrics
+            .history_bytes
+            .set(self.streams.stats().bytes as i64);
+    }
+
+    /// Appends a direct message to `user`'s mailbox when this shard keeps it, and answers
+    /// the message as `user`'s devices get it (rendered with its position) and its `seq`
+    /// (0: not streamed).
+    fn append_to_mailbox(&mut self, user: &Arc<str>, message: Message, now: Now) -> (Message, u64) {
+        let Some(retention) = self.settings.mailbox else {
+            return (message, 0);
+        };
+        let Some(entry) = message.stream_entry(user) else {
+            return (message, 0);
+        };
+        let key = StreamKey::Mailbox(user.clone());
+        let at = self.streams.append(&key, retention, now.wall_ms, entry);
+        self.count_append();
+        let frame = message.frame_in_stream(user, at.as_pos());
+        (message.with_frame(frame), at.seq)
+    }
+
+    /// Appends a publication to `topic`'s history when this shard keeps one, and answers
+    /// the message as subscribers get it and its `seq` (0: not streamed).
+    fn append_to_topic(&mut self, topic: &Arc<str>, message: Message, now: Now) -> (Message, u64) {
+        let Some(retention) = self.settings.topic_retention(topic) else {
+            return (message, 0);
+        };
+        let Some(entry) = message.stream_entry(topic) else {
+            return (message, 0);
+        };
+        let key = StreamKey::Topic(topic.clone());
+        let at = self.streams.append(&key, retention, now.wall_ms, entry);
+        self.count_append();
+        let frame = message.frame_in_stream(topic, at.as_pos());
+        (message.with_frame(frame), at.seq)
+    }
+
+    fn retention_of(&self, key: &StreamKey) -> Option<Retention> {
+        match key {
+            StreamKey::Mailbox(_) => self.settings.mailbox,
+            StreamKey::Topic(topic) => self.settings.topic_retention(topic),
+        }
+    }
+
+    fn count_append(&self) {
+        self.metrics.stream_appends.inc();
+        self.metrics
+            .history_bytes
+            .set(self.streams.stats().bytes as i64);
+    }
+
+    fn count_replay(&self, replay: &history::Replay) {
+        self.metrics.replays.inc();
+        self.metrics.replayed.add(replay.messages.len() as u64);
+        if !replay.recovered {
+            self.metrics.replays_unrecovered.inc();
+        }
+    }
+
+    /// The floor of a topic resume of `conn` waiting for its replay (`Some(None)`: no live
+    /// message reached it yet); `None` if there is none (unsubscribed meanwhile).
+    fn take_topic_resume(&mut self, topic: &str, conn: ConnId) -> Option<Option<u64>> {
+        let pending = self.topic_resumes.get_mut(topic)?;
+        let index = pending.iter().position(|(c, _)| *c == conn)?;
+        let (_, floor) = pending.swap_remove(index);
+        if pending.is_empty() {
+            self.topic_resumes.remove(topic);
+        }
+        Some(floor)
     }
 
     /// A message id and timestamp for a message made now.
@@ -598,6 +986,7 @@ impl<P: Peer> ShardCore<P> {
         self.topics
             .entry(key.clone())
             .or_default()
+            .conns
             .insert(peer.id(), peer.clone());
         peer.state().topics.borrow_mut().push(key);
     }
@@ -606,13 +995,14 @@ impl<P: Peer> ShardCore<P> {
         let Some(subscribers) = self.topics.get_mut(topic) else {
             return;
         };
-        subscribers.swap_remove(&conn);
-        if subscribers.is_empty() {
+        subscribers.conns.swap_remove(&conn);
+        if subscribers.conns.is_empty() {
             let (key, _) = self
                 .topics
                 .remove_entry(topic)
                 .expect("entry was just found");
             self.metrics.topics.add(-1);
+            self.topic_resumes.remove(topic);
             out.push(self.interest(key, false));
         }
     }
@@ -642,6 +1032,15 @@ impl<P: Peer> ShardCore<P> {
     }
 }
 
+/// A message's parts, to be rendered per target or with a stream position.
+fn template(ts: u64, from: Option<Arc<str>>, to: Option<Arc<str>>, data: &RawValue) -> Template {
+    Template {
+        ts,
+        from,
+        to,
+        data: Arc::from(data.get()),
+    }
+}
 #[cfg(test)]
 mod tests {
     //! A node of several cores and no sockets: envelopes travel through one FIFO queue
@@ -696,17 +1095,42 @@ mod tests {
             max_topics_per_connection: 3,
             max_devices_per_user: 4,
             clustered,
+            mailbox: None,
+            topic_history: None,
+            history_max_bytes: 1 << 20,
+        }
+    }
+
+    /// A lone node's settings with mailboxes (10 messages) and history for `news.*` (2).
+    fn streaming() -> Settings {
+        let rule = crate::config::TopicHistory {
+            pattern: "news.*".into(),
+            size: 2,
+            ttl_secs: 60,
+        };
+        Settings {
+            mailbox: Some(Retention {
+                size: 10,
+                ttl_secs: 3_600,
+            }),
+            topic_history: Some(Arc::new(History { topics: vec![rule] })),
+            ..settings(false)
         }
     }
 
     impl TestNode {
         fn new(shards: usize, clustered: bool) -> Self {
+            Self::with(shards, settings(clustered))
+        }
+
+        fn with(shards: usize, settings: Settings) -> Self {
             let homes = Homes::new(shards);
             let cores = (0..shards)
                 .map(|index| {
                     let metrics = Arc::new(ShardMetrics::default());
                     let auth = Arc::new(Authenticator::new(Some(SECRET), false, 64));
-                    ShardCore::new(index, homes.clone(), settings(clustered), metrics, auth)
+                    let settings = settings.clone();
+                    ShardCore::new(index, homes.clone(), settings, metrics, auth, index as u64)
                 })
                 .collect();
             TestNode {
@@ -767,6 +1191,9 @@ mod tests {
                     },
                     Action::Bus(control) => self.bus.push(control),
                     Action::Close { conn, code, .. } => self.closed.push((conn, code)),
+                    Action::Write { conn, frame } | Action::Hello { conn, frame } => {
+                        self.written.push((conn, frame_text(&frame)));
+                    }
                 }
             }
         }
@@ -804,10 +1231,14 @@ mod tests {
             });
             self.next_seq += 1;
             let mut actions = Actions::new();
-            let hello = self.cores[shard].open(&peer, self.now, &mut actions);
-            assert!(frame_text(&hello.expect("a user gets hello")).contains("\"op\":\"hello\""));
+            let greeting = self.cores[shard].open(&peer, self.now, &mut actions);
+            if let Greeting::Hello(hello) = greeting {
+                self.written.push((peer.id, frame_text(&hello)));
+            }
             self.apply(actions);
             self.settle();
+            let hello = &self.frames_of_id(peer.id)[0];
+            assert!(hello.starts_with(r#"{"op":"hello""#), "{hello}");
             peer
         }
 
@@ -819,18 +1250,27 @@ mod tests {
         }
 
         fn request(&mut self, peer: &Handle, text: &str) -> String {
+            self.ask(peer, text).expect("an immediate reply")
+        }
+
+        /// A request whose reply may come later (then `None`, and it is written to `peer`).
+        fn ask(&mut self, peer: &Handle, text: &str) -> Option<String> {
             let mut actions = Actions::new();
             let reply = self.cores[shard_of(peer.id)].request(peer, text, self.now, &mut actions);
             self.apply(actions);
             self.settle();
-            frame_text(&reply)
+            reply.map(|reply| frame_text(&reply))
         }
 
         /// Takes the frames written so far to `peer`.
         fn frames_of(&mut self, peer: &Handle) -> Vec<String> {
+            self.frames_of_id(peer.id)
+        }
+
+        fn frames_of_id(&mut self, conn: ConnId) -> Vec<String> {
             let (mine, rest) = std::mem::take(&mut self.written)
                 .into_iter()
-                .partition(|(id, _)| *id == peer.id);
+                .partition(|(id, _)| *id == conn);
             self.written = rest;
             mine.into_iter().map(|(_, frame)| frame).collect()
         }
@@ -1137,8 +1577,11 @@ mod tests {
             id: conn_id(0, 99),
             state: PeerState::new(Some(identity)),
         });
-        let hello = node.cores[0].open(&alice, node.now, &mut Actions::new());
-        let hello = frame_text(&hello.expect("hello"));
+        let greeting = node.cores[0].open(&alice, node.now, &mut Actions::new());
+        let Greeting::Hello(hello) = greeting else {
+            panic!("without mailboxes, hello comes at once");
+        };
+        let hello = frame_text(&hello);
         assert!(
             hello.ends_with(&format!(r#""hb":25,"exp":{}}}"#, wall_now + 60)),
             "{hello}"
@@ -1197,5 +1640,217 @@ mod tests {
                 (devices[1].id, close::KICKED)
             ]
         );
+    }
+
+    // Streams on a lone node: mailboxes, topic history, welcome, resume and their seams.
+
+    fn json(frame: &str) -> serde_json::Value {
+        serde_json::from_str(frame).expect("json")
+    }
+
+    fn seqs(frames: &[String]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|f| json(f)["seq"].as_u64().expect("seq"))
+            .collect()
+    }
+
+    #[test]
+    fn a_device_is_welcomed_at_its_mailboxs_position_and_gets_what_follows() {
+        let mut node = TestNode::with(3, streaming());
+        let alice = node.connect(0, "alice");
+        let bob = node.connect(1, "bob");
+        node.written.clear();
+        for n in 0..3 {
+            node.request(&bob, &format!(r#"{{"op":"send","to":"alice","data":{n}}}"#));
+        }
+        let frames = node.frames_of(&alice);
+        assert_eq!(seqs(&frames), vec![1, 2, 3]);
+        let ep = json(&frames[0])["ep"].clone();
+        assert!(ep.as_str().is_some_and(|ep| ep.len() == 8), "{ep}");
+        assert!(frames.iter().all(|f| json(f)["ep"] == ep));
+
+        // More devices: each welcomed where the mailbox stands, then live from there.
+        let phone = node.connect(2, "alice");
+        let bob_phone = node.connect(0, "bob");
+        node.written.clear();
+        node.request(&bob, r#"{"op":"send","to":"alice","data":"x"}"#);
+        assert_eq!(seqs(&node.frames_of(&alice)), vec![4]);
+        assert_eq!(seqs(&node.frames_of(&phone)), vec![4]);
+        let copy = node.frames_of(&bob_phone);
+        assert_eq!(
+            json(&copy[0])["to"],
+            "alice",
+            "the sender's copy names the recipient"
+        );
+        assert_eq!(seqs(&copy), vec![4], "numbered in bob's own mailbox");
+    }
+
+    #[test]
+    fn hello_carries_the_mailbox_position() {
+        let mut node = TestNode::with(2, streaming());
+        let bob = node.connect(1, "bob");
+        node.request(&bob, r#"{"op":"send","to":"dora","data":1}"#);
+        node.request(&bob, r#"{"op":"send","to":"dora","data":2}"#);
+        let identity = Identity {
+            user: "dora".into(),
+            device: None,
+            publish: PublishRights::none(),
+            expires: None,
+        };
+        let dora = Rc::new(TestPeer {
+            id: conn_id(0, 500),
+            state: PeerState::new(Some(identity)),
+        });
+        let mut actions = Actions::new();
+        let greeting = node.cores[0].open(&dora, node.now, &mut actions);
+        assert!(matches!(greeting, Greeting::AfterWelcome));
+        node.apply(actions);
+        node.settle();
+        let hello = json(&node.frames_of(&dora)[0]);
+        assert_eq!(hello["mailbox"]["seq"], 2);
+        assert_eq!(hello["mailbox"]["ep"].as_str().map(str::len), Some(8));
+    }
+
+    #[test]
+    fn resume_replays_what_a_device_missed_exactly_once() {
+        let mut node = TestNode::with(3, streaming());
+        let bob = node.connect(1, "bob");
+        let laptop = node.connect(0, "alice");
+        for n in 1..=3 {
+            node.request(&bob, &format!(r#"{{"op":"send","to":"alice","data":{n}}}"#));
+        }
+        let ep = json(&node.frames_of(&laptop)[0])["ep"]
+            .as_str()
+            .expect("ep")
+            .to_owned();
+        node.disconnect(&laptop);
+        for n in 4..=6 {
+            node.request(&bob, &format!(r#"{{"op":"send","to":"alice","data":{n}}}"#));
+        }
+        let home = node.homes.home("alice");
+        assert_eq!(node.metrics(home).mailbox_offline.get(), 3);
+
+        // Back on another shard: hello at 6; one message arrives live before the resume.
+        let phone = node.connect(2, "alice");
+        node.request(&bob, r#"{"op":"send","to":"alice","data":7}"#);
+        assert_eq!(seqs(&node.frames_of(&phone)), vec![7]);
+        let resume = format!(r#"{{"op":"resume","id":"r","since":{{"seq":3,"ep":"{ep}"}}}}"#);
+        assert_eq!(
+            node.ask(&phone, &resume),
+            None,
+            "the ack follows the replay"
+        );
+        let frames = node.frames_of(&phone);
+        let (ack, replayed) = frames.split_last().expect("ack");
+        assert_eq!(seqs(replayed), vec![4, 5, 6], "only what it missed, once");
+        assert_eq!(
+            json(ack),
+            serde_json::json!({"op":"ack","id":"r","recovered":true,"seq":7,"ep":ep})
+        );
+
+        // Another epoch: everything retained up to the floor, not recovered.
+        node.ask(&phone, r#"{"op":"resume","since":{"seq":2,"ep":"other"}}"#);
+        let frames = node.frames_of(&phone);
+        let (ack, replayed) = frames.split_last().expect("ack");
+        assert_eq!(seqs(replayed), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(json(ack)["recovered"], false);
+        assert_eq!(node.metrics(home).replays.get(), 2);
+        assert_eq!(node.metrics(home).replays_unrecovered.get(), 1);
+    }
+
+    #[test]
+    fn an_offline_users_messages_wait_for_its_first_device() {
+        let mut node = TestNode::with(2, streaming());
+        let bob = node.connect(0, "bob");
+        for n in 1..=12 {
+            node.request(&bob, &format!(r#"{{"op":"send","to":"carol","data":{n}}}"#));
+        }
+        let carol = node.connect(1, "carol");
+        node.ask(&carol, r#"{"op":"resume","since":{"seq":0}}"#);
+        let frames = node.frames_of(&carol);
+        let (ack, replayed) = frames.split_last().expect("ack");
+        assert_eq!(
+            seqs(replayed),
+            (3..=12).collect::<Vec<_>>(),
+            "the last 10 kept"
+        );
+        assert_eq!(json(ack)["recovered"], false, "two were trimmed");
+        assert_eq!(json(ack)["seq"], 12);
+    }
+
+    #[test]
+    fn a_topic_history_replays_to_new_subscribers_without_a_seam() {
+        let mut node = TestNode::with(2, streaming());
+        let publisher = node.connect(0, "pat");
+        for n in 1..=3 {
+            node.request(
+                &publisher,
+                &format!(r#"{{"op":"pub","topic":"news.a","data":{n}}}"#),
+            );
+        }
+        // The first subscriber of shard 1: history, then live.
+        let first = node.connect(1, "s1");
+        node.ask(
+            &first,
+            r#"{"op":"sub","id":1,"topic":"news.a","since":{"seq":0}}"#,
+        );
+        let frames = node.frames_of(&first);
+        let (ack, replayed) = frames.split_last().expect("ack");
+        assert_eq!(seqs(replayed), vec![2, 3], "a history of 2");
+        assert_eq!(json(ack)["recovered"], false);
+        node.request(&publisher, r#"{"op":"pub","topic":"news.a","data":4}"#);
+        assert_eq!(seqs(&node.frames_of(&first)), vec![4]);
+
+        // A second subscriber on the same shard, which already gets the topic live.
+        let second = node.connect(1, "s2");
+        node.ask(
+            &second,
+            r#"{"op":"sub","id":2,"topic":"news.a","since":{"seq":0}}"#,
+        );
+        let frames = node.frames_of(&second);
+        let (_, replayed) = frames.split_last().expect("ack");
+        assert_eq!(seqs(replayed), vec![3, 4]);
+        node.request(&publisher, r#"{"op":"pub","topic":"news.a","data":5}"#);
+        assert_eq!(seqs(&node.frames_of(&second)), vec![5]);
+        assert_eq!(seqs(&node.frames_of(&first)), vec![5]);
+
+        // A topic without history: subscribed, and told nothing can be recovered.
+        let reply = node.request(
+            &second,
+            r#"{"op":"sub","id":3,"topic":"plain","since":{"seq":0}}"#,
+        );
+        assert_eq!(
+            json(&reply),
+            serde_json::json!({"op":"ack","id":3,"recovered":false,"seq":0,"ep":""})
+        );
+    }
+
+    #[test]
+    fn bad_positions_are_refused_and_resume_needs_a_mailbox() {
+        let mut node = TestNode::with(1, streaming());
+        let alice = node.connect(0, "alice");
+        for bad in [
+            r#"{"op":"resume","id":1,"since":{"seq":-1}}"#,
+            r#"{"op":"resume","id":1,"since":{"seq":1.5,"ep":"x"}}"#,
+            r#"{"op":"resume","id":1,"since":"7"}"#,
+            r#"{"op":"sub","id":1,"topic":"news.a","since":{"seq":1,"ep":7}}"#,
+        ] {
+            let reply = json(&node.request(&alice, bad));
+            assert_eq!(reply["code"], "bad_request", "{bad}: {reply}");
+            assert_eq!(reply["id"], 1);
+        }
+        node.ask(
+            &alice,
+            r#"{"op":"resume","since":{"seq":99999999999,"ep":"x"}}"#,
+        );
+        let ack = json(&node.frames_of(&alice).pop().expect("ack"));
+        assert_eq!(ack["recovered"], false);
+        assert_eq!(ack["seq"], 0);
+
+        let mut plain = TestNode::new(1, false);
+        let bob = plain.connect(0, "bob");
+        let reply = json(&plain.request(&bob, r#"{"op":"resume","since":{"seq":0}}"#));
+        assert_eq!(reply["code"], "not_found");
     }
 }

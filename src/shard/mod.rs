@@ -47,7 +47,7 @@ use ahash::RandomState;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use self::core::{Action, Actions, Fanout, Now, Peer, PeerState, Settings, ShardCore};
+use self::core::{Action, Actions, Fanout, Greeting, Now, Peer, PeerState, Settings, ShardCore};
 use self::schedule::{Deadlines, Drain};
 use crate::auth::Authenticator;
 use crate::cluster::Bus;
@@ -194,6 +194,9 @@ struct Shard {
     to_close: RefCell<Vec<ConnId>>,
     /// Connections whose read budget ran out with data left (edge-triggered: no new event).
     to_read: RefCell<Vec<ConnId>>,
+    /// Connections waiting for their `hello` (see [`Greeting::AfterWelcome`]), with what
+    /// they sent with their upgrade request; they are not read until it goes out.
+    awaiting_hello: RefCell<HashMap<ConnId, Vec<u8>, RandomState>>,
     handshake_deadlines: RefCell<Deadlines>,
     close_deadlines: RefCell<Deadlines>,
     /// The event loop's task, woken when local work is queued.
@@ -231,9 +234,21 @@ impl Shard {
             max_topics_per_connection: config.max_topics_per_connection,
             max_devices_per_user: config.max_devices_per_user,
             clustered: bus.is_some(),
+            // Clustered nodes will keep streams in Redis; a lone node keeps them here.
+            mailbox: config.mailbox_retention().filter(|_| bus.is_none()),
+            topic_history: bus.is_none().then(|| Arc::new(config.history.clone())),
+            history_max_bytes: config.history_max_bytes_per_shard(),
         };
         let homes = router.mesh().homes().clone();
-        let core = ShardCore::new(index, homes, settings, metrics.clone(), auth.clone());
+        let epoch_seed = ahash::RandomState::new().hash_one(index);
+        let core = ShardCore::new(
+            index,
+            homes,
+            settings,
+            metrics.clone(),
+            auth.clone(),
+            epoch_seed,
+        );
         Ok(Shard {
             index,
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
@@ -247,6 +262,7 @@ impl Shard {
             sockets: RefCell::default(),
             to_close: RefCell::default(),
             to_read: RefCell::default(),
+            awaiting_hello: RefCell::default(),
             handshake_deadlines: RefCell::new(Deadlines::new(config.handshake_timeout_ms)),
             close_deadlines: RefCell::new(Deadlines::new(config.close_timeout_ms)),
             event_loop: Cell::new(None),
@@ -304,6 +320,12 @@ impl Shard {
                         bus.control(control);
                     }
                 }
+                Action::Write { conn, frame } => {
+                    if let Some(client) = self.open_conn(conn) {
+                        self.push(&client, &frame);
+                    }
+                }
+                Action::Hello { conn, frame } => self.greet(conn, &frame),
                 Action::Close { conn, code, reason } => self.close_conn(conn, code, reason),
             }
         }
@@ -455,7 +477,7 @@ impl Shard {
                     self.metrics.closed(metrics::Close::IoError);
                     return self.finish(&client);
                 }
-                if ready.readable() {
+                if ready.readable() && !self.awaiting_hello.borrow().contains_key(&token) {
                     self.read_conn(&client);
                 }
             }
@@ -505,30 +527,51 @@ impl Shard {
                     .insert(id, Socket::Open(client.clone()));
                 self.metrics.handshakes_accepted.inc();
                 let mut actions = Actions::new();
-                let hello = self
+                let greeting = self
                     .core
                     .borrow_mut()
                     .open(&client, Now::read(), &mut actions);
                 self.apply(actions);
-                if let Some(hello) = hello {
-                    self.push(&client, &hello);
-                }
-                let mut early = upgraded.early;
-                if !early.is_empty() {
-                    let now_ms = self.clock_ms();
-                    self.with_requests(&client, |requests| {
-                        client
-                            .conn
-                            .on_bytes(&mut early, self.env(), now_ms, requests)
-                    });
-                }
-                if client.conn.close_request().is_none() {
-                    // Edge-triggered: bytes that arrived with the request raise no new event.
-                    self.read_conn(&client);
-                } else {
-                    self.schedule_close(id);
+                match greeting {
+                    Greeting::AfterWelcome => {
+                        self.awaiting_hello.borrow_mut().insert(id, upgraded.early);
+                    }
+                    Greeting::Hello(hello) => {
+                        self.push(&client, &hello);
+                        self.serve(&client, upgraded.early);
+                    }
+                    Greeting::None => self.serve(&client, upgraded.early),
                 }
             }
+        }
+    }
+
+    /// Sends a welcomed connection its `hello`, then starts serving it.
+    fn greet(&self, id: ConnId, hello: &Bytes) {
+        let Some(early) = self.awaiting_hello.borrow_mut().remove(&id) else {
+            return;
+        };
+        if let Some(client) = self.open_conn(id) {
+            self.push(&client, hello);
+            self.serve(&client, early);
+        }
+    }
+
+    /// Handles what a connection sent with its upgrade request, then reads what it sent
+    /// since (edge-triggered: those bytes raise no new event).
+    fn serve(&self, client: &Handle, mut early: Vec<u8>) {
+        if !early.is_empty() {
+            let now_ms = self.clock_ms();
+            self.with_requests(client, |requests| {
+                client
+                    .conn
+                    .on_bytes(&mut early, self.env(), now_ms, requests)
+            });
+        }
+        if client.conn.close_request().is_none() {
+            self.read_conn(client);
+        } else {
+            self.schedule_close(client.conn.id);
         }
     }
 
@@ -537,7 +580,7 @@ impl Shard {
     fn with_requests<T>(
         &self,
         client: &Handle,
-        io: impl FnOnce(&mut dyn FnMut(&str) -> Bytes) -> T,
+        io: impl FnOnce(&mut dyn FnMut(&str) -> Option<Bytes>) -> T,
     ) -> T {
         let mut actions = Actions::new();
         let result = io(&mut |text| {
@@ -581,6 +624,7 @@ impl Shard {
 
     /// Takes a connection out of the core's tables (once, when it leaves the `Open` phase).
     fn unregister(&self, client: &Handle) {
+        self.awaiting_hello.borrow_mut().remove(&client.conn.id);
         client.conn.release_incomplete(self.env());
         let mut actions = Actions::new();
         self.core.borrow_mut().close(client, &mut actions);
@@ -755,12 +799,13 @@ impl Shard {
         }
     }
 
-    /// Closes connections whose token expired (4402); pings connections due a heartbeat
-    /// and closes those silent for three intervals or holding an incomplete message too
-    /// long.
+    /// Expires stream history; closes connections whose token expired (4402); pings
+    /// connections due a heartbeat and closes those silent for three intervals or holding
+    /// an incomplete message too long.
     fn sweep_heartbeats(&self) {
         let now_ms = self.clock_ms();
         let now = Now::read();
+        self.core.borrow_mut().sweep(now);
         for client in self.open_conns() {
             let id = client.conn.id;
             if client.peer.expired(now) {
@@ -874,5 +919,18 @@ async fn sweep_loop(shard: Rc<Shard>) {
         if sweeps % SWEEPS_PER_HEARTBEAT_CHECK == 0 && !shard.stopping.fired() {
             shard.sweep_heartbeats();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_client_stays_small() {
+        // The connection (see session.rs) plus what the core keeps: every byte here is paid
+        // once per connection.
+        let size = std::mem::size_of::<Client>();
+        assert!(size <= 160, "{size}");
     }
 }

@@ -115,6 +115,7 @@ impl Bridge {
                 let template = Template {
                     ts,
                     from: from.map(Arc::from),
+                    to: None,
                     data: Arc::from(data),
                 };
                 route(users_of(users), Message::per_user(mid, template));

@@ -1,0 +1,286 @@
+//! Protocol v1.1 streams on a lone node: mailboxes, topic history, `hello.mailbox`,
+//! `resume`, `sub` with `since`, offline users and the history API, over real sockets.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use shardcast::config::TopicHistory;
+use shardcast::{Config, Publisher, Target};
+
+fn streaming_config() -> Config {
+    let mut config = dev_config();
+    config.mailbox_size = 50;
+    config.history.topics = vec![TopicHistory {
+        pattern: "chat.*".into(),
+        size: 5,
+        ttl_secs: 60,
+    }];
+    config
+}
+
+fn publish_to(publisher: &Publisher, user: &str, n: u64) -> u64 {
+    let data = serde_json::value::to_raw_value(&json!({ "n": n })).expect("raw");
+    let target = Target {
+        users: &[user],
+        ..Target::default()
+    };
+    let published = publisher.publish(target, &data);
+    assert_eq!(published.dropped, 0);
+    published.mid
+}
+
+/// Waits until `user`'s mailbox stands at `seq` (publishing is asynchronous).
+fn await_mailbox(node: &TestNode, user: &str, seq: u64) {
+    await_stream(node, &format!("/v1/users/{user}/history?limit=1"), seq);
+}
+
+fn await_stream(node: &TestNode, history: &str, seq: u64) {
+    let api = node.node().api_addr();
+    eventually("the stream has every message", || {
+        http_json(api, "GET", history, b"").1["seq"] == seq
+    });
+}
+
+/// Reads frames until the `ack` answering `id`; returns the frames before it and the ack.
+fn until_ack(client: &mut Client, id: &str) -> (Vec<Value>, Value) {
+    let mut frames = Vec::new();
+    for _ in 0..10_000 {
+        let frame = client.recv();
+        if frame["op"] == "ack" && frame["id"] == id {
+            return (frames, frame);
+        }
+        frames.push(frame);
+    }
+    panic!("no ack {id}");
+}
+
+fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| f["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+#[test]
+fn a_device_that_reconnects_resumes_exactly_what_it_missed() {
+    let node = TestNode::start(streaming_config());
+    let publisher = node.node().publisher();
+    let mut alice = Client::dev(&node, "alice");
+    assert_eq!(alice.hello["mailbox"], json!({"seq": 0, "ep": ""}));
+    for n in 1..=5 {
+        publish_to(&publisher, "alice", n);
+    }
+    let live: Vec<Value> = (0..5).map(|_| alice.recv()).collect();
+    assert_eq!(seqs(&live), vec![1, 2, 3, 4, 5]);
+    let ep = live[0]["ep"].as_str().expect("ep").to_owned();
+    drop(alice);
+
+    for n in 6..=10 {
+        publish_to(&publisher, "alice", n);
+    }
+    await_mailbox(&node, "alice", 10);
+    let mut again = Client::dev(&node, "alice");
+    assert_eq!(again.hello["mailbox"], json!({"seq": 10, "ep": ep}));
+    again.send(json!({"op":"resume","id":"r","since":{"seq":5,"ep":ep}}));
+    let (replayed, ack) = until_ack(&mut again, "r");
+    assert_eq!(seqs(&replayed), vec![6, 7, 8, 9, 10]);
+    assert!(replayed
+        .iter()
+        .all(|m| m["op"] == "msg" && m["ep"] == ep.as_str()));
+    assert_eq!(replayed[0]["data"], json!({"n": 6}));
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":"r","recovered":true,"seq":10,"ep":ep})
+    );
+    publish_to(&publisher, "alice", 11);
+    assert_eq!(again.recv()["seq"], 11, "then live");
+}
+
+#[test]
+fn a_replay_racing_live_traffic_has_no_gap_and_no_duplicate() {
+    let mut config = streaming_config();
+    config.mailbox_size = 10_000;
+    let node = TestNode::start(config);
+    let publisher = Arc::new(node.node().publisher());
+    for n in 1..=20 {
+        publish_to(&publisher, "racer", n);
+    }
+    await_mailbox(&node, "racer", 20);
+    let mut racer = Client::dev(&node, "racer");
+    let ep = racer.hello["mailbox"]["ep"]
+        .as_str()
+        .expect("ep")
+        .to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let (publisher, stop) = (publisher.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) && sent < 2_000 {
+                publish_to(&publisher, "racer", 1_000 + sent);
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    racer.send(json!({"op":"resume","id":"r","since":{"seq":3,"ep":ep}}));
+    let (mut frames, ack) = until_ack(&mut racer, "r");
+    assert_eq!(ack["recovered"], true);
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let sent = background.join().expect("publisher thread");
+    let last = 20 + sent;
+    while frames.len() < (last - 3) as usize {
+        frames.push(racer.recv());
+    }
+    let got = seqs(&frames);
+    let unique: BTreeSet<u64> = got.iter().copied().collect();
+    assert_eq!(unique.len(), got.len(), "no duplicate");
+    assert_eq!(unique, (4..=last).collect(), "no gap");
+    racer.expect_silence(Duration::from_millis(200));
+}
+
+#[test]
+fn an_offline_users_messages_wait_and_the_api_says_who_was_offline() {
+    let node = TestNode::start(streaming_config());
+    let api = node.node().api_addr();
+    let body = br#"{"users":["carol","dave"],"data":{"hi":1}}"#;
+    let _dave = Client::dev(&node, "dave");
+    let (status, answer) = http_json(api, "POST", "/v1/publish", body);
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["offline"], json!(["carol"]));
+
+    let mut carol = Client::dev(&node, "carol");
+    assert_eq!(carol.hello["mailbox"]["seq"], 1);
+    carol.send(json!({"op":"resume","id":"r","since":{"seq":0}}));
+    let (replayed, ack) = until_ack(&mut carol, "r");
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["data"], json!({"hi": 1}));
+    assert_eq!(replayed[0]["to"], "carol");
+    assert_eq!(ack["recovered"], true);
+
+    let (status, history) = http_json(api, "GET", "/v1/users/carol/history?since=0&limit=10", b"");
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["seq"], 1);
+    assert_eq!(history["messages"][0]["data"], json!({"hi": 1}));
+    let (status, _) = http_json(api, "GET", "/v1/users/carol/history?since=-1", b"");
+    assert_eq!(status, 400);
+    let (status, _) = http_json(api, "GET", "/v1/topics/plain/history", b"");
+    assert_eq!(status, 404, "no rule covers it");
+}
+
+#[test]
+fn retention_exceeded_and_foreign_positions_answer_recovered_false() {
+    let mut config = streaming_config();
+    config.mailbox_size = 3;
+    let node = TestNode::start(config);
+    let publisher = node.node().publisher();
+    for n in 1..=6 {
+        publish_to(&publisher, "erin", n);
+    }
+    await_mailbox(&node, "erin", 6);
+    let mut erin = Client::dev(&node, "erin");
+    let ep = erin.hello["mailbox"]["ep"].as_str().expect("ep").to_owned();
+    erin.send(json!({"op":"resume","id":"a","since":{"seq":1,"ep":ep}}));
+    let (replayed, ack) = until_ack(&mut erin, "a");
+    assert_eq!(seqs(&replayed), vec![4, 5, 6], "what is left");
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":"a","recovered":false,"seq":6,"ep":ep})
+    );
+
+    for since in [
+        json!({"seq": 2, "ep": "elsewhere"}),
+        json!({"seq": 999_999, "ep": ep}),
+    ] {
+        erin.send(json!({"op":"resume","id":"b","since":since}));
+        let (_, ack) = until_ack(&mut erin, "b");
+        assert_eq!(ack["recovered"], false, "{since}");
+        assert_eq!(ack["seq"], 6);
+    }
+    for bad in [
+        json!({"op":"resume","id":"c","since":{"seq":-4,"ep":ep}}),
+        json!({"op":"resume","id":"c","since":{"seq":"4","ep":ep}}),
+        json!({"op":"resume","id":"c","since":[4, ep]}),
+        json!({"op":"resume","id":"c"}),
+        json!({"op":"sub","id":"c","topic":"chat.x","since":{"seq":1,"ep":{"x":1}}}),
+    ] {
+        let reply = erin.request(bad.clone());
+        assert_eq!(
+            (reply["code"].as_str(), reply["id"].as_str()),
+            (Some("bad_request"), Some("c")),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        erin.request(json!({"op":"ping","id":"d"}))["op"],
+        "pong",
+        "still served"
+    );
+}
+
+#[test]
+fn a_topic_with_history_replays_to_late_subscribers() {
+    let node = TestNode::start(streaming_config());
+    let api = node.node().api_addr();
+    for n in 1..=8 {
+        let body = format!(r#"{{"topics":["chat.room"],"data":{n}}}"#);
+        assert_eq!(
+            http_json(api, "POST", "/v1/publish", body.as_bytes()).0,
+            202
+        );
+    }
+    await_stream(&node, "/v1/topics/chat.room/history?limit=1", 8);
+    let mut late = Client::dev(&node, "late");
+    late.send(json!({"op":"sub","id":"s","topic":"chat.room","since":{"seq":0}}));
+    let (replayed, ack) = until_ack(&mut late, "s");
+    assert_eq!(seqs(&replayed), vec![4, 5, 6, 7, 8], "a history of 5");
+    assert!(replayed
+        .iter()
+        .all(|m| m["op"] == "pub" && m["topic"] == "chat.room"));
+    assert_eq!(ack["recovered"], false, "1 to 3 are gone");
+    let ep = ack["ep"].as_str().expect("ep").to_owned();
+
+    let body = br#"{"topics":["chat.room"],"data":9}"#;
+    assert_eq!(http_json(api, "POST", "/v1/publish", body).0, 202);
+    let live = late.recv();
+    assert_eq!(
+        (live["seq"].as_u64(), live["ep"].as_str()),
+        (Some(9), Some(ep.as_str()))
+    );
+
+    let mut caught_up = Client::dev(&node, "caught-up");
+    caught_up.send(json!({"op":"sub","id":"t","topic":"chat.room","since":{"seq":7,"ep":ep}}));
+    let (replayed, ack) = until_ack(&mut caught_up, "t");
+    assert_eq!(seqs(&replayed), vec![8, 9]);
+    assert_eq!(ack["recovered"], true);
+
+    let (status, history) = http_json(api, "GET", "/v1/topics/chat.room/history?since=7", b"");
+    assert_eq!(status, 200);
+    assert_eq!(
+        seqs(history["messages"].as_array().expect("messages")),
+        vec![8, 9]
+    );
+}
+
+#[test]
+fn mailboxes_off_keeps_v1_frames() {
+    let mut config = dev_config();
+    config.mailbox = false;
+    let node = TestNode::start(config);
+    let mut frank = Client::dev(&node, "frank");
+    assert!(frank.hello.get("mailbox").is_none(), "{}", frank.hello);
+    publish_to(&node.node().publisher(), "frank", 1);
+    let message = frank.recv();
+    assert!(message.get("seq").is_none(), "{message}");
+    let reply = frank.request(json!({"op":"resume","id":1,"since":{"seq":0}}));
+    assert_eq!(reply["code"], "not_found");
+}
