@@ -20,6 +20,7 @@
 //!   heartbeat, close; node admission.
 //! - [`reactor`]: socket readiness (a per-shard epoll set) and cross-thread wake-ups.
 //! - [`ws`]: RFC 6455 framing on shard-owned buffers; the upgrade request.
+//! - [`demo`]: the live-room page (on the JavaScript SDK) a `--dev` node serves at `/`.
 //! - [`protocol`]: client protocol v1 requests, rendered server frames, message ids.
 //! - [`auth`]: JWT (HS256) and dev-mode credentials.
 //! - [`mailbox`]: the two-lane (bounded messages, never-dropped control) hand-off between
@@ -42,6 +43,7 @@ pub mod api;
 pub(crate) mod auth;
 pub mod cluster;
 pub mod config;
+pub(crate) mod demo;
 pub mod history;
 pub(crate) mod mailbox;
 pub mod metrics;

@@ -693,6 +693,8 @@ pub(crate) enum HandshakeOutcome {
     Refused(HttpRefusal),
     /// Upgraded (the 101 is written).
     Open(Upgraded),
+    /// A `--dev` node's demo page or SDK was served (see [`crate::demo`]); close the socket.
+    Served,
 }
 
 /// A socket that has just been upgraded.
@@ -744,7 +746,19 @@ impl Handshake {
             match ws::parse_upgrade(&self.request, gate.config.dev) {
                 Ok(None) => continue,
                 Ok(Some(upgrade)) => break Ok(upgrade),
-                Err(refusal) => break Err(refusal),
+                Err(refusal) => {
+                    // A --dev node serves its demo page to plain GETs of it.
+                    let page = gate
+                        .config
+                        .dev
+                        .then(|| crate::demo::response(&self.request));
+                    if let Some(page) = page.flatten() {
+                        let _ = reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(&page)]);
+                        reactor::shutdown_write(self.fd.as_fd());
+                        return (None, HandshakeOutcome::Served);
+                    }
+                    break Err(refusal);
+                }
             }
         };
         let admitted = upgrade

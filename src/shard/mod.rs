@@ -511,6 +511,7 @@ impl Shard {
                 self.admission.leave();
                 self.metrics.refused(HandshakeRefusal::BadRequest);
             }
+            HandshakeOutcome::Served => self.admission.leave(),
             HandshakeOutcome::Refused(refusal) => {
                 self.admission.leave();
                 self.metrics.refused(refusal_reason(refusal));

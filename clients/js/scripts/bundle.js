@@ -3,9 +3,13 @@
 // share (ShardcastError, the event emitter) in one chunk that both import, so that a page
 // loading both has one ShardcastError class. Prints what a page loading each entry fetches,
 // raw and gzipped, and fails when the client is over its budget.
+//
+// Also bundles the client alone into one module for the demo page a --dev node serves
+// (src/demo/shardcast.js, compiled into the binary): with --write-demo it writes that file,
+// otherwise it fails when the committed copy differs from a fresh bundle.
 import { build } from "esbuild";
 import { gzipSync } from "node:zlib";
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 
 const BUDGET_GZIP = 8 * 1024;
 
@@ -38,4 +42,23 @@ for (const [file, output] of Object.entries(outputs)) {
     console.error(`over the budget of ${BUDGET_GZIP} bytes gzipped`);
     process.exit(1);
   }
+}
+
+const DEMO_SDK = "../../src/demo/shardcast.js";
+const demo = await build({
+  entryPoints: ["dist/index.js"],
+  bundle: true,
+  minify: true,
+  format: "esm",
+  target: "es2020",
+  legalComments: "none",
+  write: false,
+});
+const fresh = demo.outputFiles[0].text;
+if (process.argv.includes("--write-demo")) {
+  writeFileSync(DEMO_SDK, fresh);
+  console.log(`${DEMO_SDK}: written`);
+} else if (readFileSync(DEMO_SDK, "utf8") !== fresh) {
+  console.error(`${DEMO_SDK} is stale: run \`node scripts/bundle.js --write-demo\` and commit it`);
+  process.exit(1);
 }

@@ -24,6 +24,9 @@ import { ShardcastError } from "./errors.js";
 import { Stream, type StreamPosition } from "./stream.js";
 
 /** The `hello` frame: the first one after the upgrade. */
+
+/** The subprotocol of protocol v1.1, offered by default. */
+const SUBPROTOCOL = "shardcast.v1";
 export interface Hello {
   op: "hello";
   user: string;
@@ -113,10 +116,11 @@ export interface ClientOptions {
   /** WebSocket constructor; default `globalThis.WebSocket`. */
   WebSocket?: WebSocketConstructor;
   /**
-   * Subprotocol to offer, e.g. `"shardcast.v1"`. Default: none. Offer it only to a server
-   * that answers it: a browser aborts a connection whose offered subprotocol is not answered.
+   * Subprotocol to offer. Default `"shardcast.v1"`, which a v1.1 node answers (and then
+   * reports refused credentials as closes 4401/4402 a page can read); `null` offers none,
+   * for a v1 node (a browser aborts a connection whose offered subprotocol is not answered).
    */
-  protocol?: string;
+  protocol?: string | null;
   /** Default timeout of a request. Default 10000. */
   requestTimeout?: number;
   /** Longest a connection attempt may take, up to `hello`. Default 10000. */
@@ -302,7 +306,7 @@ export class Client extends Emitter<ClientEvents> {
     this.getToken = options.getToken;
     this.WebSocketImpl =
       options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
-    this.protocol = options.protocol;
+    this.protocol = options.protocol === undefined ? SUBPROTOCOL : (options.protocol ?? undefined);
     this.mailbox = new Stream(options.mailbox);
     this.clock = options.clock ?? defaultClock;
     this.opts = {

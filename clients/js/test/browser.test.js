@@ -10,7 +10,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import puppeteer from "puppeteer-core";
 
-import { SECRET, api, epoch, jwt, publishMany, startNode, until } from "./harness.js";
+import { SECRET, api, epoch, flakyProxy, jwt, publishMany, startNode, until } from "./harness.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -307,5 +307,152 @@ test(
     await second.waitForFunction(() => window.got.includes(3), { timeout: 10000 });
     await second.evaluate(() => window.shared.close());
     await second.close();
+  },
+);
+
+test(
+  "in Chromium: the demo page a --dev node serves: a room chat and a direct message between two tabs",
+  { timeout: 60000 },
+  async () => {
+    const demo = `http://${node.listen}/`;
+    // Form fields are set and buttons pressed through the DOM, as a page script would.
+    const fill = (p, selector, value) =>
+      p.$eval(selector, (el, value) => (el.value = value), value);
+    const press = (p, selector) => p.$eval(selector, (button) => button.click());
+    const open = async (name) => {
+      const p = await browser.newPage();
+      p.on("pageerror", (e) => console.error("demo page error:", e.message));
+      await p.goto(demo);
+      await fill(p, "#name", name);
+      await fill(p, "#room", "demo-test");
+      await press(p, "#join button");
+      await p.waitForFunction(
+        () => document.querySelector("#status").dataset.state === "connected",
+        {
+          timeout: 10000,
+        },
+      );
+      return p;
+    };
+    const ann = await open("ann");
+    const ben = await open("ben");
+    const logOf = (p, kind) =>
+      p.$$eval(`#log li[data-kind="${kind}"]`, (items) => items.map((li) => li.textContent));
+    await until(
+      async () => (await ann.$eval("#who", (el) => el.dataset.count)) === "2",
+      10000,
+      "ann sees ben",
+    );
+
+    await fill(ann, "#text", "hello room");
+    await press(ann, "#say button");
+    await until(
+      async () => (await logOf(ben, "room")).some((t) => t.startsWith("ann: hello room")),
+      10000,
+      "ben reads ann",
+    );
+
+    await fill(ben, "#to", "ann");
+    await fill(ben, "#dmtext", "just you");
+    await press(ben, "#dm button");
+    await until(
+      async () => (await logOf(ann, "direct")).some((t) => t.startsWith("ben → you: just you")),
+      10000,
+      "ann gets ben's direct message",
+    );
+    await ann.close();
+    await ben.close();
+  },
+);
+
+test(
+  "in Chromium: a connection cut by the network resumes its mailbox with nothing lost",
+  { timeout: 60000 },
+  async () => {
+    const proxy = await flakyProxy(node.listen);
+    const p = await page();
+    await p.evaluate(async (url) => {
+      window.got = [];
+      window.downs = 0;
+      window.client = new Client(`${url}?user=hana`, {
+        minReconnectDelay: 50,
+        maxReconnectDelay: 200,
+      });
+      window.client.on("message", (m) => window.got.push(m.data.n));
+      window.client.on("disconnected", () => window.downs++);
+      await window.client.connect();
+    }, proxy.url);
+    const publish = (from, to) =>
+      Promise.all(
+        Array.from({ length: to - from + 1 }, (_, i) =>
+          api(node, "POST", "/v1/publish", { users: ["hana"], data: { n: from + i } }),
+        ),
+      );
+    await publish(1, 10);
+    await p.waitForFunction(() => window.got.length === 10, { timeout: 10000 });
+    proxy.cut();
+    await p.waitForFunction(() => window.downs === 1, { timeout: 10000 });
+    await publish(11, 30);
+    proxy.restore();
+    await p.waitForFunction(() => window.got.length >= 30, { timeout: 20000 });
+    await publish(31, 35);
+    await p.waitForFunction(() => window.got.length >= 35, { timeout: 10000 });
+    const got = await p.evaluate(() => window.got);
+    assert.deepEqual(
+      [...got].sort((a, b) => a - b),
+      Array.from({ length: 35 }, (_, i) => i + 1),
+      "every message exactly once",
+    );
+    await p.evaluate(() => window.client.disconnect());
+    proxy.close();
+    await p.close();
+  },
+);
+
+test("in Chromium: kicked through the API (4003): no reconnect", { timeout: 60000 }, async () => {
+  const p = await page();
+  await p.evaluate(async (ws) => {
+    window.events = [];
+    window.client = new Client(`${ws}?user=kim`, { minReconnectDelay: 50 });
+    window.client.on("disconnected", (e) => window.events.push(e));
+    window.client.on("connected", () => window.events.push("connected"));
+    await window.client.connect();
+  }, node.ws);
+  assert.equal((await api(node, "DELETE", "/v1/users/kim/connections")).status, 202);
+  await p.waitForFunction(() => window.events.some((e) => e.code === 4003), { timeout: 10000 });
+  await new Promise((r) => setTimeout(r, 1000));
+  const events = await p.evaluate(() => window.events);
+  assert.deepEqual(events[1], { code: 4003, reason: "kicked", reconnect: false });
+  assert.equal(events.filter((e) => e === "connected").length, 1, "never reconnected");
+  assert.equal(await p.evaluate(() => window.client.state), "idle");
+  await p.close();
+});
+
+test(
+  "in Chromium: the token is refreshed before exp and the connection outlives it",
+  { timeout: 60000 },
+  async () => {
+    const p = await page();
+    const short = jwt({ sub: "rio", exp: epoch(6) });
+    const long = jwt({ sub: "rio", exp: epoch(600) });
+    await p.evaluate(
+      async (ws, short, long) => {
+        window.downs = [];
+        let calls = 0;
+        window.client = new Client(ws, { getToken: async () => (calls++ === 0 ? short : long) });
+        window.client.on("disconnected", (e) => window.downs.push(e));
+        window.hello = await window.client.connect();
+      },
+      node.ws,
+      short,
+      long,
+    );
+    assert.ok((await p.evaluate(() => window.hello.exp)) > 0, "hello.exp");
+    // Past exp and the node's 5 s of leeway: a connection that did not refresh is closed 4402.
+    await new Promise((r) => setTimeout(r, 13000));
+    assert.deepEqual(await p.evaluate(() => window.downs), []);
+    assert.ok((await p.evaluate(() => window.client.ping())) >= 0);
+    await p.evaluate(() => window.client.disconnect());
+    await p.close();
   },
 );

@@ -8,7 +8,17 @@ import { join } from "node:path";
 import WebSocket, { WebSocketServer } from "ws";
 
 import { Client, ShardcastError } from "../dist/index.js";
-import { SECRET, api, epoch, jwt, next, publishMany, startNode, until } from "./harness.js";
+import {
+  SECRET,
+  api,
+  epoch,
+  flakyProxy,
+  jwt,
+  next,
+  publishMany,
+  startNode,
+  until,
+} from "./harness.js";
 
 const nodes = [];
 const clients = [];
@@ -320,5 +330,50 @@ test(
         `${Math.round(10000000 / Math.max(last - first, 1))}/s)`,
     );
     c.disconnect();
+  },
+);
+
+test(
+  "a connection cut by the network: the client resumes its mailbox and loses nothing",
+  { timeout: 30000 },
+  async () => {
+    const n = await node();
+    const proxy = await flakyProxy(n.listen);
+    const c = new Client(`${proxy.url}?user=gina`, {
+      WebSocket,
+      minReconnectDelay: 50,
+      maxReconnectDelay: 200,
+    });
+    clients.push(c);
+    const got = [];
+    c.on("message", (m) => got.push(m.data.n));
+    await c.connect();
+    const publish = (from, to) =>
+      Promise.all(
+        Array.from({ length: to - from + 1 }, (_, i) =>
+          api(n, "POST", "/v1/publish", { users: ["gina"], data: { n: from + i } }),
+        ),
+      );
+    await publish(1, 10);
+    await until(() => got.length === 10, 5000, "the first ten, live");
+
+    const lost = next(c, "disconnected");
+    proxy.cut();
+    await lost;
+    // Published while the device is away: they wait in the mailbox.
+    await publish(11, 30);
+    const back = next(c, "connected", 10000);
+    proxy.restore();
+    await back;
+    await until(() => got.length >= 30, 10000, "everything, after the resume");
+    await publish(31, 35);
+    await until(() => got.length >= 35, 5000, "and live again");
+    assert.deepEqual(
+      [...got].sort((a, b) => a - b),
+      Array.from({ length: 35 }, (_, i) => i + 1),
+      "every message exactly once",
+    );
+    c.disconnect();
+    proxy.close();
   },
 );

@@ -4,6 +4,7 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import http from "node:http";
+import net from "node:net";
 import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -197,4 +198,40 @@ export async function publishMany(node, topics, count, concurrency = 16) {
   } finally {
     agent.destroy();
   }
+}
+
+/**
+ * A TCP proxy in front of `target` ("host:port") whose connections can be cut, as a network
+ * change cuts a phone's: `cut()` destroys every connection and refuses new ones until
+ * `restore()`.
+ */
+export async function flakyProxy(target) {
+  const [host, port] = target.split(":");
+  const sockets = new Set();
+  let up = true;
+  const server = net.createServer((inbound) => {
+    if (!up) return inbound.destroy();
+    const outbound = net.connect(Number(port), host);
+    for (const s of [inbound, outbound]) {
+      sockets.add(s);
+      s.on("close", () => sockets.delete(s));
+      s.on("error", () => {});
+    }
+    inbound.pipe(outbound).pipe(inbound);
+  });
+  await new Promise((done) => server.listen(0, "127.0.0.1", done));
+  return {
+    url: `ws://127.0.0.1:${server.address().port}/ws`,
+    cut() {
+      up = false;
+      for (const s of sockets) s.destroy();
+    },
+    restore() {
+      up = true;
+    },
+    close() {
+      this.cut();
+      server.close();
+    },
+  };
 }

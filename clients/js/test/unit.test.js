@@ -398,12 +398,12 @@ test("a server without hello.exp gets no refresh, whatever the token says", asyn
   c.disconnect();
 });
 
-test("the subprotocol is offered only when asked for", async () => {
+test("shardcast.v1 is offered by default, and none with protocol: null", async () => {
   const { c, ws } = await connected();
-  assert.equal(ws.protocols, undefined);
+  assert.equal(ws.protocols, "shardcast.v1");
   c.disconnect();
-  const other = await connected({ protocol: "shardcast.v1" });
-  assert.equal(other.ws.protocols, "shardcast.v1");
+  const other = await connected({ protocol: null });
+  assert.equal(other.ws.protocols, undefined);
   other.c.disconnect();
 });
 
