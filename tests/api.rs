@@ -467,3 +467,41 @@ fn api_connections_are_capped() {
         "{text}"
     );
 }
+
+/// Every series the Grafana dashboard plots is one a node exports (a renamed metric would
+/// leave a panel silently empty); the cluster's own series are checked on a clustered node.
+#[test]
+fn the_dashboard_plots_only_exported_metrics() {
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../deploy/grafana/shardcast.json")).expect("json");
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 1, |_| {});
+    let (_, text) = http_text(nodes[0].node().api_addr(), "GET", "/metrics", None, b"");
+    let exported: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    let mut plotted = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            for (start, _) in expr.match_indices("shardcast_") {
+                let name: String = expr[start..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let series = ["", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| exported.contains(format!("{name}{suffix}").as_str()));
+                assert!(
+                    series,
+                    "panel {:?} plots {name}, which no node exports",
+                    panel["title"]
+                );
+                plotted += 1;
+            }
+        }
+    }
+    assert!(plotted > 20, "{plotted}");
+}

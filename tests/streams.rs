@@ -284,3 +284,30 @@ fn mailboxes_off_keeps_v1_frames() {
     let reply = frank.request(json!({"op":"resume","id":1,"since":{"seq":0}}));
     assert_eq!(reply["code"], "not_found");
 }
+
+/// Measurement, not a check: how long a device that missed 1,000 messages takes from its
+/// `resume` to the last replayed one. Run with
+/// `cargo test --release --test streams -- --ignored --nocapture resume_of_a_thousand`.
+#[test]
+#[ignore]
+fn resume_of_a_thousand_missed_messages() {
+    let mut config = streaming_config();
+    config.mailbox_size = 1_000;
+    let node = TestNode::start(config);
+    let publisher = node.node().publisher();
+    for n in 1..=1_000 {
+        publish_to(&publisher, "reader", n);
+    }
+    await_mailbox(&node, "reader", 1_000);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let mut reader = Client::dev(&node, "reader");
+        let started = std::time::Instant::now();
+        reader.send(json!({"op":"resume","id":"r","since":{"seq":0}}));
+        let (replayed, _) = until_ack(&mut reader, "r");
+        times.push(started.elapsed());
+        assert_eq!(replayed.len(), 1_000);
+    }
+    times.sort();
+    println!("resume of 1,000 missed messages, resume to ack after the last: {times:?}");
+}
