@@ -642,7 +642,7 @@ impl<P: Peer> ShardCore<P> {
                 except,
             } => {
                 let shards = self.directory.user_shards(&user);
-                let (message, seq) = self.append_to_mailbox(&user, message, now);
+                let (message, seq) = self.append(StreamKey::Mailbox(user.clone()), message, now);
                 if shards.is_empty() && seq > 0 {
                     self.metrics.mailbox_offline.inc();
                 } else if shards.is_empty() && !self.settings.clustered {
@@ -660,7 +660,7 @@ impl<P: Peer> ShardCore<P> {
             }
             Envelope::RouteTopic { topic, message } => {
                 let shards = self.directory.topic_shards(&topic);
-                let (message, seq) = self.append_to_topic(&topic, message, now);
+                let (message, seq) = self.append(StreamKey::Topic(topic.clone()), message, now);
                 if !shards.is_empty() {
                     // One frame for every subscriber on this node, rendered here at most once.
                     let message = message.rendered_for(&topic);
@@ -887,36 +887,19 @@ impl<P: Peer> ShardCore<P> {
             .set(self.streams.stats().bytes as i64);
     }
 
-    /// Appends a direct message to `user`'s mailbox when this shard keeps it, and answers
-    /// the message as `user`'s devices get it (rendered with its position) and its `seq`
-    /// (0: not streamed).
-    fn append_to_mailbox(&mut self, user: &Arc<str>, message: Message, now: Now) -> (Message, u64) {
-        let Some(retention) = self.settings.mailbox else {
+    /// Appends a message to stream `key` (`user`'s mailbox or `topic`'s history) when this
+    /// shard keeps it, and answers the message as the stream's recipients get it (rendered
+    /// with its position) and its `seq` (0: not streamed, the message unchanged).
+    fn append(&mut self, key: StreamKey, message: Message, now: Now) -> (Message, u64) {
+        let target = key.name();
+        let (Some(retention), Some(entry)) =
+            (self.retention_of(&key), message.stream_entry(target))
+        else {
             return (message, 0);
         };
-        let Some(entry) = message.stream_entry(user) else {
-            return (message, 0);
-        };
-        let key = StreamKey::Mailbox(user.clone());
         let at = self.streams.append(&key, retention, now.wall_ms, entry);
         self.count_append();
-        let frame = message.frame_in_stream(user, at.as_pos());
-        (message.with_frame(frame), at.seq)
-    }
-
-    /// Appends a publication to `topic`'s history when this shard keeps one, and answers
-    /// the message as subscribers get it and its `seq` (0: not streamed).
-    fn append_to_topic(&mut self, topic: &Arc<str>, message: Message, now: Now) -> (Message, u64) {
-        let Some(retention) = self.settings.topic_retention(topic) else {
-            return (message, 0);
-        };
-        let Some(entry) = message.stream_entry(topic) else {
-            return (message, 0);
-        };
-        let key = StreamKey::Topic(topic.clone());
-        let at = self.streams.append(&key, retention, now.wall_ms, entry);
-        self.count_append();
-        let frame = message.frame_in_stream(topic, at.as_pos());
+        let frame = message.frame_in_stream(key.name(), at.as_pos());
         (message.with_frame(frame), at.seq)
     }
 
