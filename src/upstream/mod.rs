@@ -4,7 +4,7 @@
 //! This module owns the record, [`UpstreamEvent`], and its external shape, which backends
 //! parse and which every sink writes the same way ([`UpstreamEvent::fields`]); which
 //! connection events a node forwards ([`EventFilter`], the `upstream_events` setting); and
-//! the sinks. It decides nothing about
+//! the sinks: [`webhook`] (batched, signed HTTP POSTs, in any mode). It decides nothing about
 //! who may send what: the shards build the records (taking the id from their message-id
 //! generator) and hand them to a sink's handle, which never blocks them.
 //!
@@ -42,6 +42,8 @@ use serde::de::{Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
+
+pub mod webhook;
 
 /// One record for the backends: a client's `up` message or a connection event.
 #[derive(Debug, Clone)]
