@@ -442,6 +442,25 @@ fn a_5xx_or_429_is_retried_and_the_up_acked_once() {
 }
 
 #[test]
+fn a_glommio_task_awaits_its_ticket() {
+    // What a shard does: the sink's thread wakes the task through glommio's foreign-wake
+    // path, so the executor sleeps while it waits.
+    let backend = Backend::start(|_| Reply::Status(200));
+    let webhook = Webhook::start(config(&backend.url()), Arc::default()).unwrap();
+    let sender = webhook.sender();
+    let shard = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(1 << 20)
+        .spawn(move || async move {
+            let ticket = sender.try_send(up(1)).expect("room in the queue");
+            ticket.await
+        })
+        .unwrap();
+    // The sink settles every record within its retry time: this join is bounded.
+    assert_eq!(shard.join().unwrap(), Ok(()));
+    assert_eq!(webhook.metrics().delivered.get(), 1);
+}
+
+#[test]
 fn a_4xx_drops_the_batch_and_counts_it() {
     let backend = Backend::start(|_| Reply::Status(400));
     let webhook = Webhook::start(config(&backend.url()), Arc::default()).unwrap();
@@ -547,6 +566,8 @@ fn a_full_queue_refuses_at_once_and_counts() {
         1,
         "in flight"
     );
+    // A refusal takes microseconds; the bounds leave room for a busy machine and are far
+    // below the 30 s a caller waiting on the hanging backend would take.
     let started = Instant::now();
     let mut slowest = Duration::ZERO;
     for n in 0..1000 {
@@ -555,12 +576,9 @@ fn a_full_queue_refuses_at_once_and_counts() {
         slowest = slowest.max(call.elapsed());
     }
     let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "1000 refusals took {took:?}");
     assert!(
-        took < Duration::from_millis(500),
-        "1000 refusals took {took:?}"
-    );
-    assert!(
-        slowest < Duration::from_millis(50),
+        slowest < Duration::from_millis(250),
         "slowest refusal {slowest:?}"
     );
     let metrics = webhook.metrics();
@@ -669,8 +687,8 @@ fn stopping_with_grace_delivers_what_is_queued() {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn throughput() {
-    const RECORDS: u64 = 20_000;
-    for batch_max in [1, 100] {
+    // Enough records for each run to last about a second.
+    for (batch_max, records) in [(1, 20_000u64), (100, 500_000)] {
         let backend = Backend::start(|_| Reply::Status(200));
         let webhook = Webhook::start(
             WebhookConfig {
@@ -687,22 +705,22 @@ fn throughput() {
         let metrics = webhook.metrics().clone();
         let started = Instant::now();
         let mut sent = 0;
-        while sent < RECORDS {
+        while sent < records {
             match sender.try_send_unacked(up(sent)) {
                 Ok(()) => sent += 1,
                 Err(_) => std::thread::yield_now(),
             }
             assert!(started.elapsed() < Duration::from_secs(120), "too slow");
         }
-        while metrics.delivered.get() < RECORDS {
+        while metrics.delivered.get() < records {
             assert!(started.elapsed() < Duration::from_secs(120), "too slow");
             std::thread::sleep(Duration::from_micros(200));
         }
         let took = started.elapsed();
         println!(
-            "batch_max {batch_max:>3}: {RECORDS} records in {took:.2?} = {:>8.0} records/s, \
+            "batch_max {batch_max:>3}: {records} records in {took:.2?} = {:>8.0} records/s, \
              {} POSTs, {} bytes per record",
-            RECORDS as f64 / took.as_secs_f64(),
+            records as f64 / took.as_secs_f64(),
             metrics.requests.get(),
             up(1).to_json().len(),
         );
