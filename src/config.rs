@@ -214,9 +214,10 @@ pub struct Config {
     pub webhook_queue_max_bytes: usize,
     /// Records per POST at most. Default 100.
     pub webhook_batch_max: usize,
-    /// How long a batch waits after its first record for more, in ms: more records per
-    /// POST at the cost of this much latency on every `up` ack. Default 5; 0 sends what is
-    /// queued at once.
+    /// How long a batch waits after its first record for more, in ms. Default 0: a batch is
+    /// what queued while the previous POST was out, so batches grow with load and an idle
+    /// node acks an `up` without delay. More linger means fewer, larger POSTs at a low rate,
+    /// and that much more latency on every `up` ack.
     pub webhook_batch_linger_ms: u64,
     /// Time one POST has to connect and be answered, in ms; slower is retried. Default 5000.
     pub webhook_timeout_ms: u64,
@@ -409,7 +410,7 @@ impl Default for Config {
             webhook_queue_max: 10_000,
             webhook_queue_max_bytes: 16 * 1024 * 1024,
             webhook_batch_max: 100,
-            webhook_batch_linger_ms: 5,
+            webhook_batch_linger_ms: 0,
             webhook_timeout_ms: 5000,
             webhook_retry_max_ms: 30_000,
             upstream_events: EventFilter::default(),

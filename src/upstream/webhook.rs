@@ -12,8 +12,9 @@
 //! the [`UpstreamMetrics`]).
 //!
 //! # Delivery
-//! - A batch is the records queued when the thread is free, up to `webhook_batch_max`,
-//!   waiting at most `webhook_batch_linger_ms` after its first record for more.
+//! - A batch is the records queued when the thread is free (those that came while the
+//!   previous batch was out, so batches grow with load), up to `webhook_batch_max`, waiting
+//!   up to `webhook_batch_linger_ms` (default 0) after its first record for more.
 //! - The body is a JSON array of records (shape: [`crate::upstream`]), in the order the
 //!   node accepted them, sent as `POST` with `Content-Type: application/json` and
 //!   `X-Shardcast-Signature: sha256=<hex HMAC-SHA256 of the body, keyed by webhook_secret>`.
