@@ -695,7 +695,7 @@ fn throughput() {
                 queue_max: 10_000,
                 queue_max_bytes: 64 << 20,
                 batch_max,
-                batch_linger: Duration::from_millis(1),
+                batch_linger: Duration::ZERO,
                 ..config(&backend.url())
             },
             Arc::default(),
@@ -724,5 +724,55 @@ fn throughput() {
             metrics.requests.get(),
             up(1).to_json().len(),
         );
+    }
+}
+
+/// How long an `up` waits for its ack through the local backend, one at a time, with no
+/// linger (the default) and with 5 ms:
+/// `cargo test --release --test webhook -- --ignored --nocapture ack_latency`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn ack_latency() {
+    const UPS: u64 = 2000;
+    for linger_ms in [0, 5] {
+        let backend = Backend::start(|_| Reply::Status(200));
+        let webhook = Webhook::start(
+            WebhookConfig {
+                batch_linger: Duration::from_millis(linger_ms),
+                ..config(&backend.url())
+            },
+            Arc::default(),
+        )
+        .unwrap();
+        let sender = webhook.sender();
+        let mut waits: Vec<Duration> = (0..UPS)
+            .map(|n| {
+                let started = Instant::now();
+                let ticket = sender.try_send(up(n)).unwrap();
+                assert_eq!(outcome_spinning(ticket), Ok(()));
+                started.elapsed()
+            })
+            .collect();
+        waits.sort();
+        let at = |q: f64| waits[((UPS - 1) as f64 * q) as usize];
+        println!(
+            "linger {linger_ms} ms: ack p50 {:.2?}, p99 {:.2?}, max {:.2?} ({UPS} ups one at a time)",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
+}
+
+/// The ticket's outcome, asked for without sleeping (a sleep would dwarf what is measured);
+/// bounded like [`outcome`].
+fn outcome_spinning(mut ticket: Ticket) -> Delivery {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(delivery) = ticket.try_outcome() {
+            return delivery;
+        }
+        assert!(Instant::now() < deadline, "no outcome within 10 s");
+        std::thread::yield_now();
     }
 }
