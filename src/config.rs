@@ -214,6 +214,10 @@ pub struct Config {
     pub webhook_queue_max_bytes: usize,
     /// Records per POST at most. Default 100.
     pub webhook_batch_max: usize,
+    /// Bytes of records per POST at most (estimated from their fields); a larger record is
+    /// sent alone. Default 1048576 (1 MiB), the body limit of many HTTP servers and
+    /// proxies (nginx's `client_max_body_size`): a backend answering 413 loses the batch.
+    pub webhook_batch_max_bytes: usize,
     /// How long a batch waits after its first record for more, in ms. Default 0: a batch is
     /// what queued while the previous POST was out, so batches grow with load and an idle
     /// node acks an `up` without delay. More linger means fewer, larger POSTs at a low rate,
@@ -410,6 +414,7 @@ impl Default for Config {
             webhook_queue_max: 10_000,
             webhook_queue_max_bytes: 16 * 1024 * 1024,
             webhook_batch_max: 100,
+            webhook_batch_max_bytes: 1024 * 1024,
             webhook_batch_linger_ms: 0,
             webhook_timeout_ms: 5000,
             webhook_retry_max_ms: 30_000,
@@ -564,6 +569,10 @@ impl Config {
                 self.webhook_queue_max_bytes as u64,
             ),
             ("webhook_batch_max", self.webhook_batch_max as u64),
+            (
+                "webhook_batch_max_bytes",
+                self.webhook_batch_max_bytes as u64,
+            ),
             ("webhook_timeout_ms", self.webhook_timeout_ms),
         ];
         for (name, value) in positive {

@@ -214,6 +214,7 @@ fn config(url: &str) -> WebhookConfig {
         queue_max: 1000,
         queue_max_bytes: 1 << 20,
         batch_max: 10,
+        batch_max_bytes: 1 << 20,
         batch_linger: Duration::from_millis(20),
         timeout: Duration::from_secs(2),
         retry_max: Duration::from_secs(3),
@@ -409,6 +410,43 @@ fn batches_are_signed_json_arrays_of_every_field() {
         1,
         "one kept-alive connection"
     );
+}
+
+#[test]
+fn batches_keep_within_their_bytes_and_a_larger_record_goes_alone() {
+    let backend = Backend::start(|_| Reply::Status(200));
+    let weight = up(1).weight();
+    let webhook = Webhook::start(
+        WebhookConfig {
+            batch_max_bytes: weight * 5 / 2,
+            batch_linger: Duration::from_millis(200),
+            ..config(&backend.url())
+        },
+        Arc::default(),
+    )
+    .unwrap();
+    let sender = webhook.sender();
+    let big = UpstreamEvent {
+        what: Happening::Up {
+            device: device(99),
+            stream: "up".into(),
+            data: RawValue::from_string(format!("\"{}\"", "x".repeat(weight * 3))).unwrap(),
+        },
+        ..up(99)
+    };
+    let mut tickets: Vec<Ticket> = (0..5).map(|n| sender.try_send(up(n)).unwrap()).collect();
+    tickets.push(sender.try_send(big).unwrap());
+    tickets.push(sender.try_send(up(6)).unwrap());
+    for ticket in tickets {
+        assert_eq!(outcome(ticket, Duration::from_secs(5)), Ok(()));
+    }
+    let sizes: Vec<usize> = backend
+        .take(10, Duration::from_millis(300))
+        .iter()
+        .map(|r| r.records().len())
+        .collect();
+    assert_eq!(sizes, [2, 2, 1, 1, 1], "two fit; the big one alone");
+    assert_eq!(webhook.metrics().delivered.get(), 7);
 }
 
 #[test]

@@ -14,7 +14,9 @@
 //! # Delivery
 //! - A batch is the records queued when the thread is free (those that came while the
 //!   previous batch was out, so batches grow with load), up to `webhook_batch_max`, waiting
-//!   up to `webhook_batch_linger_ms` (default 0) after its first record for more.
+//!   up to `webhook_batch_linger_ms` (default 0) after its first record for more. A batch
+//!   stays within `webhook_batch_max_bytes` (by [`UpstreamEvent::weight`]; a larger record
+//!   goes alone), as backends limit request bodies.
 //! - The body is a JSON array of records (shape: [`crate::upstream`]), in the order the
 //!   node accepted them, sent as `POST` with `Content-Type: application/json` and
 //!   `X-Shardcast-Signature: sha256=<hex HMAC-SHA256 of the body, keyed by webhook_secret>`.
@@ -162,6 +164,9 @@ pub struct WebhookConfig {
     pub queue_max_bytes: usize,
     /// Records per POST at most (`webhook_batch_max`).
     pub batch_max: usize,
+    /// Bytes of records per POST at most, by [`UpstreamEvent::weight`]; a larger record
+    /// goes alone (`webhook_batch_max_bytes`).
+    pub batch_max_bytes: usize,
     /// How long a batch waits for more records after its first (`webhook_batch_linger_ms`).
     pub batch_linger: Duration,
     /// One request's limit, connecting included (`webhook_timeout_ms`).
@@ -192,6 +197,7 @@ impl WebhookConfig {
             queue_max: config.webhook_queue_max,
             queue_max_bytes: config.webhook_queue_max_bytes,
             batch_max: config.webhook_batch_max,
+            batch_max_bytes: config.webhook_batch_max_bytes,
             batch_linger: Duration::from_millis(config.webhook_batch_linger_ms),
             timeout: Duration::from_millis(config.webhook_timeout_ms),
             retry_max: Duration::from_millis(config.webhook_retry_max_ms),
@@ -554,25 +560,62 @@ impl Stop {
     }
 }
 
+/// Where the thread takes records from: the channel, and the one record that did not fit
+/// the last batch's bytes, which starts the next.
+struct Intake {
+    records: mpsc::UnboundedReceiver<Queued>,
+    held_over: Option<Queued>,
+}
+
+impl Intake {
+    /// The next record if one is ready.
+    fn try_next(&mut self) -> Result<Queued, mpsc::error::TryRecvError> {
+        match self.held_over.take() {
+            Some(queued) => Ok(queued),
+            None => self.records.try_recv(),
+        }
+    }
+
+    /// The next record, waiting for one; `None` once every sender is gone.
+    async fn next(&mut self) -> Option<Queued> {
+        match self.held_over.take() {
+            Some(queued) => Some(queued),
+            None => self.records.recv().await,
+        }
+    }
+
+    /// Refuses new records and moves the ones that came in before into `batch`.
+    fn close_into(&mut self, batch: &mut Vec<Queued>) {
+        self.records.close();
+        while let Ok(queued) = self.try_next() {
+            batch.push(queued);
+        }
+    }
+}
+
 /// The thread's work: batch, post, settle, until stopped; then drop what is left.
 async fn run(
     config: WebhookConfig,
     queue: Arc<Queue>,
-    mut records: mpsc::UnboundedReceiver<Queued>,
+    records: mpsc::UnboundedReceiver<Queued>,
     mut stop: Stop,
 ) {
     let mut poster = Poster::new(&config, queue.metrics.clone());
+    let mut intake = Intake {
+        records,
+        held_over: None,
+    };
     let mut batch = Vec::with_capacity(config.batch_max.max(1));
     while !stop.is_expired() {
         // A batch's first record: wait for one, or while stopping take only what is queued.
         let first = if stop.asked() {
-            match records.try_recv() {
+            match intake.try_next() {
                 Ok(queued) => queued,
                 Err(_) => break,
             }
         } else {
             tokio::select! {
-                queued = records.recv() => match queued {
+                queued = intake.next() => match queued {
                     Some(queued) => queued,
                     None => {
                         stop.requested().await;
@@ -583,7 +626,7 @@ async fn run(
             }
         };
         batch.push(first);
-        gather(&mut records, &mut batch, &config, &mut stop).await;
+        gather(&mut intake, &mut batch, &config, &mut stop).await;
         let body = batch_body(&batch);
         queue.metrics.in_flight.add(1);
         let delivery = tokio::select! {
@@ -593,27 +636,37 @@ async fn run(
         queue.metrics.in_flight.add(-1);
         queue.settle(&mut batch, delivery);
     }
-    // Refuse new records, then drop the ones that came in before.
-    records.close();
-    while let Ok(queued) = records.try_recv() {
-        batch.push(queued);
-    }
+    intake.close_into(&mut batch);
     queue.settle(&mut batch, Err(Undelivered::Stopped));
 }
 
-/// Adds to `batch` what is queued, and what arrives within the linger, up to the batch size.
+/// Adds to `batch` what is queued, and what arrives within the linger, up to the batch's
+/// records and bytes; a record that would take it past its bytes starts the next batch.
 async fn gather(
-    records: &mut mpsc::UnboundedReceiver<Queued>,
+    intake: &mut Intake,
     batch: &mut Vec<Queued>,
     config: &WebhookConfig,
     stop: &mut Stop,
 ) {
     let linger_end = tokio::time::Instant::now() + config.batch_linger;
+    let mut bytes: usize = batch.iter().map(|queued| queued.weight).sum();
+    // Takes a record in, or holds it over; whether the batch may grow further.
+    let mut take = |batch: &mut Vec<Queued>, intake: &mut Intake, queued: Queued| {
+        if bytes + queued.weight > config.batch_max_bytes {
+            intake.held_over = Some(queued);
+            return false;
+        }
+        bytes += queued.weight;
+        batch.push(queued);
+        true
+    };
     while batch.len() < config.batch_max {
-        match records.try_recv() {
+        match intake.try_next() {
             Ok(queued) => {
-                batch.push(queued);
-                continue;
+                if take(batch, intake, queued) {
+                    continue;
+                }
+                return;
             }
             Err(mpsc::error::TryRecvError::Disconnected) => return,
             Err(mpsc::error::TryRecvError::Empty) => {}
@@ -622,8 +675,12 @@ async fn gather(
             return;
         }
         tokio::select! {
-            queued = records.recv() => match queued {
-                Some(queued) => batch.push(queued),
+            queued = intake.next() => match queued {
+                Some(queued) => {
+                    if !take(batch, intake, queued) {
+                        return;
+                    }
+                }
                 None => return,
             },
             () = tokio::time::sleep_until(linger_end) => return,
