@@ -225,10 +225,10 @@ pub struct Config {
     pub webhook_batch_linger_ms: u64,
     /// Time one POST has to connect and be answered, in ms; slower is retried. Default 5000.
     pub webhook_timeout_ms: u64,
-    /// How long a batch is retried (connect errors, timeouts, 429, 5xx) from its first try,
-    /// in ms, before it is dropped and counted. Default 30000; 0 never retries. A batch
-    /// holds the webhook for at most this plus one `webhook_timeout_ms`: meanwhile records
-    /// queue up to `webhook_queue_max`.
+    /// How long a record may wait to be delivered from when the node accepted it, in ms,
+    /// retries (connect errors, timeouts, 429, 5xx) included; then it is dropped and
+    /// counted, without a try if it queued that long behind a failing backend. Every `up`
+    /// is answered within this plus one `webhook_timeout_ms`. Default 30000.
     pub webhook_retry_max_ms: u64,
     /// Connection events that go upstream: any of `connect`, `disconnect`, `online`,
     /// `offline`, `sub`, `unsub`, as a list, or comma-separated in
@@ -574,6 +574,7 @@ impl Config {
                 self.webhook_batch_max_bytes as u64,
             ),
             ("webhook_timeout_ms", self.webhook_timeout_ms),
+            ("webhook_retry_max_ms", self.webhook_retry_max_ms),
         ];
         for (name, value) in positive {
             if value == 0 {

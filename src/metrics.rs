@@ -235,7 +235,8 @@ label_enum! {
         /// The backend answered a status other than 2xx, 429 and 5xx: sending the same
         /// batch again would get the same answer.
         Rejected => "rejected",
-        /// Still failing (connect errors, timeouts, 429, 5xx) when the retry time ran out.
+        /// Not delivered within the retry time of being accepted: the backend kept failing
+        /// (connect errors, timeouts, 429, 5xx), or the record queued behind batches that did.
         RetriesExhausted => "retries_exhausted",
         /// Queued or in flight when the sink stopped, or offered after it stopped.
         Shutdown => "shutdown",

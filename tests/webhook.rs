@@ -559,6 +559,44 @@ fn a_hanging_webhook_times_out_then_the_batch_is_dropped() {
 }
 
 #[test]
+fn records_queued_behind_a_failing_backend_expire_together() {
+    let backend = Backend::start(|_| Reply::Hang);
+    let webhook = Webhook::start(
+        WebhookConfig {
+            batch_max: 1,
+            batch_linger: Duration::ZERO,
+            timeout: Duration::from_millis(100),
+            retry_max: Duration::from_millis(400),
+            ..config(&backend.url())
+        },
+        Arc::default(),
+    )
+    .unwrap();
+    let sender = webhook.sender();
+    let started = Instant::now();
+    let tickets: Vec<Ticket> = (0..20).map(|n| sender.try_send(up(n)).unwrap()).collect();
+    for ticket in tickets {
+        assert_eq!(
+            outcome(ticket, Duration::from_secs(5)),
+            Err(Undelivered::RetriesExhausted)
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "within about one retry time, not one per batch: {took:?}"
+    );
+    let metrics = webhook.metrics();
+    assert_eq!(metrics.drops(UpstreamDrop::RetriesExhausted), 20);
+    assert!(
+        metrics.requests.get() <= 8,
+        "the first batch's tries only: {}",
+        metrics.requests.get()
+    );
+    assert_balanced(metrics);
+}
+
+#[test]
 fn a_dead_webhook_is_retried_then_the_batch_is_dropped() {
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", closed.local_addr().unwrap());

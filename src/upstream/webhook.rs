@@ -26,9 +26,11 @@
 //!   `webhook_timeout_ms` is retried after a pause drawn uniformly from zero to
 //!   `backoff_min · 2^retry` (capped at `backoff_max`): "full jitter", so nodes that lost
 //!   the backend together do not come back in step. Once the next pause would end past
-//!   `webhook_retry_max_ms` after the first try, the batch is dropped
-//!   (`retries_exhausted`). Any other status (3xx, 4xx) drops it at once (`rejected`):
-//!   the same body would get the same answer.
+//!   `webhook_retry_max_ms` after its oldest record was accepted, the batch is dropped
+//!   (`retries_exhausted`); a batch already past it when its turn comes (it queued behind
+//!   a failing backend) is dropped without a try, so a dead backend empties the queue
+//!   within about that time rather than that time per batch. Any other status (3xx, 4xx)
+//!   drops it at once (`rejected`): the same body would get the same answer.
 //! - At least once: a batch whose answer was lost (a timeout after the backend stored it)
 //!   is sent again; backends drop repeats by `mid`.
 //!
@@ -37,8 +39,8 @@
 //! [`UpstreamEvent::weight`]) are held at once, queued or in the batch being sent; a record
 //! arriving at an empty queue is always taken. A full queue refuses at once
 //! (`dropped{reason="queue_full"}`): the `up` is answered `err unavailable` and the client
-//! retries. A batch holds the sink for at most `webhook_retry_max_ms` plus one
-//! `webhook_timeout_ms`.
+//! retries. A ticket resolves within `webhook_retry_max_ms` plus one `webhook_timeout_ms`
+//! of its record being accepted (and the linger), whatever the backend does.
 //!
 //! # Stopping
 //! Dropping the [`Webhook`] stops the thread at once; [`Webhook::stop`] first lets it
@@ -171,7 +173,8 @@ pub struct WebhookConfig {
     pub batch_linger: Duration,
     /// One request's limit, connecting included (`webhook_timeout_ms`).
     pub timeout: Duration,
-    /// How long a batch may be retried, from its first try (`webhook_retry_max_ms`).
+    /// How long a record may wait for delivery from being accepted, retries included
+    /// (`webhook_retry_max_ms`).
     pub retry_max: Duration,
     /// First retry pause's ceiling ([`BACKOFF_MIN`]).
     pub backoff_min: Duration,
@@ -238,8 +241,9 @@ pub enum Undelivered {
     /// The backend answered this status (not 2xx, 429 or 5xx).
     #[error("the webhook answered {0}")]
     Rejected(u16),
-    /// Still failing when `webhook_retry_max_ms` ran out.
-    #[error("the webhook kept failing until its retry time ran out")]
+    /// Not delivered within `webhook_retry_max_ms` of being accepted: still failing, or
+    /// queued behind batches that were.
+    #[error("the webhook kept failing until the record's retry time ran out")]
     RetriesExhausted,
     /// The sink stopped before delivering it.
     #[error("the webhook sink stopped")]
@@ -293,6 +297,8 @@ struct Queued {
     event: UpstreamEvent,
     weight: usize,
     ack: Option<oneshot::Sender<Delivery>>,
+    /// When the sender took it: its retry time counts from here.
+    accepted: Instant,
 }
 
 /// The bounds, shared by every sender and the thread: records and bytes held now.
@@ -394,7 +400,12 @@ impl WebhookSender {
             metrics.dropped(UpstreamDrop::QueueFull, 1);
             return Err(Refused::Full);
         }
-        let queued = Queued { event, weight, ack };
+        let queued = Queued {
+            event,
+            weight,
+            ack,
+            accepted: Instant::now(),
+        };
         match self.records.send(queued) {
             Ok(()) => {
                 metrics.appended.inc();
@@ -628,9 +639,14 @@ async fn run(
         batch.push(first);
         gather(&mut intake, &mut batch, &config, &mut stop).await;
         let body = batch_body(&batch);
+        let oldest = batch
+            .iter()
+            .map(|queued| queued.accepted)
+            .min()
+            .expect("a batch has its first record");
         queue.metrics.in_flight.add(1);
         let delivery = tokio::select! {
-            delivery = poster.deliver(body) => delivery,
+            delivery = poster.deliver(body, oldest + config.retry_max) => delivery,
             () = stop.expired() => Err(Undelivered::Stopped),
         };
         queue.metrics.in_flight.add(-1);
@@ -733,7 +749,6 @@ struct Poster {
     url: WebhookUrl,
     secret: Vec<u8>,
     timeout: Duration,
-    retry_max: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
     connection: Option<Connection>,
@@ -747,7 +762,6 @@ impl Poster {
             url: config.url.clone(),
             secret: config.secret.clone(),
             timeout: config.timeout,
-            retry_max: config.retry_max,
             backoff_min: config.backoff_min,
             backoff_max: config.backoff_max,
             connection: None,
@@ -756,11 +770,14 @@ impl Poster {
         }
     }
 
-    /// Posts `body` until it is delivered, rejected, or its retry time runs out.
-    async fn deliver(&mut self, body: Bytes) -> Delivery {
+    /// Posts `body` until it is delivered, rejected, or `give_up_at` (its oldest record's
+    /// retry time) comes; not at all if that has passed.
+    async fn deliver(&mut self, body: Bytes, give_up_at: Instant) -> Delivery {
+        if Instant::now() >= give_up_at {
+            return Err(Undelivered::RetriesExhausted);
+        }
         let signature = HeaderValue::try_from(signature(&self.secret, &body))
             .expect("sha256= and hex digits are a valid header value");
-        let first_try = Instant::now();
         let mut retries = 0u32;
         loop {
             let failure = match self.attempt(body.clone(), &signature).await {
@@ -781,7 +798,7 @@ impl Poster {
                 .saturating_mul(1 << retries.min(20))
                 .min(self.backoff_max);
             let pause = ceiling.mul_f64(fastrand::f64());
-            if first_try.elapsed() + pause >= self.retry_max {
+            if Instant::now() + pause >= give_up_at {
                 self.warn(&format!("{failure}; retry time over, batch dropped"));
                 return Err(Undelivered::RetriesExhausted);
             }
