@@ -522,8 +522,12 @@ impl ApiContext {
     }
 
     fn metrics(&self) -> Response<Body> {
-        let text =
-            crate::metrics::render_prometheus(&self.metrics, self.bus.as_ref().map(Bus::reading));
+        // No upstream sink is handed to the API yet (issue 13's integration adds them).
+        let text = crate::metrics::render_prometheus(
+            &self.metrics,
+            self.bus.as_ref().map(Bus::reading),
+            &[],
+        );
         let mut response = Response::new(Full::new(Bytes::from(text)));
         response.headers_mut().insert(
             CONTENT_TYPE,

@@ -14,6 +14,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::history::Retention;
+use crate::upstream::webhook::WebhookUrl;
+use crate::upstream::EventFilter;
 
 /// The largest shard count a node accepts: a message id carries the shard in 6 bits (see
 /// [`crate::protocol::MidGenerator`]) and the 64th value is reserved for ids made outside the
@@ -42,6 +44,9 @@ pub const MAX_STREAM_SIZE: usize = 10_000;
 /// Longest time a stream may keep a message (`mailbox_ttl_secs`, a history rule's
 /// `ttl_secs`): 30 days. Longer-lived state belongs in a backend's database.
 pub const MAX_STREAM_TTL_SECS: u64 = 30 * 24 * 3600;
+
+/// The shortest `webhook_secret` accepted: a shorter HMAC key is guessable.
+pub const WEBHOOK_SECRET_MIN_BYTES: usize = 16;
 
 /// Every setting of a node. Field docs give the default and what a real deployment changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +195,46 @@ pub struct Config {
     pub history: History,
     /// `human` (default) or `json` log lines.
     pub log_format: LogFormat,
+    /// Where upstream records (client `up` messages, connection events) are POSTed, in
+    /// batches signed with `webhook_secret` (see [`crate::upstream::webhook`]); `http://`
+    /// only, as the gateway has no TLS stack. Default none: no webhook.
+    #[serde(deserialize_with = "text")]
+    pub webhook_url: Option<String>,
+    /// Key of the `X-Shardcast-Signature` HMAC-SHA256 that backends check every body
+    /// against. Required with `webhook_url`, at least [`WEBHOOK_SECRET_MIN_BYTES`] bytes.
+    #[serde(deserialize_with = "text")]
+    pub webhook_secret: Option<String>,
+    /// Upstream records the webhook holds (queued or being sent) before new ones are
+    /// refused (an `up` is answered `err unavailable`) and counted. Default 10000: at 64 KiB
+    /// `up` messages the byte bound comes first.
+    pub webhook_queue_max: usize,
+    /// Bytes of upstream records the webhook holds before new ones are refused; a record
+    /// arriving at an empty queue is always taken. Bounds what a dead backend costs in
+    /// memory. Default 16777216 (16 MiB).
+    pub webhook_queue_max_bytes: usize,
+    /// Records per POST at most. Default 100.
+    pub webhook_batch_max: usize,
+    /// Bytes of records per POST at most (estimated from their fields); a larger record is
+    /// sent alone. Default 1048576 (1 MiB), the body limit of many HTTP servers and
+    /// proxies (nginx's `client_max_body_size`): a backend answering 413 loses the batch.
+    pub webhook_batch_max_bytes: usize,
+    /// How long a batch waits after its first record for more, in ms. Default 0: a batch is
+    /// what queued while the previous POST was out, so batches grow with load and an idle
+    /// node acks an `up` without delay. More linger means fewer, larger POSTs at a low rate,
+    /// and that much more latency on every `up` ack.
+    pub webhook_batch_linger_ms: u64,
+    /// Time one POST has to connect and be answered, in ms; slower is retried. Default 5000.
+    pub webhook_timeout_ms: u64,
+    /// How long a record may wait to be delivered from when the node accepted it, in ms,
+    /// retries (connect errors, timeouts, 429, 5xx) included; then it is dropped and
+    /// counted, without a try if it queued that long behind a failing backend. Every `up`
+    /// is answered within this plus one `webhook_timeout_ms`. Default 30000.
+    pub webhook_retry_max_ms: u64,
+    /// Connection events that go upstream: any of `connect`, `disconnect`, `online`,
+    /// `offline`, `sub`, `unsub`, as a list, or comma-separated in
+    /// `SHARDCAST_UPSTREAM_EVENTS`. Default `connect`, `disconnect`, `online`, `offline`:
+    /// `sub`/`unsub` are off, as a busy live room makes many of them.
+    pub upstream_events: EventFilter,
 }
 
 /// The `[history]` table: topic history rules.
@@ -364,6 +409,16 @@ impl Default for Config {
             history_max_bytes: 64 * 1024 * 1024,
             history: History::default(),
             log_format: LogFormat::Human,
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_queue_max: 10_000,
+            webhook_queue_max_bytes: 16 * 1024 * 1024,
+            webhook_batch_max: 100,
+            webhook_batch_max_bytes: 1024 * 1024,
+            webhook_batch_linger_ms: 0,
+            webhook_timeout_ms: 5000,
+            webhook_retry_max_ms: 30_000,
+            upstream_events: EventFilter::default(),
         }
     }
 }
@@ -508,6 +563,18 @@ impl Config {
             ("bridge_queue_max_bytes", self.bridge_queue_max_bytes as u64),
             ("bridge_hold_ms", self.bridge_hold_ms),
             ("history_max_bytes", self.history_max_bytes as u64),
+            ("webhook_queue_max", self.webhook_queue_max as u64),
+            (
+                "webhook_queue_max_bytes",
+                self.webhook_queue_max_bytes as u64,
+            ),
+            ("webhook_batch_max", self.webhook_batch_max as u64),
+            (
+                "webhook_batch_max_bytes",
+                self.webhook_batch_max_bytes as u64,
+            ),
+            ("webhook_timeout_ms", self.webhook_timeout_ms),
+            ("webhook_retry_max_ms", self.webhook_retry_max_ms),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -550,6 +617,20 @@ impl Config {
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
                 problems.push("`node_id` must be 1 to 64 printable ASCII characters".into());
+            }
+        }
+        if let Some(url) = &self.webhook_url {
+            if let Err(error) = WebhookUrl::parse(url) {
+                problems.push(format!("`webhook_url`: {error}"));
+            }
+            if self
+                .webhook_secret
+                .as_ref()
+                .is_none_or(|secret| secret.len() < WEBHOOK_SECRET_MIN_BYTES)
+            {
+                problems.push(format!(
+                    "`webhook_secret` of at least {WEBHOOK_SECRET_MIN_BYTES} bytes is required with `webhook_url` (backends check each body's signature with it)"
+                ));
             }
         }
         if problems.is_empty() {
@@ -878,6 +959,85 @@ mod tests {
                 Config::load(&typo).is_err(),
                 "unknown rule keys are refused"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn webhook_settings_are_checked() {
+        let dev = Config {
+            dev: true,
+            ..Config::default()
+        };
+        assert!(dev.webhook_url.is_none(), "no webhook by default");
+        let bad = Config {
+            webhook_url: Some("https://hooks.example/in".into()),
+            webhook_secret: Some("short".into()),
+            webhook_batch_max: 0,
+            webhook_timeout_ms: 0,
+            ..dev.clone()
+        };
+        match bad.validate() {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 4, "{problems:?}");
+                assert!(problems.iter().any(|p| p.contains("https is not built in")));
+                assert!(problems.iter().any(|p| p.contains("`webhook_secret`")));
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        let unsigned = Config {
+            webhook_url: Some("http://127.0.0.1:9000/in".into()),
+            ..dev.clone()
+        };
+        assert!(unsigned.validate().is_err(), "a webhook needs a secret");
+        let good = Config {
+            webhook_secret: Some("0123456789abcdef".into()),
+            ..unsigned
+        };
+        assert!(good.validate().is_ok());
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn webhook_and_events_come_from_file_and_environment() {
+        use crate::upstream::EventKind;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "node.toml",
+                "dev = true\nupstream_events = [\"sub\", \"unsub\"]\nwebhook_batch_max = 7",
+            )?;
+            jail.set_env("SHARDCAST_WEBHOOK_URL", "http://127.0.0.1:9000/hook");
+            jail.set_env("SHARDCAST_WEBHOOK_SECRET", "1234567890123456");
+            let flags = ServeFlags {
+                config: Some("node.toml".into()),
+                ..ServeFlags::default()
+            };
+            let config = Config::load(&flags).map_err(|e| e.to_string())?;
+            assert!(config.upstream_events.forwards(EventKind::Sub));
+            assert!(!config.upstream_events.forwards(EventKind::Connect));
+            assert_eq!(config.webhook_batch_max, 7);
+            assert_eq!(
+                config.webhook_secret.as_deref(),
+                Some("1234567890123456"),
+                "numeric text stays text"
+            );
+            let webhook = crate::upstream::webhook::WebhookConfig::from_config(&config)?
+                .ok_or("a webhook is configured")?;
+            assert_eq!(webhook.url.to_string(), "http://127.0.0.1:9000/hook");
+            assert_eq!(webhook.batch_max, 7);
+
+            jail.set_env("SHARDCAST_UPSTREAM_EVENTS", "online,offline");
+            let config = Config::load(&flags).map_err(|e| e.to_string())?;
+            let kinds: Vec<_> = config.upstream_events.kinds().collect();
+            assert_eq!(
+                kinds,
+                [EventKind::Online, EventKind::Offline],
+                "env beats file"
+            );
+
+            jail.set_env("SHARDCAST_UPSTREAM_EVENTS", "online,ofline");
+            let error = Config::load(&flags).unwrap_err().to_string();
+            assert!(error.contains("ofline"), "{error}");
             Ok(())
         });
     }

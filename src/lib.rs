@@ -25,6 +25,8 @@
 //! - [`auth`]: JWT (HS256) and dev-mode credentials.
 //! - [`mailbox`]: the two-lane (bounded messages, never-dropped control) hand-off between
 //!   threads, used by the shards' inboxes and the bus.
+//! - [`upstream`]: what clients say (`up`) and do (connection events) as records for the
+//!   backends, their JSON shape, and the sinks that carry them ([`upstream::webhook`]).
 //! - [`metrics`]: per-shard counters and gauges, and their Prometheus export.
 //!
 //! Dependencies point one way: `node` builds everything; `shard` drives `session` and its
@@ -54,6 +56,7 @@ pub(crate) mod reactor;
 pub mod router;
 pub(crate) mod session;
 pub mod shard;
+pub mod upstream;
 pub mod ws;
 
 pub use config::Config;

@@ -226,6 +226,81 @@ impl ApiMetrics {
     }
 }
 
+label_enum! {
+    /// Why an upstream record (a client's `up`, a connection event) was not delivered.
+    UpstreamDrop {
+        /// The sink's queue was at its bound: refused at once (the `up` was answered
+        /// `err unavailable`).
+        QueueFull => "queue_full",
+        /// The backend answered a status other than 2xx, 429 and 5xx: sending the same
+        /// batch again would get the same answer.
+        Rejected => "rejected",
+        /// Not delivered within the retry time of being accepted: the backend kept failing
+        /// (connect errors, timeouts, 429, 5xx), or the record queued behind batches that did.
+        RetriesExhausted => "retries_exhausted",
+        /// Queued or in flight when the sink stopped, or offered after it stopped.
+        Shutdown => "shutdown",
+    }
+}
+
+/// One upstream sink's counters and levels (one per sink per node; the webhook's thread
+/// writes them, and the callers count what they were refused).
+///
+/// Every record accepted is settled once: `appended = delivered + dropped (all reasons but
+/// queue_full) + queue_depth`.
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    /// Records accepted into the queue.
+    pub appended: Counter,
+    /// Records the backend accepted (2xx); an `up` is acked when its record is counted here.
+    pub delivered: Counter,
+    /// Records not delivered, by [`UpstreamDrop`].
+    pub drops: [Counter; UpstreamDrop::ALL.len()],
+    /// Requests to the backend, retries included.
+    pub requests: Counter,
+    /// Requests sent again after a failure (connect error, timeout, 429, 5xx).
+    pub retries: Counter,
+    /// Records accepted and not yet settled (queued, or in a batch in flight or waiting
+    /// for a retry).
+    pub queue_depth: Gauge,
+    /// Bytes of those records (the `webhook_queue_max_bytes` budget).
+    pub queue_bytes: Gauge,
+    /// Batches being sent or waiting for a retry.
+    pub in_flight: Gauge,
+    /// From sending a request to having its whole answer, for requests that got one.
+    pub latency: LatencyHistogram,
+}
+
+impl UpstreamMetrics {
+    /// Counts `n` records not delivered.
+    pub fn dropped(&self, reason: UpstreamDrop, n: u64) {
+        self.drops[reason as usize].add(n);
+    }
+
+    /// Records not delivered for `reason`.
+    pub fn drops(&self, reason: UpstreamDrop) -> u64 {
+        self.drops[reason as usize].get()
+    }
+
+    /// Records accepted and then given up (all drops but `queue_full`).
+    pub fn failed(&self) -> u64 {
+        UpstreamDrop::ALL
+            .iter()
+            .filter(|reason| **reason != UpstreamDrop::QueueFull)
+            .map(|reason| self.drops(*reason))
+            .sum()
+    }
+}
+
+/// One upstream sink at a scrape: its name (the `sink` label) and its metrics.
+#[derive(Clone, Copy)]
+pub struct UpstreamReading<'a> {
+    /// The `sink` label: `webhook`, `redis`.
+    pub sink: &'static str,
+    /// The sink's metrics.
+    pub metrics: &'a UpstreamMetrics,
+}
+
 /// The cluster bridge's counters (one per node).
 #[derive(Debug, Default)]
 pub struct BusMetrics {
@@ -398,6 +473,30 @@ impl prometheus_client::encoding::EncodeMetric for MergedHistogram {
             &self.buckets,
             None,
         )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+/// One histogram per value of a label (the upstream sinks' request latency).
+#[derive(Debug)]
+struct LabelledHistograms {
+    label: &'static str,
+    histograms: Vec<(&'static str, MergedHistogram)>,
+}
+
+impl prometheus_client::encoding::EncodeMetric for LabelledHistograms {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        for (value, histogram) in &self.histograms {
+            let labels = [(self.label, *value)];
+            histogram.encode(encoder.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 
     fn metric_type(&self) -> prometheus_client::metrics::MetricType {
@@ -741,6 +840,58 @@ const BUS_FAMILIES: &[Labelled<BusMetrics>] = &[(
     |b, i| b.drops[i].get(),
 )];
 
+/// A gauge of one upstream sink: name, help, value.
+type Level<M> = (&'static str, &'static str, fn(&M) -> i64);
+
+const UPSTREAM_TOTALS: &[Total<UpstreamMetrics>] = &[
+    (
+        "upstream_appended",
+        "Upstream records (client up messages, connection events) accepted by a sink's queue",
+        |u| u.appended.get(),
+    ),
+    (
+        "upstream_delivered",
+        "Upstream records the backend accepted (up messages are acked then)",
+        |u| u.delivered.get(),
+    ),
+    (
+        "upstream_requests",
+        "Requests a sink made to its backend, retries included",
+        |u| u.requests.get(),
+    ),
+    (
+        "upstream_retries",
+        "Requests a sink sent again after a connect error, timeout, 429 or 5xx",
+        |u| u.retries.get(),
+    ),
+];
+
+const UPSTREAM_FAMILIES: &[Labelled<UpstreamMetrics>] = &[(
+    "upstream_dropped",
+    "Upstream records not delivered, by reason (all but queue_full were accepted first)",
+    "reason",
+    UpstreamDrop::LABELS,
+    |u, i| u.drops[i].get(),
+)];
+
+const UPSTREAM_LEVELS: &[Level<UpstreamMetrics>] = &[
+    (
+        "upstream_queue_depth",
+        "Upstream records accepted and not yet delivered or dropped",
+        |u| u.queue_depth.get(),
+    ),
+    (
+        "upstream_queue_bytes",
+        "Bytes of upstream records accepted and not yet delivered or dropped",
+        |u| u.queue_bytes.get(),
+    ),
+    (
+        "upstream_in_flight",
+        "Batches of upstream records being sent or waiting for a retry",
+        |u| u.in_flight.get(),
+    ),
+];
+
 /// The cluster bus at one scrape: its counters and its levels.
 #[derive(Clone, Copy)]
 pub struct BusReading<'a> {
@@ -757,8 +908,13 @@ pub struct BusReading<'a> {
 /// Renders every metric of the node in the Prometheus/OpenMetrics text format
 /// (`shardcast_` prefix, `_total` counters, units in names). A fresh registry per scrape
 /// reads the shards' atomics, so the hot paths never touch the exporter. What is exported
-/// is the tables above; this function only walks them.
-pub fn render_prometheus(node: &NodeMetrics, bus: Option<BusReading<'_>>) -> String {
+/// is the tables above; this function only walks them. Each upstream sink's metrics carry
+/// its name in a `sink` label.
+pub fn render_prometheus(
+    node: &NodeMetrics,
+    bus: Option<BusReading<'_>>,
+    upstream: &[UpstreamReading<'_>],
+) -> String {
     use prometheus_client::encoding::text::encode;
     use prometheus_client::metrics::counter::Counter as PromCounter;
     use prometheus_client::metrics::family::Family;
@@ -782,6 +938,41 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<BusReading<'_>>) -> Str
         for (name, help, pick) in BUS_TOTALS {
             total(name, help, pick(bus.metrics));
         }
+    }
+
+    for (name, help, pick) in UPSTREAM_TOTALS.iter().filter(|_| !upstream.is_empty()) {
+        let family = Family::<Labels, PromCounter<u64>>::default();
+        for sink in upstream {
+            family
+                .get_or_create(&vec![("sink", sink.sink.to_owned())])
+                .inc_by(pick(sink.metrics));
+        }
+        registry.register(*name, *help, family);
+    }
+    for (name, help, label, values, pick) in
+        UPSTREAM_FAMILIES.iter().filter(|_| !upstream.is_empty())
+    {
+        let family = Family::<Labels, PromCounter<u64>>::default();
+        for sink in upstream {
+            for (index, value) in values.iter().enumerate() {
+                family
+                    .get_or_create(&vec![
+                        ("sink", sink.sink.to_owned()),
+                        (*label, (*value).to_owned()),
+                    ])
+                    .inc_by(pick(sink.metrics, index));
+            }
+        }
+        registry.register(*name, *help, family);
+    }
+    for (name, help, pick) in UPSTREAM_LEVELS.iter().filter(|_| !upstream.is_empty()) {
+        let family = Family::<Labels, PromGauge>::default();
+        for sink in upstream {
+            family
+                .get_or_create(&vec![("sink", sink.sink.to_owned())])
+                .set(pick(sink.metrics));
+        }
+        registry.register(*name, *help, family);
     }
 
     let mut family = |name: &str,
@@ -866,6 +1057,24 @@ pub fn render_prometheus(node: &NodeMetrics, bus: Option<BusReading<'_>>) -> Str
         );
     }
 
+    if !upstream.is_empty() {
+        registry.register_with_unit(
+            "upstream_request_duration",
+            "From a sink's request to its backend to the whole answer, for requests answered",
+            Unit::Seconds,
+            LabelledHistograms {
+                label: "sink",
+                histograms: upstream
+                    .iter()
+                    .map(|sink| {
+                        let histogram = std::iter::once(&sink.metrics.latency);
+                        (sink.sink, MergedHistogram::of(histogram))
+                    })
+                    .collect(),
+            },
+        );
+    }
+
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
@@ -902,7 +1111,7 @@ mod tests {
         node.shard(1).connections.add(5);
         node.shard(0).closed(Close::SlowConsumer);
         node.shard(1).delivered(Delivery::Topic, 7);
-        let text = render_prometheus(&node, None);
+        let text = render_prometheus(&node, None, &[]);
         assert!(
             text.contains("shardcast_connections{shard=\"1\"} 5"),
             "{text}"
@@ -919,6 +1128,34 @@ mod tests {
             text.contains("shardcast_process_resident_memory_bytes "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn renders_upstream_sinks_with_their_label() {
+        let node = NodeMetrics::new(1);
+        let webhook = UpstreamMetrics::default();
+        webhook.appended.add(3);
+        webhook.dropped(UpstreamDrop::QueueFull, 2);
+        webhook.queue_depth.add(1);
+        webhook.latency.record(2_000_000);
+        let reading = UpstreamReading {
+            sink: "webhook",
+            metrics: &webhook,
+        };
+        let text = render_prometheus(&node, None, &[reading]);
+        for line in [
+            "shardcast_upstream_appended_total{sink=\"webhook\"} 3",
+            "shardcast_upstream_dropped_total{sink=\"webhook\",reason=\"queue_full\"} 2",
+            "shardcast_upstream_dropped_total{sink=\"webhook\",reason=\"shutdown\"} 0",
+            "shardcast_upstream_queue_depth{sink=\"webhook\"} 1",
+            "shardcast_upstream_request_duration_seconds_count{sink=\"webhook\"} 1",
+            "shardcast_upstream_request_duration_seconds_bucket{le=\"0.0025\",sink=\"webhook\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let without = render_prometheus(&node, None, &[]);
+        assert!(!without.contains("upstream"), "{without}");
+        assert_eq!(webhook.failed(), 0, "queue_full was never accepted");
     }
 
     #[test]
