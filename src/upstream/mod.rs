@@ -8,6 +8,10 @@
 //! who may send what: the shards build the records (taking the id from their message-id
 //! generator) and hand them to a sink's handle, which never blocks them.
 //!
+//! Status: the record and the webhook sink are built and tested on their own; the `up` op,
+//! the connection events and the Redis Streams sink that feed them are issue 13's next
+//! step, so a node does not start a sink yet.
+//!
 //! # The record
 //! One JSON object per record, fields in this order, optional ones left out when absent:
 //!
