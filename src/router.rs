@@ -21,9 +21,8 @@ use std::sync::Arc;
 
 use ahash::RandomState;
 use bytes::Bytes;
-use smallvec::SmallVec;
-
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use crate::history::{Position, StreamKey};
 use crate::mailbox::{self, Lane, Laned, Mailbox, Refused};
