@@ -399,7 +399,7 @@ pub fn client_request(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------
-// publish_body: api::parse_publish_body
+// publish_body: api::parse_publish_body and api::parse_publish_batch
 
 /// The fields of a JSON object in order, duplicates kept (a `Value` keeps the last one).
 struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
@@ -464,6 +464,18 @@ pub fn publish_body(data: &[u8]) {
         (Ok(_), true) | (Err(_), false) => {}
         (Ok(_), false) => panic!("accepted a body the definition refuses"),
         (Err(e), true) => panic!("refused a valid body: {e}"),
+    }
+    // A batch: a JSON array whose every element is a valid body.
+    let batch = shardcast::api::parse_publish_batch(data);
+    let valid_batch = serde_json::from_slice::<Vec<&RawValue>>(data).is_ok_and(|items| {
+        items
+            .iter()
+            .all(|item| publish_oracle(item.get().as_bytes()))
+    });
+    match (&batch, valid_batch) {
+        (Ok(_), true) | (Err(_), false) => {}
+        (Ok(_), false) => panic!("accepted a batch the definition refuses"),
+        (Err(e), true) => panic!("refused a valid batch: {e}"),
     }
 }
 

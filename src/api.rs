@@ -376,13 +376,57 @@ impl ApiContext {
                 )
             })?
             .to_bytes();
-        let publish = parse_publish_body(&body).map_err(|e| {
+        // One publication (an object), or a batch (an array of them) answered with one
+        // result each. A batch is checked whole before anything is published.
+        let batch = body.trim_ascii_start().first() == Some(&b'[');
+        let parsed = if batch {
+            parse_publish_batch(&body)
+        } else {
+            parse_publish_body(&body).map(|publish| vec![publish])
+        };
+        let items = parsed.map_err(|e| {
             Failure::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 format!("invalid JSON body: {e}"),
             )
         })?;
+        if items.is_empty() {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "an empty batch",
+            ));
+        }
+        let checked = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                self.check(item)
+                    .map_err(|Failure(status, code, message)| match batch {
+                        true => Failure(status, code, format!("publication {i}: {message}")),
+                        false => Failure(status, code, message),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !batch {
+            let answer = self.publish_checked(&checked[0]).await?;
+            return Ok(json_response(StatusCode::ACCEPTED, answer));
+        }
+        let mut answers = Vec::with_capacity(checked.len());
+        for item in &checked {
+            answers.push(match self.publish_checked(item).await {
+                Ok(answer) => answer,
+                Err(Failure(_, code, message)) => {
+                    json!({"error": {"code": code, "message": message}})
+                }
+            });
+        }
+        Ok(json_response(StatusCode::ACCEPTED, json!(answers)))
+    }
+
+    /// A publication's target and data, checked: data present, a target, valid names.
+    fn check<'a>(&self, publish: &'a PublishRequest<'a>) -> Result<Checked<'a>, Failure> {
         let data = publish.data.ok_or_else(|| {
             Failure::new(StatusCode::BAD_REQUEST, "bad_request", "data is required")
         })?;
@@ -406,15 +450,25 @@ impl ApiContext {
                 format!("invalid user or topic name {bad:?}"),
             ));
         }
-        let users: Vec<&str> = publish.users.iter().map(AsRef::as_ref).collect();
-        let topics: Vec<&str> = publish.topics.iter().map(AsRef::as_ref).collect();
+        Ok(Checked {
+            users: publish.users.iter().map(AsRef::as_ref).collect(),
+            topics: publish.topics.iter().map(AsRef::as_ref).collect(),
+            broadcast: publish.broadcast,
+            data,
+        })
+    }
+
+    /// Publishes one checked publication; answers `{"mid", "offline"?}`, or 503 `busy` when
+    /// a route could not be queued.
+    async fn publish_checked(&self, item: &Checked<'_>) -> Result<serde_json::Value, Failure> {
+        let users = &item.users;
         let published = self.publisher.publish(
             Target {
-                users: &users,
-                topics: &topics,
-                broadcast: publish.broadcast,
+                users,
+                topics: &item.topics,
+                broadcast: item.broadcast,
             },
-            data,
+            item.data,
         );
         let mid = published.mid;
         if published.dropped > 0 {
@@ -434,14 +488,14 @@ impl ApiContext {
         }
         tracing::debug!(
             mid,
-            users = publish.users.len(),
-            topics = publish.topics.len(),
-            broadcast = publish.broadcast,
+            users = users.len(),
+            topics = item.topics.len(),
+            broadcast = item.broadcast,
             "published"
         );
         // A lone node with mailboxes knows who gets the message only from the mailbox later.
         let offline = if self.bus.is_none() && self.config.mailbox && !users.is_empty() {
-            self.publisher.offline(&users).await
+            self.publisher.offline(users).await
         } else {
             Vec::new()
         };
@@ -449,7 +503,7 @@ impl ApiContext {
         if !offline.is_empty() {
             answer["offline"] = json!(offline);
         }
-        Ok(json_response(StatusCode::ACCEPTED, answer))
+        Ok(answer)
     }
 
     /// `GET /v1/users/{user}/history` and `GET /v1/topics/{topic}/history`: the stream's
@@ -652,6 +706,14 @@ fn cluster_failure(error: BusError) -> Failure {
     Failure::new(StatusCode::SERVICE_UNAVAILABLE, code, error.to_string())
 }
 
+/// A publication checked by [`ApiContext::check`], ready to publish.
+struct Checked<'a> {
+    users: Vec<&'a str>,
+    topics: Vec<&'a str>,
+    broadcast: bool,
+    data: &'a RawValue,
+}
+
 /// Which kind of stream a history request reads.
 enum StreamKind {
     Mailbox,
@@ -685,6 +747,16 @@ pub fn parse_publish_body(body: &[u8]) -> Result<PublishRequest<'_>, serde_json:
         return Err(serde::de::Error::custom("expected a JSON object"));
     }
     serde_json::from_slice(body)
+}
+
+/// Parses a batch `POST /v1/publish` body: a JSON array of publications, each read as
+/// [`parse_publish_body`] reads one body.
+pub fn parse_publish_batch(body: &[u8]) -> Result<Vec<PublishRequest<'_>>, serde_json::Error> {
+    let items: Vec<&RawValue> = serde_json::from_slice(body)?;
+    items
+        .into_iter()
+        .map(|item| parse_publish_body(item.get().as_bytes()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -505,3 +505,64 @@ fn the_dashboard_plots_only_exported_metrics() {
     }
     assert!(plotted > 20, "{plotted}");
 }
+
+#[test]
+fn a_batch_publishes_each_with_its_own_mid_or_nothing_when_one_is_bad() {
+    let node = TestNode::start(dev_config());
+    let mut ann = Client::dev(&node, "ann");
+    let mut fan = Client::dev(&node, "fan");
+    fan.request(json!({"op":"sub","topic":"scores"}));
+
+    let batch = json!([
+        {"users":["ann"],"data":1},
+        {"topics":["scores"],"data":2},
+        {"users":["ann"],"topics":["scores"],"data":3},
+        {"users":["nobody"],"data":4},
+    ]);
+    let (status, answers) = post(&node, batch);
+    assert_eq!(status, 202, "{answers}");
+    let answers = answers.as_array().expect("one answer per publication");
+    assert_eq!(answers.len(), 4);
+    let mids: Vec<&str> = answers
+        .iter()
+        .map(|a| a["mid"].as_str().expect("mid"))
+        .collect();
+    assert_eq!(
+        mids.iter().collect::<std::collections::HashSet<_>>().len(),
+        4
+    );
+    assert_eq!(answers[3]["offline"], json!(["nobody"]));
+    for (n, mid) in [(1, mids[0]), (3, mids[2])] {
+        let msg = ann.recv();
+        assert_eq!(
+            (msg["data"].as_u64(), msg["mid"].as_str()),
+            (Some(n), Some(mid))
+        );
+    }
+    for (n, mid) in [(2, mids[1]), (3, mids[2])] {
+        let msg = fan.recv();
+        assert_eq!(
+            (msg["data"].as_u64(), msg["mid"].as_str()),
+            (Some(n), Some(mid))
+        );
+    }
+
+    // One bad publication refuses the whole batch, naming it; nothing goes out.
+    let (status, body) = post(
+        &node,
+        json!([{"users":["ann"],"data":5}, {"users":["ann"]}]),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "bad_request");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("publication 1:")),
+        "{body}"
+    );
+    let (status, _) = post(&node, json!([]));
+    assert_eq!(status, 400, "an empty batch");
+    let (status, _) = post(&node, json!([["ann"], 1]));
+    assert_eq!(status, 400, "elements are objects");
+    ann.expect_silence(Duration::from_millis(200));
+}
