@@ -80,6 +80,8 @@ pub struct Direct {
     pub via: Via,
     /// Keep-alive API connections when sent over the API.
     pub api_conns: usize,
+    /// Messages per API request (more than 1: batch publishes).
+    pub batch: usize,
 }
 
 /// One run.
@@ -489,23 +491,45 @@ fn spawn_api_senders(
                 };
                 let addr = apis[c as usize % apis.len()];
                 let mut api = Api::connect(addr, key.as_deref(), deadline.left())?;
-                for k in (c..direct.count).step_by(conns as usize) {
-                    wait_until(start_us + (k as f64 * 1e6 / direct.rate) as u64, deadline)?;
-                    let to = crate::client::user_name(crate::traffic::target_of(k, users));
-                    let stamp = Stamp { n: k, t: mono_us() };
-                    let body = json!({"users": [to], "data": stamp}).to_string();
+                let mine: Vec<u64> = (c..direct.count).step_by(conns as usize).collect();
+                for batch in mine.chunks(direct.batch) {
+                    let mut items = Vec::with_capacity(batch.len());
+                    let mut first_t = 0;
+                    for &k in batch {
+                        wait_until(start_us + (k as f64 * 1e6 / direct.rate) as u64, deadline)?;
+                        let to = crate::client::user_name(crate::traffic::target_of(k, users));
+                        let stamp = Stamp { n: k, t: mono_us() };
+                        if items.is_empty() {
+                            first_t = stamp.t;
+                        }
+                        items.push(json!({"users": [to], "data": stamp}));
+                    }
+                    let body = if direct.batch > 1 {
+                        serde_json::Value::Array(items).to_string()
+                    } else {
+                        items.pop().expect("one message").to_string()
+                    };
                     let response = api.post("/v1/publish", &body)?;
                     if let Some(h) = sent.latency_us.as_mut() {
-                        h.saturating_record(mono_us().saturating_sub(stamp.t));
+                        h.saturating_record(mono_us().saturating_sub(first_t));
                     }
-                    if response.status == 202 {
-                        sent.accepted += 1;
-                    } else {
-                        sent.refused += 1;
-                        if sent.refusals.len() < 5 {
-                            sent.refusals
-                                .push(format!("{}: {}", response.status, response.body));
-                        }
+                    let refused = match response.status {
+                        202 if direct.batch > 1 => serde_json::from_str::<serde_json::Value>(
+                            &response.body,
+                        )
+                        .ok()
+                        .and_then(|answers| answers.as_array().cloned())
+                        .map_or(batch.len(), |answers| {
+                            answers.iter().filter(|a| a.get("mid").is_none()).count()
+                        }),
+                        202 => 0,
+                        _ => batch.len(),
+                    };
+                    sent.accepted += (batch.len() - refused) as u64;
+                    sent.refused += refused as u64;
+                    if refused > 0 && sent.refusals.len() < 5 {
+                        sent.refusals
+                            .push(format!("{}: {}", response.status, response.body));
                     }
                 }
                 Ok((sent, 0))

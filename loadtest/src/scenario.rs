@@ -65,6 +65,10 @@ pub struct DirectArgs {
     /// Keep-alive HTTP connections posting when `--via api`.
     #[arg(long, default_value_t = 4)]
     api_conns: usize,
+    /// Messages per `POST /v1/publish` when `--via api` (more than 1: a batch, an array of
+    /// publications; a message waits until its batch is full, so latency grows with it).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Seconds to wait for deliveries after the last send.
     #[arg(long, default_value_t = 5)]
     drain: u64,
@@ -77,6 +81,7 @@ impl DirectArgs {
             rate: self.rate,
             via: self.via,
             api_conns: self.api_conns,
+            batch: self.batch.max(1),
         }
     }
 }
