@@ -291,7 +291,7 @@ fn a_direct_message_nobody_can_receive_is_counted_no_route() {
     );
 
     let redis = RedisServer::start();
-    let nodes = start_cluster(&redis, 2, |_| {});
+    let nodes = start_cluster(&redis, 2, |config| config.mailbox = false);
     let _bob = Client::dev(&nodes[1], "bob");
     eventually("bob's route is in Redis", || {
         let (_, reply) = http_json(api(&nodes[0]), "GET", "/v1/users/bob", b"");
@@ -319,6 +319,23 @@ fn a_direct_message_nobody_can_receive_is_counted_no_route() {
         0.0,
         "a cluster node does not count a user other nodes may hold"
     );
+
+    // Clustered with mailboxes, the message waits in Redis: counted kept, not dropped.
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, |_| {});
+    let body = json!({"users":["nobody"],"data":1}).to_string();
+    let (status, reply) = http_json(api(&nodes[0]), "POST", "/v1/publish", body.as_bytes());
+    assert_eq!((status, &reply["offline"]), (202, &json!(["nobody"])));
+    eventually("cluster with mailboxes: kept", || {
+        metric_series(api(&nodes[0]), "shardcast_mailbox_offline_total") == 1.0
+    });
+    assert_eq!(
+        metric_series(
+            api(&nodes[0]),
+            r#"shardcast_bus_drops_total{reason="no_route"}"#
+        ),
+        0.0
+    );
 }
 
 /// `VmHWM` (peak resident set) of a process, in bytes.
@@ -335,9 +352,13 @@ fn peak_rss(pid: u32) -> u64 {
 #[test]
 fn a_256_kib_publish_to_1000_users_costs_about_its_own_size() {
     let redis = RedisServer::start();
+    // Mailboxes off: this measures the per-recipient rendering of v1 messages. (With
+    // mailboxes every recipient's mailbox in Redis keeps `data`, and a node holds a few
+    // more copies: one script call per 512 users, and its own envelopes back from Redis.)
     let env = [
         ("SHARDCAST_MAX_OUTBOUND_BYTES", "1048576"),
         ("SHARDCAST_SHARDS", "2"),
+        ("SHARDCAST_MAILBOX", "false"),
     ];
     let redis_url = redis.url();
     let start = |id: &str| Process::serve(&["--dev", "--redis", &redis_url, "--node-id", id], &env);

@@ -274,7 +274,9 @@ impl Scripts {
 
     /// [`ROUTE`]: publish `payload` once to every other node holding a device of any of
     /// `users`, the first `recipients` of which are the message's recipients; the answer
-    /// reads with [`Routed::parse`].
+    /// reads with [`Routed::parse`]. `instance_hex` is the calling instance, which gets
+    /// nothing (it delivered locally); empty, every node gets it, the caller's included (a
+    /// streamed message, which the caller delivers through its own subscription).
     pub fn route(
         &self,
         users: &[impl AsRef<str>],
@@ -333,7 +335,7 @@ impl Scripts {
     /// [`ROUTE_TO_MAILBOXES`]: append `message` to the mailbox of each of `users` (the
     /// first `recipients` of them the recipients, the rest a sender whose copy records
     /// `message.to`), then route `head .. data .. positions` as [`ROUTE`] routes its
-    /// payload; the answer reads with [`MailboxRouted::of`].
+    /// payload (`instance_hex` as there); the answer reads with [`MailboxRouted::of`].
     pub fn route_to_mailboxes(
         &self,
         users: &[impl AsRef<str>],
