@@ -31,11 +31,18 @@ const HEAL_BOUND: Duration = Duration::from_secs(15);
 
 fn streaming(config: &mut Config) {
     config.mailbox_size = 10_000;
-    config.history.topics = vec![TopicHistory {
-        pattern: "chat.*".into(),
-        size: 5,
-        ttl_secs: 60,
-    }];
+    config.history.topics = vec![
+        TopicHistory {
+            pattern: "chat.*".into(),
+            size: 5,
+            ttl_secs: 60,
+        },
+        TopicHistory {
+            pattern: "race.*".into(),
+            size: 10_000,
+            ttl_secs: 60,
+        },
+    ];
 }
 
 fn api(node: &TestNode) -> SocketAddr {
@@ -299,6 +306,59 @@ fn a_replay_racing_live_traffic_across_nodes_has_no_gap_and_no_duplicate() {
     assert_eq!(unique.len(), got.len(), "no duplicate");
     assert_eq!(unique, (4..=last).collect(), "no gap");
     racer.expect_silence(QUIET);
+}
+
+/// The subscriber's node is not yet subscribed to the topic when it asks for the history:
+/// the read runs only once the subscription is in place, so what is published meanwhile
+/// comes either in the replay or live.
+#[test]
+fn a_topic_subscription_with_since_racing_publications_has_no_gap_and_no_duplicate() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, streaming);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let publisher = Arc::new(a.node().publisher());
+    let publish = |publisher: &Publisher, n: u64| {
+        let data = serde_json::value::to_raw_value(&json!({ "n": n })).expect("raw");
+        let target = Target {
+            topics: &["race.t"],
+            ..Target::default()
+        };
+        assert_eq!(publisher.publish(target, &data).dropped, 0);
+    };
+    for n in 1..=20 {
+        publish(&publisher, n);
+    }
+    await_stream(api(b), "/v1/topics/race.t/history?limit=1", 20);
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let (publisher, stop) = (publisher.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) && sent < 2_000 {
+                publish(&publisher, 1_000 + sent);
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let mut late = Client::dev(b, "late");
+    late.send(json!({"op":"sub","id":"s","topic":"race.t","since":{"seq":0}}));
+    let (mut frames, ack) = until_ack(&mut late, "s");
+    assert_eq!(ack["recovered"], true, "{ack}");
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let sent = background.join().expect("publisher thread");
+    let last = 20 + sent;
+    while frames.len() < last as usize {
+        frames.push(late.recv());
+    }
+    let got = seqs(&frames);
+    let unique: BTreeSet<u64> = got.iter().copied().collect();
+    assert_eq!(unique.len(), got.len(), "no duplicate");
+    assert_eq!(unique, (1..=last).collect(), "no gap");
+    late.expect_silence(QUIET);
 }
 
 #[test]

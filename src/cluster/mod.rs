@@ -15,7 +15,8 @@
 //!   subscriber) goes over an unbounded lane, because losing one would leave a ghost route or
 //!   a deaf topic. It is bounded by connection and subscription events, not by traffic, and
 //!   the bridge folds it into its own tables at once, Redis up or not: those tables are what
-//!   it re-publishes when Redis comes back.
+//!   it re-publishes when Redis comes back. Resumes' stream reads travel here too, behind
+//!   the changes they depend on (bounded by clients' requests, which are rate-limited).
 //! - **Queries** from the API (presence, nodes, topic counts) go over a small bounded tokio
 //!   channel and are answered asynchronously; a full channel or a down bus answers 503.
 //!
@@ -172,7 +173,8 @@ impl Outbound {
     }
 }
 
-/// A change of what this node holds, which the bridge mirrors into Redis.
+/// A change of what this node holds, which the bridge mirrors into Redis, or a read that
+/// must follow such changes.
 #[derive(Debug)]
 pub enum Control {
     /// A device of `user` connected (from the connection's shard).
@@ -201,6 +203,14 @@ pub enum Control {
         topic: Arc<str>,
         /// Whether the node now has subscribers.
         active: bool,
+    },
+    /// Read a stream for a resume, after the changes handed over before it (see
+    /// [`Bus::read_stream`]).
+    ReadStream {
+        /// What to read.
+        read: StreamRead,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<Replay, BusError>>,
     },
 }
 
@@ -260,8 +270,7 @@ pub struct StreamRead {
 /// A question from the API or a shard for the bridge.
 #[derive(Debug)]
 pub enum Query {
-    /// A stream's messages after a position: a resume, a `sub` with `since`, the history
-    /// API.
+    /// A stream's messages after a position, for the history API.
     Stream {
         /// What to read.
         read: StreamRead,
@@ -573,12 +582,19 @@ impl Bus {
         Ok(nodes)
     }
 
-    /// A stream read for a shard (a resume). Awaitable off tokio (shards run no tokio
-    /// timer): it is bounded by the bridge, which answers every query it takes within its
-    /// Redis response timeout, and answers "down" to those waiting when a session ends.
-    pub async fn read_stream(&self, read: StreamRead) -> Result<Replay, BusError> {
-        let answer = self.send_query(|reply| Query::Stream { read, reply })?;
-        answer.await.unwrap_or(Err(BusError::Down))
+    /// A stream read for a shard (a resume), asked at once on the control lane, so it runs
+    /// after every change the shard handed the bus before (a topic subscription made for a
+    /// `sub` with `since` is in place before its history is read: nothing published in
+    /// between is missed). Awaitable off tokio (shards run no tokio timer): the bridge
+    /// answers within its Redis response timeout, at once while Redis is down, and drops
+    /// the reply (answered "down") when a session ends first.
+    pub fn read_stream(
+        &self,
+        read: StreamRead,
+    ) -> impl std::future::Future<Output = Result<Replay, BusError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.control(Control::ReadStream { read, reply });
+        async move { answer.await.unwrap_or(Err(BusError::Down)) }
     }
 
     /// A stream read for the history API.

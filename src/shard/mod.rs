@@ -351,7 +351,7 @@ impl Shard {
         retention: Retention,
         id: Option<Box<serde_json::value::RawValue>>,
     ) {
-        let Some(bus) = self.bus.clone() else {
+        let Some(bus) = &self.bus else {
             return;
         };
         let read = StreamRead {
@@ -361,10 +361,12 @@ impl Shard {
             limit: retention.size,
             ttl_secs: retention.ttl_secs,
         };
+        // Asked now, behind the bus changes this shard made before (see `Bus::read_stream`).
+        let answer = bus.read_stream(read);
         let mesh = self.router.mesh().clone();
         let (index, metrics) = (self.index, self.metrics.clone());
         glommio::spawn_local(async move {
-            let replay = bus.read_stream(read).await.ok();
+            let replay = answer.await.ok();
             let answer = Envelope::Replayed {
                 key,
                 conn,

@@ -64,7 +64,7 @@ use super::{
     BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Pending, Presence, Query,
 };
 use crate::config::{Config, NodeIdentity};
-use crate::history::{EpochSource, Position, StreamKey};
+use crate::history::{EpochSource, Position, Replay, StreamKey};
 use crate::mailbox::Inbox;
 use crate::metrics::{self, BusDrop, NodeMetrics};
 use crate::protocol;
@@ -701,6 +701,22 @@ impl Bridge {
                     batch.push(cmd, Answer::Ignore);
                 }
             }
+            Control::ReadStream { read, reply } => match batch {
+                Some(batch) => {
+                    let cmd = self.scripts.history_range(
+                        &read.key,
+                        read.since_seq,
+                        read.since_ep.as_deref(),
+                        read.limit,
+                        protocol::now_ms(),
+                        read.ttl_secs,
+                    );
+                    batch.push(cmd, Answer::Read(reply));
+                }
+                None => {
+                    let _ = reply.send(Err(BusError::Down));
+                }
+            },
             Control::TopicActive { topic, active } => {
                 let mut topics = self.topics.borrow_mut();
                 if active {

@@ -52,6 +52,8 @@ pub(super) enum Answer {
     Evictions,
     /// The mailbox position a new device of `user` is welcomed at.
     Welcome { user: Arc<str>, conn: ConnId },
+    /// A stream read for a resume: where the answer goes.
+    Read(tokio::sync::oneshot::Sender<Result<Replay, BusError>>),
 }
 
 /// One pipeline being built.
@@ -347,6 +349,9 @@ impl Bridge {
                         })
                     });
                     self.welcome(&user, conn, position);
+                }
+                Answer::Read(reply) => {
+                    let _ = reply.send(layout::replay_of(&value).ok_or(BusError::Redis));
                 }
                 Answer::Ignore | Answer::Evictions => {
                     if let Value::ServerError(error) = &value {
