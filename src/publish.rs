@@ -1,7 +1,7 @@
 //! Messages from outside the shards: the HTTP API and programs embedding a node push
 //! through a [`Publisher`], which renders each message once, stamps it with a message id
 //! and hands it to [`Router::route`] exactly as a client's `send`/`pub` is. A message for
-//! a stream (a mailbox, a topic with history, on a lone node) enters as a template instead:
+//! a stream (a mailbox, a topic with history) enters as a template instead: alone,
 //! its home shard appends it and renders it with its position. Clustered, it goes only to
 //! Redis, which appends it and routes it to every node with recipients, this one included
 //! ([`Reach::Streamed`]).
