@@ -666,13 +666,15 @@ local function stream_append(stream, meta, candidate, size, ttl_secs, now_ms, mi
   if ep and known[3] == mid then
     return tonumber(known[2]), ep
   end
-  if not ep then
+  local seq = 1
+  if ep then
+    seq = tonumber(known[2] or '0') + 1
+    redis.call('HSET', meta, 'seq', seq, 'mid', mid)
+  else
     ep = candidate
     redis.call('DEL', stream)
-    redis.call('HSET', meta, 'ep', ep)
+    redis.call('HSET', meta, 'ep', ep, 'seq', seq, 'mid', mid)
   end
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('HSET', meta, 'mid', mid)
   redis.call('XADD', stream, 'MAXLEN', size, '0-' .. seq, unpack(fields))
   stream_trim_expired(stream, now_ms - ttl_secs * 1000)
   redis.call('EXPIRE', stream, ttl_secs)
