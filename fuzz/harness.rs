@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use shardcast::cluster::wire;
+use shardcast::cluster::{redis_layout, wire};
 use shardcast::protocol::{self, render, ErrorCode, Request};
 use shardcast::ws::{self, Endpoint, Event, Flow, Inbound, Limits, Violation};
 
@@ -494,6 +494,39 @@ fn encode(envelope: &wire::Decoded) -> Bytes {
             users,
             data,
         } => wire::direct(origin, *mid, *ts, from.as_deref(), users, data),
+        wire::Body::Mailboxes {
+            mid,
+            ts,
+            except,
+            from,
+            to,
+            users,
+            data,
+            positions,
+        } => streamed(
+            wire::mailboxes_head(
+                origin,
+                *mid,
+                *ts,
+                *except,
+                from.as_deref(),
+                to.as_deref(),
+                users,
+            ),
+            data,
+            positions,
+        ),
+        wire::Body::History {
+            mid,
+            ts,
+            topic,
+            data,
+            position,
+        } => streamed(
+            wire::history_head(origin, *mid, *ts, topic),
+            data,
+            std::slice::from_ref(position),
+        ),
         wire::Body::Topic { mid, topic, frame } => wire::topic(origin, *mid, topic, frame),
         wire::Body::Broadcast { mid, frame } => wire::broadcast(origin, *mid, frame),
         wire::Body::Kick { user, code } => wire::kick(origin, user, *code),
@@ -506,6 +539,14 @@ fn encode(envelope: &wire::Decoded) -> Bytes {
             node,
         } => wire::topic_count(origin, *request, *count, node),
     }
+}
+
+/// A streamed envelope as the Redis scripts publish it: head, `data`, positions trailer.
+fn streamed(head: Bytes, data: &str, positions: &[shardcast::history::Position]) -> Bytes {
+    let mut out = head.to_vec();
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(&redis_layout::positions_trailer(positions));
+    out.into()
 }
 
 /// Input: an envelope as it comes off the bus.
@@ -541,8 +582,11 @@ pub fn envelope(data: &[u8]) {
                     );
                     true
                 }
-                // Ends in `data`, copied out as a string (it must be valid UTF-8).
-                wire::Body::Direct { .. } => true,
+                // Ends in `data`, copied out as a string (it must be valid UTF-8), or in
+                // `data` and the positions trailer.
+                wire::Body::Direct { .. }
+                | wire::Body::Mailboxes { .. }
+                | wire::Body::History { .. } => true,
                 _ => false,
             };
             if ends_in_frame {
@@ -561,6 +605,11 @@ pub fn envelope(data: &[u8]) {
 
 // ---------------------------------------------------------------------------------------
 // Seeds
+
+/// A stream position, for the seeds of streamed envelopes.
+fn position(seq: u64, ep: &str) -> shardcast::history::Position {
+    shardcast::history::Position { seq, ep: ep.into() }
+}
 
 /// A masked client frame (what a browser sends).
 fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
@@ -730,6 +779,30 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 None,
                 &["alice", "bob"],
                 r#"{"t":"hi"}"#,
+            ),
+        ),
+        (
+            "mailboxes",
+            streamed(
+                wire::mailboxes_head(
+                    7,
+                    42,
+                    1_700_000_000_000,
+                    Some(3),
+                    Some("alice"),
+                    Some("bob"),
+                    &["bob", "alice"],
+                ),
+                r#"{"t":"hi"}"#,
+                &[position(4, "Ab3dE6gH"), position(17, "Zy9xW8vU")],
+            ),
+        ),
+        (
+            "history",
+            streamed(
+                wire::history_head(7, 42, 1_700_000_000_000, "room"),
+                r#"{"t":"hi"}"#,
+                &[position(5, "Ab3dE6gH")],
             ),
         ),
         ("topic", wire::topic(7, 42, "room", &frame)),

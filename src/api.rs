@@ -43,10 +43,10 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::auth::{bearer, valid_name};
-use crate::cluster::Bus;
 use crate::cluster::BusError;
+use crate::cluster::{Bus, StreamRead};
 use crate::config::{Config, NodeIdentity, MAX_STREAM_SIZE};
-use crate::history::StreamKey;
+use crate::history::{self, StreamKey};
 use crate::metrics::NodeMetrics;
 use crate::metrics::{ApiTimeout, LogLimiter};
 use crate::publish::{Publisher, Target};
@@ -493,14 +493,16 @@ impl ApiContext {
             broadcast = item.broadcast,
             "published"
         );
-        // A lone node with mailboxes knows who gets the message only from the mailbox later.
-        let offline = if self.bus.is_none() && self.config.mailbox && !users.is_empty() {
-            self.publisher.offline(users).await
+        // With mailboxes, a recipient with no device online gets the message from its
+        // mailbox later. Clustered, Redis says who when it appends the message; a Redis that
+        // does not answer in time leaves `offline` out (the message still waits in the bus).
+        let offline = if self.config.mailbox && !users.is_empty() {
+            self.publisher.offline(published, users).await
         } else {
-            Vec::new()
+            None
         };
         let mut answer = json!({"mid": mid.to_string()});
-        if !offline.is_empty() {
+        if let Some(offline) = offline.filter(|offline| !offline.is_empty()) {
             answer["offline"] = json!(offline);
         }
         Ok(answer)
@@ -535,18 +537,15 @@ impl ApiContext {
                 _ => return Err(bad("unknown query parameter (since, limit)")),
             }
         }
-        if self.bus.is_some() {
-            return Err(Failure::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "not_implemented",
-                "clustered nodes keep no history yet",
-            ));
-        }
-        let key = match kind {
-            StreamKind::Mailbox if self.config.mailbox => StreamKey::Mailbox(name),
-            StreamKind::Topic if self.config.history_rule_for(&name).is_some() => {
-                StreamKey::Topic(name)
-            }
+        let (key, retention) = match kind {
+            StreamKind::Mailbox if self.config.mailbox => (
+                StreamKey::Mailbox(name.clone()),
+                self.config.mailbox_retention(),
+            ),
+            StreamKind::Topic if self.config.history_rule_for(&name).is_some() => (
+                StreamKey::Topic(name.clone()),
+                self.config.history_rule_for(&name),
+            ),
             StreamKind::Mailbox => {
                 return Err(Failure::new(
                     StatusCode::NOT_FOUND,
@@ -562,12 +561,30 @@ impl ApiContext {
                 ))
             }
         };
-        let json = self
-            .router
-            .mesh()
-            .read_history(key, since, limit, &self.metrics)
-            .await
-            .ok_or_else(busy)?;
+        let json = match (&self.bus, retention) {
+            // Clustered, streams live in Redis; the read counts as a replay on the stream's
+            // home shard, as it would alone.
+            (Some(bus), Some(retention)) => {
+                let read = StreamRead {
+                    key,
+                    since_seq: since,
+                    since_ep: None,
+                    limit,
+                    ttl_secs: retention.ttl_secs,
+                };
+                let replay = bus.history(read).await.map_err(cluster_failure)?;
+                let metrics = self.metrics.shard(self.router.mesh().home(&name));
+                metrics.replays.inc();
+                metrics.replayed.add(replay.messages.len() as u64);
+                history::history_json(&replay)
+            }
+            _ => self
+                .router
+                .mesh()
+                .read_history(key, since, limit, &self.metrics)
+                .await
+                .ok_or_else(busy)?,
+        };
         let mut response = Response::new(Full::new(Bytes::from(json)));
         response
             .headers_mut()

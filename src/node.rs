@@ -138,13 +138,10 @@ impl Node {
         };
         let uplink = bus.clone().map(|bus| Arc::new(bus) as Arc<dyn Uplink>);
         let router = Router::new(mesh, uplink);
-        // A lone node keeps streams in memory on its shards; clustered nodes will in Redis.
-        let streamed = match bus {
-            None => Streamed {
-                mailboxes: config.mailbox,
-                topics: Some(Arc::new(config.history.clone())),
-            },
-            Some(_) => Streamed::default(),
+        // A lone node keeps streams in memory on its shards; clustered nodes in Redis.
+        let streamed = Streamed {
+            mailboxes: config.mailbox,
+            topics: Some(Arc::new(config.history.clone())),
         };
         let metrics = NodeMetrics::new(shards);
         let admission = Arc::new(Admission::new(connection_limit.limit));

@@ -1,14 +1,17 @@
 //! Messages from outside the shards: the HTTP API and programs embedding a node push
 //! through a [`Publisher`], which renders each message once, stamps it with a message id
 //! and hands it to [`Router::route`] exactly as a client's `send`/`pub` is. A message for
-//! a stream (a mailbox, a topic with history, on a lone node) enters as a template instead:
-//! its home shard appends it and renders it with its position.
+//! a stream (a mailbox, a topic with history) enters as a template instead: alone,
+//! its home shard appends it and renders it with its position. Clustered, it goes only to
+//! Redis, which appends it and routes it to every node with recipients, this one included
+//! ([`Reach::Streamed`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::value::RawValue;
 
-use crate::cluster::{Bus, Outbound};
+use crate::cluster::{Bus, Outbound, Streamed as ToStreams};
 use crate::config::{History, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
@@ -26,16 +29,26 @@ pub struct Target<'a> {
 }
 
 /// What [`Publisher::publish`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Published {
     /// The message id.
     pub mid: u64,
     /// Routes that could not be queued (a shard's inbox or the cluster bus was full).
     pub dropped: usize,
+    /// Clustered with mailboxes: per bus message, its users and where Redis's answer of
+    /// those with no live device comes (see [`Publisher::offline`]).
+    offline: Vec<(Vec<Arc<str>>, OfflineAnswer)>,
 }
 
-/// Which messages a node keeps in streams in memory (a lone node): they enter routing as
-/// templates (see the module docs).
+/// The indexes of a bus message's users that had no live device, as Redis answered them.
+type OfflineAnswer = tokio::sync::oneshot::Receiver<Vec<usize>>;
+
+/// How long the API waits for Redis to say which recipients are offline: the message
+/// waits in the bus queue while Redis is slow or down, and the publish answer should not.
+const OFFLINE_WAIT: Duration = Duration::from_secs(2);
+
+/// Which messages a node keeps in streams (in memory alone, in Redis clustered): they enter
+/// routing as templates (see the module docs).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Streamed {
     /// Users have mailboxes.
@@ -87,11 +100,12 @@ impl Publisher {
         // Hand-offs that fail are counted on shard 0's metrics (the sum over shards is what
         // the exporter shows).
         let metrics = self.metrics.shard(0);
-        let route = |to: Route, message: Message| {
-            self.router
-                .route(to, message, None, Reach::Cluster, metrics)
+        let route = |to: Route, message: Message, reach: Reach| {
+            self.router.route(to, message, None, reach, metrics)
         };
         let mut dropped = 0;
+        let mut offline = Vec::new();
+        let mailboxes_in_redis = self.bus.as_ref().filter(|_| self.streamed.mailboxes);
         let direct = match target.users {
             [] => None,
             // A mailbox message is rendered on each user's home shard, with its position.
@@ -106,8 +120,32 @@ impl Publisher {
             _ => Some(Message::per_user(mid, template(ts, data))),
         };
         if let Some(message) = direct {
-            let users = target.users.iter().map(|user| Arc::from(*user)).collect();
-            dropped += route(Route::Users(users), message);
+            let users: Vec<Arc<str>> = target.users.iter().map(|user| Arc::from(*user)).collect();
+            match (mailboxes_in_redis, message.template()) {
+                // Clustered mailboxes: Redis appends and routes it, and says who is offline.
+                (Some(bus), Some(template)) if bus.is_up() => {
+                    let streamed = ToStreams {
+                        message: &message,
+                        template,
+                        except: None,
+                        delivered_here: false,
+                    };
+                    dropped += bus.to_mailboxes(&users, streamed, |chunk| {
+                        let (reply, answer) = tokio::sync::oneshot::channel();
+                        offline.push((chunk.to_vec(), answer));
+                        Some(reply)
+                    });
+                }
+                // Redis down: delivered here at once, appended when Redis is back.
+                (Some(_), Some(_)) => {
+                    let to = Route::Users(users.into_iter().collect());
+                    dropped += route(to, message, Reach::Streamed);
+                }
+                _ => {
+                    let to = Route::Users(users.into_iter().collect());
+                    dropped += route(to, message, Reach::Cluster);
+                }
+            }
         }
         let has_history = |topic: &&str| {
             let rules = self.streamed.topics.as_ref();
@@ -125,19 +163,53 @@ impl Publisher {
         };
         if let Some(message) = publication {
             for topic in target.topics {
-                dropped += route(Route::Topic(Arc::from(*topic)), message.clone());
+                // Clustered, a topic with history is appended and published by Redis.
+                let reach = if self.bus.is_some() && has_history(topic) {
+                    Reach::Streamed
+                } else {
+                    Reach::Cluster
+                };
+                dropped += route(Route::Topic(Arc::from(*topic)), message.clone(), reach);
             }
         }
         if target.broadcast {
             let message = Message::new(mid, render::publication(None, mid, ts, data.get()));
-            dropped += route(Route::Broadcast, message);
+            dropped += route(Route::Broadcast, message, Reach::Cluster);
         }
-        Published { mid, dropped }
+        Published {
+            mid,
+            dropped,
+            offline,
+        }
+    }
+
+    /// The recipients of `published` (sent to `users`) whose message waits in their
+    /// mailbox because no device of theirs is online: clustered, as Redis answered when it
+    /// appended the message (`None` when it did not answer within [`OFFLINE_WAIT`], or the
+    /// bus is down); alone, those with no device on this node.
+    pub async fn offline(&self, published: Published, users: &[&str]) -> Option<Vec<String>> {
+        let Some(bus) = &self.bus else {
+            return Some(self.offline_here(users).await);
+        };
+        if !bus.is_up() {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + OFFLINE_WAIT;
+        let mut offline = Vec::new();
+        for (chunk, answer) in published.offline {
+            let indexes = tokio::time::timeout_at(deadline, answer).await.ok()?.ok()?;
+            offline.extend(
+                indexes
+                    .into_iter()
+                    .filter_map(|i| chunk.get(i).map(|user| user.to_string())),
+            );
+        }
+        Some(offline)
     }
 
     /// The users among `users` with no device online on this node: on a lone node, those
     /// whose messages wait in their mailbox. Asks every home shard at once.
-    pub async fn offline(&self, users: &[&str]) -> Vec<String> {
+    async fn offline_here(&self, users: &[&str]) -> Vec<String> {
         let mesh = self.router.mesh();
         let answers: Vec<_> = users
             .iter()

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
 
-use crate::history::{Position, StreamKey};
+use crate::history::{Position, Replay, StreamKey};
 use crate::mailbox::{self, Lane, Laned, Mailbox, Refused};
 use crate::metrics::{self, Delivery, NodeMetrics, ShardMetrics};
 
@@ -180,6 +180,14 @@ impl Message {
         }
     }
 
+    /// The template of a message rendered per target (`None`: one frame for everyone).
+    pub fn template(&self) -> Option<&Arc<Template>> {
+        match &self.body {
+            Body::Frame(_) => None,
+            Body::PerUser(t) | Body::PerTopic(t) => Some(t),
+        }
+    }
+
     /// The frame of a broadcast, which is always one [`Body::Frame`] for everyone.
     pub fn shared_frame(&self) -> Bytes {
         self.frame_for("")
@@ -207,6 +215,9 @@ pub enum Envelope {
         message: Message,
         /// The sending connection, which does not get its own message back.
         except: Option<ConnId>,
+        /// Its position in the user's mailbox when Redis gave it one (clustered); `None`:
+        /// the home shard appends a template to the mailbox it keeps, if any.
+        at: Option<Position>,
     },
     /// To the topic's home shard: deliver to every subscriber.
     RouteTopic {
@@ -214,6 +225,8 @@ pub enum Envelope {
         topic: Arc<str>,
         /// The message.
         message: Message,
+        /// Its position in the topic's history when Redis gave it one (clustered).
+        at: Option<Position>,
     },
     /// Deliver to this shard's connections of `user` (from the home shard).
     DeliverUser {
@@ -270,6 +283,22 @@ pub enum Envelope {
         /// The `ack` (`recovered`, `seq`, `ep`).
         ack: Bytes,
     },
+    /// To a stream's home shard, from itself: what Redis answered to a resume (`None`:
+    /// Redis could not be asked), to be sent on as an [`Envelope::Replay`].
+    Replayed {
+        /// The stream.
+        key: StreamKey,
+        /// The asking connection.
+        conn: ConnId,
+        /// Redis's answer.
+        replay: Option<Replay>,
+        /// The request's id, echoed in the ack.
+        id: Option<Box<RawValue>>,
+    },
+    /// To every shard, from the bridge: Redis lost every stream (the cluster epoch changed),
+    /// so streams start again at `seq` 1 under new epochs and the positions connections
+    /// were welcomed at or shards last delivered mean nothing any more.
+    StreamsLost,
     /// To a stream's home shard: the history API's read.
     ReadHistory {
         /// The stream.
@@ -362,6 +391,8 @@ impl Laned for Envelope {
             Envelope::DeviceOnline { .. }
             | Envelope::Welcome { .. }
             | Envelope::Resume { .. }
+            | Envelope::Replayed { .. }
+            | Envelope::StreamsLost
             | Envelope::ReadHistory { .. }
             | Envelope::DeviceOffline { .. }
             | Envelope::TopicInterest { .. }
@@ -396,6 +427,12 @@ pub enum Reach {
     Cluster,
     /// Only this node: a message another node already routed to the cluster.
     Node,
+    /// Only the cluster bus: a streamed message on a clustered node (a mailbox message, a
+    /// publication to a topic with history). Redis numbers it and publishes it to every
+    /// node holding recipients, this one included, so every node delivers it in Redis's
+    /// order and with its position. While Redis is down, this node delivers it at once
+    /// without a position (a shard never waits for Redis) and the bus appends it later.
+    Streamed,
 }
 
 /// Where messages for other nodes go (the cluster bus); implemented by
@@ -404,6 +441,21 @@ pub trait Uplink: Send + Sync {
     /// Hands `message` for `to` to the other nodes; returns how many hand-offs were dropped
     /// (counted by the uplink).
     fn forward(&self, to: &Route, message: &Message) -> usize;
+
+    /// Hands a streamed message (see [`Reach::Streamed`]) for `to` to Redis, which appends
+    /// it and routes it to every node with recipients, this one included unless
+    /// `delivered_here`; `except` is the sending connection. Returns how many hand-offs
+    /// were dropped (counted by the uplink).
+    fn forward_streamed(
+        &self,
+        to: &Route,
+        message: &Message,
+        except: Option<ConnId>,
+        delivered_here: bool,
+    ) -> usize;
+
+    /// Whether Redis is reachable now (streamed messages wait for it).
+    fn is_up(&self) -> bool;
 }
 
 /// The one entry through which every message enters routing: the API's publisher, the
@@ -431,6 +483,9 @@ impl Router {
     /// node through each target's home shard (which forwards to the shards holding
     /// recipients), or to every shard for a broadcast. Returns how many hand-offs could not
     /// be queued (each counted: `metrics` for shard inboxes, the bus's own for the bus).
+    /// Within [`Reach::Streamed`] on a clustered node, only to the bus: the message comes
+    /// back through this node's own subscription, numbered (or, while Redis is down, to
+    /// this node at once without a position, and to the bus for later).
     pub fn route(
         &self,
         to: Route,
@@ -440,8 +495,17 @@ impl Router {
         metrics: &ShardMetrics,
     ) -> usize {
         let mut dropped = 0;
-        if let (Reach::Cluster, Some(uplink)) = (reach, &self.uplink) {
-            dropped += uplink.forward(&to, &message);
+        match (reach, &self.uplink) {
+            (Reach::Streamed, Some(uplink)) if uplink.is_up() => {
+                return uplink.forward_streamed(&to, &message, except, false);
+            }
+            // Redis is down: local delivery goes on, without a position (as a v1 frame),
+            // and Redis appends the message and routes it to the other nodes once back.
+            (Reach::Streamed, Some(uplink)) => {
+                dropped += uplink.forward_streamed(&to, &message, except, true);
+            }
+            (Reach::Cluster, Some(uplink)) => dropped += uplink.forward(&to, &message),
+            _ => {}
         }
         dropped + self.mesh.route(to, message, except, metrics)
     }
@@ -583,13 +647,19 @@ impl Mesh {
                         user: user.clone(),
                         message: message.clone(),
                         except,
+                        at: None,
                     };
                     !self.to_shard(self.homes.home(user), envelope, metrics)
                 })
                 .count(),
             Route::Topic(topic) => {
                 let home = self.homes.home(&topic);
-                usize::from(!self.to_shard(home, Envelope::RouteTopic { topic, message }, metrics))
+                let route = Envelope::RouteTopic {
+                    topic,
+                    message,
+                    at: None,
+                };
+                usize::from(!self.to_shard(home, route, metrics))
             }
             Route::Broadcast => self.send_to_all(metrics, || Envelope::Broadcast {
                 message: message.clone(),

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
+use shardcast::Config;
 
 /// How long a node killed with SIGKILL may linger: the default 10 s node TTL plus slack.
 const TTL_BOUND: Duration = Duration::from_secs(15);
@@ -206,10 +207,12 @@ fn publishes_carrying(redis: &RedisServer, token: &str, action: impl FnOnce()) -
     }
 }
 
+/// Mailboxes off: with mailboxes, the sender's node gets its own copy through Redis too
+/// (see tests/cluster_streams.rs).
 #[test]
 fn a_user_message_goes_only_to_the_nodes_holding_the_user() {
     let redis = RedisServer::start();
-    let nodes = start_cluster(&redis, 3, |_| {});
+    let nodes = start_cluster(&redis, 3, |config| config.mailbox = false);
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     let mut alice = Client::dev(a, "alice");
     let mut dan = Client::dev(a, "dan");
@@ -622,7 +625,12 @@ fn device_limit_is_cluster_wide() {
 #[test]
 fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
     let redis = RedisServer::start();
-    let survivor = TestNode::start(cluster_config(&redis.url(), "survivor"));
+    // Mailboxes off: with them, the survivor's own message to bob comes back through its
+    // own channel (see tests/cluster_streams.rs).
+    let survivor = TestNode::start(Config {
+        mailbox: false,
+        ..cluster_config(&redis.url(), "survivor")
+    });
     await_ready(api(&survivor));
     let mut doomed = Process::serve(
         &[
@@ -671,7 +679,12 @@ fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
 #[test]
 fn a_node_restarted_under_the_same_id_after_sigkill_forgets_its_old_users() {
     let redis = RedisServer::start();
-    let survivor = TestNode::start(cluster_config(&redis.url(), "survivor"));
+    // Mailboxes off: with them, the survivor's own message to bob comes back through its
+    // own channel (see tests/cluster_streams.rs).
+    let survivor = TestNode::start(Config {
+        mailbox: false,
+        ..cluster_config(&redis.url(), "survivor")
+    });
     await_ready(api(&survivor));
     let serve = || {
         let node = Process::serve(

@@ -6,7 +6,8 @@
 //! accepted message must be delivered exactly once or counted in a drop metric: zero
 //! unaccounted, zero duplicates. Also: readiness follows a stall within one heartbeat, a
 //! direct message nobody can receive is counted `no_route`, and a publish of 256 KiB to
-//! 1,000 users costs memory and bus bytes of the order of its own size.
+//! 1,000 users costs memory and bus bytes of the order of its own size. The traffic goes
+//! to mailboxes (the default), so the retries also must not append a message twice.
 
 mod common;
 
@@ -186,6 +187,20 @@ fn traffic_through(nodes: &[TestNode], fault: impl FnOnce()) -> Ledger {
     }
 }
 
+/// Bob's mailbox after a fault run: its last `seq` (how many messages were appended; a
+/// retry that appended again would push it past the messages accepted) and whether the
+/// retained messages have distinct mids and gap-free seqs.
+fn bobs_mailbox(node: &TestNode) -> (u64, bool) {
+    let (status, history) = http_json(api(node), "GET", "/v1/users/bob/history?limit=10000", b"");
+    assert_eq!(status, 200, "{history}");
+    let messages = history["messages"].as_array().expect("messages");
+    let mids: HashSet<&str> = messages.iter().filter_map(|m| m["mid"].as_str()).collect();
+    let seqs: Vec<u64> = messages.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    let gap_free = seqs.windows(2).all(|pair| pair[1] == pair[0] + 1);
+    let last = history["seq"].as_u64().expect("seq");
+    (last, mids.len() == messages.len() && gap_free)
+}
+
 #[test]
 fn a_stalled_redis_loses_nothing_unaccounted_and_readiness_follows_within_a_heartbeat() {
     let redis = RedisServer::start();
@@ -206,6 +221,17 @@ fn a_stalled_redis_loses_nothing_unaccounted_and_readiness_follows_within_a_hear
     assert_eq!(ledger.unaccounted(), 0, "{ledger:?}");
     assert_eq!(ledger.duplicates, 0, "{ledger:?}");
     assert!(ledger.delivered > 0, "{ledger:?}");
+    // Calls repeated after the stall appended nothing twice.
+    let (appended, well_formed) = bobs_mailbox(&nodes[0]);
+    assert!(well_formed, "bob's mailbox has a duplicate or a gap");
+    assert!(
+        appended as usize <= ledger.accepted,
+        "{appended} {ledger:?}"
+    );
+    assert!(
+        appended as usize >= ledger.delivered,
+        "{appended} {ledger:?}"
+    );
 }
 
 #[test]
@@ -257,6 +283,9 @@ fn lost_scripts_are_reloaded_and_no_message_is_lost() {
     assert_eq!(ledger.unaccounted(), 0, "{ledger:?}");
     assert_eq!(ledger.duplicates, 0, "{ledger:?}");
     assert_eq!(ledger.dropped_and_counted, 0, "{ledger:?}");
+    let (appended, well_formed) = bobs_mailbox(&nodes[0]);
+    assert!(well_formed, "bob's mailbox has a duplicate or a gap");
+    assert_eq!(appended as usize, ledger.accepted, "each appended once");
     assert!(
         metric_sum(api(&nodes[0]), "shardcast_redis_sessions_total") > sessions_before,
         "NOSCRIPT rebuilt the session"
@@ -291,7 +320,7 @@ fn a_direct_message_nobody_can_receive_is_counted_no_route() {
     );
 
     let redis = RedisServer::start();
-    let nodes = start_cluster(&redis, 2, |_| {});
+    let nodes = start_cluster(&redis, 2, |config| config.mailbox = false);
     let _bob = Client::dev(&nodes[1], "bob");
     eventually("bob's route is in Redis", || {
         let (_, reply) = http_json(api(&nodes[0]), "GET", "/v1/users/bob", b"");
@@ -319,6 +348,23 @@ fn a_direct_message_nobody_can_receive_is_counted_no_route() {
         0.0,
         "a cluster node does not count a user other nodes may hold"
     );
+
+    // Clustered with mailboxes, the message waits in Redis: counted kept, not dropped.
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, |_| {});
+    let body = json!({"users":["nobody"],"data":1}).to_string();
+    let (status, reply) = http_json(api(&nodes[0]), "POST", "/v1/publish", body.as_bytes());
+    assert_eq!((status, &reply["offline"]), (202, &json!(["nobody"])));
+    eventually("cluster with mailboxes: kept", || {
+        metric_series(api(&nodes[0]), "shardcast_mailbox_offline_total") == 1.0
+    });
+    assert_eq!(
+        metric_series(
+            api(&nodes[0]),
+            r#"shardcast_bus_drops_total{reason="no_route"}"#
+        ),
+        0.0
+    );
 }
 
 /// `VmHWM` (peak resident set) of a process, in bytes.
@@ -335,9 +381,13 @@ fn peak_rss(pid: u32) -> u64 {
 #[test]
 fn a_256_kib_publish_to_1000_users_costs_about_its_own_size() {
     let redis = RedisServer::start();
+    // Mailboxes off: this measures the per-recipient rendering of v1 messages. (With
+    // mailboxes every recipient's mailbox in Redis keeps `data`, and a node holds a few
+    // more copies: one script call per 512 users, and its own envelopes back from Redis.)
     let env = [
         ("SHARDCAST_MAX_OUTBOUND_BYTES", "1048576"),
         ("SHARDCAST_SHARDS", "2"),
+        ("SHARDCAST_MAILBOX", "false"),
     ];
     let redis_url = redis.url();
     let start = |id: &str| Process::serve(&["--dev", "--redis", &redis_url, "--node-id", id], &env);

@@ -514,14 +514,14 @@ fn spawn_api_senders(
                         h.saturating_record(mono_us().saturating_sub(first_t));
                     }
                     let refused = match response.status {
-                        202 if direct.batch > 1 => serde_json::from_str::<serde_json::Value>(
-                            &response.body,
-                        )
-                        .ok()
-                        .and_then(|answers| answers.as_array().cloned())
-                        .map_or(batch.len(), |answers| {
-                            answers.iter().filter(|a| a.get("mid").is_none()).count()
-                        }),
+                        202 if direct.batch > 1 => {
+                            serde_json::from_str::<serde_json::Value>(&response.body)
+                                .ok()
+                                .and_then(|answers| answers.as_array().cloned())
+                                .map_or(batch.len(), |answers| {
+                                    answers.iter().filter(|a| a.get("mid").is_none()).count()
+                                })
+                        }
                         202 => 0,
                         _ => batch.len(),
                     };

@@ -15,7 +15,8 @@
 //!   subscriber) goes over an unbounded lane, because losing one would leave a ghost route or
 //!   a deaf topic. It is bounded by connection and subscription events, not by traffic, and
 //!   the bridge folds it into its own tables at once, Redis up or not: those tables are what
-//!   it re-publishes when Redis comes back.
+//!   it re-publishes when Redis comes back. Resumes' stream reads travel here too, behind
+//!   the changes they depend on (bounded by clients' requests, which are rate-limited).
 //! - **Queries** from the API (presence, nodes, topic counts) go over a small bounded tokio
 //!   channel and are answered asynchronously; a full channel or a down bus answers 503.
 //!
@@ -37,9 +38,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::history::{Position, Replay, StreamKey};
 use crate::mailbox::{self, Inbox, Mailbox};
 use crate::metrics::{BusDrop, BusMetrics, BusReading, LogLimiter};
-use crate::router::{ConnId, Message, Route, Uplink, Users};
+use crate::router::{ConnId, Message, Route, Template, Uplink, Users};
 
 /// Users per bus message of a multi-user publish: one route script each, so Redis never
 /// runs one script over an unbounded number of keys.
@@ -47,6 +49,19 @@ const USERS_PER_BUS_MESSAGE: usize = 512;
 
 /// Queries the API may have waiting for the bridge at once; more are answered 503.
 const QUERY_CAPACITY: usize = 1024;
+
+/// A streamed message on its way to the bus (see [`Bus::to_mailboxes`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Streamed<'a> {
+    /// The message, a template.
+    pub(crate) message: &'a Message,
+    /// Its template.
+    pub(crate) template: &'a Arc<Template>,
+    /// The sending connection, which does not get its own message.
+    pub(crate) except: Option<ConnId>,
+    /// This node delivered it already (Redis was down): Redis does not route it back here.
+    pub(crate) delivered_here: bool,
+}
 
 /// A message for other nodes.
 #[derive(Debug)]
@@ -59,6 +74,42 @@ pub enum Outbound {
         users: Users,
         /// The rendered message.
         message: Message,
+    },
+    /// A direct message for the mailboxes of `users` in Redis (protocol v1.1): appended
+    /// and routed to every node holding a device of any of them, this one included, in one
+    /// script call ([`redis_layout::Scripts::route_to_mailboxes`]).
+    Mailboxes {
+        /// The users: the recipients, then a sender whose other devices get a copy (at
+        /// most [`USERS_PER_BUS_MESSAGE`]).
+        users: Users,
+        /// The message, a template ([`crate::router::Body::PerUser`]).
+        message: Message,
+        /// The template it is rendered from.
+        template: Arc<Template>,
+        /// The sending connection, which does not get its own message.
+        except: Option<ConnId>,
+        /// This node delivered it already, without a position, because Redis was down when
+        /// it was made: Redis routes it to the other nodes only.
+        delivered_here: bool,
+        /// Where the indexes of the recipients with no live device go (the API's publish
+        /// answer waits for them).
+        offline: Option<tokio::sync::oneshot::Sender<Vec<usize>>>,
+        /// The mailbox positions Redis gave, once it appended the message: a retry only
+        /// routes it again (with [`redis_layout::positions_trailer`]), never appends twice.
+        positions: Option<Vec<Position>>,
+    },
+    /// A publication for `topic`'s history in Redis (a topic matching a history rule):
+    /// appended and published in one script call
+    /// ([`redis_layout::Scripts::publish_to_history`]).
+    History {
+        /// Topic.
+        topic: Arc<str>,
+        /// The message, a template ([`crate::router::Body::PerTopic`]).
+        message: Message,
+        /// The template it is rendered from.
+        template: Arc<Template>,
+        /// This node delivered it already (Redis was down): it skips its own copy.
+        delivered_here: bool,
     },
     /// To every subscriber of `topic` on other nodes.
     Topic {
@@ -99,7 +150,10 @@ impl Outbound {
     pub fn size(&self) -> usize {
         let names = |users: &Users| users.iter().map(|u| u.len()).sum::<usize>();
         match self {
-            Outbound::User { users, message } => names(users) + message.size(),
+            Outbound::User { users, message } | Outbound::Mailboxes { users, message, .. } => {
+                names(users) + message.size()
+            }
+            Outbound::History { topic, message, .. } => topic.len() + message.size(),
             Outbound::Topic { topic, message } => topic.len() + message.size(),
             Outbound::Broadcast { message } => message.size(),
             Outbound::Kick { user, .. } => user.len(),
@@ -110,6 +164,8 @@ impl Outbound {
     pub fn message(&self) -> Option<&Message> {
         match self {
             Outbound::User { message, .. }
+            | Outbound::Mailboxes { message, .. }
+            | Outbound::History { message, .. }
             | Outbound::Topic { message, .. }
             | Outbound::Broadcast { message } => Some(message),
             Outbound::Kick { .. } => None,
@@ -117,7 +173,8 @@ impl Outbound {
     }
 }
 
-/// A change of what this node holds, which the bridge mirrors into Redis.
+/// A change of what this node holds, which the bridge mirrors into Redis, or a read that
+/// must follow such changes.
 #[derive(Debug)]
 pub enum Control {
     /// A device of `user` connected (from the connection's shard).
@@ -128,6 +185,9 @@ pub enum Control {
         conn: ConnId,
         /// Connect time, ms since the epoch (orders devices for the cluster device limit).
         since_ms: u64,
+        /// The device waits for its `hello` (mailboxes on): the bridge reads the mailbox's
+        /// position right after registering the device and sends [`crate::router::Envelope::Welcome`].
+        welcome: bool,
     },
     /// A device of `user` disconnected.
     DeviceOffline {
@@ -143,6 +203,14 @@ pub enum Control {
         topic: Arc<str>,
         /// Whether the node now has subscribers.
         active: bool,
+    },
+    /// Read a stream for a resume, after the changes handed over before it (see
+    /// [`Bus::read_stream`]).
+    ReadStream {
+        /// What to read.
+        read: StreamRead,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<Replay, BusError>>,
     },
 }
 
@@ -184,9 +252,31 @@ pub struct NodeInfo {
     pub connections: u64,
 }
 
-/// A question from the API for the bridge.
+/// A read of a stream in Redis ([`redis_layout::Scripts::history_range`]).
+#[derive(Debug, Clone)]
+pub struct StreamRead {
+    /// The stream.
+    pub key: StreamKey,
+    /// Messages after this sequence number...
+    pub since_seq: u64,
+    /// ...of this epoch (`None`: of the stream's current epoch, for the history API).
+    pub since_ep: Option<Box<str>>,
+    /// At most this many.
+    pub limit: usize,
+    /// The stream's ttl: older messages are dropped first.
+    pub ttl_secs: u64,
+}
+
+/// A question from the API or a shard for the bridge.
 #[derive(Debug)]
 pub enum Query {
+    /// A stream's messages after a position, for the history API.
+    Stream {
+        /// What to read.
+        read: StreamRead,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Result<Replay, BusError>>,
+    },
     /// A user's devices cluster-wide.
     Presence {
         /// User.
@@ -294,6 +384,40 @@ impl Uplink for Bus {
             })),
         }
     }
+
+    /// A template to Redis's streams: one bus message per topic and per
+    /// [`USERS_PER_BUS_MESSAGE`] users. A message that is one frame already (never made so)
+    /// or a broadcast is forwarded as usual.
+    fn forward_streamed(
+        &self,
+        to: &Route,
+        message: &Message,
+        except: Option<ConnId>,
+        delivered_here: bool,
+    ) -> usize {
+        match (to, message.template()) {
+            (Route::Users(users), Some(template)) => {
+                let streamed = Streamed {
+                    message,
+                    template,
+                    except,
+                    delivered_here,
+                };
+                self.to_mailboxes(users, streamed, |_| None)
+            }
+            (Route::Topic(topic), Some(template)) => usize::from(!self.queue(Outbound::History {
+                topic: topic.clone(),
+                message: message.clone(),
+                template: template.clone(),
+                delivered_here,
+            })),
+            _ => self.forward(to, message),
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.state.is_up()
+    }
 }
 
 /// The shards' and the API's handle to the bridge. Cheap to clone, usable from any thread.
@@ -374,6 +498,31 @@ impl Bus {
         false
     }
 
+    /// Queues a direct message for the mailboxes of `users`, one bus message per
+    /// [`USERS_PER_BUS_MESSAGE`] of them; `offline(chunk)` gives where each chunk's offline
+    /// recipients go. Returns how many bus messages were dropped.
+    pub(crate) fn to_mailboxes(
+        &self,
+        users: &[Arc<str>],
+        streamed: Streamed<'_>,
+        mut offline: impl FnMut(&[Arc<str>]) -> Option<tokio::sync::oneshot::Sender<Vec<usize>>>,
+    ) -> usize {
+        users
+            .chunks(USERS_PER_BUS_MESSAGE)
+            .filter(|chunk| {
+                !self.queue(Outbound::Mailboxes {
+                    users: chunk.iter().cloned().collect(),
+                    message: streamed.message.clone(),
+                    template: streamed.template.clone(),
+                    except: streamed.except,
+                    delivered_here: streamed.delivered_here,
+                    offline: offline(chunk),
+                    positions: None,
+                })
+            })
+            .count()
+    }
+
     /// Tells the bridge what changed; never dropped while the bridge runs.
     pub fn control(&self, control: Control) {
         // Refused only once the bridge has stopped, when nothing mirrors into Redis anyway.
@@ -392,10 +541,11 @@ impl Bus {
         self.mailbox.wake();
     }
 
-    async fn ask<T>(
+    /// Hands a query to the bridge; the answer comes on the returned receiver.
+    fn send_query<T>(
         &self,
         make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, BusError>>) -> Query,
-    ) -> Result<T, BusError> {
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<T, BusError>>, BusError> {
         if !self.is_up() {
             return Err(BusError::Down);
         }
@@ -404,6 +554,14 @@ impl Bus {
             .try_send(make(reply))
             .map_err(|_| BusError::Busy)?;
         self.mailbox.wake();
+        Ok(answer)
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, BusError>>) -> Query,
+    ) -> Result<T, BusError> {
+        let answer = self.send_query(make)?;
         // The bridge answers every query it takes, within its Redis response timeout.
         match tokio::time::timeout(Duration::from_secs(10), answer).await {
             Ok(Ok(result)) => result,
@@ -422,6 +580,26 @@ impl Bus {
         let mut nodes = self.ask(|reply| Query::Nodes { reply }).await?;
         nodes.sort_by(|a, b| a.connections.cmp(&b.connections).then(a.node.cmp(&b.node)));
         Ok(nodes)
+    }
+
+    /// A stream read for a shard (a resume), asked at once on the control lane, so it runs
+    /// after every change the shard handed the bus before (a topic subscription made for a
+    /// `sub` with `since` is in place before its history is read: nothing published in
+    /// between is missed). Awaitable off tokio (shards run no tokio timer): the bridge
+    /// answers within its Redis response timeout, at once while Redis is down, and drops
+    /// the reply (answered "down") when a session ends first.
+    pub fn read_stream(
+        &self,
+        read: StreamRead,
+    ) -> impl std::future::Future<Output = Result<Replay, BusError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.control(Control::ReadStream { read, reply });
+        async move { answer.await.unwrap_or(Err(BusError::Down)) }
+    }
+
+    /// A stream read for the history API.
+    pub async fn history(&self, read: StreamRead) -> Result<Replay, BusError> {
+        self.ask(|reply| Query::Stream { read, reply }).await
     }
 
     /// Subscribers of `topic` per node, across the cluster.

@@ -274,7 +274,9 @@ impl Scripts {
 
     /// [`ROUTE`]: publish `payload` once to every other node holding a device of any of
     /// `users`, the first `recipients` of which are the message's recipients; the answer
-    /// reads with [`Routed::parse`].
+    /// reads with [`Routed::parse`]. `instance_hex` is the calling instance, which gets
+    /// nothing (it delivered locally); empty, every node gets it, the caller's included (a
+    /// streamed message, which the caller delivers through its own subscription).
     pub fn route(
         &self,
         users: &[impl AsRef<str>],
@@ -333,7 +335,7 @@ impl Scripts {
     /// [`ROUTE_TO_MAILBOXES`]: append `message` to the mailbox of each of `users` (the
     /// first `recipients` of them the recipients, the rest a sender whose copy records
     /// `message.to`), then route `head .. data .. positions` as [`ROUTE`] routes its
-    /// payload; the answer reads with [`MailboxRouted::of`].
+    /// payload (`instance_hex` as there); the answer reads with [`MailboxRouted::of`].
     pub fn route_to_mailboxes(
         &self,
         users: &[impl AsRef<str>],
@@ -664,13 +666,15 @@ local function stream_append(stream, meta, candidate, size, ttl_secs, now_ms, mi
   if ep and known[3] == mid then
     return tonumber(known[2]), ep
   end
-  if not ep then
+  local seq = 1
+  if ep then
+    seq = tonumber(known[2] or '0') + 1
+    redis.call('HSET', meta, 'seq', seq, 'mid', mid)
+  else
     ep = candidate
     redis.call('DEL', stream)
-    redis.call('HSET', meta, 'ep', ep)
+    redis.call('HSET', meta, 'ep', ep, 'seq', seq, 'mid', mid)
   end
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('HSET', meta, 'mid', mid)
   redis.call('XADD', stream, 'MAXLEN', size, '0-' .. seq, unpack(fields))
   stream_trim_expired(stream, now_ms - ttl_secs * 1000)
   redis.call('EXPIRE', stream, ttl_secs)

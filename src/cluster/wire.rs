@@ -17,7 +17,19 @@
 //!   probe:         nonce u64
 //!   topic_query:   request u64 | name_len u16 | topic
 //!   topic_count:   request u64 | count u64 | name_len u16 | node id
+//!   mailboxes:     mid u64 | ts u64 | except u64 | from_len u16 | from | to_len u16 | to
+//!                  | users u32 | (name_len u16 | name)… | data… | positions
+//!   history:       mid u64 | ts u64 | name_len u16 | topic | data… | positions
 //! ```
+//! `mailboxes` and `history` are streamed messages (protocol v1.1, clustered): the bridge
+//! writes only their head (everything before `data`), and the Redis script that appends the
+//! message to its streams publishes `head .. data .. positions`, the trailer holding each
+//! stream's `(seq, ep)` ([`crate::cluster::redis_layout::split_positions`]): one position
+//! per user of `mailboxes`, in order, one for `history`. The receiving node renders each
+//! frame with its position. Their origin gets them back too (that is how its own devices
+//! get the numbered frame, in Redis's order): `except` is the sending connection, which
+//! does not get its own message, meaningful only to the origin (0: none; connection ids
+//! start at 1). An empty `to` is a message whose frames name each recipient.
 //! `direct` is the one envelope without a rendered frame: a message for many users at once,
 //! whose frames differ by recipient (`to`), carries `data` once and the receiving node
 //! renders each recipient's frame as it writes it (see [`crate::router::Body::PerUser`]).
@@ -29,6 +41,9 @@
 //! previous build counts a `direct` envelope the same way, as an unknown kind.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::cluster::redis_layout::split_positions;
+use crate::history::Position;
 
 /// The envelope format this build writes and reads.
 pub const VERSION: u8 = 1;
@@ -100,6 +115,41 @@ pub enum Body {
         /// Topic.
         topic: String,
     },
+    /// A direct message appended to the mailboxes of `users` (in Redis): deliver it to every
+    /// local device of each, rendered with that user's `positions` entry.
+    Mailboxes {
+        /// Message id.
+        mid: u64,
+        /// Server time of the message, ms.
+        ts: u64,
+        /// The sending connection, skipped on the origin node.
+        except: Option<u64>,
+        /// The sending user (`None` from the server).
+        from: Option<String>,
+        /// The recipient every frame names (a client's `send`); `None`: each user's frame
+        /// names that user.
+        to: Option<String>,
+        /// The users: the recipients, then a sender whose other devices get a copy.
+        users: Vec<String>,
+        /// The message's `data` (JSON text).
+        data: String,
+        /// Each user's mailbox position of the message, in the order of `users`.
+        positions: Vec<Position>,
+    },
+    /// A publication appended to `topic`'s history (in Redis): deliver it to every local
+    /// subscriber, rendered with `position`.
+    History {
+        /// Message id.
+        mid: u64,
+        /// Server time of the message, ms.
+        ts: u64,
+        /// Topic.
+        topic: String,
+        /// The message's `data` (JSON text).
+        data: String,
+        /// Its position in the topic's history.
+        position: Position,
+    },
     /// One node's answer to a [`Body::TopicQuery`].
     TopicCount {
         /// The request answered.
@@ -144,6 +194,8 @@ mod kind {
     pub const TOPIC_QUERY: u8 = 7;
     pub const TOPIC_COUNT: u8 = 8;
     pub const DIRECT: u8 = 9;
+    pub const MAILBOXES: u8 = 10;
+    pub const HISTORY: u8 = 11;
 }
 
 const HEADER: usize = 2 + 8;
@@ -202,6 +254,47 @@ pub fn direct<S: AsRef<str>>(
         put_name(&mut out, user.as_ref());
     }
     out.put_slice(data.as_bytes());
+    out.freeze()
+}
+
+/// The head of a [`Body::Mailboxes`] envelope: the Redis script publishes it followed by
+/// `data` and the positions.
+#[allow(clippy::too_many_arguments)]
+pub fn mailboxes_head<S: AsRef<str>>(
+    origin: u64,
+    mid: u64,
+    ts: u64,
+    except: Option<u64>,
+    from: Option<&str>,
+    to: Option<&str>,
+    users: &[S],
+) -> Bytes {
+    let (from, to) = (from.unwrap_or(""), to.unwrap_or(""));
+    let names: usize = users.iter().map(|u| 2 + u.as_ref().len()).sum();
+    let mut out = header(
+        kind::MAILBOXES,
+        origin,
+        24 + 2 + from.len() + 2 + to.len() + 4 + names,
+    );
+    out.put_u64_le(mid);
+    out.put_u64_le(ts);
+    out.put_u64_le(except.unwrap_or(0));
+    put_name(&mut out, from);
+    put_name(&mut out, to);
+    out.put_u32_le(u32::try_from(users.len()).unwrap_or(u32::MAX));
+    for user in users.iter().take(u32::MAX as usize) {
+        put_name(&mut out, user.as_ref());
+    }
+    out.freeze()
+}
+
+/// The head of a [`Body::History`] envelope: the Redis script publishes it followed by
+/// `data` and the position.
+pub fn history_head(origin: u64, mid: u64, ts: u64, topic: &str) -> Bytes {
+    let mut out = header(kind::HISTORY, origin, 16 + 2 + topic.len());
+    out.put_u64_le(mid);
+    out.put_u64_le(ts);
+    put_name(&mut out, topic);
     out.freeze()
 }
 
@@ -293,25 +386,52 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
             let mid = u64_of(&mut rest)?;
             let ts = u64_of(&mut rest)?;
             let from = Some(name_of(&mut rest)?).filter(|f| !f.is_empty());
-            if rest.remaining() < 4 {
-                return Err(DecodeError::Malformed);
-            }
-            let count = rest.get_u32_le() as usize;
-            // Every name takes at least its two length bytes: a count the payload cannot
-            // hold is refused before anything is allocated for it.
-            if count > rest.remaining() / 2 {
-                return Err(DecodeError::Malformed);
-            }
-            let users = (0..count)
-                .map(|_| name_of(&mut rest))
-                .collect::<Result<_, _>>()?;
-            let data = String::from_utf8(rest.to_vec()).map_err(|_| DecodeError::Malformed)?;
+            let users = names_of(&mut rest)?;
+            let data = text_of(rest)?;
             Body::Direct {
                 mid,
                 ts,
                 from,
                 users,
                 data,
+            }
+        }
+        kind::MAILBOXES => {
+            let (mut rest, positions) = split_positions(&rest).ok_or(DecodeError::Malformed)?;
+            let mid = u64_of(&mut rest)?;
+            let ts = u64_of(&mut rest)?;
+            let except = Some(u64_of(&mut rest)?).filter(|&conn| conn != 0);
+            let from = Some(name_of(&mut rest)?).filter(|f| !f.is_empty());
+            let to = Some(name_of(&mut rest)?).filter(|t| !t.is_empty());
+            let users = names_of(&mut rest)?;
+            if users.len() != positions.len() {
+                return Err(DecodeError::Malformed);
+            }
+            Body::Mailboxes {
+                mid,
+                ts,
+                except,
+                from,
+                to,
+                users,
+                data: text_of(rest)?,
+                positions,
+            }
+        }
+        kind::HISTORY => {
+            let (mut rest, positions) = split_positions(&rest).ok_or(DecodeError::Malformed)?;
+            let mid = u64_of(&mut rest)?;
+            let ts = u64_of(&mut rest)?;
+            let topic = name_of(&mut rest)?;
+            let Ok([position]) = <[Position; 1]>::try_from(positions) else {
+                return Err(DecodeError::Malformed);
+            };
+            Body::History {
+                mid,
+                ts,
+                topic,
+                data: text_of(rest)?,
+                position,
             }
         }
         kind::TOPIC => Body::Topic {
@@ -360,6 +480,24 @@ fn u64_of(rest: &mut Bytes) -> Result<u64, DecodeError> {
     Ok(rest.get_u64_le())
 }
 
+/// A `u32` count of names, then the names.
+fn names_of(rest: &mut Bytes) -> Result<Vec<String>, DecodeError> {
+    if rest.remaining() < 4 {
+        return Err(DecodeError::Malformed);
+    }
+    let count = rest.get_u32_le() as usize;
+    // Every name takes at least its two length bytes: a count the payload cannot hold is
+    // refused before anything is allocated for it.
+    if count > rest.remaining() / 2 {
+        return Err(DecodeError::Malformed);
+    }
+    (0..count).map(|_| name_of(rest)).collect()
+}
+
+fn text_of(rest: Bytes) -> Result<String, DecodeError> {
+    String::from_utf8(rest.to_vec()).map_err(|_| DecodeError::Malformed)
+}
+
 fn name_of(rest: &mut Bytes) -> Result<String, DecodeError> {
     if rest.remaining() < 2 {
         return Err(DecodeError::Malformed);
@@ -375,6 +513,7 @@ fn name_of(rest: &mut Bytes) -> Result<String, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::redis_layout::positions_trailer;
 
     #[test]
     fn every_kind_round_trips() {
@@ -430,6 +569,58 @@ mod tests {
                     code: 4003,
                 },
             ),
+            (
+                streamed(
+                    mailboxes_head(
+                        7,
+                        47,
+                        1000,
+                        Some(3),
+                        Some("carol"),
+                        Some("bob"),
+                        &["bob", "carol"],
+                    ),
+                    r#"{"x":1}"#,
+                    &[at(4, "ep1"), at(9, "ep2")],
+                ),
+                Body::Mailboxes {
+                    mid: 47,
+                    ts: 1000,
+                    except: Some(3),
+                    from: Some("carol".into()),
+                    to: Some("bob".into()),
+                    users: vec!["bob".into(), "carol".into()],
+                    data: r#"{"x":1}"#.into(),
+                    positions: vec![at(4, "ep1"), at(9, "ep2")],
+                },
+            ),
+            (
+                streamed(
+                    mailboxes_head::<&str>(7, 48, 1000, None, None, None, &["bob"]),
+                    "2",
+                    &[at(1, "e")],
+                ),
+                Body::Mailboxes {
+                    mid: 48,
+                    ts: 1000,
+                    except: None,
+                    from: None,
+                    to: None,
+                    users: vec!["bob".into()],
+                    data: "2".into(),
+                    positions: vec![at(1, "e")],
+                },
+            ),
+            (
+                streamed(history_head(7, 49, 1000, "room"), "[]", &[at(5, "ep")]),
+                Body::History {
+                    mid: 49,
+                    ts: 1000,
+                    topic: "room".into(),
+                    data: "[]".into(),
+                    position: at(5, "ep"),
+                },
+            ),
             (evict(7, 99), Body::Evict { conn: 99 }),
             (probe(7, 5), Body::Probe { nonce: 5 }),
             (
@@ -450,6 +641,37 @@ mod tests {
         ];
         for (encoded, body) in cases {
             assert_eq!(decode(encoded), Ok(Decoded { origin: 7, body }));
+        }
+    }
+
+    fn at(seq: u64, ep: &str) -> Position {
+        Position { seq, ep: ep.into() }
+    }
+
+    /// What the Redis scripts publish: the head, `data`, then the positions.
+    fn streamed(head: Bytes, data: &str, positions: &[Position]) -> Bytes {
+        let mut out = head.to_vec();
+        out.extend_from_slice(data.as_bytes());
+        out.extend_from_slice(&positions_trailer(positions));
+        out.into()
+    }
+
+    #[test]
+    fn streamed_envelopes_need_one_position_per_stream() {
+        let head = || mailboxes_head(1, 2, 3, None, None, None, &["a", "b"]);
+        assert_eq!(
+            decode(streamed(head(), "1", &[at(1, "e")])),
+            Err(DecodeError::Malformed)
+        );
+        assert_eq!(decode(head()), Err(DecodeError::Malformed), "no trailer");
+        let topic = || history_head(1, 2, 3, "t");
+        assert_eq!(
+            decode(streamed(topic(), "1", &[])),
+            Err(DecodeError::Malformed)
+        );
+        let good = streamed(topic(), "1", &[at(1, "e")]);
+        for cut in 0..good.len() {
+            assert!(decode(good.slice(..cut)).is_err(), "cut at {cut}");
         }
     }
 

@@ -25,8 +25,20 @@
 //! A user's mailbox and a topic's history live on its home shard ([`Streams`]), the one
 //! place that numbers its messages, so a stream has one order. A streamed message reaches
 //! its home shard as a template (`data` and its parts), is appended there and rendered
-//! with its `seq`/`ep`, then forwarded like any other. Clustered nodes keep streams in Redis
-//! instead; until that is wired, they run without (see README).
+//! with its `seq`/`ep`, then forwarded like any other.
+//!
+//! # Streams (clustered)
+//! Clustered nodes keep streams in Redis ([`crate::cluster::redis_layout`]), the one place
+//! that numbers a stream's messages cluster-wide. A streamed message made here goes only to
+//! the bus ([`Reach::Streamed`]); the script that appends it publishes it to every node with
+//! recipients, this one included, and it arrives at the home shard with its position
+//! ([`Envelope::RouteUser`]'s `at`), in the order Redis gave. The welcome position is read
+//! by the bridge right after it registers the device (in the same pipeline, so no message
+//! routed to the device can be numbered before it), and a resume's read comes back to the
+//! home shard ([`Envelope::Replayed`]) to be sent on as the same [`Envelope::Replay`]. Redis
+//! answers on a connection other than the one that brings live messages, so a live topic
+//! message at or below a replay's end may arrive after the replay: a subscription replayed
+//! without a floor skips those (`Subscribers::replayed`).
 //!
 //! The seams, where replayed and live messages meet, are decided by sequence numbers:
 //! - *hello*: a user with a mailbox gets `hello` only once its home shard registered the
@@ -70,7 +82,7 @@ use crate::history::{self, Position, Retention, StreamKey, Streams};
 use crate::metrics::{self, Delivery, LogLimiter, Rejection, ShardMetrics};
 use crate::protocol::{self, render, ErrorCode, MidGenerator, Request, Since, StreamPos};
 use crate::router::{
-    shard_of, ConnId, Directory, Envelope, Homes, Message, Route, ShardMask, Template,
+    shard_of, ConnId, Directory, Envelope, Homes, Message, Reach, Route, ShardMask, Template,
 };
 use crate::ws::close;
 
@@ -209,9 +221,9 @@ pub(crate) struct Settings {
     pub(crate) max_devices_per_user: usize,
     /// Whether the node has a cluster bus (changes go to [`Action::Bus`]).
     pub(crate) clustered: bool,
-    /// Mailboxes kept by this shard (`None`: mailboxes off, or a clustered node).
+    /// Mailboxes (`None`: off): kept by this shard on a lone node, in Redis when clustered.
     pub(crate) mailbox: Option<Retention>,
-    /// Topic history rules applied by this shard (`None` on a clustered node).
+    /// Topic history rules: kept by this shard on a lone node, in Redis when clustered.
     pub(crate) topic_history: Option<Arc<History>>,
     /// This shard's share of `history_max_bytes`.
     pub(crate) history_max_bytes: usize,
@@ -228,6 +240,21 @@ impl Settings {
     fn streams_mailboxes(&self) -> bool {
         self.mailbox.is_some()
     }
+
+    /// Whether this shard keeps the streams of its users and topics (a lone node).
+    fn keeps_streams(&self) -> bool {
+        !self.clustered
+    }
+
+    /// How far a streamed message made here is routed: alone, like any other; clustered,
+    /// only to Redis, which numbers it and brings it back (see the module docs).
+    fn streamed_reach(&self) -> Reach {
+        if self.clustered {
+            Reach::Streamed
+        } else {
+            Reach::Cluster
+        }
+    }
 }
 
 /// Something for the driver to do after a core call.
@@ -241,6 +268,17 @@ pub(crate) enum Action {
         to: Route,
         message: Message,
         except: Option<ConnId>,
+        reach: Reach,
+    },
+    /// Read a stream from Redis for a resume (clustered); the answer comes back to this
+    /// shard as [`Envelope::Replayed`].
+    ReadStream {
+        key: StreamKey,
+        conn: ConnId,
+        since_seq: u64,
+        since_ep: Box<str>,
+        retention: Retention,
+        id: Option<Box<RawValue>>,
     },
     /// Tell the cluster bus what changed.
     Bus(Control),
@@ -288,6 +326,10 @@ struct Subscribers<P> {
     conns: IndexMap<ConnId, P, RandomState>,
     /// The last stream `seq` delivered here (0: none since the shard took an interest).
     last_seq: u64,
+    /// Subscriptions replayed before any live message set their floor, with the last `seq`
+    /// replayed: live messages up to it are skipped for them (clustered, a live message can
+    /// come after the replay that already held it; see the module docs).
+    replayed: SmallVec<[(ConnId, u64); 1]>,
 }
 
 impl<P> Default for Subscribers<P> {
@@ -295,6 +337,7 @@ impl<P> Default for Subscribers<P> {
         Subscribers {
             conns: IndexMap::default(),
             last_seq: 0,
+            replayed: SmallVec::new(),
         }
     }
 }
@@ -375,6 +418,7 @@ impl<P: Peer> ShardCore<P> {
                 user: user.clone(),
                 conn,
                 since_ms: now.wall_ms,
+                welcome: self.settings.streams_mailboxes(),
             }));
         }
         if self.settings.streams_mailboxes() {
@@ -529,16 +573,20 @@ impl<P: Peer> ShardCore<P> {
                 }
                 let (mid, ts) = self.stamp(now);
                 tracing::debug!(mid, conn = peer.id(), topic = &*topic, "client publication");
-                // A topic with history is appended and rendered on its home shard.
-                let message = if self.settings.topic_retention(&topic).is_some() {
-                    Message::per_topic(mid, template(ts, None, None, data))
+                // A topic with history is appended and rendered on its home shard, or
+                // clustered in Redis.
+                let (message, reach) = if self.settings.topic_retention(&topic).is_some() {
+                    let message = Message::per_topic(mid, template(ts, None, None, data));
+                    (message, self.settings.streamed_reach())
                 } else {
-                    Message::new(mid, render::publication(Some(&topic), mid, ts, data.get()))
+                    let frame = render::publication(Some(&topic), mid, ts, data.get());
+                    (Message::new(mid, frame), Reach::Cluster)
                 };
                 out.push(Action::Route {
                     to: Route::Topic(Arc::from(&*topic)),
                     message,
                     except: None,
+                    reach,
                 });
                 Some(render::ack(id, Some(mid)))
             }
@@ -550,12 +598,17 @@ impl<P: Peer> ShardCore<P> {
                 let (mid, ts) = self.stamp(now);
                 tracing::debug!(mid, conn = peer.id(), to = &*to, "client direct message");
                 let to: Arc<str> = Arc::from(&*to);
-                // Mailboxes append it on each user's home shard and render it there.
-                let message = if self.settings.streams_mailboxes() {
+                // Mailboxes append it on each user's home shard and render it there, or
+                // clustered in Redis.
+                let (message, reach) = if self.settings.streams_mailboxes() {
                     let template = template(ts, Some(from.clone()), Some(to.clone()), data);
-                    Message::per_user(mid, template)
+                    (
+                        Message::per_user(mid, template),
+                        self.settings.streamed_reach(),
+                    )
                 } else {
-                    Message::new(mid, render::msg(Some(from), &to, mid, ts, data.get()))
+                    let frame = render::msg(Some(from), &to, mid, ts, data.get());
+                    (Message::new(mid, frame), Reach::Cluster)
                 };
                 // The recipient's devices, and the sender's other devices for the copy; the
                 // sending connection is not one of the recipient's unless both are one user.
@@ -568,6 +621,7 @@ impl<P: Peer> ShardCore<P> {
                     to: Route::Users(users),
                     message,
                     except: Some(peer.id()),
+                    reach,
                 });
                 Some(render::ack(id, Some(mid)))
             }
@@ -640,12 +694,21 @@ impl<P: Peer> ShardCore<P> {
                 user,
                 message,
                 except,
+                at,
             } => {
                 let shards = self.directory.user_shards(&user);
-                let (message, seq) = self.append(StreamKey::Mailbox(user.clone()), message, now);
-                if shards.is_empty() && seq > 0 {
+                let (message, seq) = match at {
+                    // Nobody here (the device just left): nothing to render.
+                    Some(at) if shards.is_empty() => (message, at.seq),
+                    Some(at) => (positioned(&user, &message, &at), at.seq),
+                    None => self.append(StreamKey::Mailbox(user.clone()), message, now),
+                };
+                if !self.settings.keeps_streams() {
+                    // Clustered: Redis counted it, and routed it here for a device that
+                    // may have just left.
+                } else if shards.is_empty() && seq > 0 {
                     self.metrics.mailbox_offline.inc();
-                } else if shards.is_empty() && !self.settings.clustered {
+                } else if shards.is_empty() {
                     // A sender's copy always finds the sending device, unless it just left.
                     self.metrics.dropped(metrics::Drop::NoRoute);
                     self.log_no_route(&user, message.mid, now);
@@ -658,9 +721,13 @@ impl<P: Peer> ShardCore<P> {
                 });
                 None
             }
-            Envelope::RouteTopic { topic, message } => {
+            Envelope::RouteTopic { topic, message, at } => {
                 let shards = self.directory.topic_shards(&topic);
-                let (message, seq) = self.append(StreamKey::Topic(topic.clone()), message, now);
+                let (message, seq) = match at {
+                    Some(at) if shards.is_empty() => (message, at.seq),
+                    Some(at) => (positioned(&topic, &message, &at), at.seq),
+                    None => self.append(StreamKey::Topic(topic.clone()), message, now),
+                };
                 if !shards.is_empty() {
                     // One frame for every subscriber on this node, rendered here at most once.
                     let message = message.rendered_for(&topic);
@@ -697,16 +764,31 @@ impl<P: Peer> ShardCore<P> {
                 seq,
             } => {
                 let subscribers = self.topics.get_mut(&topic)?;
+                let replayed = std::mem::take(&mut subscribers.replayed);
+                let to = subscribers
+                    .conns
+                    .values()
+                    .filter(|c| {
+                        seq == 0 || !replayed.iter().any(|&(r, upto)| r == c.id() && seq <= upto)
+                    })
+                    .cloned()
+                    .collect();
                 if seq > 0 {
                     subscribers.last_seq = seq;
+                    subscribers.replayed = replayed
+                        .into_iter()
+                        .filter(|&(_, upto)| seq < upto)
+                        .collect();
                     if let Some(pending) = self.topic_resumes.get_mut(&topic) {
                         for (_, floor) in pending.iter_mut().filter(|(_, f)| f.is_none()) {
                             *floor = Some(seq - 1);
                         }
                     }
+                } else {
+                    subscribers.replayed = replayed;
                 }
                 Some(Fanout {
-                    to: subscribers.conns.values().cloned().collect(),
+                    to,
                     frame: message.frame_for(&topic),
                     entered_ns: message.entered_ns,
                     kind: Delivery::Topic,
@@ -732,7 +814,8 @@ impl<P: Peer> ShardCore<P> {
                 } else {
                     self.settings.max_devices_per_user
                 };
-                if self.settings.streams_mailboxes() {
+                // Clustered, the bridge reads the position from Redis and welcomes.
+                if self.settings.streams_mailboxes() && self.settings.keeps_streams() {
                     let key = StreamKey::Mailbox(user.clone());
                     let mailbox = self.streams.position(&key, now.wall_ms);
                     out.push(Action::Send {
@@ -792,31 +875,44 @@ impl<P: Peer> ShardCore<P> {
                 since_ep,
                 id,
             } => {
-                let limit = self.retention_of(&key).map_or(0, |r| r.size);
+                let retention = self.retention_of(&key);
+                if let (false, Some(retention)) = (self.settings.keeps_streams(), retention) {
+                    out.push(Action::ReadStream {
+                        key,
+                        conn,
+                        since_seq,
+                        since_ep,
+                        retention,
+                        id,
+                    });
+                    return None;
+                }
+                let limit = retention.map_or(0, |r| r.size);
                 let replay = self
                     .streams
                     .since(&key, since_seq, &since_ep, limit, now.wall_ms);
-                self.count_replay(&replay);
-                let ep = replay.ep.as_deref().unwrap_or("");
-                let frames = replay
-                    .messages
-                    .iter()
-                    .map(|entry| (entry.seq, history::frame(&key, ep, entry)))
-                    .collect();
-                let at = StreamPos {
-                    seq: replay.last_seq,
-                    ep,
-                };
-                let ack = render::ack_replay(id.as_deref(), replay.recovered, at);
-                out.push(Action::Send {
-                    shard: shard_of(conn),
-                    envelope: Envelope::Replay {
-                        key,
-                        conn,
-                        frames,
-                        ack,
-                    },
-                });
+                self.send_replay(key, conn, Some(replay), id, out);
+                None
+            }
+            Envelope::Replayed {
+                key,
+                conn,
+                replay,
+                id,
+            } => {
+                self.send_replay(key, conn, replay, id, out);
+                None
+            }
+            Envelope::StreamsLost => {
+                for peer in self.users.values().flatten() {
+                    if peer.state().welcomed() {
+                        peer.state().mailbox_floor.set(0);
+                    }
+                }
+                for subscribers in self.topics.values_mut() {
+                    subscribers.last_seq = 0;
+                    subscribers.replayed.clear();
+                }
                 None
             }
             Envelope::Replay {
@@ -832,6 +928,13 @@ impl<P: Peer> ShardCore<P> {
                     }
                     StreamKey::Topic(topic) => self.take_topic_resume(topic, conn)?,
                 };
+                if let (StreamKey::Topic(topic), None, Some((last, _))) =
+                    (&key, floor, frames.last())
+                {
+                    if let Some(subscribers) = self.topics.get_mut(topic) {
+                        subscribers.replayed.push((conn, *last));
+                    }
+                }
                 let replayed = frames
                     .into_iter()
                     .filter(|(seq, _)| floor.is_none_or(|floor| *seq <= floor))
@@ -887,14 +990,54 @@ impl<P: Peer> ShardCore<P> {
             .set(self.streams.stats().bytes as i64);
     }
 
+    /// Renders a resume's answer (`None`: the stream could not be read, acked
+    /// `recovered:false` at `seq` 0) and sends it to the asking connection's shard, on the
+    /// message lane behind what this shard forwarded before.
+    fn send_replay(
+        &self,
+        key: StreamKey,
+        conn: ConnId,
+        replay: Option<history::Replay>,
+        id: Option<Box<RawValue>>,
+        out: &mut Actions,
+    ) {
+        let replay = replay.unwrap_or(history::Replay {
+            messages: Vec::new(),
+            recovered: false,
+            last_seq: 0,
+            ep: None,
+        });
+        self.count_replay(&replay);
+        let ep = replay.ep.as_deref().unwrap_or("");
+        let frames = replay
+            .messages
+            .iter()
+            .map(|entry| (entry.seq, history::frame(&key, ep, entry)))
+            .collect();
+        let at = StreamPos {
+            seq: replay.last_seq,
+            ep,
+        };
+        let ack = render::ack_replay(id.as_deref(), replay.recovered, at);
+        out.push(Action::Send {
+            shard: shard_of(conn),
+            envelope: Envelope::Replay {
+                key,
+                conn,
+                frames,
+                ack,
+            },
+        });
+    }
+
     /// Appends a message to stream `key` (`user`'s mailbox or `topic`'s history) when this
     /// shard keeps it, and answers the message as the stream's recipients get it (rendered
     /// with its position) and its `seq` (0: not streamed, the message unchanged).
     fn append(&mut self, key: StreamKey, message: Message, now: Now) -> (Message, u64) {
-        let target = key.name();
-        let (Some(retention), Some(entry)) =
-            (self.retention_of(&key), message.stream_entry(target))
-        else {
+        let retention = self
+            .retention_of(&key)
+            .filter(|_| self.settings.keeps_streams());
+        let (Some(retention), Some(entry)) = (retention, message.stream_entry(key.name())) else {
             return (message, 0);
         };
         let at = self.streams.append(&key, retention, now.wall_ms, entry);
@@ -979,6 +1122,7 @@ impl<P: Peer> ShardCore<P> {
             return;
         };
         subscribers.conns.swap_remove(&conn);
+        subscribers.replayed.retain(|(c, _)| *c != conn);
         if subscribers.conns.is_empty() {
             let (key, _) = self
                 .topics
@@ -1013,6 +1157,11 @@ impl<P: Peer> ShardCore<P> {
             );
         }
     }
+}
+
+/// `message` as `target`'s recipients get it at position `at` of `target`'s stream.
+fn positioned(target: &str, message: &Message, at: &Position) -> Message {
+    message.with_frame(message.frame_in_stream(target, at.as_pos()))
 }
 
 /// A message's parts, to be rendered per target or with a stream position.
@@ -1064,6 +1213,10 @@ mod tests {
         written: Vec<(ConnId, String)>,
         closed: Vec<(ConnId, u16)>,
         bus: Vec<Control>,
+        /// Streamed messages routed only to the bus (clustered).
+        streamed: Vec<(Route, Message, Option<ConnId>)>,
+        /// Streams read from Redis for resumes (clustered).
+        reads: Vec<(StreamKey, ConnId)>,
         bus_up: bool,
         now: Now,
         next_seq: u64,
@@ -1123,6 +1276,8 @@ mod tests {
                 written: Vec::new(),
                 closed: Vec::new(),
                 bus: Vec::new(),
+                streamed: Vec::new(),
+                reads: Vec::new(),
                 bus_up: false,
                 now: Now {
                     instant: Instant::now(),
@@ -1147,6 +1302,14 @@ mod tests {
                         to,
                         message,
                         except,
+                        reach: Reach::Streamed,
+                    } => self.streamed.push((to, message, except)),
+                    Action::ReadStream { key, conn, .. } => self.reads.push((key, conn)),
+                    Action::Route {
+                        to,
+                        message,
+                        except,
+                        ..
                     } => match to {
                         Route::Users(users) => {
                             for user in users {
@@ -1155,14 +1318,19 @@ mod tests {
                                     user,
                                     message: message.clone(),
                                     except,
+                                    at: None,
                                 };
                                 self.queue.push_back((home, envelope));
                             }
                         }
                         Route::Topic(topic) => {
                             let home = self.homes.home(&topic);
-                            self.queue
-                                .push_back((home, Envelope::RouteTopic { topic, message }));
+                            let route = Envelope::RouteTopic {
+                                topic,
+                                message,
+                                at: None,
+                            };
+                            self.queue.push_back((home, route));
                         }
                         Route::Broadcast => {
                             for shard in 0..self.cores.len() {
@@ -1202,6 +1370,14 @@ mod tests {
         }
 
         fn connect(&mut self, shard: usize, user: &str) -> Handle {
+            let peer = self.open(shard, user);
+            let hello = &self.frames_of_id(peer.id)[0];
+            assert!(hello.starts_with(r#"{"op":"hello""#), "{hello}");
+            peer
+        }
+
+        /// A connection in the tables, greeted or not.
+        fn open(&mut self, shard: usize, user: &str) -> Handle {
             let identity = Identity {
                 user: user.into(),
                 device: None,
@@ -1220,8 +1396,6 @@ mod tests {
             }
             self.apply(actions);
             self.settle();
-            let hello = &self.frames_of_id(peer.id)[0];
-            assert!(hello.starts_with(r#"{"op":"hello""#), "{hello}");
             peer
         }
 
@@ -1407,6 +1581,7 @@ mod tests {
             to: Route::Topic("room".into()),
             message: Message::new(1, Bytes::from_static(b"\x81\x02hi")),
             except: None,
+            reach: Reach::Cluster,
         });
         node.apply(route);
         node.settle();
@@ -1531,6 +1706,7 @@ mod tests {
                 user,
                 conn,
                 since_ms,
+                welcome: false,
             }, Control::DeviceOffline { conn: gone, .. }] => {
                 assert_eq!(&**user, "alice");
                 assert_eq!((*conn, *gone), (alice.id, alice.id));
@@ -1807,6 +1983,138 @@ mod tests {
             json(&reply),
             serde_json::json!({"op":"ack","id":3,"recovered":false,"seq":0,"ep":""})
         );
+    }
+
+    /// Clustered, Redis numbers streamed messages: the core hands them only to the bus and
+    /// takes them back with their position, greets a device when the bridge welcomes it,
+    /// and asks the bridge for replays, which it sends on as a lone node does.
+    #[test]
+    fn a_clustered_core_leaves_the_numbering_to_redis() {
+        let mut node = TestNode::with(
+            2,
+            Settings {
+                clustered: true,
+                ..streaming()
+            },
+        );
+        let alice = node.open(0, "alice");
+        assert!(
+            node.frames_of(&alice).is_empty(),
+            "no hello before the welcome"
+        );
+        assert!(matches!(
+            node.bus[..],
+            [Control::DeviceOnline { welcome: true, .. }]
+        ));
+        let position = |seq: u64| Position {
+            seq,
+            ep: "E".into(),
+        };
+        let message = |seq: u64| Envelope::RouteUser {
+            user: "alice".into(),
+            message: Message::per_user(seq, template(1, None, None, &raw(seq))),
+            except: None,
+            at: Some(position(seq)),
+        };
+        // A message numbered before the welcome's read is not the device's to get live.
+        node.queue.push_back((node.homes.home("alice"), message(3)));
+        node.settle();
+        assert!(node.frames_of(&alice).is_empty());
+        let welcome = Envelope::Welcome {
+            user: "alice".into(),
+            conn: alice.id,
+            mailbox: Some(position(3)),
+        };
+        node.queue.push_back((0, welcome));
+        node.settle();
+        let hello = json(&node.frames_of(&alice)[0]);
+        assert_eq!(hello["mailbox"], serde_json::json!({"seq": 3, "ep": "E"}));
+        node.queue.push_back((node.homes.home("alice"), message(4)));
+        node.settle();
+        let live = node.frames_of(&alice);
+        assert_eq!(
+            (seqs(&live), json(&live[0])["ep"].clone()),
+            (vec![4], "E".into())
+        );
+
+        // Sent only to the bus, as a template; nothing is delivered here at once.
+        node.request(&alice, r#"{"op":"send","to":"bob","data":1}"#);
+        node.request(&alice, r#"{"op":"pub","topic":"news.a","data":2}"#);
+        node.request(&alice, r#"{"op":"pub","topic":"plain","data":3}"#);
+        assert_eq!(node.streamed.len(), 2, "the plain topic is not streamed");
+        assert!(node.streamed.iter().all(|(_, m, _)| m.template().is_some()));
+        assert_eq!(node.streamed[0].2, Some(alice.id), "the sender is skipped");
+
+        // A resume reads Redis; the answer is replayed up to the floor, then acked.
+        assert_eq!(
+            node.ask(
+                &alice,
+                r#"{"op":"resume","id":9,"since":{"seq":1,"ep":"E"}}"#
+            ),
+            None
+        );
+        let (key, conn) = node.reads.pop().expect("a read");
+        let entry = |seq: u64| crate::history::Entry {
+            seq,
+            message: crate::history::Message {
+                mid: seq,
+                ts: 1,
+                from: None,
+                to: None,
+                data: seq.to_string().into(),
+            },
+        };
+        let replayed = Envelope::Replayed {
+            key,
+            conn,
+            replay: Some(history::Replay {
+                messages: vec![entry(2), entry(3), entry(4)],
+                recovered: true,
+                last_seq: 4,
+                ep: Some("E".into()),
+            }),
+            id: Some(raw(9)),
+        };
+        node.queue.push_back((node.homes.home("alice"), replayed));
+        node.settle();
+        let frames = node.frames_of(&alice);
+        assert_eq!(seqs(&frames[..2]), vec![2, 3], "4 came live");
+        assert_eq!(json(&frames[2])["recovered"], true);
+
+        // A topic replayed before any live message: live ones it held are skipped.
+        node.ask(
+            &alice,
+            r#"{"op":"sub","id":10,"topic":"news.a","since":{"seq":0}}"#,
+        );
+        let (key, conn) = node.reads.pop().expect("a read");
+        let replayed = Envelope::Replayed {
+            key,
+            conn,
+            replay: Some(history::Replay {
+                messages: vec![entry(1), entry(2)],
+                recovered: true,
+                last_seq: 2,
+                ep: Some("E".into()),
+            }),
+            id: Some(raw(10)),
+        };
+        node.queue.push_back((node.homes.home("news.a"), replayed));
+        node.settle();
+        assert_eq!(seqs(&node.frames_of(&alice)[..2]), vec![1, 2]);
+        for seq in [2, 3] {
+            let live = Envelope::RouteTopic {
+                topic: "news.a".into(),
+                message: Message::per_topic(seq, template(1, None, None, &raw(seq))),
+                at: Some(position(seq)),
+            };
+            node.queue.push_back((node.homes.home("news.a"), live));
+        }
+        node.settle();
+        assert_eq!(seqs(&node.frames_of(&alice)), vec![3], "2 was replayed");
+    }
+
+    fn raw(n: u64) -> Box<RawValue> {
+        RawValue::from_string(n.to_string()).expect("a number is JSON")
     }
 
     #[test]

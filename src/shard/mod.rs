@@ -50,11 +50,12 @@ use smallvec::SmallVec;
 use self::core::{Action, Actions, Fanout, Greeting, Now, Peer, PeerState, Settings, ShardCore};
 use self::schedule::{Deadlines, Drain};
 use crate::auth::Authenticator;
-use crate::cluster::Bus;
+use crate::cluster::{Bus, StreamRead};
 use crate::config::{Config, NodeIdentity};
+use crate::history::{Retention, StreamKey};
 use crate::metrics::{self, HandshakeRefusal, LogLimiter, ShardMetrics};
 use crate::reactor::{self, Doorbell, Reactor, Ready};
-use crate::router::{conn_id, ConnId, Envelope, Inbox, Reach, Router};
+use crate::router::{conn_id, ConnId, Envelope, Inbox, Router};
 use crate::session::{
     Admission, Conn, Env, Gate, Handshake, HandshakeOutcome, Pushed, ReadOutcome,
 };
@@ -234,9 +235,9 @@ impl Shard {
             max_topics_per_connection: config.max_topics_per_connection,
             max_devices_per_user: config.max_devices_per_user,
             clustered: bus.is_some(),
-            // Clustered nodes will keep streams in Redis; a lone node keeps them here.
-            mailbox: config.mailbox_retention().filter(|_| bus.is_none()),
-            topic_history: bus.is_none().then(|| Arc::new(config.history.clone())),
+            // Kept here on a lone node, in Redis when clustered.
+            mailbox: config.mailbox_retention(),
+            topic_history: Some(Arc::new(config.history.clone())),
             history_max_bytes: config.history_max_bytes_per_shard(),
         };
         let homes = router.mesh().homes().clone();
@@ -311,10 +312,18 @@ impl Shard {
                     to,
                     message,
                     except,
+                    reach,
                 } => {
-                    self.router
-                        .route(to, message, except, Reach::Cluster, &self.metrics);
+                    self.router.route(to, message, except, reach, &self.metrics);
                 }
+                Action::ReadStream {
+                    key,
+                    conn,
+                    since_seq,
+                    since_ep,
+                    retention,
+                    id,
+                } => self.read_stream(key, conn, since_seq, since_ep, retention, id),
                 Action::Bus(control) => {
                     if let Some(bus) = &self.bus {
                         bus.control(control);
@@ -329,6 +338,44 @@ impl Shard {
                 Action::Close { conn, code, reason } => self.close_conn(conn, code, reason),
             }
         }
+    }
+
+    /// Reads a stream from Redis for a resume, off the event loop, and hands the answer back
+    /// to this shard's core ([`Envelope::Replayed`]; `None` when Redis could not be asked).
+    fn read_stream(
+        &self,
+        key: StreamKey,
+        conn: ConnId,
+        since_seq: u64,
+        since_ep: Box<str>,
+        retention: Retention,
+        id: Option<Box<serde_json::value::RawValue>>,
+    ) {
+        let Some(bus) = &self.bus else {
+            return;
+        };
+        let read = StreamRead {
+            key: key.clone(),
+            since_seq,
+            since_ep: Some(since_ep),
+            limit: retention.size,
+            ttl_secs: retention.ttl_secs,
+        };
+        // Asked now, behind the bus changes this shard made before (see `Bus::read_stream`).
+        let answer = bus.read_stream(read);
+        let mesh = self.router.mesh().clone();
+        let (index, metrics) = (self.index, self.metrics.clone());
+        glommio::spawn_local(async move {
+            let replay = answer.await.ok();
+            let answer = Envelope::Replayed {
+                key,
+                conn,
+                replay,
+                id,
+            };
+            mesh.to_shard(index, answer, &metrics);
+        })
+        .detach();
     }
 
     /// Asks an open connection of this shard to close with `code`.

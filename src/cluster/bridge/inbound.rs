@@ -1,8 +1,13 @@
 //! What reaches the bridge from outside: envelopes other nodes published, handed to the
-//! home shards of their users and topics (retried copies dropped), and the API's cluster
-//! queries, answered from Redis.
+//! home shards of their users and topics (retried copies dropped), and the API's and the
+//! shards' cluster queries, answered from Redis. Streamed envelopes this node published
+//! itself come back here too: that is how its own devices get them, numbered, in Redis's
+//! order (see [`super::outbound`]).
 
 use super::*;
+
+/// The kind of a [`Body::History`] envelope in the memory of envelopes seen.
+const HISTORY_KIND: u8 = 6;
 
 /// How long a topic query waits for the nodes' answers.
 const TOPIC_QUERY_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -16,6 +21,9 @@ pub(super) fn answer_down(query: Query) {
             let _ = reply.send(Err(BusError::Down));
         }
         Query::Topic { reply, .. } => {
+            let _ = reply.send(Err(BusError::Down));
+        }
+        Query::Stream { reply, .. } => {
             let _ = reply.send(Err(BusError::Down));
         }
     }
@@ -123,6 +131,55 @@ impl Bridge {
             Body::User { mid, users, frame } => {
                 route(users_of(users), Message::new(mid, frame));
             }
+            Body::Mailboxes {
+                mid,
+                ts,
+                except,
+                from,
+                to,
+                users,
+                data,
+                positions,
+            } => {
+                let template = Template {
+                    ts,
+                    from: from.map(Arc::from),
+                    to: to.map(Arc::from),
+                    data: Arc::from(data),
+                };
+                let message = Message::per_user(mid, template);
+                // A connection id means something only on the node that made it.
+                let except = except.filter(|_| own);
+                for (user, at) in users.into_iter().zip(positions) {
+                    // The envelope names every user of the message; most of a large
+                    // publish's users have no device here.
+                    if self.devices.borrow().contains_key(user.as_str()) {
+                        self.route_to_mailbox(Arc::from(user), message.clone(), except, at);
+                    }
+                }
+            }
+            Body::History {
+                mid,
+                ts,
+                topic,
+                data,
+                position,
+            } => {
+                let template = Template {
+                    ts,
+                    from: None,
+                    to: None,
+                    data: Arc::from(data),
+                };
+                let topic: Arc<str> = Arc::from(topic);
+                let home = mesh.home(&topic);
+                let route = Envelope::RouteTopic {
+                    topic,
+                    message: Message::per_topic(mid, template),
+                    at: Some(position),
+                };
+                mesh.to_shard(home, route, shard_metrics(home));
+            }
             Body::Topic { mid, topic, frame } => {
                 route(Route::Topic(Arc::from(topic)), Message::new(mid, frame));
             }
@@ -192,10 +249,23 @@ impl Bridge {
             Body::Direct { mid, users, .. } => (2, *mid, users.first().map_or("", String::as_str)),
             Body::Topic { mid, topic, .. } => (3, *mid, topic.as_str()),
             Body::Broadcast { mid, .. } => (4, *mid, ""),
+            Body::Mailboxes { mid, users, .. } => {
+                (5, *mid, users.first().map_or("", String::as_str))
+            }
+            Body::History { mid, topic, .. } => (HISTORY_KIND, *mid, topic.as_str()),
             _ => return true,
         };
         let now_ms = metrics::monotonic_ns() / 1_000_000;
         self.recent.borrow_mut().first_time(kind, mid, name, now_ms)
+    }
+
+    /// Remembers a publication to `topic`'s history that this node delivered itself, so
+    /// the copy Redis publishes back on the topic's channel is dropped as seen.
+    pub(super) fn delivered_here(&self, mid: u64, topic: &str) {
+        let now_ms = metrics::monotonic_ns() / 1_000_000;
+        self.recent
+            .borrow_mut()
+            .first_time(HISTORY_KIND, mid, topic, now_ms);
     }
 
     pub(super) async fn query_loop(
@@ -230,6 +300,19 @@ impl Bridge {
             }
             Query::Topic { topic, reply } => {
                 let _ = reply.send(self.topic_counts(&topic, &mut conn).await);
+            }
+            Query::Stream { read, reply } => {
+                let cmd = self.scripts.history_range(
+                    &read.key,
+                    read.since_seq,
+                    read.since_ep.as_deref(),
+                    read.limit,
+                    protocol::now_ms(),
+                    read.ttl_secs,
+                );
+                let answer: Result<Value, _> = timed(cmd.query_async(&mut conn)).await;
+                let replay = answer.ok().as_ref().and_then(layout::replay_of);
+                let _ = reply.send(replay.ok_or(BusError::Redis));
             }
         }
     }

@@ -56,14 +56,18 @@ use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use super::dedupe::{RecentEnvelopes, MAX_REMEMBERED};
-use super::redis_layout::{self as layout, Names, Routed, Scripts};
+use super::redis_layout::{
+    self as layout, HistoryPublished, MailboxRouted, Names, Routed, Scripts, StreamAppend,
+};
 use super::wire::{self, Body};
 use super::{
     BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Pending, Presence, Query,
 };
 use crate::config::{Config, NodeIdentity};
+use crate::history::{EpochSource, Position, Replay, StreamKey};
 use crate::mailbox::Inbox;
 use crate::metrics::{self, BusDrop, NodeMetrics};
+use crate::protocol;
 use crate::router::{self, shard_of, ConnId, Envelope, Message, Reach, Route, Router, Template};
 use crate::ws::close;
 use inbound::answer_down;
@@ -183,6 +187,8 @@ pub(crate) fn spawn(
                 recent: RefCell::new(RecentEnvelopes::new(dedupe_window_ms, MAX_REMEMBERED)),
                 outstanding_since: Cell::new(None),
                 last_answer: Cell::new(Instant::now()),
+                epochs: RefCell::new(EpochSource::new(rand_u64())),
+                welcoming: RefCell::default(),
             });
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, bridge.clone().run(queries));
@@ -253,6 +259,19 @@ struct Bridge {
     outstanding_since: Cell<Option<Instant>>,
     /// When the writer's last round trip ended (an idle bridge pings after a while).
     last_answer: Cell<Instant>,
+    /// Candidate epochs for streams a script creates (one per call).
+    epochs: RefCell<EpochSource>,
+    /// Users with a new device waiting for its welcome, and the live mailbox messages held
+    /// for them meanwhile (see [`Bridge::await_welcome`]).
+    welcoming: RefCell<HashMap<Arc<str>, Welcoming, RandomState>>,
+}
+
+/// A user's devices waiting for their mailbox position, and what is held for the user.
+#[derive(Default)]
+struct Welcoming {
+    conns: SmallVec<[ConnId; 1]>,
+    /// Mailbox messages that arrived meanwhile: message, connection to skip, position.
+    held: Vec<(Message, Option<ConnId>, Position)>,
 }
 
 /// A live session's pub/sub half and the topics it has subscribed.
@@ -275,6 +294,7 @@ impl Bridge {
                     backoff = MIN_BACKOFF;
                     let ended = self.serve(conn, subscriptions, stream, &mut queries).await;
                     self.requeue_in_flight();
+                    self.welcome_all_waiting();
                     self.state.set_up(false);
                     self.state.set_stalled(false);
                     self.outstanding_since.set(None);
@@ -454,6 +474,12 @@ impl Bridge {
                 settle_ms = settling_ms.max(0),
                 "Redis lost the cluster's state; holding cross-node messages while every node re-publishes"
             );
+            // Its streams too: they start again at seq 1 under new epochs. Told before this
+            // session brings any message, so no new message meets an old floor.
+            let mesh = self.router.mesh();
+            for shard in 0..mesh.shards() {
+                mesh.to_shard(shard, Envelope::StreamsLost, self.metrics.shard(shard));
+            }
         }
         if settling_ms > 0 {
             let until = Instant::now() + Duration::from_millis(settling_ms as u64);
@@ -615,13 +641,20 @@ impl Bridge {
                 user,
                 conn,
                 since_ms,
+                welcome,
             } => {
                 self.devices
                     .borrow_mut()
                     .entry(user.clone())
                     .or_default()
                     .push((conn, since_ms));
-                if let Some(batch) = batch.filter(|_| !self.deregistered.get()) {
+                let Some(batch) = batch else {
+                    if welcome {
+                        self.welcome(&user, conn, None);
+                    }
+                    return;
+                };
+                if !self.deregistered.get() {
                     let cmd = self.scripts.device_online(
                         &user,
                         instance,
@@ -630,6 +663,27 @@ impl Bridge {
                         self.config.max_devices_per_user,
                     );
                     batch.push(cmd, Answer::Evictions);
+                }
+                match self.config.mailbox_retention().filter(|_| welcome) {
+                    Some(retention) => {
+                        // Read after the registration, in the same pipeline: whatever is
+                        // numbered after this read is routed to the device.
+                        let key = StreamKey::Mailbox(user.clone());
+                        let now = protocol::now_ms();
+                        let read =
+                            self.scripts
+                                .history_range(&key, 0, None, 0, now, retention.ttl_secs);
+                        batch.push(
+                            read,
+                            Answer::Welcome {
+                                user: user.clone(),
+                                conn,
+                            },
+                        );
+                        self.await_welcome(user, conn);
+                    }
+                    None if welcome => self.welcome(&user, conn, None),
+                    None => {}
                 }
             }
             Control::DeviceOffline { user, conn } => {
@@ -647,6 +701,22 @@ impl Bridge {
                     batch.push(cmd, Answer::Ignore);
                 }
             }
+            Control::ReadStream { read, reply } => match batch {
+                Some(batch) => {
+                    let cmd = self.scripts.history_range(
+                        &read.key,
+                        read.since_seq,
+                        read.since_ep.as_deref(),
+                        read.limit,
+                        protocol::now_ms(),
+                        read.ttl_secs,
+                    );
+                    batch.push(cmd, Answer::Read(reply));
+                }
+                None => {
+                    let _ = reply.send(Err(BusError::Down));
+                }
+            },
             Control::TopicActive { topic, active } => {
                 let mut topics = self.topics.borrow_mut();
                 if active {
@@ -690,6 +760,91 @@ impl Bridge {
             timed(subscriptions.sink.unsubscribe(&unsubscribe)).await?;
         }
         Ok(())
+    }
+
+    /// Holds the live mailbox messages of `user` until the welcome of its new device `conn`
+    /// went out. Redis answers the position read on the command connection and brings live
+    /// messages on the pub/sub one, so a message numbered after the read can reach the
+    /// bridge before the read's answer; routed at once, it would reach the device before
+    /// its welcome and be skipped there. Held, it follows the welcome.
+    fn await_welcome(&self, user: Arc<str>, conn: ConnId) {
+        self.welcoming
+            .borrow_mut()
+            .entry(user)
+            .or_default()
+            .conns
+            .push(conn);
+    }
+
+    /// Sends device `conn` its welcome at `mailbox` (`None`: no mailbox, or Redis could not
+    /// say: `seq` 0, no floor), then routes what was held for its user once no other device
+    /// of the user waits.
+    fn welcome(&self, user: &Arc<str>, conn: ConnId, mailbox: Option<Position>) {
+        let shard = shard_of(conn);
+        if shard < self.identity.shards {
+            let welcome = Envelope::Welcome {
+                user: user.clone(),
+                conn,
+                mailbox,
+            };
+            self.router
+                .mesh()
+                .to_shard(shard, welcome, self.metrics.shard(shard));
+        }
+        let held = {
+            let mut welcoming = self.welcoming.borrow_mut();
+            let Some(waiting) = welcoming.get_mut(user) else {
+                return;
+            };
+            waiting.conns.retain(|c| *c != conn);
+            if !waiting.conns.is_empty() {
+                return;
+            }
+            welcoming.remove(user).map(|w| w.held).unwrap_or_default()
+        };
+        for (message, except, at) in held {
+            self.route_to_mailbox(user.clone(), message, except, at);
+        }
+    }
+
+    /// The session ended with welcomes unanswered: welcome those devices without a
+    /// position (their reads were lost with the session).
+    fn welcome_all_waiting(&self) {
+        let waiting: Vec<(Arc<str>, SmallVec<[ConnId; 1]>)> = self
+            .welcoming
+            .borrow()
+            .iter()
+            .map(|(user, w)| (user.clone(), w.conns.clone()))
+            .collect();
+        for (user, conns) in waiting {
+            for conn in conns {
+                self.welcome(&user, conn, None);
+            }
+        }
+    }
+
+    /// Hands a mailbox message numbered by Redis to `user`'s home shard, or holds it while
+    /// a device of the user waits for its welcome.
+    fn route_to_mailbox(
+        &self,
+        user: Arc<str>,
+        message: Message,
+        except: Option<ConnId>,
+        at: Position,
+    ) {
+        if let Some(waiting) = self.welcoming.borrow_mut().get_mut(&user) {
+            waiting.held.push((message, except, at));
+            return;
+        }
+        let mesh = self.router.mesh();
+        let home = mesh.home(&user);
+        let route = Envelope::RouteUser {
+            user,
+            message,
+            except,
+            at: Some(at),
+        };
+        mesh.to_shard(home, route, self.metrics.shard(home));
     }
 
     fn close_local(&self, conn: ConnId, code: u16, reason: metrics::Close) {

@@ -18,6 +18,20 @@
 //! ([`crate::cluster::dedupe`]). A direct message whose recipient has no live device anywhere is
 //! counted `no_route`.
 //!
+//! # Streamed messages (protocol v1.1)
+//! A mailbox message is one [`Scripts::route_to_mailboxes`] call and a publication to a
+//! topic with history one [`Scripts::publish_to_history`] call, in the same pipeline as
+//! everything else. Both publish to this node too (the mailbox script is called without
+//! an own instance to skip; a topic channel reaches every subscribed node), so this node's
+//! devices get the numbered frame in Redis's order (see [`crate::cluster::wire`]). Retries
+//! never append twice: an unheard publish is retried with [`Scripts::route`] and the
+//! positions Redis answered ([`layout::positions_trailer`]); a lost epoch appended nothing
+//! and retries the whole call; a call whose reply was lost is repeated and the script
+//! answers the positions it gave (the streams' latest `mid`). A mailbox recipient with no
+//! live device is not a drop: its message waits in its mailbox (`mailbox_offline`). The
+//! appends are counted on the stream's home shard's `stream_appends` of this node, the
+//! node that made the message.
+//!
 
 use super::*;
 
@@ -36,6 +50,10 @@ pub(super) enum Answer {
     Message,
     /// Device members the cluster device limit evicted: close them.
     Evictions,
+    /// The mailbox position a new device of `user` is welcomed at.
+    Welcome { user: Arc<str>, conn: ConnId },
+    /// A stream read for a resume: where the answer goes.
+    Read(tokio::sync::oneshot::Sender<Result<Replay, BusError>>),
 }
 
 /// One pipeline being built.
@@ -146,6 +164,102 @@ impl Bridge {
                 };
                 (self.route_cmd(users, recipients, &payload), payload.len())
             }
+            Outbound::Mailboxes {
+                users,
+                message,
+                template,
+                except,
+                delivered_here,
+                positions,
+                ..
+            } => {
+                // Published back to this node too, unless it delivered the message itself.
+                let skipped = if *delivered_here {
+                    self.instance_hex.borrow().clone()
+                } else {
+                    String::new()
+                };
+                let to = template.to.as_deref();
+                let head = wire::mailboxes_head(
+                    instance,
+                    message.mid,
+                    template.ts,
+                    *except,
+                    template.from.as_deref(),
+                    to,
+                    users,
+                );
+                // A `send` (which names its recipient) has one recipient and the sender.
+                let recipients = if to.is_some() { 1 } else { users.len() };
+                let cmd = match positions {
+                    None => {
+                        let candidate = self.epochs.borrow_mut().next_epoch();
+                        // Mailbox messages are made only while mailboxes are on (same config).
+                        let retention = self.config.mailbox_retention().expect("mailboxes are on");
+                        let append = StreamAppend {
+                            candidate_ep: &candidate,
+                            retention,
+                            now_ms: protocol::now_ms(),
+                            mid: message.mid,
+                            ts: template.ts,
+                            from: template.from.as_deref(),
+                            to,
+                            data: &template.data,
+                        };
+                        self.scripts.route_to_mailboxes(
+                            users,
+                            recipients,
+                            &skipped,
+                            &self.epoch.borrow(),
+                            &head,
+                            &append,
+                        )
+                    }
+                    Some(positions) => {
+                        let mut payload = head.to_vec();
+                        payload.extend_from_slice(template.data.as_bytes());
+                        payload.extend_from_slice(&layout::positions_trailer(positions));
+                        self.scripts.route(
+                            users,
+                            recipients,
+                            &skipped,
+                            &self.epoch.borrow(),
+                            &payload,
+                        )
+                    }
+                };
+                (cmd, head.len() + template.data.len())
+            }
+            Outbound::History {
+                topic,
+                message,
+                template,
+                delivered_here,
+            } => {
+                if *delivered_here {
+                    // The topic channel brings it back here: seen already.
+                    self.delivered_here(message.mid, topic);
+                }
+                let head = wire::history_head(instance, message.mid, template.ts, topic);
+                let candidate = self.epochs.borrow_mut().next_epoch();
+                // History messages are made only for topics a rule covers (same config).
+                let retention = self
+                    .config
+                    .history_rule_for(topic)
+                    .expect("the topic has a history rule");
+                let append = StreamAppend {
+                    candidate_ep: &candidate,
+                    retention,
+                    now_ms: protocol::now_ms(),
+                    mid: message.mid,
+                    ts: template.ts,
+                    from: None,
+                    to: None,
+                    data: &template.data,
+                };
+                let cmd = self.scripts.publish_to_history(topic, &head, &append);
+                (cmd, head.len() + template.data.len())
+            }
             Outbound::Kick { user, code } => {
                 let payload = wire::kick(instance, user, *code);
                 (
@@ -226,6 +340,19 @@ impl Bridge {
                         self.finish(pending, value, &mut outcome);
                     }
                 }
+                Answer::Welcome { user, conn } => {
+                    let position = layout::replay_of(&value).and_then(|replay| {
+                        let ep = replay.ep?;
+                        Some(Position {
+                            seq: replay.last_seq,
+                            ep,
+                        })
+                    });
+                    self.welcome(&user, conn, position);
+                }
+                Answer::Read(reply) => {
+                    let _ = reply.send(layout::replay_of(&value).ok_or(BusError::Redis));
+                }
                 Answer::Ignore | Answer::Evictions => {
                     if let Value::ServerError(error) = &value {
                         if error.code() == "NOSCRIPT" {
@@ -275,7 +402,39 @@ impl Bridge {
                 self.state.release(pending.size);
                 return;
             }
-            reply => Routed::of(reply),
+            reply => match &mut pending.outbound {
+                Outbound::History { topic, .. } => {
+                    if HistoryPublished::of(reply).is_some() {
+                        self.count_append(topic);
+                        self.state.release(pending.size);
+                        return;
+                    }
+                    None
+                }
+                Outbound::Mailboxes {
+                    users,
+                    offline,
+                    positions: positions @ None,
+                    ..
+                } => MailboxRouted::of(reply).map(|answer| {
+                    if let Routed::Done { .. } = answer.routed {
+                        for user in users.iter() {
+                            self.count_append(user);
+                        }
+                        for &index in &answer.offline {
+                            if let Some(user) = users.get(index) {
+                                self.shard_metrics(user).mailbox_offline.inc();
+                            }
+                        }
+                        if let Some(offline) = offline.take() {
+                            let _ = offline.send(answer.offline);
+                        }
+                        *positions = Some(answer.positions);
+                    }
+                    answer.routed
+                }),
+                _ => Routed::of(reply),
+            },
         };
         match routed {
             Some(Routed::EpochLost) => {
@@ -297,7 +456,9 @@ impl Bridge {
                     }
                     return;
                 }
-                if no_route > 0 {
+                // A mailbox keeps what its offline recipients get later.
+                let kept = matches!(pending.outbound, Outbound::Mailboxes { .. });
+                if no_route > 0 && !kept {
                     metrics.drops[BusDrop::NoRoute as usize].add(no_route);
                     self.state
                         .log_drop(BusDrop::NoRoute, pending.outbound.message().map(|m| m.mid));
@@ -310,6 +471,16 @@ impl Bridge {
                 self.drop_pending(pending, BusDrop::RedisError);
             }
         }
+    }
+
+    /// The metrics of the home shard of a user or topic (stream counters).
+    fn shard_metrics(&self, name: &str) -> &metrics::ShardMetrics {
+        self.metrics.shard(self.router.mesh().home(name))
+    }
+
+    /// Counts an append to the stream of a user or topic, as its home shard would alone.
+    fn count_append(&self, name: &str) {
+        self.shard_metrics(name).stream_appends.inc();
     }
 
     /// Puts the messages of a pipeline that was not answered back at the front of the retry
