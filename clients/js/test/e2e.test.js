@@ -17,6 +17,7 @@ import {
   next,
   publishMany,
   startNode,
+  startRedis,
   until,
 } from "./harness.js";
 
@@ -375,5 +376,59 @@ test(
     );
     c.disconnect();
     proxy.close();
+  },
+);
+
+test(
+  "a node killed under a clustered client: it reconnects to another node and resumes its mailbox from Redis, nothing lost",
+  { timeout: 60000 },
+  async () => {
+    const redis = await startRedis();
+    try {
+      const cluster = ["--redis", redis.url];
+      const a = await node({ args: [...cluster, "--node-id", "js-a"] });
+      const b = await node({ args: [...cluster, "--node-id", "js-b"] });
+      const proxy = await flakyProxy(a.listen);
+      const c = new Client(`${proxy.url}?user=kai`, {
+        WebSocket,
+        minReconnectDelay: 50,
+        maxReconnectDelay: 300,
+      });
+      clients.push(c);
+      const got = [];
+      c.on("message", (m) => got.push(m.data.n));
+      const first = await c.connect();
+      assert.equal(first.node, "js-a");
+      const publish = (n, from, to) =>
+        Promise.all(
+          Array.from({ length: to - from + 1 }, (_, i) =>
+            api(n, "POST", "/v1/publish", { users: ["kai"], data: { n: from + i } }),
+          ),
+        );
+      await publish(b, 1, 10);
+      await until(() => got.length === 10, 10000, "the first ten, live through Redis");
+
+      const lost = next(c, "disconnected");
+      await a.stop("SIGKILL");
+      proxy.cut();
+      await lost;
+      // Published while the device has no node: they wait in its mailbox in Redis.
+      await publish(b, 11, 30);
+      const back = next(c, "connected", 20000);
+      proxy.restore(b.listen);
+      assert.equal((await back).node, "js-b");
+      await until(() => got.length >= 30, 15000, "everything, after the resume");
+      await publish(b, 31, 35);
+      await until(() => got.length >= 35, 10000, "and live again");
+      assert.deepEqual(
+        [...got].sort((x, y) => x - y),
+        Array.from({ length: 35 }, (_, i) => i + 1),
+        "every message exactly once",
+      );
+      c.disconnect();
+      proxy.close();
+    } finally {
+      redis.stop();
+    }
   },
 );

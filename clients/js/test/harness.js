@@ -203,10 +203,11 @@ export async function publishMany(node, topics, count, concurrency = 16) {
 /**
  * A TCP proxy in front of `target` ("host:port") whose connections can be cut, as a network
  * change cuts a phone's: `cut()` destroys every connection and refuses new ones until
- * `restore()`.
+ * `restore()`; `restore(other)` sends new connections to another node, as a load balancer
+ * does when a node dies.
  */
 export async function flakyProxy(target) {
-  const [host, port] = target.split(":");
+  let [host, port] = target.split(":");
   const sockets = new Set();
   let up = true;
   const server = net.createServer((inbound) => {
@@ -226,12 +227,49 @@ export async function flakyProxy(target) {
       up = false;
       for (const s of sockets) s.destroy();
     },
-    restore() {
+    restore(other) {
+      if (other) [host, port] = other.split(":");
       up = true;
     },
     close() {
       this.cut();
       server.close();
+    },
+  };
+}
+
+/**
+ * A throwaway `redis-server` on a free loopback port; resolves with its URL and `stop()`.
+ */
+export async function startRedis() {
+  const port = await new Promise((done) => {
+    const probe = net.createServer().listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => done(port));
+    });
+  });
+  const proc = spawn(
+    "redis-server",
+    ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    { stdio: "ignore" },
+  );
+  const url = `redis://127.0.0.1:${port}`;
+  await until(
+    () =>
+      new Promise((done) => {
+        const socket = net.connect(port, "127.0.0.1", () => {
+          socket.end();
+          done(true);
+        });
+        socket.on("error", () => done(false));
+      }),
+    10000,
+    "redis-server listening",
+  );
+  return {
+    url,
+    stop() {
+      proc.kill("SIGKILL");
     },
   };
 }
