@@ -76,33 +76,6 @@ fn await_presence(api: SocketAddr, user: &str, connections: u64, nodes: &[&str])
     });
 }
 
-/// Waits until the stream read by `history` (a history API path) stands at `seq`.
-fn await_stream(api: SocketAddr, history: &str, seq: u64) {
-    eventually(&format!("{history} at {seq}"), || {
-        http_json(api, "GET", history, b"").1["seq"] == seq
-    });
-}
-
-/// Reads frames until the `ack` answering `id`; returns the frames before it and the ack.
-fn until_ack(client: &mut Client, id: &str) -> (Vec<Value>, Value) {
-    let mut frames = Vec::new();
-    for _ in 0..100_000 {
-        let frame = client.recv();
-        if frame["op"] == "ack" && frame["id"] == id {
-            return (frames, frame);
-        }
-        frames.push(frame);
-    }
-    panic!("no ack {id}");
-}
-
-fn seqs(frames: &[Value]) -> Vec<u64> {
-    frames
-        .iter()
-        .map(|f| f["seq"].as_u64().expect("seq"))
-        .collect()
-}
-
 /// The `n` of each message, checking that the even ones came from carol and the odd ones
 /// from the API. (A client's `send` is acked before it is queued for Redis, so a publish
 /// made after the ack may still be numbered first: Redis's order is the order.)

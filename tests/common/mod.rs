@@ -582,3 +582,32 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let _ = stream.read_to_end(&mut response);
     String::from_utf8_lossy(&response).into_owned()
 }
+
+/// Waits until the stream a history endpoint (`history`, e.g.
+/// `/v1/users/alice/history?limit=1`) reads stands at `seq` (publishing is asynchronous).
+pub fn await_stream(api: SocketAddr, history: &str, seq: u64) {
+    eventually(&format!("{history} at {seq}"), || {
+        http_json(api, "GET", history, b"").1["seq"] == seq
+    });
+}
+
+/// Reads frames until the `ack` answering `id`; returns the frames before it and the ack.
+pub fn until_ack(client: &mut Client, id: &str) -> (Vec<Value>, Value) {
+    let mut frames = Vec::new();
+    for _ in 0..100_000 {
+        let frame = client.recv();
+        if frame["op"] == "ack" && frame["id"] == id {
+            return (frames, frame);
+        }
+        frames.push(frame);
+    }
+    panic!("no ack {id}");
+}
+
+/// The `seq` of each streamed frame.
+pub fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| f["seq"].as_u64().expect("seq"))
+        .collect()
+}
