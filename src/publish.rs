@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 
-use crate::cluster::{Bus, Outbound, Streamed as ToStreams};
+use crate::cluster::{Bus, Outbound, StreamedMessage};
 use crate::config::{History, MAX_SHARDS};
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
@@ -124,7 +124,7 @@ impl Publisher {
             match (mailboxes_in_redis, message.template()) {
                 // Clustered mailboxes: Redis appends and routes it, and says who is offline.
                 (Some(bus), Some(template)) if bus.is_up() => {
-                    let streamed = ToStreams {
+                    let streamed = StreamedMessage {
                         message: &message,
                         template,
                         except: None,

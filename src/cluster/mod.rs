@@ -52,7 +52,7 @@ const QUERY_CAPACITY: usize = 1024;
 
 /// A streamed message on its way to the bus (see [`Bus::to_mailboxes`]).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Streamed<'a> {
+pub(crate) struct StreamedMessage<'a> {
     /// The message, a template.
     pub(crate) message: &'a Message,
     /// Its template.
@@ -397,7 +397,7 @@ impl Uplink for Bus {
     ) -> usize {
         match (to, message.template()) {
             (Route::Users(users), Some(template)) => {
-                let streamed = Streamed {
+                let streamed = StreamedMessage {
                     message,
                     template,
                     except,
@@ -504,7 +504,7 @@ impl Bus {
     pub(crate) fn to_mailboxes(
         &self,
         users: &[Arc<str>],
-        streamed: Streamed<'_>,
+        streamed: StreamedMessage<'_>,
         mut offline: impl FnMut(&[Arc<str>]) -> Option<tokio::sync::oneshot::Sender<Vec<usize>>>,
     ) -> usize {
         users
