@@ -387,7 +387,10 @@ pub fn client_request(data: &[u8]) {
                     assert_eq!(out.to.as_deref(), Some(&*to));
                     assert!(same_raw(out.data, Some(data)), "msg data changed");
                 }
-                Request::Ping | Request::Refresh { .. } | Request::Resume { .. } => {}
+                Request::Ping
+                | Request::Refresh { .. }
+                | Request::Resume { .. }
+                | Request::Up { .. } => {}
             }
         }
         Err(refusal) => {

@@ -47,8 +47,8 @@ use crate::cluster::BusError;
 use crate::cluster::{Bus, StreamRead};
 use crate::config::{Config, NodeIdentity, MAX_STREAM_SIZE};
 use crate::history::{self, StreamKey};
-use crate::metrics::NodeMetrics;
 use crate::metrics::{ApiTimeout, LogLimiter};
+use crate::metrics::{NodeMetrics, UpstreamMetrics, UpstreamReading};
 use crate::publish::{Publisher, Target};
 use crate::router::Router;
 use crate::session::Admission;
@@ -216,6 +216,8 @@ pub(crate) struct ApiContext {
     /// The draining flag (readiness, publish refusal).
     pub(crate) admission: Arc<Admission>,
     pub(crate) metrics: NodeMetrics,
+    /// The upstream webhook's metrics, when one is configured.
+    pub(crate) upstream: Option<Arc<UpstreamMetrics>>,
 }
 
 /// An API error: status, code and message.
@@ -594,10 +596,18 @@ impl ApiContext {
 
     fn metrics(&self) -> Response<Body> {
         // No upstream sink is handed to the API yet (issue 13's integration adds them).
+        let sinks: Vec<UpstreamReading<'_>> = self
+            .upstream
+            .iter()
+            .map(|metrics| UpstreamReading {
+                sink: "webhook",
+                metrics,
+            })
+            .collect();
         let text = crate::metrics::render_prometheus(
             &self.metrics,
             self.bus.as_ref().map(Bus::reading),
-            &[],
+            &sinks,
         );
         let mut response = Response::new(Full::new(Bytes::from(text)));
         response.headers_mut().insert(

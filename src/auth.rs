@@ -32,6 +32,9 @@ pub struct Identity {
     pub device: Option<Box<str>>,
     /// Which topics this user may publish to.
     pub publish: PublishRights,
+    /// Which upstream streams this user may send `up` messages to (the `up` claim, the
+    /// same patterns as `pub`).
+    pub up: PublishRights,
     /// The token's `exp` (seconds since the epoch), if it has one: the connection is closed
     /// with 4402 when it passes unless the client sends a fresher token (`refresh`).
     pub expires: Option<u64>,
@@ -126,6 +129,8 @@ struct Claims {
     dev: Option<String>,
     #[serde(default, rename = "pub")]
     publish: Vec<String>,
+    #[serde(default)]
+    up: Vec<String>,
 }
 
 /// Verifies handshake credentials. Built once per node and shared by every shard.
@@ -175,6 +180,7 @@ impl Authenticator {
                 user,
                 device: claims.dev.map(String::into_boxed_str),
                 publish: PublishRights::from_patterns(claims.publish),
+                up: PublishRights::from_patterns(claims.up),
                 expires: claims.exp,
             });
         }
@@ -183,6 +189,7 @@ impl Authenticator {
                 user: self.check_name(name)?,
                 device: None,
                 publish: PublishRights::all(),
+                up: PublishRights::all(),
                 expires: None,
             }),
             _ => Err(AuthError::Missing),

@@ -26,8 +26,7 @@
 //! - [`mailbox`]: the two-lane (bounded messages, never-dropped control) hand-off between
 //!   threads, used by the shards' inboxes and the bus.
 //! - [`upstream`]: what clients say (`up`) and do (connection events) as records for the
-//!   backends, their JSON shape, and the sinks that carry them ([`upstream::webhook`]; not
-//!   yet fed by the shards).
+//!   backends, their JSON shape, and the sinks that carry them ([`upstream::webhook`]).
 //! - [`metrics`]: per-shard counters and gauges, and their Prometheus export.
 //!
 //! Dependencies point one way: `node` builds everything; `shard` drives `session` and its

@@ -161,6 +161,8 @@ label_enum! {
         BadToken => "bad_token",
         /// A `resume` on a node that keeps no mailboxes.
         NoStream => "no_stream",
+        /// An `up` the node could not hand to a sink (none configured, or full).
+        UpUnavailable => "up_unavailable",
     }
 }
 

@@ -20,11 +20,13 @@ use crate::cluster::bridge::{self, BridgeSetup};
 use crate::cluster::{redis_layout, Bus};
 use crate::config::{Config, ConfigError, NodeIdentity};
 use crate::metrics::NodeMetrics;
+use crate::metrics::UpstreamMetrics;
 use crate::protocol;
 use crate::publish::{Publisher, Streamed};
 use crate::router::{Mesh, Router, Uplink};
 use crate::session::Admission;
 use crate::shard::{self, ShardSetup};
+use crate::upstream::webhook::{Webhook, WebhookConfig};
 
 /// Bytes of glommio I/O memory per shard. Sockets do not use it (they are driven by the
 /// shard's epoll set); keeping it small keeps many nodes per host under RLIMIT_MEMLOCK.
@@ -50,6 +52,9 @@ pub enum StartError {
     /// The cluster bridge could not start.
     #[error("cannot start the cluster bridge: {0}")]
     Bridge(std::io::Error),
+    /// The upstream sink could not start.
+    #[error("cannot start the upstream webhook: {0}")]
+    Upstream(std::io::Error),
     /// The descriptor limit leaves no room for a single client.
     #[error("RLIMIT_NOFILE is {nofile}, which leaves no descriptor for clients after the {reserved} reserved for the node (raise `ulimit -n` or lower max_api_connections)")]
     Descriptors {
@@ -78,6 +83,10 @@ pub struct Node {
     streamed: Streamed,
     executors: Vec<ExecutorJoinHandle<()>>,
     bridge: Option<std::thread::JoinHandle<()>>,
+    /// The upstream webhook sink, when configured.
+    webhook: Option<Webhook>,
+    /// How long the node may take to stop (what the webhook gets to deliver what it holds).
+    grace: Duration,
     api: ApiServer,
 }
 
@@ -162,6 +171,12 @@ impl Node {
             })
             .transpose()
             .map_err(StartError::Bridge)?;
+        let webhook = WebhookConfig::from_config(&config)
+            .map_err(|error| StartError::Upstream(std::io::Error::other(error)))?
+            .map(|sink| Webhook::start(sink, Arc::new(UpstreamMetrics::default())))
+            .transpose()
+            .map_err(StartError::Upstream)?;
+        let upstream = webhook.as_ref().map(Webhook::sender);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut executors = Vec::with_capacity(shards);
         for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
@@ -178,6 +193,7 @@ impl Node {
                 bus: bus.clone(),
                 admission: admission.clone(),
                 metrics: metrics.shard(index).clone(),
+                upstream: upstream.clone(),
             };
             let listener: OwnedFd = listener.into();
             let executor = LocalExecutorBuilder::new(placement)
@@ -206,6 +222,7 @@ impl Node {
                 bus: bus.clone(),
                 admission: admission.clone(),
                 metrics: metrics.clone(),
+                upstream: webhook.as_ref().map(|sink| sink.metrics().clone()),
             },
         )
         .map_err(StartError::Api)?;
@@ -232,6 +249,8 @@ impl Node {
             streamed,
             executors,
             bridge,
+            webhook,
+            grace: Duration::from_millis(config.grace_period_ms),
             api,
         })
     }
@@ -290,6 +309,10 @@ impl Node {
             if bridge.join().is_err() {
                 tracing::error!("the cluster bridge panicked");
             }
+        }
+        if let Some(webhook) = self.webhook {
+            // The shards queued their last records (disconnects) before they ended.
+            webhook.stop(self.grace);
         }
         drop(self.api);
         tracing::info!(node_id = %self.identity.id, "node stopped");

@@ -55,6 +55,13 @@ pub enum Request<'a> {
         /// The token (JWT).
         token: Cow<'a, str>,
     },
+    /// A message for the backends (v1.1), on `stream` (default `up`).
+    Up {
+        /// Payload, raw JSON.
+        data: &'a RawValue,
+        /// The stream named, if any.
+        stream: Option<Cow<'a, str>>,
+    },
     /// Replay the user's mailbox after the client's last position (v1.1).
     Resume {
         /// The client's last position.
@@ -95,6 +102,8 @@ pub enum ErrorCode {
     NotFound,
     /// A credential was refused (a `refresh` with an invalid or expired token).
     Unauthorized,
+    /// The node cannot do it now (an `up` with no sink, or one that is full or failing).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -106,6 +115,7 @@ impl ErrorCode {
             ErrorCode::TooMany => "too_many",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -126,6 +136,8 @@ struct RawRequest<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     since: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<Cow<'a, str>>,
 }
 
 /// Keeps an explicit `"data": null` apart from a missing `data`.
@@ -238,6 +250,10 @@ pub fn parse_request(text: &str) -> Result<(Option<&RawValue>, Request<'_>), Req
             data: raw.data.ok_or_else(|| refuse(id, "send needs data"))?,
         },
         "ping" => Request::Ping,
+        "up" => Request::Up {
+            data: raw.data.ok_or_else(|| refuse(id, "up needs data"))?,
+            stream: raw.stream,
+        },
         "resume" => Request::Resume {
             since: parse_since(raw.since.ok_or_else(|| refuse(id, "resume needs since"))?)
                 .map_err(|msg| refuse(id, msg))?,

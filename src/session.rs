@@ -10,7 +10,7 @@
 //!
 //! # Memory
 //! An open connection is one [`Conn`] (80 bytes; with what the shard's core keeps of it,
-//! 160) plus its entries in the shard's
+//! 192) plus its entries in the shard's
 //! tables. Reads go through the shard's scratch buffer; the decoder keeps only an incomplete
 //! frame, and the outbound queue exists only while the socket is refusing data. The upgrade's request
 //! buffer lives in a [`Handshake`] that is gone once the connection is open.

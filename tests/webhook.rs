@@ -1,6 +1,9 @@
 //! The webhook sink against a real HTTP server: a small HTTP/1.1 backend on `127.0.0.1:0`
 //! that records each request and answers as the test scripts it (a status, or never).
-//! Only the public API of `shardcast::upstream` is used. Every wait is bounded.
+//! The sink alone through the public API of `shardcast::upstream`, then a node feeding it
+//! (`up` messages and connection events). Every wait is bounded.
+
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -851,4 +854,87 @@ fn outcome_spinning(mut ticket: Ticket) -> Delivery {
         assert!(Instant::now() < deadline, "no outcome within 10 s");
         std::thread::yield_now();
     }
+}
+
+/// A dev node whose webhook is `backend`.
+fn node_with_webhook(
+    backend: &Backend,
+    tweak: impl FnOnce(&mut shardcast::Config),
+) -> common::TestNode {
+    let mut config = common::dev_config();
+    config.webhook_url = Some(backend.url());
+    config.webhook_secret = Some(String::from_utf8(SECRET.to_vec()).expect("ascii"));
+    tweak(&mut config);
+    common::TestNode::start(config)
+}
+
+/// Records the backend received, by `type`, until `done` holds or the wait is over.
+fn records_until(backend: &Backend, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + common::WAIT;
+    let mut records = Vec::new();
+    while !done(&records) && Instant::now() < deadline {
+        for request in backend.take(1, Duration::from_millis(100)) {
+            let signed = request.header("x-shardcast-signature").expect("signed");
+            assert!(verify(&request.body, signed, SECRET));
+            records.extend(request.records());
+        }
+    }
+    records
+}
+
+#[test]
+fn a_node_hands_up_messages_and_connection_events_to_its_webhook() {
+    let backend = Backend::start(|_| Reply::Status(200));
+    let node = node_with_webhook(&backend, |_| {});
+    let mut ann = common::Client::dev(&node, "ann");
+    let ack = ann.request(serde_json::json!({"op":"up","id":"u1","data":{"text": "hi"}}));
+    assert_eq!(
+        (ack["op"].as_str(), ack["id"].as_str()),
+        (Some("ack"), Some("u1")),
+        "{ack}"
+    );
+    let mid = ack["mid"].as_str().expect("mid").to_owned();
+    drop(ann);
+    let kinds = |records: &[Value]| -> Vec<String> {
+        records
+            .iter()
+            .map(|r| r["type"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    let records = records_until(&backend, |records| kinds(records).len() >= 3);
+    assert_eq!(
+        kinds(&records),
+        ["connect", "up", "disconnect"],
+        "{records:?}"
+    );
+    let up = &records[1];
+    assert_eq!(up["mid"], mid.as_str());
+    assert_eq!(
+        (up["user"].as_str(), up["stream"].as_str()),
+        (Some("ann"), Some("up"))
+    );
+    assert_eq!(up["data"], serde_json::json!({"text": "hi"}));
+    assert_eq!(records[2]["conn"], records[0]["conn"]);
+    assert!(records[2]["code"].is_u64());
+}
+
+#[test]
+fn an_up_the_webhook_cannot_take_is_answered_unavailable() {
+    let failing = Backend::start(|_| Reply::Status(503));
+    let node = node_with_webhook(&failing, |config| {
+        config.webhook_retry_max_ms = 300;
+        config.webhook_timeout_ms = 200;
+    });
+    let mut bo = common::Client::dev(&node, "bo");
+    let reply = bo.request(serde_json::json!({"op":"up","id":2,"data":1}));
+    assert_eq!(
+        (reply["code"].as_str(), reply["id"].as_u64()),
+        (Some("unavailable"), Some(2)),
+        "{reply}"
+    );
+
+    let plain = common::TestNode::start(common::dev_config());
+    let mut cy = common::Client::dev(&plain, "cy");
+    let reply = cy.request(serde_json::json!({"op":"up","id":3,"data":1}));
+    assert_eq!(reply["code"], "unavailable", "no webhook configured");
 }

@@ -62,6 +62,7 @@
 //! user moves the expiry (validated by jsonwebtoken against the system clock, the one
 //! place the core reads a clock itself); the publish rights stay those of the handshake.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,6 +85,7 @@ use crate::protocol::{self, render, ErrorCode, MidGenerator, Request, Since, Str
 use crate::router::{
     shard_of, ConnId, Directory, Envelope, Homes, Message, Reach, Route, ShardMask, Template,
 };
+use crate::upstream::{Device, EventFilter, EventKind, Happening, UpstreamEvent};
 use crate::ws::close;
 
 /// Streams a shard looks at per sweep for expired messages and forgotten streams.
@@ -119,13 +121,17 @@ pub(crate) trait Peer: Clone {
     fn state(&self) -> &PeerState;
 }
 
-/// What the core keeps per connection: its user, its publish rights, its topics, when its
+/// What the core keeps per connection: its user and device, its rights, its topics, when its
 /// token expires and where its mailbox stood when it was welcomed.
 #[derive(Debug)]
 pub(crate) struct PeerState {
     /// `None` on the dev-mode `/echo` endpoint.
     user: Option<Arc<str>>,
+    /// The token's `dev` claim (in upstream records).
+    device: Option<Arc<str>>,
     publish: PublishRights,
+    /// Streams it may send `up` messages to.
+    up: PublishRights,
     topics: RefCell<Vec<Arc<str>>>,
     /// The token's `exp`, seconds since the epoch (saturated to `u32`, enough until 2106);
     /// 0 for a token without one. A `refresh` moves it.
@@ -138,13 +144,23 @@ pub(crate) struct PeerState {
 impl PeerState {
     /// The state of a connection authenticated as `identity` (`None` for `/echo`).
     pub(crate) fn new(identity: Option<Identity>) -> Self {
-        let (user, publish, expires) = match identity {
-            Some(identity) => (Some(identity.user), identity.publish, identity.expires),
-            None => (None, PublishRights::none(), None),
+        let Some(identity) = identity else {
+            return PeerState {
+                user: None,
+                device: None,
+                publish: PublishRights::none(),
+                up: PublishRights::none(),
+                topics: RefCell::default(),
+                expires: Cell::new(0),
+                mailbox_floor: Cell::new(0),
+            };
         };
+        let expires = identity.expires;
         PeerState {
-            user,
-            publish,
+            user: Some(identity.user),
+            device: identity.device.map(Arc::from),
+            publish: identity.publish,
+            up: identity.up,
             topics: RefCell::default(),
             expires: Cell::new(expires_secs(expires)),
             mailbox_floor: Cell::new(0),
@@ -227,6 +243,8 @@ pub(crate) struct Settings {
     pub(crate) topic_history: Option<Arc<History>>,
     /// This shard's share of `history_max_bytes`.
     pub(crate) history_max_bytes: usize,
+    /// The connection events an upstream sink gets (`None`: no sink, `up` is refused).
+    pub(crate) upstream: Option<EventFilter>,
 }
 
 impl Settings {
@@ -286,6 +304,15 @@ pub(crate) enum Action {
     Write { conn: ConnId, frame: Bytes },
     /// A welcomed connection's `hello`: write it, then start reading the connection.
     Hello { conn: ConnId, frame: Bytes },
+    /// Hand a client's `up` to the upstream sink; answer `conn` with the `ack` (`mid`) once
+    /// the sink has delivered it, `err unavailable` if it cannot.
+    Upstream {
+        conn: ConnId,
+        id: Option<Box<RawValue>>,
+        event: UpstreamEvent,
+    },
+    /// Hand a connection event to the upstream sink (no answer).
+    Event(UpstreamEvent),
     /// Close a connection of this shard (if still open) with `code`.
     Close {
         conn: ConnId,
@@ -421,11 +448,45 @@ impl<P: Peer> ShardCore<P> {
                 welcome: self.settings.streams_mailboxes(),
             }));
         }
+        let connected = Happening::Connect(self.device(peer, &user));
+        self.upstream_event(EventKind::Connect, connected, now, out);
         if self.settings.streams_mailboxes() {
             peer.state().mailbox_floor.set(NOT_WELCOMED);
             return Greeting::AfterWelcome;
         }
         Greeting::Hello(self.hello(peer, &user, None))
+    }
+
+    /// The upstream records' view of a connection.
+    fn device(&self, peer: &P, user: &Arc<str>) -> Device {
+        Device {
+            user: user.clone(),
+            dev: peer.state().device.clone(),
+            conn: peer.id(),
+        }
+    }
+
+    /// An upstream record made now, stamped with a message id.
+    fn upstream_record(&mut self, what: Happening, now: Now) -> UpstreamEvent {
+        let (mid, ts) = self.stamp(now);
+        UpstreamEvent {
+            mid,
+            node: self.settings.node_id.clone(),
+            ts,
+            what,
+        }
+    }
+
+    /// Hands a connection event to the sink when there is one and it forwards `kind`.
+    fn upstream_event(&mut self, kind: EventKind, what: Happening, now: Now, out: &mut Actions) {
+        if self
+            .settings
+            .upstream
+            .is_some_and(|events| events.forwards(kind))
+        {
+            let record = self.upstream_record(what, now);
+            out.push(Action::Event(record));
+        }
     }
 
     fn hello(&self, peer: &P, user: &str, mailbox: Option<StreamPos<'_>>) -> Bytes {
@@ -443,7 +504,15 @@ impl<P: Peer> ShardCore<P> {
     /// A connection left: out of every table; a topic's last local subscriber leaving tells
     /// the topic's home shard, and the user's home shard and the bus forget the device.
     /// Called exactly once per [`open`](Self::open).
-    pub(crate) fn close(&mut self, peer: &P, out: &mut Actions) {
+    /// `closed` is the close code and reason the connection ended with (its `disconnect`
+    /// record).
+    pub(crate) fn close(
+        &mut self,
+        peer: &P,
+        closed: (u16, &'static str),
+        now: Now,
+        out: &mut Actions,
+    ) {
         self.metrics.connections.add(-1);
         let conn = peer.id();
         for topic in peer.state().topics.take() {
@@ -466,6 +535,14 @@ impl<P: Peer> ShardCore<P> {
                 conn,
             },
         });
+        let (code, reason) = closed;
+        let device = self.device(peer, &user.clone());
+        let disconnected = Happening::Disconnect {
+            device,
+            code,
+            reason: reason.into(),
+        };
+        self.upstream_event(EventKind::Disconnect, disconnected, now, out);
         if self.settings.clustered {
             out.push(Action::Bus(Control::DeviceOffline {
                 user: user.clone(),
@@ -624,6 +701,45 @@ impl<P: Peer> ShardCore<P> {
                     reach,
                 });
                 Some(render::ack(id, Some(mid)))
+            }
+            Request::Up { data, stream } => {
+                let stream = stream.unwrap_or(Cow::Borrowed("up"));
+                if !valid_name(&stream, max_name) {
+                    return refuse(
+                        Rejection::BadName,
+                        ErrorCode::BadRequest,
+                        "invalid stream name",
+                    );
+                }
+                if !state.up.allows(&stream) {
+                    return refuse(
+                        Rejection::Forbidden,
+                        ErrorCode::Forbidden,
+                        "token does not allow up messages to this stream",
+                    );
+                }
+                if self.settings.upstream.is_none() {
+                    return refuse(
+                        Rejection::UpUnavailable,
+                        ErrorCode::Unavailable,
+                        "no upstream sink is configured on this node",
+                    );
+                }
+                let user = state.user().expect("only user sessions handle requests");
+                let device = self.device(peer, user);
+                let what = Happening::Up {
+                    device,
+                    stream: Arc::from(&*stream),
+                    data: data.to_owned(),
+                };
+                let event = self.upstream_record(what, now);
+                tracing::debug!(mid = event.mid, conn = peer.id(), "up message");
+                out.push(Action::Upstream {
+                    conn: peer.id(),
+                    id: id.map(RawValue::to_owned),
+                    event,
+                });
+                None
             }
             Request::Resume { since } => {
                 let Some(user) = state.user().filter(|_| self.settings.mailbox.is_some()) else {
@@ -1217,6 +1333,8 @@ mod tests {
         streamed: Vec<(Route, Message, Option<ConnId>)>,
         /// Streams read from Redis for resumes (clustered).
         reads: Vec<(StreamKey, ConnId)>,
+        /// Records handed to the upstream sink.
+        upstream: Vec<UpstreamEvent>,
         bus_up: bool,
         now: Now,
         next_seq: u64,
@@ -1234,6 +1352,7 @@ mod tests {
             mailbox: None,
             topic_history: None,
             history_max_bytes: 1 << 20,
+            upstream: None,
         }
     }
 
@@ -1278,6 +1397,7 @@ mod tests {
                 bus: Vec::new(),
                 streamed: Vec::new(),
                 reads: Vec::new(),
+                upstream: Vec::new(),
                 bus_up: false,
                 now: Now {
                     instant: Instant::now(),
@@ -1345,6 +1465,9 @@ mod tests {
                     Action::Write { conn, frame } | Action::Hello { conn, frame } => {
                         self.written.push((conn, frame_text(&frame)));
                     }
+                    Action::Upstream { event, .. } | Action::Event(event) => {
+                        self.upstream.push(event);
+                    }
                 }
             }
         }
@@ -1382,6 +1505,7 @@ mod tests {
                 user: user.into(),
                 device: None,
                 publish: PublishRights::from_patterns(vec!["news.*".into()]),
+                up: PublishRights::from_patterns(vec!["up".into()]),
                 expires: None,
             };
             let peer = Rc::new(TestPeer {
@@ -1401,7 +1525,8 @@ mod tests {
 
         fn disconnect(&mut self, peer: &Handle) {
             let mut actions = Actions::new();
-            self.cores[shard_of(peer.id)].close(peer, &mut actions);
+            let closed = (close::NORMAL, "peer");
+            self.cores[shard_of(peer.id)].close(peer, closed, self.now, &mut actions);
             self.apply(actions);
             self.settle();
         }
@@ -1730,6 +1855,7 @@ mod tests {
             user: "alice".into(),
             device: None,
             publish: PublishRights::none(),
+            up: PublishRights::none(),
             expires: Some(wall_now + 60),
         };
         let alice = Rc::new(TestPeer {
@@ -1855,6 +1981,7 @@ mod tests {
             user: "dora".into(),
             device: None,
             publish: PublishRights::none(),
+            up: PublishRights::none(),
             expires: None,
         };
         let dora = Rc::new(TestPeer {
@@ -2143,5 +2270,65 @@ mod tests {
         let bob = plain.connect(0, "bob");
         let reply = json(&plain.request(&bob, r#"{"op":"resume","since":{"seq":0}}"#));
         assert_eq!(reply["code"], "not_found");
+    }
+
+    #[test]
+    fn up_messages_and_connection_events_go_to_the_upstream_sink() {
+        let mut node = TestNode::with(
+            2,
+            Settings {
+                upstream: Some(EventFilter::default()),
+                ..settings(false)
+            },
+        );
+        let alice = node.connect(1, "alice");
+        assert!(matches!(
+            &node.upstream[..],
+            [UpstreamEvent { what: Happening::Connect(Device { conn, .. }), .. }] if *conn == alice.id
+        ));
+        node.upstream.clear();
+        assert_eq!(
+            node.ask(&alice, r#"{"op":"up","id":7,"data":{"x":[1, 2]}}"#),
+            None
+        );
+        match &node.upstream[..] {
+            [UpstreamEvent {
+                what:
+                    Happening::Up {
+                        stream,
+                        data,
+                        device,
+                    },
+                node: from,
+                ..
+            }] => {
+                assert_eq!(
+                    (&**stream, data.get(), &**from),
+                    ("up", r#"{"x":[1, 2]}"#, "test-node")
+                );
+                assert_eq!(&*device.user, "alice");
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = node.request(&alice, r#"{"op":"up","id":8,"stream":"audit","data":1}"#);
+        assert!(refused.contains(r#""code":"forbidden""#), "{refused}");
+        let refused = node.request(&alice, r#"{"op":"up","id":9}"#);
+        assert!(refused.contains(r#""code":"bad_request""#), "{refused}");
+        node.upstream.clear();
+        node.disconnect(&alice);
+        assert!(matches!(
+            &node.upstream[..],
+            [UpstreamEvent {
+                what: Happening::Disconnect { code: 1000, .. },
+                ..
+            }]
+        ));
+
+        // Without a sink, up is refused at once and no events are made.
+        let mut plain = TestNode::new(1, false);
+        let bob = plain.connect(0, "bob");
+        let reply = plain.request(&bob, r#"{"op":"up","id":1,"data":1}"#);
+        assert!(reply.contains(r#""code":"unavailable""#), "{reply}");
+        assert!(plain.upstream.is_empty());
     }
 }

@@ -36,7 +36,7 @@ pub(crate) mod core;
 pub(crate) mod schedule;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use ahash::RandomState;
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use smallvec::SmallVec;
 
 use self::core::{Action, Actions, Fanout, Greeting, Now, Peer, PeerState, Settings, ShardCore};
@@ -53,12 +54,15 @@ use crate::auth::Authenticator;
 use crate::cluster::{Bus, StreamRead};
 use crate::config::{Config, NodeIdentity};
 use crate::history::{Retention, StreamKey};
-use crate::metrics::{self, HandshakeRefusal, LogLimiter, ShardMetrics};
+use crate::metrics::{self, HandshakeRefusal, LogLimiter, Rejection, ShardMetrics};
+use crate::protocol::{render, ErrorCode};
 use crate::reactor::{self, Doorbell, Reactor, Ready};
 use crate::router::{conn_id, ConnId, Envelope, Inbox, Router};
 use crate::session::{
     Admission, Conn, Env, Gate, Handshake, HandshakeOutcome, Pushed, ReadOutcome,
 };
+use crate::upstream::webhook::{Ticket, WebhookSender};
+use crate::upstream::UpstreamEvent;
 use crate::ws::{close, HttpRefusal};
 
 /// Sockets written per fan-out turn before the shard yields to its other tasks.
@@ -101,6 +105,16 @@ pub(crate) struct ShardSetup {
     pub(crate) admission: Arc<Admission>,
     /// This shard's metrics.
     pub(crate) metrics: Arc<ShardMetrics>,
+    /// The upstream sink (`up` messages, connection events), when one is configured.
+    pub(crate) upstream: Option<WebhookSender>,
+}
+
+/// A client's `up` waiting for its sink's answer.
+struct PendingUp {
+    conn: ConnId,
+    id: Option<Box<RawValue>>,
+    mid: u64,
+    ticket: Ticket,
 }
 
 /// A client connection as the shard holds it: its socket and what the core keeps of it.
@@ -211,6 +225,12 @@ struct Shard {
     accept_warnings: LogLimiter,
     /// Connections still to close while draining.
     drain: RefCell<Drain>,
+    upstream: Option<WebhookSender>,
+    /// `up` messages waiting for their sink's answer, oldest first (the sink answers in
+    /// order); bounded by the sink's queue.
+    pending_up: RefCell<VecDeque<PendingUp>>,
+    /// The task that answers them, woken when one is queued.
+    up_answerer: Cell<Option<Waker>>,
 }
 
 impl Shard {
@@ -226,6 +246,7 @@ impl Shard {
             bus,
             admission,
             metrics,
+            upstream,
         } = setup;
         let settings = Settings {
             node_id: identity.id.clone(),
@@ -239,6 +260,7 @@ impl Shard {
             mailbox: config.mailbox_retention(),
             topic_history: Some(Arc::new(config.history.clone())),
             history_max_bytes: config.history_max_bytes_per_shard(),
+            upstream: upstream.is_some().then_some(config.upstream_events),
         };
         let homes = router.mesh().homes().clone();
         let epoch_seed = ahash::RandomState::new().hash_one(index);
@@ -271,6 +293,9 @@ impl Shard {
             spare: RefCell::new(open_spare()),
             accept_warnings: LogLimiter::new(ACCEPT_WARN_INTERVAL),
             drain: RefCell::default(),
+            upstream,
+            pending_up: RefCell::default(),
+            up_answerer: Cell::new(None),
             config,
             auth,
             router,
@@ -335,6 +360,13 @@ impl Shard {
                     }
                 }
                 Action::Hello { conn, frame } => self.greet(conn, &frame),
+                Action::Upstream { conn, id, event } => self.hand_up(conn, id, event),
+                Action::Event(event) => {
+                    if let Some(sink) = &self.upstream {
+                        // Refusals (a full queue) are counted by the sink.
+                        let _ = sink.try_send_unacked(event);
+                    }
+                }
                 Action::Close { conn, code, reason } => self.close_conn(conn, code, reason),
             }
         }
@@ -376,6 +408,35 @@ impl Shard {
             mesh.to_shard(index, answer, &metrics);
         })
         .detach();
+    }
+
+    /// Hands a client's `up` to the sink; its answer comes from [`upstream_loop`] once the
+    /// sink has delivered it, or at once when the sink refuses it.
+    fn hand_up(&self, conn: ConnId, id: Option<Box<RawValue>>, event: UpstreamEvent) {
+        let mid = event.mid;
+        let accepted = self.upstream.as_ref().map(|sink| sink.try_send(event));
+        match accepted {
+            Some(Ok(ticket)) => {
+                let pending = PendingUp {
+                    conn,
+                    id,
+                    mid,
+                    ticket,
+                };
+                self.pending_up.borrow_mut().push_back(pending);
+                if let Some(waker) = self.up_answerer.take() {
+                    waker.wake();
+                }
+            }
+            _ => {
+                self.metrics.rejected(Rejection::UpUnavailable);
+                let refusal = "the upstream sink is full or stopped; retry";
+                let err = render::err(id.as_deref(), ErrorCode::Unavailable, refusal);
+                if let Some(client) = self.open_conn(conn) {
+                    self.push(&client, &err);
+                }
+            }
+        }
     }
 
     /// Asks an open connection of this shard to close with `code`.
@@ -674,8 +735,15 @@ impl Shard {
     fn unregister(&self, client: &Handle) {
         self.awaiting_hello.borrow_mut().remove(&client.conn.id);
         client.conn.release_incomplete(self.env());
+        let (code, reason) = client
+            .conn
+            .close_request()
+            .unwrap_or((close::GOING_AWAY, metrics::Close::Peer));
         let mut actions = Actions::new();
-        self.core.borrow_mut().close(client, &mut actions);
+        let closed = (code, reason.label());
+        self.core
+            .borrow_mut()
+            .close(client, closed, Now::read(), &mut actions);
         self.apply(actions);
     }
 
@@ -893,6 +961,9 @@ pub(crate) async fn run(index: usize, setup: ShardSetup, listener: OwnedFd, inbo
     glommio::spawn_local(event_loop(shard.clone())).detach();
     glommio::spawn_local(sweep_loop(shard.clone())).detach();
     glommio::spawn_local(inbox_loop(shard.clone(), inbox)).detach();
+    if shard.upstream.is_some() {
+        glommio::spawn_local(upstream_loop(shard.clone())).detach();
+    }
 
     shard.stopping.wait().await;
     let grace = Duration::from_millis(shard.config.grace_period_ms);
@@ -957,6 +1028,40 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: Inbox) {
     }
 }
 
+/// Answers `up` messages as their sink answers them: `ack` with the `mid` once delivered,
+/// `err unavailable` when the sink gave up (retries exhausted, refused, stopped).
+async fn upstream_loop(shard: Rc<Shard>) {
+    loop {
+        let next =
+            futures_lite::future::poll_fn(|cx| match shard.pending_up.borrow_mut().pop_front() {
+                Some(pending) => Poll::Ready(pending),
+                None => {
+                    shard.up_answerer.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+        let PendingUp {
+            conn,
+            id,
+            mid,
+            ticket,
+        } = next;
+        let frame = match ticket.await {
+            Ok(()) => render::ack(id.as_deref(), Some(mid)),
+            Err(undelivered) => {
+                shard.metrics.rejected(Rejection::UpUnavailable);
+                let msg =
+                    format!("the upstream sink could not deliver it ({undelivered:?}); retry");
+                render::err(id.as_deref(), ErrorCode::Unavailable, &msg)
+            }
+        };
+        if let Some(client) = shard.open_conn(conn) {
+            shard.push(&client, &frame);
+        }
+    }
+}
+
 async fn sweep_loop(shard: Rc<Shard>) {
     let mut sweeps = 0u32;
     loop {
@@ -979,6 +1084,6 @@ mod tests {
         // The connection (see session.rs) plus what the core keeps: every byte here is paid
         // once per connection.
         let size = std::mem::size_of::<Client>();
-        assert!(size <= 160, "{size}");
+        assert!(size <= 192, "{size}");
     }
 }

@@ -8,9 +8,11 @@
 //! who may send what: the shards build the records (taking the id from their message-id
 //! generator) and hand them to a sink's handle, which never blocks them.
 //!
-//! Status: the record and the webhook sink are built and tested on their own; the `up` op,
-//! the connection events and the Redis Streams sink that feed them are issue 13's next
-//! step, so a node does not start a sink yet.
+//! Status: a node with `webhook_url` starts the webhook sink and feeds it every client `up`
+//! (acked once delivered, `err unavailable` when it cannot be) and the `connect` and
+//! `disconnect` events its shards make. `online`/`offline` (decided where routes are, in
+//! Redis when clustered), `sub`/`unsub` events and the Redis Streams sink are issue 13's
+//! next steps.
 //!
 //! # The record
 //! One JSON object per record, fields in this order, optional ones left out when absent:
