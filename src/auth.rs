@@ -45,9 +45,11 @@ pub struct Identity {
 pub struct PublishRights(Option<Arc<[Box<str>]>>);
 
 impl PublishRights {
-    /// Publish anywhere (dev mode).
+    /// Publish anywhere (dev mode). Every connection shares one list: a dev node's
+    /// connections pay a reference count for their rights, not an allocation.
     pub fn all() -> Self {
-        PublishRights(Some(Arc::from(vec![Box::from("*")])))
+        static ALL: std::sync::OnceLock<Arc<[Box<str>]>> = std::sync::OnceLock::new();
+        PublishRights(Some(ALL.get_or_init(|| Arc::from(vec![Box::from("*")])).clone()))
     }
 
     /// Publish nowhere.
