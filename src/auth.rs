@@ -49,7 +49,9 @@ impl PublishRights {
     /// connections pay a reference count for their rights, not an allocation.
     pub fn all() -> Self {
         static ALL: std::sync::OnceLock<Arc<[Box<str>]>> = std::sync::OnceLock::new();
-        PublishRights(Some(ALL.get_or_init(|| Arc::from(vec![Box::from("*")])).clone()))
+        PublishRights(Some(
+            ALL.get_or_init(|| Arc::from(vec![Box::from("*")])).clone(),
+        ))
     }
 
     /// Publish nowhere.
