@@ -109,8 +109,9 @@ test("errors from the server reject with their code", { timeout: 20000 }, async 
   const bad = c.subscribe("", () => {});
   await assert.rejects(bad.ready, (e) => e instanceof ShardcastError && e.code === "bad_request");
   await assert.rejects(c.send("", 1), { code: "bad_request" });
-  // `up` is protocol v1.1: a v1 node refuses the op, and the refusal reaches the caller.
-  await assert.rejects(c.up({ x: 1 }), { code: "bad_request" });
+  // `up` on a node without an upstream sink: refused `unavailable`, and the refusal
+  // reaches the caller.
+  await assert.rejects(c.up({ x: 1 }), { code: "unavailable" });
   c.disconnect();
 });
 
