@@ -477,6 +477,23 @@ impl<P: Peer> ShardCore<P> {
         }
     }
 
+    /// A `sub` or `unsub` record, when the sink forwards them (`upstream_events`).
+    fn topic_event(&mut self, kind: EventKind, peer: &P, topic: &str, now: Now, out: &mut Actions) {
+        let forwarded = self
+            .settings
+            .upstream
+            .is_some_and(|events| events.forwards(kind));
+        let Some(user) = peer.state().user().filter(|_| forwarded) else {
+            return;
+        };
+        let (device, topic) = (self.device(peer, user), Arc::from(topic));
+        let what = match kind {
+            EventKind::Sub => Happening::Sub { device, topic },
+            _ => Happening::Unsub { device, topic },
+        };
+        self.upstream_event(kind, what, now, out);
+    }
+
     /// Hands a connection event to the sink when there is one and it forwards `kind`.
     fn upstream_event(&mut self, kind: EventKind, what: Happening, now: Now, out: &mut Actions) {
         if self
@@ -616,6 +633,7 @@ impl<P: Peer> ShardCore<P> {
                         );
                     }
                     self.add_subscriber(peer, &topic, out);
+                    self.topic_event(EventKind::Sub, peer, &topic, now, out);
                 }
                 match since {
                     None => Some(render::ack(id, None)),
@@ -631,6 +649,7 @@ impl<P: Peer> ShardCore<P> {
                     );
                 }
                 self.remove_subscriber(&topic, peer.id(), out);
+                self.topic_event(EventKind::Unsub, peer, &topic, now, out);
                 Some(render::ack(id, None))
             }
             Request::Pub { topic, data } => {
@@ -2323,6 +2342,32 @@ mod tests {
                 ..
             }]
         ));
+
+        // sub and unsub records only when upstream_events asks for them.
+        let carl = node.connect(0, "carl");
+        node.upstream.clear();
+        node.request(&carl, r#"{"op":"sub","topic":"news.x"}"#);
+        assert!(node.upstream.is_empty(), "not forwarded by default");
+        for core in &mut node.cores {
+            let kinds = [EventKind::Sub, EventKind::Unsub];
+            core.settings.upstream = Some(EventFilter::of(&kinds));
+        }
+        node.request(&carl, r#"{"op":"sub","topic":"news.y"}"#);
+        node.request(&carl, r#"{"op":"sub","topic":"news.y"}"#);
+        node.request(&carl, r#"{"op":"unsub","topic":"news.y"}"#);
+        let topics: Vec<(EventKind, &str)> = node
+            .upstream
+            .iter()
+            .map(|e| match &e.what {
+                Happening::Sub { topic, .. } => (EventKind::Sub, &**topic),
+                Happening::Unsub { topic, .. } => (EventKind::Unsub, &**topic),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            topics,
+            [(EventKind::Sub, "news.y"), (EventKind::Unsub, "news.y")]
+        );
 
         // Without a sink, up is refused at once and no events are made.
         let mut plain = TestNode::new(1, false);

@@ -9,10 +9,10 @@
 //! generator) and hand them to a sink's handle, which never blocks them.
 //!
 //! Status: a node with `webhook_url` starts the webhook sink and feeds it every client `up`
-//! (acked once delivered, `err unavailable` when it cannot be) and the `connect` and
-//! `disconnect` events its shards make. `online`/`offline` (decided where routes are, in
-//! Redis when clustered), `sub`/`unsub` events and the Redis Streams sink are issue 13's
-//! next steps.
+//! (acked once delivered, `err unavailable` when it cannot be) and the `connect`,
+//! `disconnect`, `sub` and `unsub` events its shards make (as `upstream_events` says).
+//! `online`/`offline` (decided where routes are, in Redis when clustered) and the Redis
+//! Streams sink are issue 13's next steps.
 //!
 //! # The record
 //! One JSON object per record, fields in this order, optional ones left out when absent:
