@@ -102,11 +102,12 @@ fn refused_credentials_close_with_4401_or_4402_for_subprotocol_clients() {
         tungstenite::Error::Http(response) => assert_eq!(response.status(), 401),
         other => panic!("expected HTTP 401, got {other}"),
     }
+    // Counted once the answer is written: the client can read it first.
     let metrics = node.node().metrics();
-    let unauthorized = metrics.sum(|s| {
-        s.handshakes_refused[shardcast::metrics::HandshakeRefusal::Unauthorized as usize].get()
+    let unauthorized = shardcast::metrics::HandshakeRefusal::Unauthorized as usize;
+    eventually("four refusals counted", || {
+        metrics.sum(|s| s.handshakes_refused[unauthorized].get()) == 4
     });
-    assert_eq!(unauthorized, 4);
 }
 
 #[test]
