@@ -259,11 +259,10 @@ fn mailboxes_off_keeps_v1_frames() {
     assert_eq!(reply["code"], "not_found");
 }
 
-/// Measurement, not a check: how long a device that missed 1,000 messages takes from its
-/// `resume` to the last replayed one. Run with
-/// `cargo test --release --test streams -- --ignored --nocapture resume_of_a_thousand`.
+/// A device that missed 1,000 messages gets them all, in order; prints how long from its
+/// `resume` to the ack after the last (BENCHMARKS.md: `MEASURE_SCALE=5 cargo test
+/// --release --test streams -- --nocapture resume_of_a_thousand`, one resume per scale).
 #[test]
-#[ignore]
 fn resume_of_a_thousand_missed_messages() {
     let mut config = streaming_config();
     config.mailbox_size = 1_000;
@@ -274,13 +273,13 @@ fn resume_of_a_thousand_missed_messages() {
     }
     await_mailbox(&node, "reader", 1_000);
     let mut times = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..measure_scale() {
         let mut reader = Client::dev(&node, "reader");
         let started = std::time::Instant::now();
         reader.send(json!({"op":"resume","id":"r","since":{"seq":0}}));
         let (replayed, _) = until_ack(&mut reader, "r");
         times.push(started.elapsed());
-        assert_eq!(replayed.len(), 1_000);
+        assert_eq!(seqs(&replayed), (1..=1_000).collect::<Vec<u64>>());
     }
     times.sort();
     println!("resume of 1,000 missed messages, resume to ack after the last: {times:?}");

@@ -583,6 +583,17 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
+/// How much bigger than their quick in-suite size the measuring tests run (`MEASURE_SCALE`,
+/// default 1): BENCHMARKS.md quotes them at the scale it names. Not a `SHARDCAST_*`
+/// variable, which the `shardcast serve` children would read as a setting.
+pub fn measure_scale() -> u64 {
+    std::env::var("MEASURE_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// Waits until the stream a history endpoint (`history`, e.g.
 /// `/v1/users/alice/history?limit=1`) reads stands at `seq` (publishing is asynchronous).
 pub fn await_stream(api: SocketAddr, history: &str, seq: u64) {
