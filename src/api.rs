@@ -48,10 +48,11 @@ use crate::cluster::{Bus, StreamRead};
 use crate::config::{Config, NodeIdentity, MAX_STREAM_SIZE};
 use crate::history::{self, StreamKey};
 use crate::metrics::{ApiTimeout, LogLimiter};
-use crate::metrics::{NodeMetrics, UpstreamMetrics, UpstreamReading};
+use crate::metrics::{NodeMetrics, UpstreamReading};
 use crate::publish::{Publisher, Target};
 use crate::router::Router;
 use crate::session::Admission;
+use crate::upstream::Sink;
 use crate::ws::HttpRefusal;
 
 type Body = Full<Bytes>;
@@ -216,8 +217,8 @@ pub(crate) struct ApiContext {
     /// The draining flag (readiness, publish refusal).
     pub(crate) admission: Arc<Admission>,
     pub(crate) metrics: NodeMetrics,
-    /// The upstream webhook's metrics, when one is configured.
-    pub(crate) upstream: Option<Arc<UpstreamMetrics>>,
+    /// The upstream sink, when one is configured (for its metrics).
+    pub(crate) upstream: Option<Sink>,
 }
 
 /// An API error: status, code and message.
@@ -595,15 +596,7 @@ impl ApiContext {
     }
 
     fn metrics(&self) -> Response<Body> {
-        // No upstream sink is handed to the API yet (issue 13's integration adds them).
-        let sinks: Vec<UpstreamReading<'_>> = self
-            .upstream
-            .iter()
-            .map(|metrics| UpstreamReading {
-                sink: "webhook",
-                metrics,
-            })
-            .collect();
+        let sinks: Vec<UpstreamReading<'_>> = self.upstream.iter().map(Sink::reading).collect();
         let text = crate::metrics::render_prometheus(
             &self.metrics,
             self.bus.as_ref().map(Bus::reading),

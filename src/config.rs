@@ -230,6 +230,16 @@ pub struct Config {
     /// counted, without a try if it queued that long behind a failing backend. Every `up`
     /// is answered within this plus one `webhook_timeout_ms`. Default 30000.
     pub webhook_retry_max_ms: u64,
+    /// Where upstream records go: `webhook` (POSTs to `webhook_url`, any mode), `redis`
+    /// (Redis Streams `P:up:NAME` and `P:events`, clustered nodes only, see
+    /// [`crate::upstream::redis_streams`]) or `none`. Default `webhook` when `webhook_url`
+    /// is set, else `none`. Every node of a cluster should name the same sink: `online` and
+    /// `offline` are decided in Redis, where each node's setting says what is tracked.
+    pub upstream_sink: Option<SinkKind>,
+    /// Entries each upstream Redis stream keeps about (`XADD … MAXLEN ~`): older ones are
+    /// trimmed whether read or not, so a backend that stops reading costs Redis a bounded
+    /// amount of memory. Default 1000000 (about 200 MB per stream at 200-byte records).
+    pub upstream_stream_maxlen: u64,
     /// Connection events that go upstream: any of `connect`, `disconnect`, `online`,
     /// `offline`, `sub`, `unsub`, as a list, or comma-separated in
     /// `SHARDCAST_UPSTREAM_EVENTS`. Default `connect`, `disconnect`, `online`, `offline`:
@@ -334,6 +344,18 @@ pub struct ConnectionLimit {
     pub lowered: bool,
 }
 
+/// An upstream sink (the `upstream_sink` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// No sink: `up` is refused, connection events go nowhere.
+    None,
+    /// The HTTP webhook ([`crate::upstream::webhook`]).
+    Webhook,
+    /// Redis Streams ([`crate::upstream::redis_streams`]).
+    Redis,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -418,6 +440,8 @@ impl Default for Config {
             webhook_batch_linger_ms: 0,
             webhook_timeout_ms: 5000,
             webhook_retry_max_ms: 30_000,
+            upstream_sink: None,
+            upstream_stream_maxlen: 1_000_000,
             upstream_events: EventFilter::default(),
         }
     }
@@ -574,6 +598,7 @@ impl Config {
                 self.webhook_batch_max_bytes as u64,
             ),
             ("webhook_timeout_ms", self.webhook_timeout_ms),
+            ("upstream_stream_maxlen", self.upstream_stream_maxlen),
             ("webhook_retry_max_ms", self.webhook_retry_max_ms),
         ];
         for (name, value) in positive {
@@ -633,10 +658,30 @@ impl Config {
                 ));
             }
         }
+        match self.upstream_sink {
+            Some(SinkKind::Webhook) if self.webhook_url.is_none() => {
+                problems.push("`upstream_sink` is `webhook` but no `webhook_url` is set".into())
+            }
+            Some(SinkKind::Redis) if self.redis.is_none() => problems.push(
+                "`upstream_sink` is `redis` but no `redis` is set (a lone node has the webhook)"
+                    .into(),
+            ),
+            _ => {}
+        }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The upstream sink this node runs: `upstream_sink`, or `webhook` when only
+    /// `webhook_url` is set.
+    pub fn sink(&self) -> SinkKind {
+        match (self.upstream_sink, &self.webhook_url) {
+            (Some(kind), _) => kind,
+            (None, Some(_)) => SinkKind::Webhook,
+            (None, None) => SinkKind::None,
         }
     }
 

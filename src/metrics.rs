@@ -234,8 +234,12 @@ label_enum! {
         /// The sink's queue was at its bound: refused at once (the `up` was answered
         /// `err unavailable`).
         QueueFull => "queue_full",
-        /// The backend answered a status other than 2xx, 429 and 5xx: sending the same
-        /// batch again would get the same answer.
+        /// The backend was known to be unreachable (Redis down): refused at once, as
+        /// `queue_full`.
+        Unavailable => "unavailable",
+        /// The backend refused it: the webhook answered a status other than 2xx, 429 and
+        /// 5xx (sending the same batch again would get the same answer), or Redis answered
+        /// the append with an error.
         Rejected => "rejected",
         /// Not delivered within the retry time of being accepted: the backend kept failing
         /// (connect errors, timeouts, 429, 5xx), or the record queued behind batches that did.
@@ -249,7 +253,7 @@ label_enum! {
 /// writes them, and the callers count what they were refused).
 ///
 /// Every record accepted is settled once: `appended = delivered + dropped (all reasons but
-/// queue_full) + queue_depth`.
+/// queue_full and unavailable) + queue_depth`.
 #[derive(Debug, Default)]
 pub struct UpstreamMetrics {
     /// Records accepted into the queue.
@@ -284,11 +288,11 @@ impl UpstreamMetrics {
         self.drops[reason as usize].get()
     }
 
-    /// Records accepted and then given up (all drops but `queue_full`).
+    /// Records accepted and then given up (all drops but `queue_full` and `unavailable`).
     pub fn failed(&self) -> u64 {
         UpstreamDrop::ALL
             .iter()
-            .filter(|reason| **reason != UpstreamDrop::QueueFull)
+            .filter(|reason| !matches!(reason, UpstreamDrop::QueueFull | UpstreamDrop::Unavailable))
             .map(|reason| self.drops(*reason))
             .sum()
     }
@@ -870,7 +874,7 @@ const UPSTREAM_TOTALS: &[Total<UpstreamMetrics>] = &[
 
 const UPSTREAM_FAMILIES: &[Labelled<UpstreamMetrics>] = &[(
     "upstream_dropped",
-    "Upstream records not delivered, by reason (all but queue_full were accepted first)",
+    "Upstream records not delivered, by reason (all but queue_full and unavailable were accepted first)",
     "reason",
     UpstreamDrop::LABELS,
     |u, i| u.drops[i].get(),

@@ -18,15 +18,17 @@ use crate::api::{ApiContext, ApiServer};
 use crate::auth::Authenticator;
 use crate::cluster::bridge::{self, BridgeSetup};
 use crate::cluster::{redis_layout, Bus};
-use crate::config::{Config, ConfigError, NodeIdentity};
+use crate::config::{Config, ConfigError, NodeIdentity, SinkKind, MAX_SHARDS};
 use crate::metrics::NodeMetrics;
 use crate::metrics::UpstreamMetrics;
-use crate::protocol;
+use crate::protocol::{self, SharedMidGenerator};
 use crate::publish::{Publisher, Streamed};
 use crate::router::{Mesh, Router, Uplink};
 use crate::session::Admission;
 use crate::shard::{self, ShardSetup};
+use crate::upstream::redis_streams::RedisStreamsSender;
 use crate::upstream::webhook::{Webhook, WebhookConfig};
+use crate::upstream::Sink;
 
 /// Bytes of glommio I/O memory per shard. Sockets do not use it (they are driven by the
 /// shard's epoll set); keeping it small keeps many nodes per host under RLIMIT_MEMLOCK.
@@ -81,6 +83,9 @@ pub struct Node {
     bus: Option<Bus>,
     admission: Arc<Admission>,
     streamed: Streamed,
+    /// Message ids made outside the shards: one generator for the whole node, so two
+    /// publishers never make the same id.
+    mids: Arc<SharedMidGenerator>,
     executors: Vec<ExecutorJoinHandle<()>>,
     bridge: Option<std::thread::JoinHandle<()>>,
     /// The upstream webhook sink, when configured.
@@ -159,6 +164,25 @@ impl Node {
             config.dev,
             config.max_name_bytes,
         ));
+        let webhook = match config.sink() {
+            SinkKind::Webhook => WebhookConfig::from_config(&config)
+                .map_err(|error| StartError::Upstream(std::io::Error::other(error)))?
+                .map(|sink| Webhook::start(sink, Arc::new(UpstreamMetrics::default())))
+                .transpose()
+                .map_err(StartError::Upstream)?,
+            SinkKind::Redis | SinkKind::None => None,
+        };
+        let upstream = match (config.sink(), &webhook, &bus) {
+            (SinkKind::Webhook, Some(webhook), _) => Some(Sink::Webhook(webhook.sender())),
+            (SinkKind::Redis, _, Some(bus)) => Some(Sink::Redis(RedisStreamsSender::new(
+                bus.clone(),
+                Arc::new(UpstreamMetrics::default()),
+            ))),
+            _ => None,
+        };
+        // Message ids made outside the shards (the API's publications, the bridge's
+        // presence events) take the shard number past the last shard's.
+        let mids = Arc::new(SharedMidGenerator::new(identity.number, MAX_SHARDS));
         let bridge = bridge_ends
             .map(|ends| {
                 let setup = BridgeSetup {
@@ -166,17 +190,13 @@ impl Node {
                     identity: identity.clone(),
                     router: router.clone(),
                     metrics: metrics.clone(),
+                    upstream: upstream.clone(),
+                    mids: mids.clone(),
                 };
                 bridge::spawn(setup, ends)
             })
             .transpose()
             .map_err(StartError::Bridge)?;
-        let webhook = WebhookConfig::from_config(&config)
-            .map_err(|error| StartError::Upstream(std::io::Error::other(error)))?
-            .map(|sink| Webhook::start(sink, Arc::new(UpstreamMetrics::default())))
-            .transpose()
-            .map_err(StartError::Upstream)?;
-        let upstream = webhook.as_ref().map(Webhook::sender);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut executors = Vec::with_capacity(shards);
         for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
@@ -215,14 +235,14 @@ impl Node {
                     router.clone(),
                     bus.clone(),
                     metrics.clone(),
-                    identity.number,
+                    mids.clone(),
                     streamed.clone(),
                 ),
                 router: router.clone(),
                 bus: bus.clone(),
                 admission: admission.clone(),
                 metrics: metrics.clone(),
-                upstream: webhook.as_ref().map(|sink| sink.metrics().clone()),
+                upstream: upstream.clone(),
             },
         )
         .map_err(StartError::Api)?;
@@ -247,6 +267,7 @@ impl Node {
             bus,
             admission,
             streamed,
+            mids,
             executors,
             bridge,
             webhook,
@@ -281,7 +302,7 @@ impl Node {
             self.router.clone(),
             self.bus.clone(),
             self.metrics.clone(),
-            self.identity.number,
+            self.mids.clone(),
             self.streamed.clone(),
         )
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use crate::cluster::{Bus, Outbound, StreamedMessage};
-use crate::config::{History, MAX_SHARDS};
+use crate::config::History;
 use crate::metrics::{self, NodeMetrics};
 use crate::protocol::{self, render, SharedMidGenerator};
 use crate::router::{Envelope, Message, Reach, Route, Router, Template};
@@ -63,22 +63,21 @@ pub struct Publisher {
     router: Router,
     bus: Option<Bus>,
     metrics: NodeMetrics,
-    mids: SharedMidGenerator,
+    mids: Arc<SharedMidGenerator>,
     streamed: Streamed,
 }
 
 impl Publisher {
-    /// A publisher for node number `node_number` (message ids) routing through `router`;
-    /// kicks go through `bus` to the other nodes.
+    /// A publisher taking message ids from `mids` (the node's generator for ids made
+    /// outside the shards) and routing through `router`; kicks go through `bus` to the
+    /// other nodes.
     pub(crate) fn new(
         router: Router,
         bus: Option<Bus>,
         metrics: NodeMetrics,
-        node_number: u16,
+        mids: Arc<SharedMidGenerator>,
         streamed: Streamed,
     ) -> Self {
-        // The shard number past the last shard is reserved for ids made outside the shards.
-        let mids = SharedMidGenerator::new(node_number, MAX_SHARDS);
         Publisher {
             router,
             bus,

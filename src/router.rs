@@ -753,6 +753,15 @@ impl ShardMask {
     }
 }
 
+/// What [`Directory::device_online`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceAdded {
+    /// It is the user's only device (the user came online).
+    pub first: bool,
+    /// The oldest device, forgotten for the device limit: close it.
+    pub evicted: Option<ConnId>,
+}
+
 /// The home-shard directory: which shards hold each user's devices and each topic's
 /// subscribers, for the users and topics whose home is this shard. Pure data, no I/O.
 #[derive(Debug, Default)]
@@ -763,26 +772,33 @@ pub struct Directory {
 
 impl Directory {
     /// Records a new device; when the user now has more than `max_devices`, forgets the
-    /// oldest and returns it so the caller closes it (4001).
+    /// oldest so the caller closes it (4001).
     pub fn device_online(
         &mut self,
         user: Arc<str>,
         conn: ConnId,
         max_devices: usize,
-    ) -> Option<ConnId> {
+    ) -> DeviceAdded {
         let devices = self.users.entry(user).or_default();
         devices.push(conn);
-        (devices.len() > max_devices).then(|| devices.remove(0))
+        DeviceAdded {
+            first: devices.len() == 1,
+            evicted: (devices.len() > max_devices).then(|| devices.remove(0)),
+        }
     }
 
-    /// Forgets a device (no-op if it was already evicted).
-    pub fn device_offline(&mut self, user: &str, conn: ConnId) {
-        if let Some(devices) = self.users.get_mut(user) {
-            devices.retain(|c| *c != conn);
-            if devices.is_empty() {
-                self.users.remove(user);
-            }
+    /// Forgets a device (no-op if it was already evicted); `true` if it was the user's last.
+    pub fn device_offline(&mut self, user: &str, conn: ConnId) -> bool {
+        let Some(devices) = self.users.get_mut(user) else {
+            return false;
+        };
+        let before = devices.len();
+        devices.retain(|c| *c != conn);
+        let last = devices.is_empty() && before > 0;
+        if devices.is_empty() {
+            self.users.remove(user);
         }
+        last
     }
 
     /// The user's devices, oldest first.
@@ -839,17 +855,24 @@ mod tests {
     }
 
     #[test]
-    fn device_limit_evicts_oldest() {
+    fn device_limit_evicts_oldest_and_online_offline_follow_the_count() {
         let mut dir = Directory::default();
         let alice: Arc<str> = "alice".into();
-        assert_eq!(dir.device_online(alice.clone(), conn_id(0, 1), 2), None);
-        assert_eq!(dir.device_online(alice.clone(), conn_id(1, 1), 2), None);
+        let added = |first, evicted| DeviceAdded { first, evicted };
+        assert_eq!(
+            dir.device_online(alice.clone(), conn_id(0, 1), 2),
+            added(true, None)
+        );
+        assert_eq!(
+            dir.device_online(alice.clone(), conn_id(1, 1), 2),
+            added(false, None)
+        );
         assert_eq!(
             dir.device_online(alice.clone(), conn_id(0, 2), 2),
-            Some(conn_id(0, 1))
+            added(false, Some(conn_id(0, 1)))
         );
         assert_eq!(dir.devices("alice"), &[conn_id(1, 1), conn_id(0, 2)]);
-        dir.device_offline("alice", conn_id(0, 1));
+        assert!(!dir.device_offline("alice", conn_id(0, 1)));
         assert_eq!(
             dir.devices("alice").len(),
             2,
@@ -859,8 +882,12 @@ mod tests {
             dir.user_shards("alice").iter().collect::<Vec<_>>(),
             vec![0, 1]
         );
-        dir.device_offline("alice", conn_id(1, 1));
-        dir.device_offline("alice", conn_id(0, 2));
+        assert!(!dir.device_offline("alice", conn_id(1, 1)));
+        assert!(
+            dir.device_offline("alice", conn_id(0, 2)),
+            "the last device"
+        );
+        assert!(!dir.device_offline("alice", conn_id(0, 2)), "only once");
         assert!(dir.users.is_empty());
     }
 

@@ -17,10 +17,10 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::Sha256;
 use shardcast::metrics::{UpstreamDrop, UpstreamMetrics};
-use shardcast::upstream::webhook::{
-    Delivery, Refused, Ticket, Undelivered, Webhook, WebhookConfig, WebhookUrl,
+use shardcast::upstream::webhook::{Webhook, WebhookConfig, WebhookUrl};
+use shardcast::upstream::{
+    Delivery, Device, Happening, Refused, Ticket, Undelivered, UpstreamEvent,
 };
-use shardcast::upstream::{Device, Happening, UpstreamEvent};
 
 const SECRET: &[u8] = b"a-webhook-secret-of-some-length";
 
@@ -900,7 +900,16 @@ fn a_node_hands_up_messages_and_connection_events_to_its_webhook() {
             .map(|r| r["type"].as_str().unwrap_or("").to_owned())
             .collect()
     };
-    let records = records_until(&backend, |records| kinds(records).len() >= 3);
+    let records = records_until(&backend, |records| kinds(records).len() >= 5);
+    // `online` and `offline` come from the user's home shard, so they may be sent before
+    // or after the connection's own records.
+    let (presence, records): (Vec<Value>, Vec<Value>) = records
+        .into_iter()
+        .partition(|r| matches!(r["type"].as_str(), Some("online" | "offline")));
+    assert_eq!(kinds(&presence), ["online", "offline"], "{presence:?}");
+    assert!(presence
+        .iter()
+        .all(|r| r["user"] == "ann" && r.get("conn").is_none()));
     assert_eq!(
         kinds(&records),
         ["connect", "up", "disconnect"],
@@ -936,4 +945,46 @@ fn an_up_the_webhook_cannot_take_is_answered_unavailable() {
     let mut cy = common::Client::dev(&plain, "cy");
     let reply = cy.request(serde_json::json!({"op":"up","id":3,"data":1}));
     assert_eq!(reply["code"], "unavailable", "no webhook configured");
+}
+
+#[test]
+fn clustered_nodes_announce_online_and_offline_once_through_their_webhooks() {
+    let redis = common::RedisServer::start();
+    let backend = Backend::start(|_| Reply::Status(200));
+    let nodes: Vec<common::TestNode> = ["n0", "n1"]
+        .iter()
+        .map(|id| {
+            let mut config = common::cluster_config(&redis.url(), id);
+            config.webhook_url = Some(backend.url());
+            config.webhook_secret = Some(String::from_utf8(SECRET.to_vec()).expect("ascii"));
+            common::TestNode::start(config)
+        })
+        .collect();
+    common::await_cluster(&redis, &nodes);
+    let presence = |records: &[Value]| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["user"] == "eve")
+            .filter_map(|r| r["type"].as_str())
+            .filter(|kind| matches!(*kind, "online" | "offline"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut records = Vec::new();
+    let first = common::Client::dev(&nodes[0], "eve");
+    let second = common::Client::dev(&nodes[1], "eve");
+    records.extend(records_until(&backend, |seen| {
+        seen.iter().filter(|r| r["type"] == "connect").count() >= 2
+    }));
+    drop(first);
+    drop(second);
+    records.extend(records_until(&backend, |seen| {
+        presence(seen).contains(&"offline".to_owned())
+    }));
+    assert_eq!(presence(&records), ["online", "offline"], "{records:?}");
+    let online = records
+        .iter()
+        .find(|r| r["type"] == "online")
+        .expect("online");
+    assert!(online["mid"].is_string() && online["ts"].is_u64());
 }

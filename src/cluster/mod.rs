@@ -42,6 +42,7 @@ use crate::history::{Position, Replay, StreamKey};
 use crate::mailbox::{self, Inbox, Mailbox};
 use crate::metrics::{BusDrop, BusMetrics, BusReading, LogLimiter};
 use crate::router::{ConnId, Message, Route, Template, Uplink, Users};
+use crate::upstream::redis_streams::UpstreamAppend;
 
 /// Users per bus message of a multi-user publish: one route script each, so Redis never
 /// runs one script over an unbounded number of keys.
@@ -130,6 +131,9 @@ pub enum Outbound {
         /// WebSocket close code.
         code: u16,
     },
+    /// An upstream record for a Redis stream ([`crate::upstream::redis_streams`]): one
+    /// `XADD` in the pipeline.
+    Upstream(UpstreamAppend),
 }
 
 /// A message for other nodes on its way through the bridge, from [`Bus::queue`] until Redis
@@ -157,6 +161,16 @@ impl Outbound {
             Outbound::Topic { topic, message } => topic.len() + message.size(),
             Outbound::Broadcast { message } => message.size(),
             Outbound::Kick { user, .. } => user.len(),
+            Outbound::Upstream(append) => append.weight,
+        }
+    }
+
+    /// When it entered the node ([`crate::metrics::monotonic_ns`]): it is dropped once it
+    /// waited longer than `bridge_hold_ms`. A kick never expires.
+    pub fn entered_ns(&self) -> Option<u64> {
+        match self {
+            Outbound::Upstream(append) => Some(append.entered_ns),
+            _ => self.message().map(|message| message.entered_ns),
         }
     }
 
@@ -168,7 +182,7 @@ impl Outbound {
             | Outbound::History { message, .. }
             | Outbound::Topic { message, .. }
             | Outbound::Broadcast { message } => Some(message),
-            Outbound::Kick { .. } => None,
+            Outbound::Kick { .. } | Outbound::Upstream(_) => None,
         }
     }
 }
@@ -481,6 +495,17 @@ impl Bus {
     /// in messages or in bytes, counted and logged).
     pub fn queue(&self, outbound: Outbound) -> bool {
         let mid = outbound.message().map(|m| m.mid);
+        if self.offer(outbound) {
+            return true;
+        }
+        self.state.metrics.dropped(BusDrop::BusFull);
+        self.state.log_drop(BusDrop::BusFull, mid);
+        false
+    }
+
+    /// Hands something to the bridge if the lane has room for it, counting nothing: `false`
+    /// if it was refused (the caller counts it where it belongs).
+    pub(crate) fn offer(&self, outbound: Outbound) -> bool {
         let size = outbound.size();
         let before = self.state.queued_bytes.fetch_add(size, Ordering::Relaxed);
         let accepted = before + size <= self.max_bytes || before == 0;
@@ -493,8 +518,6 @@ impl Bus {
             return true;
         }
         self.state.release(size);
-        self.state.metrics.dropped(BusDrop::BusFull);
-        self.state.log_drop(BusDrop::BusFull, mid);
         false
     }
 

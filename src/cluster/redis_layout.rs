@@ -20,6 +20,11 @@
 //! | `P:mbox-meta:USER` | hash, TTL | the mailbox's `ep` (epoch), `seq` (last sequence number), `mid` (latest message) |
 //! | `P:hist:TOPIC` | stream, TTL | a topic's history (topics matching a history rule) |
 //! | `P:hist-meta:TOPIC` | hash, TTL | the topic history's `ep`, `seq` and `mid` |
+//! | `P:up:NAME` | stream | clients' `up` messages naming stream `NAME` (Redis Streams sink) |
+//! | `P:events` | stream | connection events (Redis Streams sink) |
+//! | `P:on:USER` | string, TTL | exists while the cluster has announced the user `online` (presence tracked) |
+//! | `P:inst-users:INST` | set, TTL | users with a device under instance `INST` (presence tracked) |
+//! | `P:insts` | sorted set | instances that track presence, score = registration time (ms) |
 //!
 //! An *instance* is one connection session of a node's bridge (64 random bits, in hex). A
 //! device entry is valid only while its instance's `alive` key exists. That key is the
@@ -89,6 +94,24 @@
 //!   per call (Lua has no good randomness). A missing meta with a stream left over (only a
 //!   `maxmemory` eviction does that) drops the stream: it belongs to a lost epoch.
 //!
+//! **Presence events.** `online` (a user's first device anywhere) and `offline` (its last
+//! gone) are decided in Redis, by the scripts that change the routes, so two nodes never
+//! both announce one transition: a user's flag `P:on:USER` is set by the [`DEVICE_ONLINE`]
+//! call that finds it missing (that call records `online`) and deleted by the call that
+//! finds the user with no live device left (that call records `offline`): a
+//! [`DEVICE_OFFLINE`] when a device closes, or a [`REAP`] when the node holding the user's
+//! last devices lost its lease. Scripts run one at a time, so each transition is seen by
+//! exactly one call. [`REAP`] is what makes a killed node's users go offline: each
+//! instance that tracks presence is registered in `P:insts` and indexes its users in
+//! `P:inst-users:INST`; every bridge calls [`REAP`] on its heartbeat, which takes the users
+//! of instances whose lease is gone (within `cluster_node_ttl_ms` of a kill -9, at once
+//! after a clean stop) and announces those with no live device left. With the Redis Streams
+//! sink, the deciding script also appends the event to `P:events` in the same atomic call;
+//! with the webhook it returns the event and the node's sink sends it (a node that dies
+//! between the two loses that event). Tracking costs one `SADD` and one flag per online
+//! user, and is on only on nodes whose sink forwards `online` or `offline`. A Redis that
+//! lost its state announces every user `online` again as the nodes re-publish.
+//!
 //! The scripts read keys they are not passed (`alive` keys) and publish to channels, which
 //! standalone Redis and replicated setups allow; Redis Cluster would need hash tags. Every
 //! key one script call touches must then share a slot: the user keys would become
@@ -99,6 +122,7 @@
 use bytes::Bytes;
 
 use crate::history::{Entry, Message, Position, Replay, Retention, StreamKey};
+use crate::upstream::{EventKind, Field, Happening, UpstreamEvent};
 
 /// Seconds a user's device set lives without a refresh by one of its live owners.
 pub const ROUTE_KEY_TTL_SECS: u64 = 3600;
@@ -170,6 +194,31 @@ impl Names {
         format!("{}:broadcast", self.prefix)
     }
 
+    /// A user's presence flag: set while the cluster has announced the user `online`.
+    pub fn presence_flag(&self, user: &str) -> String {
+        format!("{}:on:{user}", self.prefix)
+    }
+
+    /// The users an instance holds devices of (while presence is tracked).
+    pub fn instance_users(&self, instance: u64) -> String {
+        format!("{}:inst-users:{}", self.prefix, instance_hex(instance))
+    }
+
+    /// The instances that track presence, for [`REAP`].
+    pub fn instances(&self) -> String {
+        format!("{}:insts", self.prefix)
+    }
+
+    /// The upstream stream a client's `up` named: `P:up:NAME`.
+    pub fn upstream(&self, stream: &str) -> String {
+        format!("{}:up:{stream}", self.prefix)
+    }
+
+    /// The upstream stream of connection events.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
     /// A stream's entries: `P:mbox:USER` or `P:hist:TOPIC`.
     pub fn stream(&self, key: &StreamKey) -> String {
         match key {
@@ -195,6 +244,8 @@ pub struct Scripts {
     join: redis::Script,
     route: redis::Script,
     device_online: redis::Script,
+    device_offline: redis::Script,
+    reap: redis::Script,
     presence: redis::Script,
     nodes: redis::Script,
     route_to_mailboxes: redis::Script,
@@ -210,6 +261,8 @@ impl Scripts {
             join: redis::Script::new(JOIN),
             route: redis::Script::new(ROUTE),
             device_online: redis::Script::new(DEVICE_ONLINE),
+            device_offline: redis::Script::new(DEVICE_OFFLINE),
+            reap: redis::Script::new(REAP),
             presence: redis::Script::new(PRESENCE),
             nodes: redis::Script::new(NODES),
             route_to_mailboxes: redis::Script::new(ROUTE_TO_MAILBOXES),
@@ -226,6 +279,8 @@ impl Scripts {
             JOIN,
             ROUTE,
             DEVICE_ONLINE,
+            DEVICE_OFFLINE,
+            REAP,
             PRESENCE,
             NODES,
             ROUTE_TO_MAILBOXES,
@@ -243,6 +298,8 @@ impl Scripts {
             &self.join,
             &self.route,
             &self.device_online,
+            &self.device_offline,
+            &self.reap,
             &self.presence,
             &self.nodes,
             &self.route_to_mailboxes,
@@ -298,7 +355,9 @@ impl Scripts {
     }
 
     /// [`DEVICE_ONLINE`]: record device `conn` of `user` (connected at `since_ms`) under
-    /// this instance; answers the device members evicted by the cluster-wide limit.
+    /// this instance, and its user's presence when tracked (`online` with id `mid`); the
+    /// answer reads with [`DeviceAdded::of`].
+    #[allow(clippy::too_many_arguments)]
     pub fn device_online(
         &self,
         user: &str,
@@ -306,15 +365,58 @@ impl Scripts {
         conn: u64,
         since_ms: u64,
         max_devices: usize,
+        presence: &PresenceArgs<'_>,
+        mid: u64,
     ) -> redis::Cmd {
-        let mut cmd = Self::call(&self.device_online, 1);
+        let mut cmd = Self::call(&self.device_online, 3);
         cmd.arg(self.names.user(user))
+            .arg(self.names.presence_flag(user))
+            .arg(self.names.instance_users(instance))
             .arg(self.names.prefix())
             .arg(instance_hex(instance))
             .arg(device_member(instance, conn))
             .arg(since_ms)
             .arg(max_devices)
-            .arg(ROUTE_KEY_TTL_SECS);
+            .arg(ROUTE_KEY_TTL_SECS)
+            .arg(user);
+        presence.args(&mut cmd);
+        cmd.arg(mid);
+        cmd
+    }
+
+    /// [`DEVICE_OFFLINE`]: remove device `conn` of `user` and, when presence is tracked,
+    /// decide `offline` (with id `mid`); the answer reads with [`presence_events`].
+    pub fn device_offline(
+        &self,
+        user: &str,
+        instance: u64,
+        conn: u64,
+        presence: &PresenceArgs<'_>,
+        mid: u64,
+    ) -> redis::Cmd {
+        let mut cmd = Self::call(&self.device_offline, 3);
+        cmd.arg(self.names.user(user))
+            .arg(self.names.presence_flag(user))
+            .arg(self.names.instance_users(instance))
+            .arg(self.names.prefix())
+            .arg(instance_hex(instance))
+            .arg(device_member(instance, conn))
+            .arg(user);
+        presence.args(&mut cmd);
+        cmd.arg(mid);
+        cmd
+    }
+
+    /// [`REAP`]: `offline` for the users of instances whose lease is gone, at most one per
+    /// id in `mids`; the answer reads with [`Reaped::of`].
+    pub fn reap(&self, presence: &PresenceArgs<'_>, mids: &[u64]) -> redis::Cmd {
+        let mut cmd = Self::call(&self.reap, 0);
+        cmd.arg(self.names.prefix());
+        presence.args(&mut cmd);
+        cmd.arg(mids.len());
+        for mid in mids {
+            cmd.arg(*mid);
+        }
         cmd
     }
 
@@ -449,6 +551,166 @@ impl StreamAppend<'_> {
             .arg(self.from.unwrap_or(""))
             .arg(self.to.unwrap_or(""))
             .arg(self.data);
+    }
+}
+
+/// `XADD` of one upstream record ([`crate::upstream::redis_streams`]): a client's `up` to
+/// `P:up:NAME`, a connection event to `P:events`, trimmed to about `maxlen` entries; the
+/// fields are the record's ([`UpstreamEvent::fields`]), each value as text.
+pub fn xadd_record(names: &Names, record: &UpstreamEvent, maxlen: u64) -> redis::Cmd {
+    let key = match &record.what {
+        Happening::Up { stream, .. } => names.upstream(stream),
+        _ => names.events(),
+    };
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg("MAXLEN").arg("~").arg(maxlen).arg("*");
+    for (name, value) in record.fields() {
+        cmd.arg(name);
+        match value {
+            Field::Text(text) | Field::Json(text) => cmd.arg(text),
+            Field::Id(n) | Field::Number(n) => cmd.arg(n),
+        };
+    }
+    cmd
+}
+
+/// How the presence scripts track `online` and `offline` ([`DEVICE_ONLINE`],
+/// [`DEVICE_OFFLINE`], [`REAP`]), from this node's upstream settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceMode {
+    /// Not tracked: no upstream sink forwards `online` or `offline`.
+    Off,
+    /// Tracked, and the events returned to the caller (the webhook sink sends them).
+    Return,
+    /// Tracked, and the events appended to `P:events` by the script that decides them (the
+    /// Redis Streams sink), as well as returned (for the metrics).
+    Append,
+}
+
+/// The presence arguments of a script call.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceArgs<'a> {
+    /// Whether and how presence is tracked.
+    pub mode: PresenceMode,
+    /// Record `online` events.
+    pub online: bool,
+    /// Record `offline` events.
+    pub offline: bool,
+    /// The id of the node making the events.
+    pub node: &'a str,
+    /// The events' time, ms since the Unix epoch.
+    pub ts: u64,
+    /// `MAXLEN ~` of `P:events`.
+    pub maxlen: u64,
+}
+
+impl PresenceArgs<'_> {
+    /// `ARGV` mode, kinds, node, ts, maxlen (read by `presence_args` in the scripts).
+    fn args(&self, cmd: &mut redis::Cmd) {
+        let mode = match self.mode {
+            PresenceMode::Off => "",
+            PresenceMode::Return => "w",
+            PresenceMode::Append => "r",
+        };
+        let kinds = u8::from(self.online) | (u8::from(self.offline) << 1);
+        cmd.arg(mode)
+            .arg(kinds)
+            .arg(self.node)
+            .arg(self.ts)
+            .arg(self.maxlen);
+    }
+}
+
+/// One presence event a script decided: its kind, user and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    /// `Online` or `Offline`.
+    pub kind: EventKind,
+    /// The user.
+    pub user: String,
+    /// The event's id.
+    pub mid: u64,
+}
+
+/// Reads the `{kind, user, mid, …}` list of a presence script's answer.
+pub fn presence_events(reply: &redis::Value) -> Vec<PresenceEvent> {
+    let redis::Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .chunks_exact(3)
+        .filter_map(|event| {
+            let text = |value: &redis::Value| match value {
+                redis::Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+                _ => None,
+            };
+            let kind = match text(&event[0])?.as_str() {
+                "online" => EventKind::Online,
+                "offline" => EventKind::Offline,
+                _ => return None,
+            };
+            Some(PresenceEvent {
+                kind,
+                user: text(&event[1])?,
+                mid: text(&event[2])?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// What [`DEVICE_ONLINE`] answered.
+#[derive(Debug, Default)]
+pub struct DeviceAdded {
+    /// Device members the cluster device limit evicted: the caller closes them.
+    pub evicted: Vec<String>,
+    /// The `online` it decided, if any.
+    pub events: Vec<PresenceEvent>,
+}
+
+impl DeviceAdded {
+    /// Reads the script's reply (`None`: not an answer of [`DEVICE_ONLINE`]).
+    pub fn of(reply: &redis::Value) -> Option<DeviceAdded> {
+        let redis::Value::Array(parts) = reply else {
+            return None;
+        };
+        let [redis::Value::Array(evicted), events] = parts.as_slice() else {
+            return None;
+        };
+        Some(DeviceAdded {
+            evicted: evicted
+                .iter()
+                .filter_map(|member| match member {
+                    redis::Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+                    _ => None,
+                })
+                .collect(),
+            events: presence_events(events),
+        })
+    }
+}
+
+/// What [`REAP`] answered.
+#[derive(Debug, Default)]
+pub struct Reaped {
+    /// The `offline` events it decided.
+    pub events: Vec<PresenceEvent>,
+    /// It stopped at its budget: there may be more to reap.
+    pub more: bool,
+}
+
+impl Reaped {
+    /// Reads the script's reply (`None`: not an answer of [`REAP`]).
+    pub fn of(reply: &redis::Value) -> Option<Reaped> {
+        let redis::Value::Array(parts) = reply else {
+            return None;
+        };
+        let [events, redis::Value::Int(more)] = parts.as_slice() else {
+            return None;
+        };
+        Some(Reaped {
+            events: presence_events(events),
+            more: *more == 1,
+        })
     }
 }
 
@@ -993,15 +1255,73 @@ pub fn split_positions(payload: &Bytes) -> Option<(Bytes, Vec<Position>)> {
     Some((payload.slice(..start), positions))
 }
 
-/// `KEYS[1]` user key; `ARGV` prefix, own instance, member, connect time (ms), device limit,
-/// key TTL (s). Adds the device; when the user's live devices exceed the limit, removes the
-/// oldest and returns their members (the caller closes them with 4001). Dead instances'
-/// devices are pruned first and never count.
-pub const DEVICE_ONLINE: &str = r#"
+/// The presence functions of [`DEVICE_ONLINE`], [`DEVICE_OFFLINE`] and [`REAP`] (see the
+/// module docs, "Presence events"):
+/// - `presence_args(at)` reads the five `ARGV` from `at` that [`PresenceArgs`] writes: mode
+///   (`''` off, `w` return the events, `r` also append them to `P:events`), kinds (1
+///   `online`, 2 `offline`, 3 both), node id, ts, stream maxlen;
+/// - `live_devices(prefix, key)` counts a user's devices whose instance holds its lease and
+///   removes the others;
+/// - `presence_event(prefix, p, kind, bit, user, mid, events)` records one event the
+///   settings forward: appended to `P:events` in mode `r`, and added to `events` as
+///   `kind, user, mid` in both modes.
+macro_rules! presence_functions {
+    () => {
+        r#"
+local function presence_args(at)
+  return {mode = ARGV[at], kinds = tonumber(ARGV[at + 1]), node = ARGV[at + 2],
+    ts = ARGV[at + 3], maxlen = ARGV[at + 4]}
+end
+local function live_devices(prefix, key)
+  local state, live = {}, 0
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local instance = string.match(member, '^([^/]+)/') or ''
+    local alive = state[instance]
+    if alive == nil then
+      alive = instance ~= '' and redis.call('EXISTS', prefix .. ':alive:' .. instance) == 1
+      state[instance] = alive
+    end
+    if alive then live = live + 1 else redis.call('ZREM', key, member) end
+  end
+  return live
+end
+local function presence_event(prefix, p, kind, bit, user, mid, events)
+  if math.floor(p.kinds / bit) % 2 == 0 then return end
+  if p.mode == 'r' then
+    redis.call('XADD', prefix .. ':events', 'MAXLEN', '~', p.maxlen, '*',
+      'type', kind, 'mid', mid, 'node', p.node, 'ts', p.ts, 'user', user)
+  end
+  events[#events + 1] = kind
+  events[#events + 1] = user
+  events[#events + 1] = mid
+end
+"#
+    };
+}
+
+/// `KEYS` user key, the user's presence flag, this instance's user index; `ARGV` prefix,
+/// own instance, member, connect time (ms), device limit, key TTL (s), user, then the
+/// presence arguments ([`PresenceArgs`]) and the id of an `online` event. Adds the device;
+/// when presence is tracked, indexes the user under this instance and, if the user's flag
+/// was not set, sets it and records `online`. When the user's live devices exceed the
+/// limit, removes the oldest. Dead instances' devices are pruned first and never count.
+/// Returns `{{evicted members (the caller closes them with 4001)}, {kind, user, mid, …}}`.
+pub const DEVICE_ONLINE: &str = concat!(
+    presence_functions!(),
+    r#"
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+local events = {}
+local p = presence_args(8)
+if p.mode ~= '' then
+  redis.call('SADD', KEYS[3], ARGV[7])
+  if redis.call('SET', KEYS[2], ARGV[13], 'NX') then
+    presence_event(ARGV[1], p, 'online', 1, ARGV[7], ARGV[13], events)
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
 local max = tonumber(ARGV[5])
-if redis.call('ZCARD', KEYS[1]) <= max then return {} end
+if redis.call('ZCARD', KEYS[1]) <= max then return {{}, events} end
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local state = {}
 local live = {}
@@ -1020,8 +1340,69 @@ for i = 1, #live - max do
   evicted[#evicted + 1] = live[i]
   redis.call('ZREM', KEYS[1], live[i])
 end
-return evicted
-"#;
+return {evicted, events}
+"#
+);
+
+/// `KEYS` user key, the user's presence flag, this instance's user index; `ARGV` prefix,
+/// own instance, member, user, then the presence arguments ([`PresenceArgs`]) and the id of
+/// an `offline` event. Removes the device (presence tracked only: plain `ZREM` otherwise);
+/// drops the user from this instance's index when it was its last device here; when the
+/// user has no live device left anywhere and its flag was set, clears it and records
+/// `offline`. Returns `{kind, user, mid, …}`.
+pub const DEVICE_OFFLINE: &str = concat!(
+    presence_functions!(),
+    r#"
+redis.call('ZREM', KEYS[1], ARGV[3])
+local events = {}
+local p = presence_args(5)
+local own = ARGV[2] .. '/'
+local here = false
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(member, 1, #own) == own then
+    here = true
+    break
+  end
+end
+if not here then redis.call('SREM', KEYS[3], ARGV[4]) end
+if live_devices(ARGV[1], KEYS[1]) == 0 and redis.call('DEL', KEYS[2]) == 1 then
+  presence_event(ARGV[1], p, 'offline', 2, ARGV[4], ARGV[10], events)
+end
+return events
+"#
+);
+
+/// `ARGV` prefix, the presence arguments ([`PresenceArgs`]), budget, then `budget` event ids.
+/// For every registered instance (`P:insts`) whose lease is gone (killed, stopped,
+/// reconnected under a new instance): takes users from its index, and records `offline`
+/// for each whose flag is set and who has no live device left anywhere; forgets the
+/// instance once its index is empty. At most `budget` users per call. Returns
+/// `{{kind, user, mid, …}, 1 if the budget ran out (call again) else 0}`.
+pub const REAP: &str = concat!(
+    presence_functions!(),
+    r#"
+local prefix = ARGV[1]
+local p = presence_args(2)
+local budget = tonumber(ARGV[7])
+local used = 0
+local events = {}
+for _, inst in ipairs(redis.call('ZRANGE', prefix .. ':insts', 0, -1)) do
+  if used >= budget then break end
+  if redis.call('EXISTS', prefix .. ':alive:' .. inst) == 0 then
+    local index = prefix .. ':inst-users:' .. inst
+    for _, user in ipairs(redis.call('SPOP', index, budget - used)) do
+      used = used + 1
+      if live_devices(prefix, prefix .. ':user:' .. user) == 0
+        and redis.call('DEL', prefix .. ':on:' .. user) == 1 then
+        presence_event(prefix, p, 'offline', 2, user, ARGV[7 + used], events)
+      end
+    end
+    if redis.call('EXISTS', index) == 0 then redis.call('ZREM', prefix .. ':insts', inst) end
+  end
+end
+return {events, used >= budget and 1 or 0}
+"#
+);
 
 /// `KEYS[1]` user key; `ARGV` prefix. Returns `{live devices, node id, node id, …}`.
 pub const PRESENCE: &str = r#"

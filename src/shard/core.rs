@@ -962,7 +962,11 @@ impl<P: Peer> ShardCore<P> {
                         },
                     });
                 }
-                if let Some(oldest) = self.directory.device_online(user, conn, max) {
+                let added = self.directory.device_online(user.clone(), conn, max);
+                if added.first && !self.settings.clustered {
+                    self.upstream_event(EventKind::Online, Happening::Online { user }, now, out);
+                }
+                if let Some(oldest) = added.evicted {
                     out.push(Action::Send {
                         shard: shard_of(oldest),
                         envelope: Envelope::CloseConn {
@@ -975,7 +979,11 @@ impl<P: Peer> ShardCore<P> {
                 None
             }
             Envelope::DeviceOffline { user, conn } => {
-                self.directory.device_offline(&user, conn);
+                let last = self.directory.device_offline(&user, conn);
+                if last && !self.settings.clustered {
+                    let offline = Happening::Offline { user };
+                    self.upstream_event(EventKind::Offline, offline, now, out);
+                }
                 None
             }
             Envelope::Welcome {
@@ -2300,12 +2308,22 @@ mod tests {
                 ..settings(false)
             },
         );
+        let kinds = |node: &mut TestNode| -> Vec<EventKind> {
+            let mut kinds: Vec<_> = node.upstream.drain(..).map(|e| e.kind()).collect();
+            kinds.sort_by_key(|kind| *kind as u8);
+            kinds
+        };
         let alice = node.connect(1, "alice");
-        assert!(matches!(
-            &node.upstream[..],
-            [UpstreamEvent { what: Happening::Connect(Device { conn, .. }), .. }] if *conn == alice.id
-        ));
-        node.upstream.clear();
+        assert!(node.upstream.iter().any(|e| matches!(
+            e.what,
+            Happening::Connect(Device { conn, .. }) if conn == alice.id
+        )));
+        assert_eq!(kinds(&mut node), [EventKind::Connect, EventKind::Online]);
+        // A second device: connected, but the user was online already.
+        let phone = node.connect(0, "alice");
+        assert_eq!(kinds(&mut node), [EventKind::Connect]);
+        node.disconnect(&phone);
+        assert_eq!(kinds(&mut node), [EventKind::Disconnect], "one device left");
         assert_eq!(
             node.ask(&alice, r#"{"op":"up","id":7,"data":{"x":[1, 2]}}"#),
             None
@@ -2335,13 +2353,14 @@ mod tests {
         assert!(refused.contains(r#""code":"bad_request""#), "{refused}");
         node.upstream.clear();
         node.disconnect(&alice);
-        assert!(matches!(
-            &node.upstream[..],
-            [UpstreamEvent {
-                what: Happening::Disconnect { code: 1000, .. },
-                ..
-            }]
-        ));
+        assert!(node
+            .upstream
+            .iter()
+            .any(|e| matches!(e.what, Happening::Disconnect { code: 1000, .. })));
+        assert_eq!(
+            kinds(&mut node),
+            [EventKind::Disconnect, EventKind::Offline]
+        );
 
         // sub and unsub records only when upstream_events asks for them.
         let carl = node.connect(0, "carl");

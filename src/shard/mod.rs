@@ -61,8 +61,7 @@ use crate::router::{conn_id, ConnId, Envelope, Inbox, Router};
 use crate::session::{
     Admission, Conn, Env, Gate, Handshake, HandshakeOutcome, Pushed, ReadOutcome,
 };
-use crate::upstream::webhook::{Ticket, WebhookSender};
-use crate::upstream::UpstreamEvent;
+use crate::upstream::{Sink, Ticket, UpstreamEvent};
 use crate::ws::{close, HttpRefusal};
 
 /// Sockets written per fan-out turn before the shard yields to its other tasks.
@@ -106,7 +105,7 @@ pub(crate) struct ShardSetup {
     /// This shard's metrics.
     pub(crate) metrics: Arc<ShardMetrics>,
     /// The upstream sink (`up` messages, connection events), when one is configured.
-    pub(crate) upstream: Option<WebhookSender>,
+    pub(crate) upstream: Option<Sink>,
 }
 
 /// A client's `up` waiting for its sink's answer.
@@ -225,7 +224,7 @@ struct Shard {
     accept_warnings: LogLimiter,
     /// Connections still to close while draining.
     drain: RefCell<Drain>,
-    upstream: Option<WebhookSender>,
+    upstream: Option<Sink>,
     /// `up` messages waiting for their sink's answer, oldest first (the sink answers in
     /// order); bounded by the sink's queue.
     pending_up: RefCell<VecDeque<PendingUp>>,

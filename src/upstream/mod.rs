@@ -42,14 +42,165 @@
 //! was lost), never in a changed form; backends drop repeats by `mid`.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use serde::de::{Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
+use tokio::sync::oneshot;
 
+use crate::metrics::{UpstreamDrop, UpstreamMetrics, UpstreamReading};
+
+pub mod redis_streams;
 pub mod webhook;
+
+/// A node's upstream sink, as shards and the bridge hand it records: cheap to clone, usable
+/// from any thread, never blocking.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// Batched, signed HTTP POSTs ([`webhook`]).
+    Webhook(webhook::WebhookSender),
+    /// Redis Streams, appended by the cluster bridge ([`redis_streams`]).
+    Redis(redis_streams::RedisStreamsSender),
+}
+
+impl Sink {
+    /// Hands over a record whose delivery the caller awaits (an `up`), or refuses it at once.
+    pub fn try_send(&self, event: UpstreamEvent) -> Result<Ticket, Refused> {
+        match self {
+            Sink::Webhook(sender) => sender.try_send(event),
+            Sink::Redis(sender) => sender.try_send(event),
+        }
+    }
+
+    /// Hands over a record nobody waits for (a connection event), or refuses it at once.
+    /// Refusals are counted by the sink.
+    pub fn try_send_unacked(&self, event: UpstreamEvent) -> Result<(), Refused> {
+        match self {
+            Sink::Webhook(sender) => sender.try_send_unacked(event),
+            Sink::Redis(sender) => sender.try_send_unacked(event),
+        }
+    }
+
+    /// The sink's name: its `sink` label in the metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Sink::Webhook(_) => "webhook",
+            Sink::Redis(_) => "redis",
+        }
+    }
+
+    /// The sink's metrics.
+    pub fn metrics(&self) -> &Arc<UpstreamMetrics> {
+        match self {
+            Sink::Webhook(sender) => sender.metrics(),
+            Sink::Redis(sender) => sender.metrics(),
+        }
+    }
+
+    /// The sink's metrics for the Prometheus export.
+    pub fn reading(&self) -> UpstreamReading<'_> {
+        UpstreamReading {
+            sink: self.name(),
+            metrics: self.metrics(),
+        }
+    }
+}
+
+/// Why a sink refused a record at once: it is not queued, and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The sink's queue is at its bound (records or bytes).
+    #[error("the upstream queue is full")]
+    Full,
+    /// The backend is known to be down (Redis unreachable): the record would only wait.
+    #[error("the upstream backend is unreachable")]
+    Unavailable,
+    /// The sink has stopped.
+    #[error("the upstream sink has stopped")]
+    Stopped,
+}
+
+impl Refused {
+    /// Its drop reason in the metrics.
+    pub fn reason(self) -> UpstreamDrop {
+        match self {
+            Refused::Full => UpstreamDrop::QueueFull,
+            Refused::Unavailable => UpstreamDrop::Unavailable,
+            Refused::Stopped => UpstreamDrop::Shutdown,
+        }
+    }
+}
+
+/// Why an accepted record was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Undelivered {
+    /// The webhook answered this status (not 2xx, 429 or 5xx).
+    #[error("the webhook answered {0}")]
+    Rejected(u16),
+    /// Redis answered the append with an error (a key of another type, out of memory).
+    #[error("Redis refused the append")]
+    RedisRefused,
+    /// Not delivered within the sink's retry time of being accepted (`webhook_retry_max_ms`,
+    /// `bridge_hold_ms`): the backend kept failing, or the record queued behind ones that did.
+    #[error("the backend kept failing until the record's retry time ran out")]
+    RetriesExhausted,
+    /// The sink stopped before delivering it.
+    #[error("the upstream sink stopped")]
+    Stopped,
+}
+
+impl Undelivered {
+    /// Its drop reason in the metrics.
+    pub fn reason(self) -> UpstreamDrop {
+        match self {
+            Undelivered::Rejected(_) | Undelivered::RedisRefused => UpstreamDrop::Rejected,
+            Undelivered::RetriesExhausted => UpstreamDrop::RetriesExhausted,
+            Undelivered::Stopped => UpstreamDrop::Shutdown,
+        }
+    }
+}
+
+/// What became of an accepted record.
+pub type Delivery = Result<(), Undelivered>;
+
+/// Resolves once with what became of one accepted record: `Ok` when the backend took it
+/// (answer the `up` with `ack`), else why not. Works on any executor (glommio, tokio, a
+/// plain `block_on`), or by asking [`Ticket::try_outcome`].
+#[derive(Debug)]
+#[must_use = "a ticket tells whether the record was delivered"]
+pub struct Ticket(oneshot::Receiver<Delivery>);
+
+/// A ticket and the sender that resolves it (the sink keeps it with the record).
+pub(crate) fn ticket() -> (oneshot::Sender<Delivery>, Ticket) {
+    let (ack, ticket) = oneshot::channel();
+    (ack, Ticket(ticket))
+}
+
+impl Ticket {
+    /// The outcome if it is known, without waiting; ask until it is `Some`, not after.
+    pub fn try_outcome(&mut self) -> Option<Delivery> {
+        match self.0.try_recv() {
+            Ok(delivery) => Some(delivery),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(Undelivered::Stopped)),
+        }
+    }
+}
+
+impl Future for Ticket {
+    type Output = Delivery;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Delivery> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|received| received.unwrap_or(Err(Undelivered::Stopped)))
+    }
+}
 
 /// One record for the backends: a client's `up` message or a connection event.
 #[derive(Debug, Clone)]

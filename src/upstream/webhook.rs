@@ -51,12 +51,10 @@
 //! Plain `http://` only: the gateway has no TLS stack. A backend that needs TLS sits behind
 //! a local TLS-terminating proxy.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -69,9 +67,9 @@ use hyper::{Request, StatusCode};
 use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot};
 
-use super::UpstreamEvent;
+use super::{ticket, Delivery, Refused, Ticket, Undelivered, UpstreamEvent};
 use crate::config::Config;
-use crate::metrics::{LogLimiter, UpstreamDrop, UpstreamMetrics, UpstreamReading};
+use crate::metrics::{LogLimiter, UpstreamDrop, UpstreamMetrics};
 
 /// The header carrying the body's signature: `sha256=` and the lower-case hex HMAC-SHA256
 /// of the body, keyed by `webhook_secret`.
@@ -224,74 +222,6 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     out
 }
 
-/// Why a record was refused by [`WebhookSender::try_send`]: it is not queued, and counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    /// The queue holds `webhook_queue_max` records or `webhook_queue_max_bytes` bytes.
-    #[error("the webhook queue is full")]
-    Full,
-    /// The sink has stopped.
-    #[error("the webhook sink has stopped")]
-    Stopped,
-}
-
-/// Why an accepted record was not delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Undelivered {
-    /// The backend answered this status (not 2xx, 429 or 5xx).
-    #[error("the webhook answered {0}")]
-    Rejected(u16),
-    /// Not delivered within `webhook_retry_max_ms` of being accepted: still failing, or
-    /// queued behind batches that were.
-    #[error("the webhook kept failing until the record's retry time ran out")]
-    RetriesExhausted,
-    /// The sink stopped before delivering it.
-    #[error("the webhook sink stopped")]
-    Stopped,
-}
-
-impl Undelivered {
-    /// Its drop reason in the metrics.
-    pub fn reason(self) -> UpstreamDrop {
-        match self {
-            Undelivered::Rejected(_) => UpstreamDrop::Rejected,
-            Undelivered::RetriesExhausted => UpstreamDrop::RetriesExhausted,
-            Undelivered::Stopped => UpstreamDrop::Shutdown,
-        }
-    }
-}
-
-/// What became of an accepted record.
-pub type Delivery = Result<(), Undelivered>;
-
-/// Resolves once with what became of one accepted record: `Ok` when the backend took its
-/// batch (answer the `up` with `ack`), else why not. Works on any executor (glommio, tokio,
-/// a plain `block_on`), or by asking [`Ticket::try_outcome`].
-#[derive(Debug)]
-#[must_use = "a ticket tells whether the record was delivered"]
-pub struct Ticket(oneshot::Receiver<Delivery>);
-
-impl Ticket {
-    /// The outcome if it is known, without waiting; ask until it is `Some`, not after.
-    pub fn try_outcome(&mut self) -> Option<Delivery> {
-        match self.0.try_recv() {
-            Ok(delivery) => Some(delivery),
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => Some(Err(Undelivered::Stopped)),
-        }
-    }
-}
-
-impl Future for Ticket {
-    type Output = Delivery;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Delivery> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|received| received.unwrap_or(Err(Undelivered::Stopped)))
-    }
-}
-
 /// A record on its way, with what it counts against the bounds and whom to tell.
 struct Queued {
     event: UpstreamEvent,
@@ -377,11 +307,16 @@ impl std::fmt::Debug for WebhookSender {
 }
 
 impl WebhookSender {
+    /// The sink's metrics.
+    pub fn metrics(&self) -> &Arc<UpstreamMetrics> {
+        &self.queue.metrics
+    }
+
     /// Queues a record whose delivery the caller awaits (an `up`), or refuses it at once.
     pub fn try_send(&self, event: UpstreamEvent) -> Result<Ticket, Refused> {
-        let (ack, ticket) = oneshot::channel();
+        let (ack, ticket) = ticket();
         self.enqueue(event, Some(ack))?;
-        Ok(Ticket(ticket))
+        Ok(ticket)
     }
 
     /// Queues a record nobody waits for (a connection event), or refuses it at once.
@@ -477,14 +412,6 @@ impl Webhook {
     /// The sink's metrics.
     pub fn metrics(&self) -> &Arc<UpstreamMetrics> {
         &self.sender.queue.metrics
-    }
-
-    /// The sink's metrics for the Prometheus export (`sink="webhook"`).
-    pub fn reading(&self) -> UpstreamReading<'_> {
-        UpstreamReading {
-            sink: "webhook",
-            metrics: self.metrics(),
-        }
     }
 
     /// Stops the sink after delivering what is held, for at most `grace` (retries

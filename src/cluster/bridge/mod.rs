@@ -57,7 +57,8 @@ use tokio::sync::mpsc;
 
 use super::dedupe::{RecentEnvelopes, MAX_REMEMBERED};
 use super::redis_layout::{
-    self as layout, HistoryPublished, MailboxRouted, Names, Routed, Scripts, StreamAppend,
+    self as layout, HistoryPublished, MailboxRouted, Names, PresenceArgs, PresenceMode, Routed,
+    Scripts, StreamAppend,
 };
 use super::wire::{self, Body};
 use super::{
@@ -67,8 +68,9 @@ use crate::config::{Config, NodeIdentity};
 use crate::history::{EpochSource, Position, Replay, StreamKey};
 use crate::mailbox::Inbox;
 use crate::metrics::{self, BusDrop, NodeMetrics};
-use crate::protocol;
+use crate::protocol::{self, SharedMidGenerator};
 use crate::router::{self, shard_of, ConnId, Envelope, Message, Reach, Route, Router, Template};
+use crate::upstream::{EventKind, Happening, Sink, UpstreamEvent};
 use crate::ws::close;
 use inbound::answer_down;
 use outbound::{Answer, Batch};
@@ -91,6 +93,13 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Heartbeats without our own probe coming back before the subscription counts as lost.
 const PROBE_MISSES: u32 = 3;
+
+/// Users one [`layout::REAP`] call takes at most (one event id each is sent with it).
+const REAP_BUDGET: usize = 500;
+
+/// [`layout::REAP`] calls per heartbeat at most: a killed node's 100,000 users are
+/// announced offline within 20 heartbeats.
+const REAPS_PER_BEAT: usize = 10;
 
 /// Why a session with Redis ended.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +126,11 @@ pub(crate) struct BridgeSetup {
     pub(crate) router: Router,
     /// The node's metrics (connection count for the registry, drop counters).
     pub(crate) metrics: NodeMetrics,
+    /// The node's upstream sink: where the `online`/`offline` events the scripts decide
+    /// are counted (Redis Streams) or sent (webhook).
+    pub(crate) upstream: Option<Sink>,
+    /// Ids for those events.
+    pub(crate) mids: Arc<SharedMidGenerator>,
 }
 
 /// Starts the bridge thread. It is pinned to the first core after the shards' when the
@@ -130,6 +144,8 @@ pub(crate) fn spawn(
         identity,
         router,
         metrics,
+        upstream,
+        mids,
     } = setup;
     let url = config.redis.clone().unwrap_or_default();
     let client = redis::Client::open(url.as_str()).map_err(std::io::Error::other)?;
@@ -165,6 +181,8 @@ pub(crate) fn spawn(
                 identity,
                 router,
                 metrics,
+                upstream,
+                mids,
                 client,
                 inbox,
                 state,
@@ -216,6 +234,8 @@ struct Bridge {
     identity: Arc<NodeIdentity>,
     router: Router,
     metrics: NodeMetrics,
+    upstream: Option<Sink>,
+    mids: Arc<SharedMidGenerator>,
     client: redis::Client,
     names: Names,
     scripts: Scripts,
@@ -411,6 +431,15 @@ impl Bridge {
             register
                 .sadd(self.names.nodes(), &*self.identity.id)
                 .ignore();
+            if self.presence().mode != PresenceMode::Off {
+                register
+                    .zadd(
+                        self.names.instances(),
+                        layout::instance_hex(instance),
+                        protocol::now_ms(),
+                    )
+                    .ignore();
+            }
             let mid_node = self.names.mid_node(self.identity.number);
             register
                 .cmd("SET")
@@ -536,18 +565,42 @@ impl Bridge {
             .map(|(user, devices)| (user.clone(), devices.clone()))
             .collect();
         let instance = self.instance.get();
+        let presence = self.presence();
         for chunk in users.chunks(RESYNC_BATCH) {
             let mut pipe = redis::pipe();
             for (user, devices) in chunk {
-                let key = self.names.user(user);
-                for (conn_id, since) in devices {
-                    pipe.zadd(&key, layout::device_member(instance, *conn_id), *since)
+                if presence.mode == PresenceMode::Off {
+                    let key = self.names.user(user);
+                    for (conn_id, since) in devices {
+                        pipe.zadd(&key, layout::device_member(instance, *conn_id), *since)
+                            .ignore();
+                    }
+                    pipe.expire(&key, layout::ROUTE_KEY_TTL_SECS as i64)
                         .ignore();
+                } else {
+                    // The same devices are still routed under the old instance until it
+                    // retires: no limit here, or they would evict themselves.
+                    for (conn_id, since) in devices {
+                        let mid = self.next_mid();
+                        let add = self.scripts.device_online(
+                            user,
+                            instance,
+                            *conn_id,
+                            *since,
+                            usize::MAX,
+                            &presence,
+                            mid,
+                        );
+                        pipe.add_command(add);
+                    }
                 }
-                pipe.expire(&key, layout::ROUTE_KEY_TTL_SECS as i64)
-                    .ignore();
             }
-            let _: () = self.timed_query(&pipe, conn).await?;
+            let answers: Vec<Value> = self.timed_query(&pipe, conn).await?;
+            for answer in &answers {
+                if let Some(added) = layout::DeviceAdded::of(answer) {
+                    self.announce(added.events);
+                }
+            }
         }
         Ok(())
     }
@@ -607,7 +660,9 @@ impl Bridge {
             let stopping = self.state.stopping();
             let more = self.flush(&mut conn, subscriptions).await?;
             if stopping {
-                return Ok(());
+                // A drained node's lease is gone: its users are announced offline now,
+                // even when no other node is left to do it.
+                return self.reap(&mut conn).await;
             }
             if tokio::time::Instant::now() >= next_beat {
                 self.heartbeat(&mut conn).await?;
@@ -661,8 +716,10 @@ impl Bridge {
                         conn,
                         since_ms,
                         self.config.max_devices_per_user,
+                        &self.presence(),
+                        self.next_mid(),
                     );
-                    batch.push(cmd, Answer::Evictions);
+                    batch.push(cmd, Answer::DeviceAdded);
                 }
                 match self.config.mailbox_retention().filter(|_| welcome) {
                     Some(retention) => {
@@ -695,10 +752,19 @@ impl Bridge {
                     }
                 }
                 if let Some(batch) = batch {
-                    let mut cmd = redis::cmd("ZREM");
-                    cmd.arg(self.names.user(&user))
-                        .arg(layout::device_member(instance, conn));
-                    batch.push(cmd, Answer::Ignore);
+                    let presence = self.presence();
+                    if presence.mode == PresenceMode::Off {
+                        let mut cmd = redis::cmd("ZREM");
+                        cmd.arg(self.names.user(&user))
+                            .arg(layout::device_member(instance, conn));
+                        batch.push(cmd, Answer::Ignore);
+                    } else {
+                        let mid = self.next_mid();
+                        let cmd = self
+                            .scripts
+                            .device_offline(&user, instance, conn, &presence, mid);
+                        batch.push(cmd, Answer::Presence);
+                    }
                 }
             }
             Control::ReadStream { read, reply } => match batch {
@@ -906,10 +972,25 @@ impl Bridge {
             self.names.instance_channel(instance),
             &wire::probe(instance, nonce)[..],
         );
+        let tracked = self.presence().mode != PresenceMode::Off;
         let refreshed = self.next_refresh_slice();
         for user in &refreshed {
             pipe.expire(self.names.user(user), layout::ROUTE_KEY_TTL_SECS as i64)
                 .ignore();
+            if tracked {
+                pipe.expire(
+                    self.names.presence_flag(user),
+                    layout::ROUTE_KEY_TTL_SECS as i64,
+                )
+                .ignore();
+            }
+        }
+        if tracked && !self.deregistered.get() {
+            pipe.expire(
+                self.names.instance_users(instance),
+                layout::ROUTE_KEY_TTL_SECS as i64,
+            )
+            .ignore();
         }
         let answers: Vec<Value> = self.timed_query(&pipe, conn).await?;
         let (lease, receivers) = match answers.as_slice() {
@@ -923,7 +1004,88 @@ impl Bridge {
         if matches!(receivers, Value::Int(0)) {
             return Err(SessionError::SubscriptionLost);
         }
+        self.reap(conn).await
+    }
+
+    /// Announces `offline` for the users of instances whose lease is gone (see
+    /// [`layout::REAP`]): up to [`REAPS_PER_BEAT`] calls of [`REAP_BUDGET`] users each.
+    async fn reap(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+        let presence = self.presence();
+        if presence.mode == PresenceMode::Off {
+            return Ok(());
+        }
+        for _ in 0..REAPS_PER_BEAT {
+            let mids: Vec<u64> = (0..REAP_BUDGET).map(|_| self.next_mid()).collect();
+            let mut pipe = redis::pipe();
+            pipe.add_command(self.scripts.reap(&presence, &mids));
+            let (answer,): (Value,) = self.timed_query(&pipe, conn).await?;
+            let reaped = layout::Reaped::of(&answer).unwrap_or_default();
+            self.announce(reaped.events);
+            if !reaped.more {
+                break;
+            }
+        }
         Ok(())
+    }
+
+    /// How the route scripts track presence on this node: on when its sink forwards
+    /// `online` or `offline`.
+    fn presence(&self) -> PresenceArgs<'_> {
+        let events = self.config.upstream_events;
+        let (online, offline) = (
+            events.forwards(EventKind::Online),
+            events.forwards(EventKind::Offline),
+        );
+        let mode = match &self.upstream {
+            Some(_) if !online && !offline => PresenceMode::Off,
+            Some(Sink::Redis(_)) => PresenceMode::Append,
+            Some(Sink::Webhook(_)) => PresenceMode::Return,
+            None => PresenceMode::Off,
+        };
+        PresenceArgs {
+            mode,
+            online,
+            offline,
+            node: &self.identity.id,
+            ts: protocol::now_ms(),
+            maxlen: self.config.upstream_stream_maxlen,
+        }
+    }
+
+    /// A message id for an event this bridge makes.
+    fn next_mid(&self) -> u64 {
+        self.mids.next(protocol::now_ms())
+    }
+
+    /// Hands the presence events a script decided to the sink: counted when the script
+    /// appended them itself (Redis Streams), sent otherwise (webhook).
+    fn announce(&self, events: Vec<layout::PresenceEvent>) {
+        let Some(sink) = &self.upstream else {
+            return;
+        };
+        for event in events {
+            match sink {
+                Sink::Redis(redis) => {
+                    redis.metrics().appended.inc();
+                    redis.metrics().delivered.inc();
+                }
+                Sink::Webhook(webhook) => {
+                    let user: Arc<str> = event.user.into();
+                    let what = match event.kind {
+                        EventKind::Online => Happening::Online { user },
+                        _ => Happening::Offline { user },
+                    };
+                    let record = UpstreamEvent {
+                        mid: event.mid,
+                        node: self.identity.id.clone(),
+                        ts: crate::protocol::MidGenerator::timestamp_ms(event.mid),
+                        what,
+                    };
+                    // Refusals (a full queue) are counted by the sink.
+                    let _ = webhook.try_send_unacked(record);
+                }
+            }
+        }
     }
 
     /// The users whose route-key TTL this heartbeat refreshes: a round over every user

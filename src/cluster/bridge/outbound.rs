@@ -34,6 +34,8 @@
 //!
 
 use super::*;
+use crate::metrics::UpstreamMetrics;
+use crate::upstream::Undelivered;
 
 /// Messages sent in one pipeline at most; the rest wait for the next round trip.
 const MAX_BATCH: usize = 4096;
@@ -48,8 +50,11 @@ pub(super) enum Answer {
     /// The next message of [`Bridge::in_flight`]: finish it, retry it or drop it, as the
     /// answer says.
     Message,
-    /// Device members the cluster device limit evicted: close them.
-    Evictions,
+    /// [`layout::DEVICE_ONLINE`]'s: close the device members the cluster device limit
+    /// evicted, announce the `online` it decided.
+    DeviceAdded,
+    /// Presence events a script decided: announce them.
+    Presence,
     /// The mailbox position a new device of `user` is welcomed at.
     Welcome { user: Arc<str>, conn: ConnId },
     /// A stream read for a resume: where the answer goes.
@@ -62,6 +67,9 @@ pub(super) struct Batch {
     answers: Vec<Answer>,
     bytes: u64,
     messages: u64,
+    /// The upstream sink's metrics, when the batch carries upstream records (it times
+    /// their round trip).
+    upstream: Option<Arc<UpstreamMetrics>>,
 }
 
 /// How a batch's answers ended.
@@ -82,6 +90,7 @@ impl Batch {
             answers: Vec::new(),
             bytes: 0,
             messages: 0,
+            upstream: None,
         }
     }
 
@@ -137,11 +146,13 @@ impl Bridge {
     /// Adds one message for other nodes to `batch`, unless it waited too long.
     fn encode(&self, pending: Pending, batch: &mut Batch) {
         let instance = self.instance.get();
-        if let Some(message) = pending.outbound.message() {
-            if self.too_old(message) {
-                self.drop_pending(pending, BusDrop::Stale);
-                return;
-            }
+        if pending
+            .outbound
+            .entered_ns()
+            .is_some_and(|at| self.too_old(at))
+        {
+            self.drop_pending(pending, BusDrop::Stale);
+            return;
         }
         let (cmd, payload_len) = match &pending.outbound {
             Outbound::User { users, message } => {
@@ -279,6 +290,16 @@ impl Bridge {
                 cmd.arg(self.names.broadcast()).arg(&payload[..]);
                 (cmd, payload.len())
             }
+            Outbound::Upstream(append) => {
+                append.metrics.requests.inc();
+                batch.upstream = Some(append.metrics.clone());
+                let cmd = layout::xadd_record(
+                    &self.names,
+                    &append.record,
+                    self.config.upstream_stream_maxlen,
+                );
+                (cmd, append.weight)
+            }
         };
         batch.bytes += payload_len as u64;
         batch.messages += 1;
@@ -286,18 +307,31 @@ impl Bridge {
         batch.push(cmd, Answer::Message);
     }
 
-    /// Whether `message` has waited longer than `bridge_hold_ms` since it entered the node.
-    fn too_old(&self, message: &Message) -> bool {
-        let waited = metrics::monotonic_ns().saturating_sub(message.entered_ns);
+    /// Whether something that entered the node at `entered_ns` has waited longer than
+    /// `bridge_hold_ms`.
+    fn too_old(&self, entered_ns: u64) -> bool {
+        let waited = metrics::monotonic_ns().saturating_sub(entered_ns);
         waited > self.config.bridge_hold_ms.saturating_mul(1_000_000)
     }
 
     /// Finishes a message the bridge gives up on: counted, logged (rate-limited), released.
+    /// An upstream record is counted by its sink instead, and its ticket told.
     pub(super) fn drop_pending(&self, pending: Pending, reason: BusDrop) {
+        self.state.release(pending.size);
+        if let Outbound::Upstream(append) = pending.outbound {
+            let undelivered = if self.state.stopping() {
+                Undelivered::Stopped
+            } else if reason == BusDrop::RedisError {
+                Undelivered::RedisRefused
+            } else {
+                Undelivered::RetriesExhausted
+            };
+            append.settle(Err(undelivered));
+            return;
+        }
         self.state.metrics.dropped(reason);
         self.state
             .log_drop(reason, pending.outbound.message().map(|m| m.mid));
-        self.state.release(pending.size);
     }
 
     /// The route script call for a message to `users`, the first `recipients` of which are
@@ -320,7 +354,20 @@ impl Bridge {
         let metrics = &self.state.metrics;
         metrics.bytes_out.add(batch.bytes);
         metrics.envelopes_out.add(batch.messages);
-        let answers: Vec<Value> = match self.timed_query(&batch.pipe, conn).await {
+        let started = metrics::monotonic_ns();
+        if let Some(upstream) = &batch.upstream {
+            upstream.in_flight.add(1);
+        }
+        let answered = self.timed_query(&batch.pipe, conn).await;
+        if let Some(upstream) = &batch.upstream {
+            upstream.in_flight.add(-1);
+            if answered.is_ok() {
+                upstream
+                    .latency
+                    .record(metrics::monotonic_ns().saturating_sub(started));
+            }
+        }
+        let answers: Vec<Value> = match answered {
             Ok(answers) => answers,
             Err(error) => {
                 // Redis may or may not have run it: route it again in the next session
@@ -353,18 +400,19 @@ impl Bridge {
                 Answer::Read(reply) => {
                     let _ = reply.send(layout::replay_of(&value).ok_or(BusError::Redis));
                 }
-                Answer::Ignore | Answer::Evictions => {
+                Answer::Ignore | Answer::DeviceAdded | Answer::Presence => {
                     if let Value::ServerError(error) = &value {
                         if error.code() == "NOSCRIPT" {
                             outcome.broken = Some(SessionError::ScriptsLost);
                         }
                         metrics.errors.inc();
                         tracing::warn!(error = %error.code(), "Redis refused a command");
-                    } else if let Value::Array(members) = value {
-                        evictions.extend(members.into_iter().filter_map(|m| match m {
-                            Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-                            _ => None,
-                        }));
+                    } else if let Answer::DeviceAdded = answer {
+                        let added = layout::DeviceAdded::of(&value).unwrap_or_default();
+                        evictions.extend(added.evicted);
+                        self.announce(added.events);
+                    } else if let Answer::Presence = answer {
+                        self.announce(layout::presence_events(&value));
                     }
                 }
             }
@@ -385,6 +433,22 @@ impl Bridge {
     /// Settles one message by Redis's answer: finished, dropped and counted, or retried.
     fn finish(&self, mut pending: Pending, value: Value, outcome: &mut BatchOutcome) {
         let metrics = &self.state.metrics;
+        if let Outbound::Upstream(_) = pending.outbound {
+            match value {
+                Value::ServerError(error) => {
+                    metrics.errors.inc();
+                    tracing::warn!(error = %error.code(), "Redis refused an upstream record");
+                    self.drop_pending(pending, BusDrop::RedisError);
+                }
+                _ => {
+                    self.state.release(pending.size);
+                    if let Outbound::Upstream(append) = pending.outbound {
+                        append.settle(Ok(()));
+                    }
+                }
+            }
+            return;
+        }
         let routed = match &value {
             Value::ServerError(error) if error.code() == "NOSCRIPT" => {
                 outcome.broken = Some(SessionError::ScriptsLost);
@@ -446,7 +510,10 @@ impl Bridge {
             }) => {
                 let lost_route = unheard > 0 || (pending.lost_route && no_route > 0);
                 if lost_route {
-                    let expired = pending.outbound.message().is_some_and(|m| self.too_old(m));
+                    let expired = pending
+                        .outbound
+                        .entered_ns()
+                        .is_some_and(|at| self.too_old(at));
                     if expired {
                         self.drop_pending(pending, BusDrop::Unheard);
                     } else {
@@ -499,6 +566,9 @@ impl Bridge {
         self.state.metrics.retries.add(pendings.len() as u64);
         let mut retry = self.retry.borrow_mut();
         for pending in pendings.into_iter().rev() {
+            if let Outbound::Upstream(append) = &pending.outbound {
+                append.metrics.retries.inc();
+            }
             retry.push_front(pending);
         }
     }
