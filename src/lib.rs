@@ -26,7 +26,8 @@
 //! - [`mailbox`]: the two-lane (bounded messages, never-dropped control) hand-off between
 //!   threads, used by the shards' inboxes and the bus.
 //! - [`upstream`]: what clients say (`up`) and do (connection events) as records for the
-//!   backends, their JSON shape, and the sinks that carry them ([`upstream::webhook`]).
+//!   backends, their JSON shape, and the sinks that carry them ([`upstream::webhook`],
+//!   [`upstream::redis_streams`]).
 //! - [`metrics`]: per-shard counters and gauges, and their Prometheus export.
 //!
 //! Dependencies point one way: `node` builds everything; `shard` drives `session` and its

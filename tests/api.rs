@@ -469,13 +469,17 @@ fn api_connections_are_capped() {
 }
 
 /// Every series the Grafana dashboard plots is one a node exports (a renamed metric would
-/// leave a panel silently empty); the cluster's own series are checked on a clustered node.
+/// leave a panel silently empty); the cluster's and the upstream sink's own series are
+/// checked on a clustered node with a sink.
 #[test]
 fn the_dashboard_plots_only_exported_metrics() {
     let dashboard: Value =
         serde_json::from_str(include_str!("../deploy/grafana/shardcast.json")).expect("json");
     let redis = RedisServer::start();
-    let nodes = start_cluster(&redis, 1, |_| {});
+    // With an upstream sink, so its series are exported too.
+    let nodes = start_cluster(&redis, 1, |config| {
+        config.upstream_sink = Some(shardcast::config::SinkKind::Redis)
+    });
     let (_, text) = http_text(nodes[0].node().api_addr(), "GET", "/metrics", None, b"");
     let exported: std::collections::HashSet<&str> = text
         .lines()

@@ -3,16 +3,18 @@
 //!
 //! This module owns the record, [`UpstreamEvent`], and its external shape, which backends
 //! parse and which every sink writes the same way ([`UpstreamEvent::fields`]); which
-//! connection events a node forwards ([`EventFilter`], the `upstream_events` setting); and
-//! the sinks: [`webhook`] (batched, signed HTTP POSTs, in any mode). It decides nothing about
-//! who may send what: the shards build the records (taking the id from their message-id
-//! generator) and hand them to a sink's handle, which never blocks them.
+//! connection events a node forwards ([`EventFilter`], the `upstream_events` setting); the
+//! handle callers hold ([`Sink`]) with its outcomes ([`Ticket`], [`Refused`],
+//! [`Undelivered`]); and the sinks: [`webhook`] (batched, signed HTTP POSTs, in any mode)
+//! and [`redis_streams`] (`XADD` through the cluster bridge). It decides nothing about who
+//! may send what: the shards build the records (taking the id from their message-id
+//! generator) and hand them to the sink, which never blocks them.
 //!
-//! Status: a node with `webhook_url` starts the webhook sink and feeds it every client `up`
-//! (acked once delivered, `err unavailable` when it cannot be) and the `connect`,
-//! `disconnect`, `sub` and `unsub` events its shards make (as `upstream_events` says).
-//! `online`/`offline` (decided where routes are, in Redis when clustered) and the Redis
-//! Streams sink are issue 13's next steps.
+//! Who makes which record: a connection's shard makes `up`, `connect`, `disconnect`, `sub`
+//! and `unsub`. `online` and `offline` are decided where a user's devices are counted: on
+//! the user's home shard when the node runs alone (its directory of the user's devices
+//! goes from none to one, or from one to none), and in Redis when clustered (see
+//! [`crate::cluster::redis_layout`], "Presence events"), by the bridge's scripts.
 //!
 //! # The record
 //! One JSON object per record, fields in this order, optional ones left out when absent:
