@@ -354,56 +354,52 @@ impl Scripts {
         cmd
     }
 
-    /// [`DEVICE_ONLINE`]: record device `conn` of `user` (connected at `since_ms`) under
-    /// this instance, and its user's presence when tracked (`online` with id `mid`); the
-    /// answer reads with [`DeviceAdded::of`].
-    #[allow(clippy::too_many_arguments)]
+    /// [`DEVICE_ONLINE`]: record `device` (connected at `since_ms`) under its instance, and
+    /// its user's presence when tracked (`online` with id `mid`); the answer reads with
+    /// [`DeviceAdded::of`].
     pub fn device_online(
         &self,
-        user: &str,
-        instance: u64,
-        conn: u64,
+        device: DeviceKey<'_>,
         since_ms: u64,
         max_devices: usize,
         presence: &PresenceArgs<'_>,
         mid: u64,
     ) -> redis::Cmd {
-        let mut cmd = Self::call(&self.device_online, 3);
-        cmd.arg(self.names.user(user))
-            .arg(self.names.presence_flag(user))
-            .arg(self.names.instance_users(instance))
-            .arg(self.names.prefix())
-            .arg(instance_hex(instance))
-            .arg(device_member(instance, conn))
-            .arg(since_ms)
+        let mut cmd = self.device_call(&self.device_online, device);
+        cmd.arg(since_ms)
             .arg(max_devices)
             .arg(ROUTE_KEY_TTL_SECS)
-            .arg(user);
+            .arg(device.user);
         presence.args(&mut cmd);
         cmd.arg(mid);
         cmd
     }
 
-    /// [`DEVICE_OFFLINE`]: remove device `conn` of `user` and, when presence is tracked,
-    /// decide `offline` (with id `mid`); the answer reads with [`presence_events`].
+    /// [`DEVICE_OFFLINE`]: remove `device` and, when presence is tracked, decide `offline`
+    /// (with id `mid`); the answer reads with [`presence_events`].
     pub fn device_offline(
         &self,
-        user: &str,
-        instance: u64,
-        conn: u64,
+        device: DeviceKey<'_>,
         presence: &PresenceArgs<'_>,
         mid: u64,
     ) -> redis::Cmd {
-        let mut cmd = Self::call(&self.device_offline, 3);
-        cmd.arg(self.names.user(user))
-            .arg(self.names.presence_flag(user))
-            .arg(self.names.instance_users(instance))
-            .arg(self.names.prefix())
-            .arg(instance_hex(instance))
-            .arg(device_member(instance, conn))
-            .arg(user);
+        let mut cmd = self.device_call(&self.device_offline, device);
+        cmd.arg(device.user);
         presence.args(&mut cmd);
         cmd.arg(mid);
+        cmd
+    }
+
+    /// A device script's call with its keys (user, presence flag, instance index) and first
+    /// arguments (prefix, instance, member).
+    fn device_call(&self, script: &redis::Script, device: DeviceKey<'_>) -> redis::Cmd {
+        let mut cmd = Self::call(script, 3);
+        cmd.arg(self.names.user(device.user))
+            .arg(self.names.presence_flag(device.user))
+            .arg(self.names.instance_users(device.instance))
+            .arg(self.names.prefix())
+            .arg(instance_hex(device.instance))
+            .arg(device_member(device.instance, device.conn));
         cmd
     }
 
@@ -572,6 +568,18 @@ pub fn xadd_record(names: &Names, record: &UpstreamEvent, maxlen: u64) -> redis:
         };
     }
     cmd
+}
+
+/// One device as the route scripts name it: its user, and the instance and connection
+/// that make its member.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceKey<'a> {
+    /// The user.
+    pub user: &'a str,
+    /// The bridge instance holding it.
+    pub instance: u64,
+    /// The connection id.
+    pub conn: u64,
 }
 
 /// How the presence scripts track `online` and `offline` ([`DEVICE_ONLINE`],

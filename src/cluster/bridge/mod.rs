@@ -57,8 +57,8 @@ use tokio::sync::mpsc;
 
 use super::dedupe::{RecentEnvelopes, MAX_REMEMBERED};
 use super::redis_layout::{
-    self as layout, HistoryPublished, MailboxRouted, Names, PresenceArgs, PresenceMode, Routed,
-    Scripts, StreamAppend,
+    self as layout, DeviceKey, HistoryPublished, MailboxRouted, Names, PresenceArgs, PresenceMode,
+    Routed, Scripts, StreamAppend,
 };
 use super::wire::{self, Body};
 use super::{
@@ -582,15 +582,14 @@ impl Bridge {
                     // retires: no limit here, or they would evict themselves.
                     for (conn_id, since) in devices {
                         let mid = self.next_mid();
-                        let add = self.scripts.device_online(
+                        let device = DeviceKey {
                             user,
                             instance,
-                            *conn_id,
-                            *since,
-                            usize::MAX,
-                            &presence,
-                            mid,
-                        );
+                            conn: *conn_id,
+                        };
+                        let add =
+                            self.scripts
+                                .device_online(device, *since, usize::MAX, &presence, mid);
                         pipe.add_command(add);
                     }
                 }
@@ -710,10 +709,13 @@ impl Bridge {
                     return;
                 };
                 if !self.deregistered.get() {
-                    let cmd = self.scripts.device_online(
-                        &user,
+                    let device = DeviceKey {
+                        user: &user,
                         instance,
                         conn,
+                    };
+                    let cmd = self.scripts.device_online(
+                        device,
                         since_ms,
                         self.config.max_devices_per_user,
                         &self.presence(),
@@ -760,9 +762,12 @@ impl Bridge {
                         batch.push(cmd, Answer::Ignore);
                     } else {
                         let mid = self.next_mid();
-                        let cmd = self
-                            .scripts
-                            .device_offline(&user, instance, conn, &presence, mid);
+                        let device = DeviceKey {
+                            user: &user,
+                            instance,
+                            conn,
+                        };
+                        let cmd = self.scripts.device_offline(device, &presence, mid);
                         batch.push(cmd, Answer::Presence);
                     }
                 }
