@@ -14,7 +14,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::history::Retention;
-use crate::upstream::webhook::WebhookUrl;
+use crate::upstream::webhook::{tls_config_with_ca_file, WebhookUrl};
 use crate::upstream::EventFilter;
 
 /// The largest shard count a node accepts: a message id carries the shard in 6 bits (see
@@ -196,10 +196,15 @@ pub struct Config {
     /// `human` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Where upstream records (client `up` messages, connection events) are POSTed, in
-    /// batches signed with `webhook_secret` (see [`crate::upstream::webhook`]); `http://`
-    /// only, as the gateway has no TLS stack. Default none: no webhook.
+    /// batches signed with `webhook_secret` (see [`crate::upstream::webhook`]): `http://` or
+    /// `https://` (certificates checked against Mozilla's roots and `webhook_ca_file`).
+    /// Default none: no webhook.
     #[serde(deserialize_with = "text")]
     pub webhook_url: Option<String>,
+    /// A PEM file of CA certificates an `https://` webhook's certificate may also chain
+    /// to (a private CA), besides Mozilla's roots. Default none.
+    #[serde(deserialize_with = "text")]
+    pub webhook_ca_file: Option<String>,
     /// Key of the `X-Shardcast-Signature` HMAC-SHA256 that backends check every body
     /// against. Required with `webhook_url`, at least [`WEBHOOK_SECRET_MIN_BYTES`] bytes.
     #[serde(deserialize_with = "text")]
@@ -433,6 +438,7 @@ impl Default for Config {
             log_format: LogFormat::Human,
             webhook_url: None,
             webhook_secret: None,
+            webhook_ca_file: None,
             webhook_queue_max: 10_000,
             webhook_queue_max_bytes: 16 * 1024 * 1024,
             webhook_batch_max: 100,
@@ -645,8 +651,16 @@ impl Config {
             }
         }
         if let Some(url) = &self.webhook_url {
-            if let Err(error) = WebhookUrl::parse(url) {
-                problems.push(format!("`webhook_url`: {error}"));
+            match (WebhookUrl::parse(url), &self.webhook_ca_file) {
+                (Err(error), _) => problems.push(format!("`webhook_url`: {error}")),
+                (Ok(url), Some(_)) if !url.is_https() => problems
+                    .push("`webhook_ca_file` is set but `webhook_url` is not https://".into()),
+                (Ok(_), Some(path)) => {
+                    if let Err(error) = tls_config_with_ca_file(path) {
+                        problems.push(error);
+                    }
+                }
+                (Ok(_), None) => {}
             }
             if self
                 .webhook_secret
@@ -1016,7 +1030,7 @@ mod tests {
         };
         assert!(dev.webhook_url.is_none(), "no webhook by default");
         let bad = Config {
-            webhook_url: Some("https://hooks.example/in".into()),
+            webhook_url: Some("ftp://hooks.example/in".into()),
             webhook_secret: Some("short".into()),
             webhook_batch_max: 0,
             webhook_timeout_ms: 0,
@@ -1025,11 +1039,34 @@ mod tests {
         match bad.validate() {
             Err(ConfigError::Invalid(problems)) => {
                 assert_eq!(problems.len(), 4, "{problems:?}");
-                assert!(problems.iter().any(|p| p.contains("https is not built in")));
+                assert!(problems.iter().any(|p| p.contains("http:// or https://")));
                 assert!(problems.iter().any(|p| p.contains("`webhook_secret`")));
             }
             other => panic!("expected Invalid, got {other:?}"),
         }
+        let secret = Some("0123456789abcdef".to_owned());
+        let missing_ca = Config {
+            webhook_url: Some("https://hooks.example/in".into()),
+            webhook_secret: secret.clone(),
+            webhook_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..dev.clone()
+        };
+        match missing_ca.validate() {
+            Err(ConfigError::Invalid(problems)) => {
+                assert!(problems.iter().any(|p| p.contains("/nonexistent/ca.pem")));
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        let plain_with_ca = Config {
+            webhook_url: Some("http://hooks.example/in".into()),
+            ..missing_ca.clone()
+        };
+        assert!(plain_with_ca.validate().is_err(), "a CA file needs https");
+        let tls = Config {
+            webhook_ca_file: None,
+            ..missing_ca
+        };
+        assert!(tls.validate().is_ok(), "https with the built-in roots");
         let unsigned = Config {
             webhook_url: Some("http://127.0.0.1:9000/in".into()),
             ..dev.clone()

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -67,6 +67,14 @@ struct Backend {
 
 impl Backend {
     fn start(reply: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Backend {
+        Self::start_with(None, reply)
+    }
+
+    /// A backend serving HTTPS with `tls`.
+    fn start_with(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        reply: impl Fn(usize) -> Reply + Send + Sync + 'static,
+    ) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("bound");
@@ -85,8 +93,21 @@ impl Backend {
                             connections.fetch_add(1, Ordering::Relaxed);
                             let (sink, stop) = (sink.clone(), stop.clone());
                             let (reply, requests) = (reply.clone(), requests.clone());
+                            let tls = tls.clone();
                             handlers.push(std::thread::spawn(move || {
-                                serve(stream, &sink, &stop, &*reply, &requests)
+                                stream.set_nonblocking(false).expect("blocking");
+                                stream
+                                    .set_read_timeout(Some(Duration::from_millis(20)))
+                                    .expect("read timeout");
+                                match tls {
+                                    None => serve(stream, &sink, &stop, &*reply, &requests),
+                                    Some(tls) => {
+                                        let session =
+                                            rustls::ServerConnection::new(tls).expect("session");
+                                        let stream = rustls::StreamOwned::new(session, stream);
+                                        serve(stream, &sink, &stop, &*reply, &requests)
+                                    }
+                                }
                             }));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -136,16 +157,12 @@ impl Drop for Backend {
 
 /// Serves one connection: requests one after another (keep-alive) until EOF or stop.
 fn serve(
-    mut stream: TcpStream,
+    mut stream: impl Read + Write,
     sink: &mpsc::Sender<Received>,
     stop: &AtomicBool,
     reply: &(dyn Fn(usize) -> Reply + Send + Sync),
     requests: &AtomicUsize,
 ) {
-    stream.set_nonblocking(false).expect("blocking");
-    stream
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .expect("read timeout");
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
@@ -156,7 +173,7 @@ fn serve(
             match answer {
                 Reply::Status(code) => {
                     let head = format!("HTTP/1.1 {code} Scripted\r\ncontent-length: 0\r\n\r\n");
-                    if stream.write_all(head.as_bytes()).is_err() {
+                    if stream.write_all(head.as_bytes()).is_err() || stream.flush().is_err() {
                         return;
                     }
                 }
@@ -213,6 +230,7 @@ fn parse(buffer: &[u8]) -> Option<(Received, usize)> {
 fn config(url: &str) -> WebhookConfig {
     WebhookConfig {
         url: WebhookUrl::parse(url).expect("an http URL"),
+        tls: None,
         secret: SECRET.to_vec(),
         queue_max: 1000,
         queue_max_bytes: 1 << 20,
@@ -987,4 +1005,69 @@ fn clustered_nodes_announce_online_and_offline_once_through_their_webhooks() {
         .find(|r| r["type"] == "online")
         .expect("online");
     assert!(online["mid"].is_string() && online["ts"].is_u64());
+}
+
+/// A throwaway CA and a certificate it signed for 127.0.0.1: the server's settings, and the
+/// CA's certificate as PEM.
+fn test_pki() -> (Arc<rustls::ServerConfig>, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "shardcast test CA");
+    let ca = ca.self_signed(&ca_key).expect("CA certificate");
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("server params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("server certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server TLS config");
+    (Arc::new(config), ca.pem())
+}
+
+#[test]
+fn an_https_webhook_is_posted_to_when_its_certificate_checks() {
+    let (tls, ca_pem) = test_pki();
+    let backend = Backend::start_with(Some(tls), |_| Reply::Status(200));
+    let url = format!("https://127.0.0.1:{}/hook", backend.addr.port());
+    let ca_file = std::env::temp_dir().join(format!(
+        "shardcast-webhook-ca-{}-{}.pem",
+        std::process::id(),
+        backend.addr.port()
+    ));
+    std::fs::write(&ca_file, ca_pem).expect("write the CA file");
+    let node = node_with_webhook(&backend, |config| {
+        config.webhook_url = Some(url.clone());
+        config.webhook_ca_file = Some(ca_file.to_string_lossy().into_owned());
+    });
+    let mut ivy = common::Client::dev(&node, "ivy");
+    let ack = ivy.request(serde_json::json!({"op":"up","id":1,"data":"over tls"}));
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let records = records_until(&backend, |records| {
+        records.iter().any(|r| r["type"] == "up")
+    });
+    let up = records.iter().find(|r| r["type"] == "up").expect("up");
+    assert_eq!(up["data"], "over tls");
+    drop(node);
+    let _ = std::fs::remove_file(&ca_file);
+
+    // Trusting only the built-in roots, the same server's certificate does not check: the
+    // batch is retried, then given up, and the up answered unavailable.
+    let untrusted = node_with_webhook(&backend, |config| {
+        config.webhook_url = Some(url.clone());
+        config.webhook_retry_max_ms = 300;
+        config.webhook_timeout_ms = 200;
+    });
+    let mut jo = common::Client::dev(&untrusted, "jo");
+    let refused = jo.request(serde_json::json!({"op":"up","id":2,"data":1}));
+    assert_eq!(refused["code"], "unavailable", "{refused}");
 }

@@ -48,8 +48,13 @@
 //! (`shutdown`) and their tickets resolve [`Undelivered::Stopped`]; senders are refused
 //! from then on.
 //!
-//! Plain `http://` only: the gateway has no TLS stack. A backend that needs TLS sits behind
-//! a local TLS-terminating proxy.
+//! # TLS
+//! An `https://` URL is posted to over TLS 1.2 or 1.3 (rustls with the ring provider, the
+//! one crypto library the node already carries for JWTs), the server's certificate checked
+//! against Mozilla's roots, compiled in (`webpki-roots`, so a node does not depend on the
+//! host's CA files), plus those of `webhook_ca_file` for a private CA. A certificate that
+//! does not check is a connect error like any other: retried, then the batch dropped
+//! (`retries_exhausted`), with a warning naming the reason.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,8 +69,12 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Request, StatusCode};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsConnector;
 
 use super::{ticket, Delivery, Refused, Ticket, Undelivered, UpstreamEvent};
 use crate::config::Config;
@@ -88,9 +97,12 @@ const RESPONSE_BODY_MAX: usize = 64 * 1024;
 /// At most one delivery-failure warning per this interval; the metrics count every one.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Where the webhook is: an `http://` URL taken apart once, at start.
+/// Where the webhook is: an `http://` or `https://` URL taken apart once, at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookUrl {
+    /// `https`: the connection is TLS, the server's certificate checked against
+    /// [`WebhookConfig::tls`]'s roots and the host name.
+    https: bool,
     /// Host name or address to connect to (IPv6 without brackets).
     host: String,
     port: u16,
@@ -101,21 +113,16 @@ pub struct WebhookUrl {
 }
 
 impl WebhookUrl {
-    /// Reads an `http://host[:port][/path][?query]` URL.
+    /// Reads an `http[s]://host[:port][/path][?query]` URL.
     pub fn parse(url: &str) -> Result<WebhookUrl, String> {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|error| format!("`{url}` is not a URL: {error}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(format!(
-                    "`{url}`: https is not built in (the gateway has no TLS stack); use an \
-                     http:// URL, e.g. a local TLS-terminating proxy"
-                ))
-            }
-            _ => return Err(format!("`{url}` must start with http://")),
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("`{url}` must start with http:// or https://")),
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("`{url}` names no host"))?;
@@ -130,11 +137,12 @@ impl WebhookUrl {
             return Err(format!("`{url}` names no host"));
         }
         Ok(WebhookUrl {
+            https,
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_owned(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
             authority: authority.as_str().to_owned(),
             target: uri
                 .path_and_query()
@@ -142,12 +150,55 @@ impl WebhookUrl {
                 .to_owned(),
         })
     }
+
+    /// Whether it is an `https://` URL.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
 }
 
 impl std::fmt::Display for WebhookUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.target)
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.target)
     }
+}
+
+/// [`tls_client_config`] trusting the CA certificates of the PEM file at `path` too
+/// (`webhook_ca_file`).
+pub fn tls_config_with_ca_file(path: &str) -> Result<Arc<ClientConfig>, String> {
+    let pem = std::fs::read(path).map_err(|error| format!("`webhook_ca_file` {path}: {error}"))?;
+    tls_client_config(Some(&pem)).map_err(|error| format!("`webhook_ca_file` {path}: {error}"))
+}
+
+/// The TLS settings of an `https://` webhook: TLS 1.2 or 1.3 (rustls, ring), the server's
+/// certificate checked against Mozilla's roots (built in, from `webpki-roots`) and the
+/// certificates in `extra_roots_pem` (`webhook_ca_file`: a private CA), offering HTTP/1.1.
+pub fn tls_client_config(extra_roots_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(pem) = extra_roots_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|error| format!("not a PEM certificate: {error}"))?;
+            roots
+                .add(cert)
+                .map_err(|error| format!("not a usable CA certificate: {error}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("no PEM certificate in it".into());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Everything the sink needs, from [`WebhookConfig::from_config`] (or built by hand in
@@ -156,6 +207,9 @@ impl std::fmt::Display for WebhookUrl {
 pub struct WebhookConfig {
     /// Where batches go (`webhook_url`).
     pub url: WebhookUrl,
+    /// The TLS settings of an `https://` URL ([`tls_client_config`], with
+    /// `webhook_ca_file`); `None`: Mozilla's roots alone.
+    pub tls: Option<Arc<ClientConfig>>,
     /// HMAC key of the signature (`webhook_secret`).
     pub secret: Vec<u8>,
     /// Records held at most (`webhook_queue_max`).
@@ -187,8 +241,14 @@ impl WebhookConfig {
         let Some(url) = &config.webhook_url else {
             return Ok(None);
         };
+        let url = WebhookUrl::parse(url)?;
+        let tls = match &config.webhook_ca_file {
+            Some(path) if url.is_https() => Some(tls_config_with_ca_file(path)?),
+            _ => None,
+        };
         Ok(Some(WebhookConfig {
-            url: WebhookUrl::parse(url)?,
+            url,
+            tls,
             secret: config
                 .webhook_secret
                 .as_deref()
@@ -652,6 +712,8 @@ fn batch_body(batch: &[Queued]) -> Bytes {
 enum AttemptError {
     #[error("cannot connect: {0}")]
     Connect(io::Error),
+    #[error("TLS: {0}")]
+    Tls(io::Error),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
     #[error("no answer within the timeout")]
@@ -674,6 +736,8 @@ impl Drop for Connection {
 /// Sends batches: one connection, retries, timeouts.
 struct Poster {
     url: WebhookUrl,
+    /// For an `https://` URL.
+    tls: Option<TlsConnector>,
     secret: Vec<u8>,
     timeout: Duration,
     backoff_min: Duration,
@@ -685,8 +749,15 @@ struct Poster {
 
 impl Poster {
     fn new(config: &WebhookConfig, metrics: Arc<UpstreamMetrics>) -> Self {
+        let tls = config.url.is_https().then(|| {
+            let tls = config.tls.clone().unwrap_or_else(|| {
+                tls_client_config(None).expect("the built-in roots make a TLS config")
+            });
+            TlsConnector::from(tls)
+        });
         Poster {
             url: config.url.clone(),
+            tls,
             secret: config.secret.clone(),
             timeout: config.timeout,
             backoff_min: config.backoff_min,
@@ -803,6 +874,22 @@ impl Poster {
             .await
             .map_err(AttemptError::Connect)?;
         let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => Self::handshake(stream).await,
+            Some(tls) => {
+                let name = ServerName::try_from(self.url.host.clone())
+                    .map_err(|error| AttemptError::Connect(io::Error::other(error)))?;
+                let stream = tls.connect(name, stream).await.map_err(AttemptError::Tls)?;
+                Self::handshake(stream).await
+            }
+        }
+    }
+
+    /// HTTP/1.1 over a connected stream (TCP or TLS).
+    async fn handshake<S>(stream: S) -> Result<Connection, AttemptError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (requests, driver) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         let driver = tokio::spawn(async move {
@@ -837,9 +924,14 @@ mod tests {
         let bare = WebhookUrl::parse("http://[::1]").unwrap();
         assert_eq!((bare.host.as_str(), bare.port), ("::1", 80));
         assert_eq!(bare.target, "/");
+        let tls = WebhookUrl::parse("https://hooks.example/in").unwrap();
+        assert_eq!((tls.is_https(), tls.port), (true, 443));
+        assert_eq!(tls.to_string(), "https://hooks.example/in");
         for (bad, why) in [
-            ("https://hooks.local/in", "https is not built in"),
-            ("ftp://hooks.local/in", "must start with http://"),
+            (
+                "ftp://hooks.local/in",
+                "must start with http:// or https://",
+            ),
             ("/in", "must start with http://"),
             ("http://user:pw@hooks.local/", "credentials"),
             ("not a url", "is not a URL"),
