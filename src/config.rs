@@ -235,6 +235,13 @@ pub struct Config {
     /// counted, without a try if it queued that long behind a failing backend. Every `up`
     /// is answered within this plus one `webhook_timeout_ms`. Default 30000.
     pub webhook_retry_max_ms: u64,
+    /// Users whose routes (the nodes holding their devices) the bridge caches, so that a
+    /// direct message to them is one `PUBLISH` per target node instead of a script (see the
+    /// bridge's `routes` module; kept exact by Redis's client-side-caching invalidations).
+    /// It serves nodes with `mailbox = false` (with mailboxes the script appends and routes
+    /// in one call anyway) and kicks. About 100 bytes per user. Default 100000; 0 turns it
+    /// off (and the bridge's command connection speaks RESP2).
+    pub route_cache_max: usize,
     /// Where upstream records go: `webhook` (POSTs to `webhook_url`, any mode), `redis`
     /// (Redis Streams `P:up:NAME` and `P:events`, clustered nodes only, see
     /// [`crate::upstream::redis_streams`]) or `none`. Default `webhook` when `webhook_url`
@@ -446,6 +453,7 @@ impl Default for Config {
             webhook_batch_linger_ms: 0,
             webhook_timeout_ms: 5000,
             webhook_retry_max_ms: 30_000,
+            route_cache_max: 100_000,
             upstream_sink: None,
             upstream_stream_maxlen: 1_000_000,
             upstream_events: EventFilter::default(),

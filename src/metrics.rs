@@ -334,6 +334,12 @@ pub struct BusMetrics {
     pub sessions: Counter,
     /// Round trip of one pipelined batch of commands.
     pub roundtrip: LatencyHistogram,
+    /// Direct messages and kicks routed by the route cache, without a script.
+    pub route_cache_hits: Counter,
+    /// Direct messages and kicks the route cache could not route (a user not cached).
+    pub route_cache_misses: Counter,
+    /// Route cache entries dropped because Redis said their user's devices changed.
+    pub route_cache_invalidations: Counter,
 }
 
 impl BusMetrics {
@@ -835,6 +841,21 @@ const BUS_TOTALS: &[Total<BusMetrics>] = &[
         "bus_retries",
         "Messages for other nodes routed again (lost session, reconnecting node, epoch lost)",
         |b| b.retries.get(),
+    ),
+    (
+        "route_cache_hits",
+        "Direct messages and kicks routed by the route cache, without a script",
+        |b| b.route_cache_hits.get(),
+    ),
+    (
+        "route_cache_misses",
+        "Direct messages and kicks routed by the script because a user was not cached",
+        |b| b.route_cache_misses.get(),
+    ),
+    (
+        "route_cache_invalidations",
+        "Route cache entries dropped because Redis said their user's devices changed",
+        |b| b.route_cache_invalidations.get(),
     ),
 ];
 

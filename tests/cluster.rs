@@ -169,6 +169,22 @@ fn send_reaches_a_user_on_another_node() {
 /// a script) whose payload carries `token`: envelopes carry the rendered client frame, so a
 /// unique string in a message's data marks that message's publications.
 fn publishes_carrying(redis: &RedisServer, token: &str, action: impl FnOnce()) -> Vec<String> {
+    monitored(redis, token, action)
+        .into_iter()
+        .map(|publish| publish.channel)
+        .collect()
+}
+
+/// One PUBLISH seen by MONITOR.
+#[derive(Debug)]
+struct Publish {
+    channel: String,
+    /// Sent by a script rather than by a node's bridge directly.
+    by_script: bool,
+}
+
+/// Runs `action` under Redis MONITOR; returns the PUBLISHes whose payload carries `token`.
+fn monitored(redis: &RedisServer, token: &str, action: impl FnOnce()) -> Vec<Publish> {
     let mut monitor = redis.connection();
     monitor
         .send_packed_command(&redis::cmd("MONITOR").get_packed_command())
@@ -186,14 +202,14 @@ fn publishes_carrying(redis: &RedisServer, token: &str, action: impl FnOnce()) -
         .arg(marker)
         .query(&mut redis.connection())
         .expect("ECHO");
-    let mut channels = Vec::new();
+    let mut publishes = Vec::new();
     loop {
         let line = match monitor.recv_response().expect("MONITOR line") {
             redis::Value::SimpleString(line) => line,
             other => panic!("unexpected MONITOR output {other:?}"),
         };
         if line.contains(marker) {
-            return channels;
+            return publishes;
         }
         // `<time> [<db> <client or lua>] "PUBLISH" "<channel>" "<payload>"`
         let lower = line.to_ascii_lowercase();
@@ -201,10 +217,23 @@ fn publishes_carrying(redis: &RedisServer, token: &str, action: impl FnOnce()) -
             if line.contains(token) {
                 let rest = &line[at + "\"publish\" \"".len()..];
                 let channel = rest.split('"').next().expect("channel");
-                channels.push(channel.to_owned());
+                publishes.push(Publish {
+                    channel: channel.to_owned(),
+                    by_script: lower.contains(" lua]"),
+                });
             }
         }
     }
+}
+
+/// The channel of the bridge instance `node` runs now (from its registry entry).
+fn instance_channel(redis: &RedisServer, node: &str) -> String {
+    let instance: String = redis::cmd("HGET")
+        .arg(format!("shardcast:node:{node}"))
+        .arg("instance")
+        .query(&mut redis.connection())
+        .expect("HGET instance");
+    format!("shardcast:inst:{instance}")
 }
 
 /// Mailboxes off: with mailboxes, the sender's node gets its own copy through Redis too
@@ -928,4 +957,108 @@ fn message_id_node_numbers_are_leased_one_per_node() {
         ids.push((mid >> 14) & 511);
     }
     assert_ne!(ids[0], ids[1], "two live nodes never share a node number");
+}
+
+/// Mailboxes off (with them, the script appends and routes in one call): after one message
+/// fills the route cache, a message to a known user is one PUBLISH per node holding it, sent
+/// by the bridge, with no script.
+#[test]
+fn the_route_cache_reaches_a_known_user_with_one_publish_per_node_and_no_script() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |config| config.mailbox = false);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut alice = Client::dev(a, "alice");
+    let mut bob_b = Client::dev(b, "bob");
+    let mut bob_c = Client::dev(c, "bob");
+    await_presence(api(a), "bob", 2, &[id(b), id(c)]);
+    send(&mut alice, "bob", json!("first"));
+    expect_msg(&mut bob_b, "alice", "bob", &json!("first"));
+    expect_msg(&mut bob_c, "alice", "bob", &json!("first"));
+
+    let publishes = monitored(&redis, "cached-token", || {
+        send(&mut alice, "bob", json!("cached-token"));
+        expect_msg(&mut bob_b, "alice", "bob", &json!("cached-token"));
+        expect_msg(&mut bob_c, "alice", "bob", &json!("cached-token"));
+    });
+    let mut channels: Vec<&str> = publishes.iter().map(|p| p.channel.as_str()).collect();
+    channels.sort_unstable();
+    let mut expected = [
+        instance_channel(&redis, id(b)),
+        instance_channel(&redis, id(c)),
+    ];
+    expected.sort_unstable();
+    assert_eq!(channels, expected);
+    assert!(publishes.iter().all(|p| !p.by_script), "{publishes:?}");
+    assert!(metric(api(a), "shardcast_route_cache_hits_total").unwrap_or(0.0) >= 1.0);
+    bob_b.expect_silence(QUIET);
+    bob_c.expect_silence(QUIET);
+}
+
+/// A user who moved is not routed to the node they left once the sender's node has seen the
+/// move (here: its presence answer, which comes on the connection that carries the
+/// invalidation, after it).
+#[test]
+fn the_route_cache_never_routes_to_the_node_a_user_left() {
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, |config| config.mailbox = false);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut alice = Client::dev(a, "alice");
+    let mut bob_b = Client::dev(b, "bob");
+    await_presence(api(a), "bob", 1, &[id(b)]);
+    send(&mut alice, "bob", json!("to b"));
+    expect_msg(&mut bob_b, "alice", "bob", &json!("to b"));
+
+    drop(bob_b);
+    let mut bob_c = Client::dev(c, "bob");
+    await_presence(api(a), "bob", 1, &[id(c)]);
+    let publishes = monitored(&redis, "after-the-move", || {
+        send(&mut alice, "bob", json!("after-the-move"));
+        expect_msg(&mut bob_c, "alice", "bob", &json!("after-the-move"));
+    });
+    let channels: Vec<&str> = publishes.iter().map(|p| p.channel.as_str()).collect();
+    assert_eq!(channels, [instance_channel(&redis, id(c))], "{publishes:?}");
+    bob_c.expect_silence(QUIET);
+    assert!(metric(api(a), "shardcast_route_cache_invalidations_total").unwrap_or(0.0) >= 1.0);
+}
+
+/// A cached route to a node killed with SIGKILL (its routes still in Redis, so nothing
+/// invalidates them) is not heard: the message is routed by the script, which prunes the
+/// dead node, and reaches the user's other device once.
+#[test]
+fn a_cached_route_to_a_killed_node_falls_back_to_the_script() {
+    let redis = RedisServer::start();
+    let survivor = TestNode::start(Config {
+        mailbox: false,
+        ..cluster_config(&redis.url(), "survivor")
+    });
+    let other = TestNode::start(Config {
+        mailbox: false,
+        ..cluster_config(&redis.url(), "other")
+    });
+    await_ready(api(&survivor));
+    await_ready(api(&other));
+    let mut doomed = Process::serve(
+        &["--dev", "--redis", &redis.url(), "--node-id", "doomed"],
+        &[("SHARDCAST_MAILBOX", "false")],
+    );
+    await_ready(doomed.api);
+    let mut alice = Client::dev(&survivor, "alice");
+    let _bob_there = doomed.client("bob");
+    let mut bob_here = Client::dev(&other, "bob");
+    let mut sorted = ["doomed", "other"];
+    sorted.sort_unstable();
+    await_presence(api(&survivor), "bob", 2, &sorted);
+    send(&mut alice, "bob", json!("fill"));
+    expect_msg(&mut bob_here, "alice", "bob", &json!("fill"));
+
+    doomed.signal(libc::SIGKILL);
+    assert!(!doomed.wait_exit().success());
+    send(&mut alice, "bob", json!("after-the-kill"));
+    expect_msg(&mut bob_here, "alice", "bob", &json!("after-the-kill"));
+    bob_here.expect_silence(QUIET);
+    assert!(
+        metric(api(&survivor), "shardcast_bus_retries_total").unwrap_or(0.0) >= 1.0,
+        "the unheard cached publish was routed again"
+    );
+    await_presence(api(&survivor), "bob", 1, &["other"]);
 }

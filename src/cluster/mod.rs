@@ -147,6 +147,8 @@ pub(crate) struct Pending {
     /// It met a node whose subscription was gone: it is retried until it finds a route (or
     /// `bridge_hold_ms` runs out), since that node's devices come back under a new instance.
     pub(crate) lost_route: bool,
+    /// A publish by the route cache was not heard (a dead instance): route it by the script.
+    pub(crate) skip_cache: bool,
 }
 
 impl Outbound {
@@ -513,6 +515,7 @@ impl Bus {
             outbound,
             size,
             lost_route: false,
+            skip_cache: false,
         };
         if accepted && self.mailbox.message(pending).is_ok() {
             return true;

@@ -18,9 +18,10 @@
 //! - **queries**: answers the API's presence, node and topic questions.
 //!
 //! This file holds the session: connecting, joining the epoch, registering, the writer's
-//! loop, the heartbeat and stall detection. `outbound.rs` turns messages into pipelined
-//! commands and accounts for each one; `inbound.rs` dispatches what other nodes send and
-//! answers the API's queries.
+//! loop, the heartbeat (with the presence reaper) and stall detection. `outbound.rs` turns
+//! messages into pipelined commands and accounts for each one; `routes.rs` is the route
+//! cache that lets a direct message skip the route script; `inbound.rs` dispatches what
+//! other nodes send and answers the API's queries.
 //!
 //! `redis_up` and `/readyz` follow the round trips: one outstanding for more than half a
 //! heartbeat marks the bus stalled at once (an idle bridge pings every quarter heartbeat
@@ -38,6 +39,7 @@
 
 mod inbound;
 mod outbound;
+mod routes;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -51,7 +53,7 @@ use ahash::RandomState;
 use bytes::Bytes;
 use futures_lite::StreamExt;
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use redis::{AsyncConnectionConfig, Value};
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
@@ -74,6 +76,7 @@ use crate::upstream::{EventKind, Happening, Sink, UpstreamEvent};
 use crate::ws::close;
 use inbound::answer_down;
 use outbound::{Answer, Batch};
+use routes::RouteCache;
 
 /// Route-key TTL refreshes sent per heartbeat at most (a full round is spread over
 /// [`layout::ROUTE_REFRESH_ROUND_SECS`]; this caps a heartbeat's share on huge nodes).
@@ -149,6 +152,18 @@ pub(crate) fn spawn(
     } = setup;
     let url = config.redis.clone().unwrap_or_default();
     let client = redis::Client::open(url.as_str()).map_err(std::io::Error::other)?;
+    // With the route cache, commands go over RESP3: Redis pushes its invalidations on the
+    // connection that read the routes (see `routes`).
+    let commands_client = if config.route_cache_max > 0 {
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        redis::Client::open(info.set_redis_settings(resp3)).map_err(std::io::Error::other)?
+    } else {
+        client.clone()
+    };
     std::thread::Builder::new()
         .name("bridge".into())
         .spawn(move || {
@@ -174,6 +189,7 @@ pub(crate) fn spawn(
             } = ends;
             let dedupe_window_ms = config.bridge_hold_ms.saturating_mul(2);
             let names = Names::new(&config.redis_prefix);
+            let routes = RouteCache::new(&names, config.route_cache_max);
             let bridge = Rc::new(Bridge {
                 scripts: Scripts::new(names.clone()),
                 names,
@@ -183,7 +199,10 @@ pub(crate) fn spawn(
                 metrics,
                 upstream,
                 mids,
+                routes: RefCell::new(routes),
+                invalidations: RefCell::default(),
                 client,
+                commands_client,
                 inbox,
                 state,
                 devices: RefCell::default(),
@@ -236,7 +255,14 @@ struct Bridge {
     metrics: NodeMetrics,
     upstream: Option<Sink>,
     mids: Arc<SharedMidGenerator>,
+    /// For the pub/sub connection (RESP2).
     client: redis::Client,
+    /// For the command connection (RESP3 when the route cache is on).
+    commands_client: redis::Client,
+    /// User → instances, for direct messages without a script (see `routes`).
+    routes: RefCell<RouteCache>,
+    /// Redis's pushes on the current command connection (route invalidations).
+    invalidations: RefCell<Option<mpsc::UnboundedReceiver<PushInfo>>>,
     names: Names,
     scripts: Scripts,
     /// Messages and control changes from the shards and the API.
@@ -387,17 +413,30 @@ impl Bridge {
     async fn connect(
         &self,
     ) -> Result<(MultiplexedConnection, Subscriptions, PubSubStream), SessionError> {
-        let config = AsyncConnectionConfig::new()
+        let mut config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        // A new connection tracks nothing yet: whatever was cached may be stale.
+        self.routes.borrow_mut().clear();
+        let caching = self.routes.borrow().enabled();
+        if caching {
+            let (pushes, invalidations) = mpsc::unbounded_channel();
+            config = config.set_push_sender(pushes);
+            *self.invalidations.borrow_mut() = Some(invalidations);
+        }
         let mut conn = self
-            .client
+            .commands_client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         let pubsub = timed(self.client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
         let hashes: Vec<String> = self.timed_query(&self.scripts.load(), &mut conn).await?;
         debug_assert!(self.scripts.loaded(&hashes));
+        if caching {
+            let mut tracking = redis::pipe();
+            tracking.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
+            let _: () = self.timed_query(&tracking, &mut conn).await?;
+        }
         self.join_epoch(&mut conn).await?;
         let previous = self.instance.get();
         let instance = loop {

@@ -33,6 +33,7 @@
 //! node that made the message.
 //!
 
+use super::routes;
 use super::*;
 use crate::metrics::UpstreamMetrics;
 use crate::upstream::Undelivered;
@@ -59,6 +60,25 @@ pub(super) enum Answer {
     Welcome { user: Arc<str>, conn: ConnId },
     /// A stream read for a resume: where the answer goes.
     Read(tokio::sync::oneshot::Sender<Result<Replay, BusError>>),
+    /// A `ZRANGE` of a user's devices: fill the route cache.
+    Fill(Arc<str>),
+    /// One of the publishes of a message routed by the cache; the last one settles the
+    /// next message of [`Bridge::in_flight`].
+    CachedPublish {
+        /// It is the message's last publish.
+        last: bool,
+    },
+}
+
+/// How one message goes into the pipeline.
+enum Plan {
+    /// One command (a script call or a publish), answered by one [`Answer::Message`].
+    Command(redis::Cmd),
+    /// Publishes to the instances the route cache names, one [`Answer::CachedPublish`]
+    /// each.
+    Cached(Vec<redis::Cmd>),
+    /// The route cache says no other node holds any of its users: finished at once.
+    Nowhere,
 }
 
 /// One pipeline being built.
@@ -107,6 +127,7 @@ impl Bridge {
         conn: &mut MultiplexedConnection,
         subscriptions: &mut Subscriptions,
     ) -> Result<bool, SessionError> {
+        self.apply_invalidations();
         let mut batch = Batch::new();
         let mut touched_topics = Vec::new();
         while let Some(change) = self.inbox.try_control() {
@@ -154,7 +175,7 @@ impl Bridge {
             self.drop_pending(pending, BusDrop::Stale);
             return;
         }
-        let (cmd, payload_len) = match &pending.outbound {
+        let (plan, payload_len) = match &pending.outbound {
             Outbound::User { users, message } => {
                 let (payload, recipients) = match &message.body {
                     router::Body::Frame(frame) => {
@@ -173,7 +194,8 @@ impl Bridge {
                         users.len(),
                     ),
                 };
-                (self.route_cmd(users, recipients, &payload), payload.len())
+                let plan = self.user_plan(users, recipients, &payload, &pending, batch);
+                (plan, payload.len())
             }
             Outbound::Mailboxes {
                 users,
@@ -239,7 +261,7 @@ impl Bridge {
                         )
                     }
                 };
-                (cmd, head.len() + template.data.len())
+                (Plan::Command(cmd), head.len() + template.data.len())
             }
             Outbound::History {
                 topic,
@@ -269,26 +291,25 @@ impl Bridge {
                     data: &template.data,
                 };
                 let cmd = self.scripts.publish_to_history(topic, &head, &append);
-                (cmd, head.len() + template.data.len())
+                (Plan::Command(cmd), head.len() + template.data.len())
             }
             Outbound::Kick { user, code } => {
                 let payload = wire::kick(instance, user, *code);
-                (
-                    self.route_cmd(std::slice::from_ref(user), 0, &payload),
-                    payload.len(),
-                )
+                let users = std::slice::from_ref(user);
+                let plan = self.user_plan(users, 0, &payload, &pending, batch);
+                (plan, payload.len())
             }
             Outbound::Topic { topic, message } => {
                 let payload = wire::topic(instance, message.mid, topic, &message.frame_for(topic));
                 let mut cmd = redis::cmd("PUBLISH");
                 cmd.arg(self.names.topic(topic)).arg(&payload[..]);
-                (cmd, payload.len())
+                (Plan::Command(cmd), payload.len())
             }
             Outbound::Broadcast { message } => {
                 let payload = wire::broadcast(instance, message.mid, &message.shared_frame());
                 let mut cmd = redis::cmd("PUBLISH");
                 cmd.arg(self.names.broadcast()).arg(&payload[..]);
-                (cmd, payload.len())
+                (Plan::Command(cmd), payload.len())
             }
             Outbound::Upstream(append) => {
                 append.metrics.requests.inc();
@@ -298,13 +319,117 @@ impl Bridge {
                     &append.record,
                     self.config.upstream_stream_maxlen,
                 );
-                (cmd, append.weight)
+                (Plan::Command(cmd), append.weight)
             }
         };
-        batch.bytes += payload_len as u64;
-        batch.messages += 1;
-        self.in_flight.borrow_mut().push(pending);
-        batch.push(cmd, Answer::Message);
+        match plan {
+            Plan::Nowhere => self.state.release(pending.size),
+            Plan::Command(cmd) => {
+                batch.bytes += payload_len as u64;
+                batch.messages += 1;
+                self.in_flight.borrow_mut().push(pending);
+                batch.push(cmd, Answer::Message);
+            }
+            Plan::Cached(publishes) => {
+                let count = publishes.len();
+                batch.bytes += (payload_len * count) as u64;
+                batch.messages += 1;
+                self.in_flight.borrow_mut().push(pending);
+                for (index, cmd) in publishes.into_iter().enumerate() {
+                    let last = index + 1 == count;
+                    batch.push(cmd, Answer::CachedPublish { last });
+                }
+            }
+        }
+    }
+
+    /// How a message to `users` (the first `recipients` of them its recipients) is routed:
+    /// by the route cache when it knows every user (one publish per other instance holding
+    /// any of them; recipients held nowhere are counted `no_route`), else by the route
+    /// script, with a `ZRANGE` of each unknown user to fill the cache.
+    fn user_plan(
+        &self,
+        users: &[Arc<str>],
+        recipients: usize,
+        payload: &[u8],
+        pending: &Pending,
+        batch: &mut Batch,
+    ) -> Plan {
+        let routes = self.routes.borrow();
+        if !routes.enabled() || pending.skip_cache {
+            return Plan::Command(self.route_cmd(users, recipients, payload));
+        }
+        let metrics = &self.state.metrics;
+        let cached: Option<Vec<&routes::Instances>> =
+            users.iter().map(|user| routes.get(user)).collect();
+        let Some(cached) = cached else {
+            metrics.route_cache_misses.inc();
+            for user in users.iter().filter(|user| routes.get(user).is_none()) {
+                let mut read = redis::cmd("ZRANGE");
+                read.arg(self.names.user(user)).arg(0).arg(-1);
+                batch.push(read, Answer::Fill(user.clone()));
+            }
+            return Plan::Command(self.route_cmd(users, recipients, payload));
+        };
+        metrics.route_cache_hits.inc();
+        let own = self.instance.get();
+        let no_route = cached[..recipients]
+            .iter()
+            .filter(|instances| instances.is_empty())
+            .count();
+        if no_route > 0 {
+            metrics.drops[BusDrop::NoRoute as usize].add(no_route as u64);
+            let mid = pending.outbound.message().map(|m| m.mid);
+            self.state.log_drop(BusDrop::NoRoute, mid);
+        }
+        let mut targets = routes::Instances::new();
+        for instance in cached.into_iter().flatten() {
+            if *instance != own && !targets.contains(instance) {
+                targets.push(*instance);
+            }
+        }
+        if targets.is_empty() {
+            return Plan::Nowhere;
+        }
+        let publishes = targets
+            .into_iter()
+            .map(|instance| {
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(self.names.instance_channel(instance)).arg(payload);
+                cmd
+            })
+            .collect();
+        Plan::Cached(publishes)
+    }
+
+    /// Applies the route invalidations Redis pushed since the last pipeline.
+    fn apply_invalidations(&self) {
+        let mut invalidations = self.invalidations.borrow_mut();
+        let Some(pushes) = invalidations.as_mut() else {
+            return;
+        };
+        let mut routes = self.routes.borrow_mut();
+        while let Ok(push) = pushes.try_recv() {
+            if push.kind != PushKind::Invalidate {
+                continue;
+            }
+            let keys: Option<Vec<String>> = match push.data.first() {
+                Some(Value::Array(keys)) => Some(
+                    keys.iter()
+                        .filter_map(|key| match key {
+                            Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            let dropped = routes.invalidate(keys.as_deref());
+            self.state
+                .metrics
+                .route_cache_invalidations
+                .add(dropped as u64);
+        }
     }
 
     /// Whether something that entered the node at `entered_ns` has waited longer than
@@ -379,6 +504,7 @@ impl Bridge {
         let mut outcome = BatchOutcome::default();
         let mut evictions = Vec::new();
         let mut in_flight = std::mem::take(&mut *self.in_flight.borrow_mut()).into_iter();
+        let mut heard_all = true;
         for (answer, value) in batch.answers.into_iter().zip(answers) {
             match answer {
                 Answer::Message => {
@@ -399,6 +525,33 @@ impl Bridge {
                 }
                 Answer::Read(reply) => {
                     let _ = reply.send(layout::replay_of(&value).ok_or(BusError::Redis));
+                }
+                Answer::Fill(user) => {
+                    if let Value::Array(members) = &value {
+                        let members: Vec<String> = members
+                            .iter()
+                            .filter_map(|member| match member {
+                                Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+                                _ => None,
+                            })
+                            .collect();
+                        self.routes.borrow_mut().fill(user, &members);
+                    }
+                }
+                Answer::CachedPublish { last } => {
+                    heard_all &= matches!(value, Value::Int(receivers) if receivers > 0);
+                    if last {
+                        if let Some(mut pending) = in_flight.next() {
+                            if heard_all {
+                                self.state.release(pending.size);
+                            } else {
+                                // A dead instance: the script prunes it and finds the rest.
+                                pending.skip_cache = true;
+                                outcome.retry.push(pending);
+                            }
+                        }
+                        heard_all = true;
+                    }
                 }
                 Answer::Ignore | Answer::DeviceAdded | Answer::Presence => {
                     if let Value::ServerError(error) = &value {
