@@ -666,6 +666,17 @@ pub fn presence_events(reply: &redis::Value) -> Vec<PresenceEvent> {
         .collect()
 }
 
+/// The bulk strings among `values`, as text (members, keys); anything else is skipped.
+pub fn bulk_strings(values: &[redis::Value]) -> Vec<String> {
+    values
+        .iter()
+        .filter_map(|value| match value {
+            redis::Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
 /// What [`DEVICE_ONLINE`] answered.
 #[derive(Debug, Default)]
 pub struct DeviceAdded {
@@ -685,13 +696,7 @@ impl DeviceAdded {
             return None;
         };
         Some(DeviceAdded {
-            evicted: evicted
-                .iter()
-                .filter_map(|member| match member {
-                    redis::Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-                    _ => None,
-                })
-                .collect(),
+            evicted: bulk_strings(evicted),
             events: presence_events(events),
         })
     }

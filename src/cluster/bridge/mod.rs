@@ -434,7 +434,12 @@ impl Bridge {
         debug_assert!(self.scripts.loaded(&hashes));
         if caching {
             let mut tracking = redis::pipe();
-            tracking.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
+            tracking
+                .cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("OPTIN")
+                .ignore();
             let _: () = self.timed_query(&tracking, &mut conn).await?;
         }
         self.join_epoch(&mut conn).await?;

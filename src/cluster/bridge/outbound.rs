@@ -365,6 +365,10 @@ impl Bridge {
         let Some(cached) = cached else {
             metrics.route_cache_misses.inc();
             for user in users.iter().filter(|user| routes.get(user).is_none()) {
+                // Tracking is opt-in: only these reads are tracked, not the scripts'.
+                let mut track = redis::cmd("CLIENT");
+                track.arg("CACHING").arg("YES");
+                batch.push(track, Answer::Ignore);
                 let mut read = redis::cmd("ZRANGE");
                 read.arg(self.names.user(user)).arg(0).arg(-1);
                 batch.push(read, Answer::Fill(user.clone()));
@@ -413,15 +417,9 @@ impl Bridge {
             if push.kind != PushKind::Invalidate {
                 continue;
             }
-            let keys: Option<Vec<String>> = match push.data.first() {
-                Some(Value::Array(keys)) => Some(
-                    keys.iter()
-                        .filter_map(|key| match key {
-                            Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
+            // One array of keys, or nil: Redis flushed its whole tracking table.
+            let keys = match push.data.first() {
+                Some(Value::Array(keys)) => Some(layout::bulk_strings(keys)),
                 _ => None,
             };
             let dropped = routes.invalidate(keys.as_deref());
@@ -528,13 +526,7 @@ impl Bridge {
                 }
                 Answer::Fill(user) => {
                     if let Value::Array(members) = &value {
-                        let members: Vec<String> = members
-                            .iter()
-                            .filter_map(|member| match member {
-                                Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-                                _ => None,
-                            })
-                            .collect();
+                        let members = layout::bulk_strings(members);
                         self.routes.borrow_mut().fill(user, &members);
                     }
                 }

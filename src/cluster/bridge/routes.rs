@@ -3,12 +3,15 @@
 //! target node and no script.
 //!
 //! # Filling and invalidating
-//! The bridge's command connection speaks RESP3 and has `CLIENT TRACKING ON` (default mode):
-//! Redis remembers which user keys this connection read, and when any client changes one
-//! (a device connects or disconnects anywhere, a script prunes a dead instance's devices,
-//! the device limit evicts), it pushes an `invalidate` for that key on this same
-//! connection. A user's entry is filled from a plain `ZRANGE` of its key, sent in the same
-//! pipeline as the message that missed (which is routed by the script as before).
+//! The bridge's command connection speaks RESP3 and has `CLIENT TRACKING ON OPTIN`: a
+//! user's entry is filled from a `ZRANGE` of its key right after `CLIENT CACHING YES`, sent
+//! in the same pipeline as the message that missed (which is routed by the script as
+//! before), and Redis remembers that this connection read that key. When any client changes
+//! it (a device connects or disconnects anywhere, a script prunes a dead instance's
+//! devices, the device limit evicts), Redis pushes an `invalidate` for it on this same
+//! connection, once (the key is tracked again only when read again). Opt-in keeps the keys
+//! the route scripts read out of Redis's tracking table: only cached users cost Redis a
+//! tracking entry and an invalidation.
 //!
 //! # How stale an entry can be
 //! Redis sends the invalidation while it executes the change, on the connection the cached
