@@ -348,3 +348,27 @@ fn bad_up_messages_are_answered() {
     assert_eq!(dev.expect_close(), 1009);
     assert!(entries(&redis, "shardcast:up:up").is_empty());
 }
+
+#[test]
+fn a_user_who_left_while_redis_stalled_goes_offline_once_redis_is_back() {
+    let redis = RedisServer::start();
+    let nodes = start_nodes(&redis, 1);
+    let api = nodes[0].node().api_addr();
+    let kim = Client::dev(&nodes[0], "kim");
+    eventually("kim online", || presence_of(&redis, "kim") == ["online"]);
+
+    redis.signal(libc::SIGSTOP);
+    eventually("the node notices Redis is stalled", || {
+        common::http_text(api, "GET", "/readyz", None, b"").0 == 503
+    });
+    drop(kim);
+    // Long enough for the node to give up on the stalled session.
+    std::thread::sleep(Duration::from_secs(4));
+    redis.signal(libc::SIGCONT);
+    await_ready(api);
+    eventually_within(Duration::from_secs(10), "kim offline", || {
+        presence_of(&redis, "kim") == ["online", "offline"]
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(presence_of(&redis, "kim"), ["online", "offline"], "once");
+}
