@@ -792,10 +792,10 @@ impl Directory {
         let Some(devices) = self.users.get_mut(user) else {
             return false;
         };
-        let before = devices.len();
         devices.retain(|c| *c != conn);
-        let last = devices.is_empty() && before > 0;
-        if devices.is_empty() {
+        // (An entry is removed with its last device, so an empty one was just emptied.)
+        let last = devices.is_empty();
+        if last {
             self.users.remove(user);
         }
         last
