@@ -117,7 +117,12 @@
 //! key one script call touches must then share a slot: the user keys would become
 //! `P:{u:USER}:user`, `P:{u:USER}:mbox`, `P:{u:USER}:mbox-meta` (and `P:{t:TOPIC}:hist…`),
 //! and a direct message to several users would be routed per slot. The names above keep the
-//! user or topic as the last part so that change is a rename.
+//! user or topic as the last part so that change is a rename. What cannot be renamed: a
+//! script reading other nodes' leases, publishing to their channels (sharded channels must
+//! share the script's slot), and [`REAP`] walking users of many slots; on a Redis Cluster,
+//! liveness and publishing move to the bridge (which knows the live instances from the
+//! registry), scripts decide per user slot, and the route cache ([`Scripts::route`]'s
+//! shortcut) carries most messages (issue 14).
 
 use bytes::Bytes;
 
