@@ -28,7 +28,10 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -416,15 +419,18 @@ impl ApiContext {
             let answer = self.publish_checked(&checked[0]).await?;
             return Ok(json_response(StatusCode::ACCEPTED, answer));
         }
-        let mut answers = Vec::with_capacity(checked.len());
-        for item in &checked {
-            answers.push(match self.publish_checked(item).await {
+        // Every publication goes out (in order) before any answer is awaited, so the shards
+        // and Redis answer the whole batch in one go rather than one round trip each.
+        let published = join_in_order(checked.iter().map(|item| self.publish_checked(item))).await;
+        let answers: Vec<_> = published
+            .into_iter()
+            .map(|answer| match answer {
                 Ok(answer) => answer,
                 Err(Failure(_, code, message)) => {
                     json!({"error": {"code": code, "message": message}})
                 }
-            });
-        }
+            })
+            .collect();
         Ok(json_response(StatusCode::ACCEPTED, json!(answers)))
     }
 
@@ -779,6 +785,39 @@ pub fn parse_publish_batch(body: &[u8]) -> Result<Vec<PublishRequest<'_>>, serde
         .collect()
 }
 
+/// Runs `futures` together and returns their outputs in order. The first poll starts every
+/// one of them, in order; after that they are polled from the first unfinished one up to the
+/// next one still waiting, so a batch of n costs O(n) polls however its answers arrive.
+async fn join_in_order<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let mut started = false;
+    let mut done = 0;
+    std::future::poll_fn(|cx| {
+        let each = futures.iter_mut().zip(outputs.iter_mut()).enumerate();
+        for (i, (future, output)) in each.skip(done) {
+            if output.is_none() {
+                if let Poll::Ready(value) = future.as_mut().poll(cx) {
+                    *output = Some(value);
+                }
+            }
+            if output.is_some() && i == done {
+                done += 1;
+            } else if started {
+                break;
+            }
+        }
+        started = true;
+        if done == futures.len() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -801,5 +840,33 @@ mod tests {
             "{head}"
         );
         serde_json::from_str::<serde_json::Value>(body).expect("json body");
+    }
+
+    #[test]
+    fn a_batch_starts_everything_before_waiting_and_answers_in_order() {
+        let started = std::cell::RefCell::new(Vec::new());
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..4)
+            .map(|_| tokio::sync::oneshot::channel::<u32>())
+            .unzip();
+        let futures = receivers.into_iter().enumerate().map(|(i, answer)| {
+            let started = &started;
+            async move {
+                started.borrow_mut().push(i);
+                answer.await.expect("answered")
+            }
+        });
+        let mut joined = Box::pin(join_in_order(futures));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(joined.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(*started.borrow(), [0, 1, 2, 3], "all started, in order");
+        // Answers arriving out of order still come back in order.
+        for (i, sender) in senders.into_iter().enumerate().rev() {
+            sender.send(i as u32 * 10).expect("receiver alive");
+        }
+        match joined.as_mut().poll(&mut cx) {
+            Poll::Ready(outputs) => assert_eq!(outputs, [0, 10, 20, 30]),
+            Poll::Pending => panic!("every answer is in"),
+        }
     }
 }

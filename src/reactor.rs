@@ -1,5 +1,6 @@
 //! Socket readiness for a shard: one edge-triggered epoll set per shard, and the doorbell that
-//! wakes a sleeping glommio executor from another thread.
+//! wakes a sleeping glommio executor from another thread (the mailboxes' wake-up, see
+//! [`crate::mailbox`]).
 //!
 //! # Why not glommio's `TcpStream`
 //! glommio gives every socket a reactor `Source` (an `Rc<RefCell<..>>` sized for every kind
@@ -11,21 +12,36 @@
 //! item) is not in the process's RSS.
 //!
 //! # Sleeping and waking
-//! glommio sleeps in `io_uring_enter` and offers no public way to wait for an arbitrary fd, so
-//! each shard has a small poller thread that blocks in `poll(2)` on the epoll fd (which does
-//! not consume events), rings the shard's [`Doorbell`] when events are ready, and parks until
-//! the shard has drained them. The doorbell is an `AtomicWaker` plus a flag: ringing wakes the
-//! shard's task through glommio's foreign-wake path only if it was not already rung. An idle
-//! shard therefore costs no CPU: both threads sleep in the kernel.
+//! The shard sleeps where glommio sleeps, in `io_uring_enter`, with a one-shot io_uring poll
+//! on its epoll fd among the requests it waits for: when the set has events, the poll
+//! completes and the executor wakes up itself, with no other thread involved. A helper
+//! thread blocking in `poll(2)` on the epoll fd and ringing a [`Doorbell`] (the design
+//! before issue 15) costs every readiness event two thread hops, futexes and an eventfd
+//! write: 2–4 context switches per connect where this needs none (BENCHMARKS.md).
+//!
+//! glommio has no public call to poll an arbitrary fd, but its own streams arm exactly
+//! this poll when they are made: a [`glommio::net::UnixStream`] made with `from_raw_fd`
+//! registers a `POLL_ADD` for readability of the fd it is given, and reading the stream
+//! waits for it.
+//! [`Reactor::poll_ready`] makes such a stream over a duplicate of the epoll fd (the
+//! stream owns and closes what it is given), waits for that poll, and drops it once it
+//! completed; reading the epoll fd itself fails at once (`ENOTSOCK`), which only tells that
+//! the poll completed. The test below checks that this still holds when glommio changes.
+//! Arming costs three cheap syscalls (the duplicate, the failed read, its close) and rides
+//! on the `io_uring_enter` the executor makes anyway. While the shard is busy the poll
+//! completes on submission (the set already has events), so a busy shard neither sleeps nor
+//! involves another thread; an idle shard costs no CPU.
 
+use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::Context;
-use std::thread::JoinHandle;
+use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
+use futures_lite::AsyncRead;
+use glommio::net::UnixStream;
 
 /// Wakes a task on another thread; many rings before the task runs cost one wake.
 #[derive(Default)]
@@ -69,17 +85,13 @@ impl Ready {
     }
 }
 
-/// A shard's epoll set and its poller thread.
+/// A shard's epoll set and the io_uring poll on it that its executor sleeps on. Made and
+/// used on the shard's executor.
 pub struct Reactor {
     epoll: OwnedFd,
-    stop: OwnedFd,
-    stopping: Arc<AtomicBool>,
-    poller: Option<JoinHandle<()>>,
+    /// The armed poll (see the module docs), kept until it completes.
+    watch: RefCell<Option<UnixStream>>,
 }
-
-/// Token of the stop eventfd in the epoll set (never a connection id: those have a shard
-/// number in the top byte below 64).
-const STOP_TOKEN: u64 = u64::MAX;
 
 fn check(result: libc::c_int) -> io::Result<libc::c_int> {
     if result < 0 {
@@ -90,32 +102,15 @@ fn check(result: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 impl Reactor {
-    /// An epoll set whose poller thread (`name`) rings `doorbell` when events are ready.
-    pub fn new(name: String, doorbell: Arc<Doorbell>) -> io::Result<Reactor> {
-        // SAFETY: plain syscalls; the returned fds are owned right away.
+    /// An empty epoll set.
+    pub fn new() -> io::Result<Reactor> {
+        // SAFETY: plain syscall; the returned fd is owned right away.
         let epoll =
             unsafe { OwnedFd::from_raw_fd(check(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
-        let stop = unsafe {
-            OwnedFd::from_raw_fd(check(libc::eventfd(
-                0,
-                libc::EFD_CLOEXEC | libc::EFD_NONBLOCK,
-            ))?)
-        };
-        let stopping = Arc::new(AtomicBool::new(false));
-        let mut reactor = Reactor {
+        Ok(Reactor {
             epoll,
-            stop,
-            stopping: stopping.clone(),
-            poller: None,
-        };
-        reactor.add(reactor.stop.as_fd(), STOP_TOKEN, libc::EPOLLIN as u32)?;
-        let epoll_fd = reactor.epoll.as_raw_fd();
-        reactor.poller = Some(
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || poll_loop(epoll_fd, &doorbell, &stopping))?,
-        );
-        Ok(reactor)
+            watch: RefCell::default(),
+        })
     }
 
     fn add(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
@@ -156,8 +151,38 @@ impl Reactor {
         }
     }
 
+    /// Ready once the epoll set may have events; otherwise registers `cx` to be woken when
+    /// it does, arming the executor's poll on the set if none is armed. An error (no
+    /// descriptor left to duplicate the set's) arms nothing: the caller waits some other way.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut watch = self.watch.borrow_mut();
+        let stream = match watch.as_mut() {
+            Some(stream) => stream,
+            None => {
+                // SAFETY: F_DUPFD_CLOEXEC on our open epoll fd; the duplicate is handed to
+                // the stream at once, which owns and closes it.
+                let fd =
+                    check(unsafe { libc::fcntl(self.epoll.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) });
+                let fd: RawFd = match fd {
+                    Ok(fd) => fd,
+                    Err(error) => return Poll::Ready(Err(error)),
+                };
+                // SAFETY: a fresh fd we own; the stream takes it over.
+                watch.insert(unsafe { UnixStream::from_raw_fd(fd) })
+            }
+        };
+        // Pending while the poll is armed; then the read fails (not a socket): it completed.
+        match Pin::new(stream).poll_read(cx, &mut []) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => {
+                *watch = None;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
     /// Fetches ready events without blocking into `events`, returning `(token, readiness)`
-    /// pairs, and lets the poller watch again once everything ready has been fetched.
+    /// pairs.
     pub fn drain<'a>(
         &self,
         events: &'a mut [libc::epoll_event],
@@ -172,45 +197,7 @@ impl Reactor {
             )
         };
         let n = n.max(0) as usize;
-        if n < events.len() {
-            if let Some(poller) = &self.poller {
-                poller.thread().unpark();
-            }
-        }
-        events[..n]
-            .iter()
-            .map(|e| (e.u64, Ready(e.events)))
-            .filter(|(token, _)| *token != STOP_TOKEN)
-    }
-}
-
-impl Drop for Reactor {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writing 8 bytes to our own eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
-        if let Some(poller) = self.poller.take() {
-            poller.thread().unpark();
-            let _ = poller.join();
-        }
-    }
-}
-
-/// The poller thread: sleep until the epoll set has events, ring, park until drained.
-fn poll_loop(epoll: RawFd, doorbell: &Doorbell, stopping: &AtomicBool) {
-    while !stopping.load(Ordering::SeqCst) {
-        let mut fd = libc::pollfd {
-            fd: epoll,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; the epoll fd outlives this thread (joined in Drop).
-        let ready = unsafe { libc::poll(&mut fd, 1, -1) };
-        if ready > 0 && !stopping.load(Ordering::SeqCst) {
-            doorbell.ring();
-            std::thread::park();
-        }
+        events[..n].iter().map(|e| (e.u64, Ready(e.events)))
     }
 }
 
@@ -297,45 +284,42 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::time::Duration;
+    use std::os::fd::AsFd;
 
+    /// The executor wakes for the epoll set by itself: no other thread rings it.
     #[test]
-    fn poller_rings_when_a_socket_is_readable() {
-        let doorbell = Arc::new(Doorbell::default());
-        let reactor = Reactor::new("test-poller".into(), doorbell.clone()).expect("reactor");
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
-        a.set_nonblocking(true).expect("nonblocking");
-        reactor.add_socket(a.as_fd(), 7).expect("add");
-        let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
-            std::task::Poll::Ready(cx.waker().clone())
-        }));
-        let cx = Context::from_waker(&waker);
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
-        let rings_within_a_second = || {
-            (0..200).any(|_| {
-                let rung = doorbell.answer(&cx);
-                if !rung {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                rung
-            })
-        };
-        // The socket starts writable: one edge.
-        assert!(rings_within_a_second());
-        let first: Vec<_> = reactor.drain(&mut events).collect();
-        assert_eq!(first.len(), 1);
-        assert!(first[0].1.writable() && !first[0].1.readable());
+    fn the_executor_wakes_when_a_socket_is_ready() {
+        let shard = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(1 << 20)
+            .spawn(|| async {
+                let reactor = Reactor::new().expect("reactor");
+                let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+                a.set_nonblocking(true).expect("nonblocking");
+                reactor.add_socket(a.as_fd(), 7).expect("add");
+                let ready = || futures_lite::future::poll_fn(|cx| reactor.poll_ready(cx));
+                let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
 
-        b.write_all(b"x").expect("write");
-        assert!(
-            rings_within_a_second(),
-            "poller rang after the drain let it watch again"
-        );
-        let second: Vec<_> = reactor.drain(&mut events).collect();
-        assert_eq!(second[0].0, 7);
-        assert!(second[0].1.readable());
-        let mut buf = [0u8; 4];
-        assert_eq!(recv(a.as_fd(), &mut buf).expect("recv"), 1);
-        drop(reactor);
+                // The socket starts writable: one edge.
+                ready().await.expect("armed");
+                let first: Vec<_> = reactor.drain(&mut events).collect();
+                assert_eq!(first.len(), 1);
+                assert!(first[0].1.writable() && !first[0].1.readable());
+
+                // Nothing ready now: the next wait sleeps until another thread writes.
+                let writer = std::thread::spawn(move || {
+                    let mut b = b;
+                    b.write_all(b"x").expect("write");
+                    b
+                });
+                ready().await.expect("armed");
+                let second: Vec<_> = reactor.drain(&mut events).collect();
+                assert_eq!(second[0].0, 7);
+                assert!(second[0].1.readable());
+                let mut buf = [0u8; 4];
+                assert_eq!(recv(a.as_fd(), &mut buf).expect("recv"), 1);
+                drop(writer.join().expect("writer"));
+            })
+            .expect("executor");
+        shard.join().expect("executor ran");
     }
 }

@@ -12,7 +12,8 @@
 //! source addresses (`--sources`, bound before `connect`, so one address's ephemeral ports
 //! do not run out). `--spawn-cluster K` ([`cluster`]) starts redis and K nodes for the run
 //! and stops them after. With node pids (`--pid`, or the spawned nodes), RSS, descriptors
-//! and CPU come from `/proc` ([`probe`]). Every run ends within `--timeout` seconds and
+//! and CPU come from `/proc` ([`probe`]), and what the nodes spend per connect, delivery
+//! or message ([`cost`]). Every run ends within `--timeout` seconds and
 //! prints a table, then exactly one JSON line.
 //!
 //! Within a process, threads open the sockets ([`client`]) and then read them, and send what
@@ -22,6 +23,7 @@ mod api;
 mod churn;
 mod client;
 mod cluster;
+mod cost;
 mod fleet;
 mod http;
 mod probe;
@@ -65,9 +67,14 @@ pub struct Common {
     /// API key, if the nodes have one.
     #[arg(long)]
     pub api_key: Option<String>,
-    /// The nodes' pids, comma-separated: RSS, descriptors and CPU from /proc.
+    /// The nodes' pids, comma-separated or repeated: RSS, descriptors, CPU and context
+    /// switches from /proc (`loadtest/run-node.sh` prints its node's first).
     #[arg(long, value_delimiter = ',')]
     pub pid: Vec<u32>,
+    /// Also count the nodes' syscalls per event: `strace -c -f` attached to the nodes for
+    /// each measured phase (slows them down: take CPU figures from a run without it).
+    #[arg(long)]
+    pub strace: bool,
     /// Source addresses to spread client sockets over (comma-separated, 127.0.0.0/8).
     #[arg(
         long,

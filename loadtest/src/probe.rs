@@ -5,6 +5,9 @@
 //! * CPU: `utime` and `stime` (fields 14 and 15) of `/proc/PID/stat`, in clock ticks
 //!   (`sysconf(_SC_CLK_TCK)`, normally 100 a second, so single readings are 10 ms coarse:
 //!   scenarios measure over seconds).
+//! * Context switches: `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of every
+//!   thread, `/proc/PID/task/*/status` (the process's own status counts only its main
+//!   thread).
 //! * Descriptors: entries of `/proc/PID/fd`, to confirm the node holds the sockets.
 
 use anyhow::{Context, Result};
@@ -29,6 +32,25 @@ impl CpuTime {
         CpuTime {
             user: self.user - earlier.user,
             system: self.system - earlier.system,
+        }
+    }
+}
+
+/// Context switches a process's threads have made so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Switches {
+    /// The thread gave up the CPU (it slept: waiting for I/O, a futex, a wake-up).
+    pub voluntary: u64,
+    /// The thread was preempted.
+    pub nonvoluntary: u64,
+}
+
+impl Switches {
+    /// The switches made between `earlier` and `self`.
+    pub fn since(&self, earlier: Switches) -> Switches {
+        Switches {
+            voluntary: self.voluntary.saturating_sub(earlier.voluntary),
+            nonvoluntary: self.nonvoluntary.saturating_sub(earlier.nonvoluntary),
         }
     }
 }
@@ -86,6 +108,28 @@ impl Probe {
         })
     }
 
+    /// Context switches of every thread alive now (a thread that ended took its counts).
+    pub fn switches(&self) -> Result<Switches> {
+        let dir = format!("{}/task", self.proc_dir);
+        let mut total = Switches::default();
+        for task in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+            let path = task?.path().join("status");
+            // A thread may end between the listing and the read.
+            let Ok(status) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            for line in status.lines() {
+                let count = |rest: &str| rest.trim().parse::<u64>().unwrap_or(0);
+                if let Some(rest) = line.strip_prefix("voluntary_ctxt_switches:") {
+                    total.voluntary += count(rest);
+                } else if let Some(rest) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                    total.nonvoluntary += count(rest);
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Open file descriptors.
     pub fn fd_count(&self) -> Result<usize> {
         let path = format!("{}/fd", self.proc_dir);
@@ -106,5 +150,6 @@ mod tests {
         let cpu = me.cpu().expect("cpu");
         assert!(cpu.user >= 0.0 && cpu.system >= 0.0);
         assert!(me.fd_count().expect("fds") >= 3);
+        me.switches().expect("switches");
     }
 }

@@ -16,6 +16,10 @@
 //! 6. Stops the workers, merges their reports (histograms exactly), prints a table and one
 //!    JSON line.
 //!
+//! With node pids, what the nodes spend ([`cost`](crate::cost)) is measured over the
+//! connects (opening, then closing once the workers stop: a connect's cost is both) and
+//! over the traffic phase: per connect, and per delivery (`fanout`) or per message (`p2p`).
+//!
 //! Every wait is bounded by `--timeout`.
 
 use std::net::SocketAddr;
@@ -28,6 +32,7 @@ use serde_json::{json, Value};
 
 use crate::churn::ChurnPlan;
 use crate::client::{Deadline, Population};
+use crate::cost::{Cost, Meter};
 use crate::fleet::Fleet;
 use crate::http::Api;
 use crate::probe::{CpuTime, Probe};
@@ -216,6 +221,8 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
         })
         .collect();
 
+    let meter = Meter::new(&endpoints.pids, common.strace);
+    let opening = meter.start(deadline.at())?;
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -254,11 +261,13 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
         bar.set_position(progress.iter().map(|p| p.opened).sum::<usize>() as u64);
     }
     bar.set_position(total as u64);
+    let opened_cost = meter.stop(opening)?;
     let connect_secs = last_ended.saturating_sub(first_began) as f64 / 1e6;
     std::thread::sleep(deadline.cap(plan.settle));
     let after = snapshot(&nodes)?;
 
     // Traffic.
+    let traffic_phase = meter.start(deadline.at())?;
     let cpu_before = cpu(&nodes)?;
     let start_us = mono_us() + START_LEAD.as_micros() as u64;
     fleet.command(&format!("{} {start_us}", wire::START))?;
@@ -345,9 +354,11 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
     })?;
     let traffic_secs = traffic_started.elapsed().as_secs_f64();
     let cpu_used = cpu(&nodes)?.zip(cpu_before).map(|(a, b)| a.since(b));
+    let traffic_cost = meter.stop(traffic_phase)?;
 
     // Stop and gather.
     bar.set_prefix("closing");
+    let closing = meter.start(deadline.at())?;
     fleet.command(wire::STOP)?;
     let mut reports: Vec<Option<WorkerReport>> = (0..workers).map(|_| None).collect();
     while reports.iter().any(Option::is_none) {
@@ -365,6 +376,7 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
         Some(b) => wait_for_close(&nodes, b.fds, deadline)?,
         None => None,
     };
+    let closed_cost = meter.stop(closing)?;
 
     let mut report = Report::new(plan.scenario);
     report.heading(format!(
@@ -408,8 +420,50 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
         report_churn(&mut report, &reports)?;
     }
     report_connections(&mut report, &reports);
+    if let (Some(opened), Some(closed)) = (opened_cost, closed_cost) {
+        opened
+            .plus(&closed)
+            .report(&mut report, "per_connect", "connect", total as u64);
+    }
+    report_traffic_cost(
+        &mut report,
+        traffic_cost,
+        plan,
+        fanout_sent,
+        &api_sent,
+        &reports,
+    );
     report.print();
     Ok(())
+}
+
+/// What the nodes spent per delivery (`fanout`) or per message (`p2p`) during the traffic.
+fn report_traffic_cost(
+    report: &mut Report,
+    cost: Option<Cost>,
+    plan: &Plan,
+    fanout_sent: usize,
+    api_sent: &ApiSent,
+    reports: &[WorkerReport],
+) {
+    let Some(cost) = cost else {
+        return;
+    };
+    match (plan.scenario, plan.fanout, plan.direct) {
+        ("fanout", Some(_), _) => {
+            let deliveries = reports.iter().map(|r| r.progress.fanout_delivered).sum();
+            cost.report(report, "per_delivery", "delivery", deliveries);
+            cost.report(report, "per_publication", "publication", fanout_sent as u64);
+        }
+        ("p2p", _, Some(direct)) => {
+            let messages = match direct.via {
+                Via::Api => api_sent.accepted,
+                Via::Frames => reports.iter().map(|r| r.progress.sent).sum(),
+            };
+            cost.report(report, "per_message", "message", messages);
+        }
+        _ => {}
+    }
 }
 
 /// Follows the workers' progress lines.

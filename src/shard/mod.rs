@@ -56,7 +56,7 @@ use crate::config::{Config, NodeIdentity};
 use crate::history::{Retention, StreamKey};
 use crate::metrics::{self, HandshakeRefusal, LogLimiter, Rejection, ShardMetrics};
 use crate::protocol::{render, ErrorCode};
-use crate::reactor::{self, Doorbell, Reactor, Ready};
+use crate::reactor::{self, Reactor, Ready};
 use crate::router::{conn_id, ConnId, Envelope, Inbox, Router};
 use crate::session::{
     Admission, Conn, Env, Gate, Handshake, HandshakeOutcome, Pushed, ReadOutcome,
@@ -78,6 +78,10 @@ const SWEEPS_PER_HEARTBEAT_CHECK: u32 = 10;
 
 /// Events fetched from epoll per call.
 const EVENTS_PER_TURN: usize = 1024;
+
+/// How long the event loop waits before looking at its epoll set again when it could not
+/// arm the executor's poll on it (no descriptor left to duplicate the set's).
+const REARM_RETRY: Duration = Duration::from_millis(1);
 
 /// Connections accepted per listener readiness before other sockets get a turn.
 const ACCEPTS_PER_TURN: usize = 64;
@@ -200,7 +204,6 @@ struct Shard {
     /// Fires when the shard starts shutting down.
     stopping: Signal,
     reactor: Reactor,
-    doorbell: Arc<Doorbell>,
     listener: RefCell<Option<OwnedFd>>,
     /// Every socket of the shard by token (its connection id), whatever its phase.
     sockets: RefCell<HashMap<ConnId, Socket, RandomState>>,
@@ -234,8 +237,7 @@ struct Shard {
 
 impl Shard {
     fn new(index: usize, setup: ShardSetup, listener: OwnedFd) -> std::io::Result<Self> {
-        let doorbell = Arc::new(Doorbell::default());
-        let reactor = Reactor::new(format!("shard-{index}-poll"), doorbell.clone())?;
+        let reactor = Reactor::new()?;
         reactor.add_listener(listener.as_fd(), LISTENER_TOKEN)?;
         let ShardSetup {
             config,
@@ -279,7 +281,6 @@ impl Shard {
             started: Instant::now(),
             stopping: Signal::default(),
             reactor,
-            doorbell,
             listener: RefCell::new(Some(listener)),
             sockets: RefCell::default(),
             to_close: RefCell::default(),
@@ -985,21 +986,22 @@ async fn event_loop(shard: Rc<Shard>) {
     let mut more = false;
     loop {
         if !more {
-            futures_lite::future::poll_fn(|cx| {
+            let armed = futures_lite::future::poll_fn(|cx| {
                 let current = shard.event_loop.take();
                 match current {
                     Some(w) if w.will_wake(cx.waker()) => shard.event_loop.set(Some(w)),
                     _ => shard.event_loop.set(Some(cx.waker().clone())),
                 }
-                let rung = shard.doorbell.answer(cx);
-                if rung || !shard.to_close.borrow().is_empty() || !shard.to_read.borrow().is_empty()
-                {
-                    Poll::Ready(())
+                if !shard.to_close.borrow().is_empty() || !shard.to_read.borrow().is_empty() {
+                    Poll::Ready(Ok(()))
                 } else {
-                    Poll::Pending
+                    shard.reactor.poll_ready(cx)
                 }
             })
             .await;
+            if armed.is_err() {
+                glommio::timer::sleep(REARM_RETRY).await;
+            }
         }
         more = shard.turn(&mut events);
         glommio::yield_if_needed().await;
