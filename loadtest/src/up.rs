@@ -153,22 +153,20 @@ pub fn run(args: &UpArgs, common: Common, deadline: Deadline) -> Result<()> {
         .unwrap_or((args.rate * args.seconds).round() as u64);
     ensure!(count > 0, "no messages to send: raise --seconds or --msgs");
     ensure!(
-        args.sink.is_none() || !common.without_redis || args.sink == Some(SinkArg::Webhook),
+        !(args.sink == Some(SinkArg::Redis) && common.without_redis),
         "--sink redis needs redis: drop --without-redis"
     );
-    let hook = match args.sink {
-        Some(SinkArg::Webhook) => Some(Hook::start()?),
-        _ => None,
-    };
+    let hook = (args.sink == Some(SinkArg::Webhook))
+        .then(Hook::start)
+        .transpose()?;
     let mut node_env = Vec::new();
-    match (args.sink, &hook) {
-        (Some(SinkArg::Redis), _) => node_env.push(("SHARDCAST_UPSTREAM_SINK", "redis".into())),
-        (Some(SinkArg::Webhook), Some(hook)) => {
-            node_env.push(("SHARDCAST_UPSTREAM_SINK", "webhook".into()));
-            node_env.push(("SHARDCAST_WEBHOOK_URL", format!("http://{}/", hook.addr)));
-            node_env.push(("SHARDCAST_WEBHOOK_SECRET", HOOK_SECRET.into()));
-        }
-        _ => {}
+    if args.sink == Some(SinkArg::Redis) {
+        node_env.push(("SHARDCAST_UPSTREAM_SINK", "redis".to_owned()));
+    }
+    if let Some(hook) = &hook {
+        node_env.push(("SHARDCAST_UPSTREAM_SINK", "webhook".to_owned()));
+        node_env.push(("SHARDCAST_WEBHOOK_URL", format!("http://{}/", hook.addr)));
+        node_env.push(("SHARDCAST_WEBHOOK_SECRET", HOOK_SECRET.to_owned()));
     }
     let endpoints = Endpoints::resolve(common, &node_env, deadline)?;
     let redis = endpoints.cluster.as_ref().and_then(|c| c.redis());
@@ -655,6 +653,9 @@ pub fn report(
     }
     if counts.unmatched > 0 {
         report.row("  answers matching no message", counts.unmatched);
+    }
+    for oddity in reports.iter().flat_map(|r| &r.oddities).take(3) {
+        report.row("  refused or unexpected", oddity);
     }
     report.row(
         "sent per second (first send to last)",
