@@ -349,13 +349,13 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
             >= expected_now
             && (!wait_answers || p.iter().all(|p| p.answered >= p.sent))
     })?;
-    let traffic_secs = traffic_started.elapsed().as_secs_f64();
-    let cpu_used = cpu(&nodes)?.zip(cpu_before).map(|(a, b)| a.since(b));
     let up_measured = plan
         .up
         .as_ref()
         .zip(up_phase)
         .map(|(up, phase)| up.end(phase));
+    let traffic_secs = traffic_started.elapsed().as_secs_f64();
+    let cpu_used = cpu(&nodes)?.zip(cpu_before).map(|(a, b)| a.since(b));
 
     // Stop and gather.
     bar.set_prefix("closing");
