@@ -39,6 +39,9 @@ pub struct ClusterSpec<'a> {
     pub redis_server: &'a Path,
     /// Run the nodes without Redis (single, unconnected nodes; only sensible with one).
     pub without_redis: bool,
+    /// Variables added to every node's environment (settings such as
+    /// `SHARDCAST_UPSTREAM_SINK`).
+    pub env: &'a [(&'a str, String)],
 }
 
 /// One node of the cluster.
@@ -51,6 +54,7 @@ struct Node {
 /// A running cluster.
 pub struct Cluster {
     redis: Option<Child>,
+    redis_addr: Option<SocketAddr>,
     nodes: Vec<Node>,
     /// Where the logs are.
     pub log_dir: PathBuf,
@@ -65,6 +69,7 @@ impl Cluster {
             .with_context(|| format!("creating {}", log_dir.display()))?;
         let mut cluster = Cluster {
             redis: None,
+            redis_addr: None,
             nodes: Vec::new(),
             log_dir,
         };
@@ -86,6 +91,7 @@ impl Cluster {
             cluster.redis = Some(child);
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             cluster.wait_for_redis(addr, deadline)?;
+            cluster.redis_addr = Some(addr);
             Some(format!("redis://{addr}"))
         };
         for n in 0..spec.nodes {
@@ -104,6 +110,7 @@ impl Cluster {
                 ])
                 .args(["--node-id", &format!("loadtest-{n}")])
                 .env("SHARDCAST_PIN_SHARDS", "false")
+                .envs(spec.env.iter().map(|(name, value)| (name, value)))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
@@ -137,6 +144,11 @@ impl Cluster {
     /// The nodes' API addresses.
     pub fn apis(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(|node| node.api).collect()
+    }
+
+    /// Redis's pid and address, unless the nodes run without it.
+    pub fn redis(&self) -> Option<(u32, SocketAddr)> {
+        Some((self.redis.as_ref()?.id(), self.redis_addr?))
     }
 
     /// The nodes' pids.

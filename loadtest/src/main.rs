@@ -1,7 +1,8 @@
 //! `shardcast-loadtest`: the load generator for shardcast, from a few connections to C1M-style
 //! runs spread over many processes, source addresses and nodes.
 //!
-//! Scenarios ([`scenario`]): `connect`, `fanout`, `p2p`, `churn`, `mixed` run through the
+//! Scenarios ([`scenario`], and [`up`] for `up`): `connect`, `fanout`, `p2p`, `churn`,
+//! `mixed`, `up` run through the
 //! coordinator ([`run`]), which re-executes this binary as hidden `worker` processes
 //! ([`worker`], [`fleet`], protocol in [`wire`]) holding at most `--per-process` sockets
 //! each, because `RLIMIT_NOFILE` caps one process. `api` ([`api`]) is a single-process
@@ -32,6 +33,7 @@ mod report;
 mod run;
 mod scenario;
 mod traffic;
+mod up;
 mod wire;
 mod worker;
 
@@ -152,6 +154,14 @@ enum Command {
         #[command(flatten)]
         args: api::Args,
     },
+    /// N users send `up` frames at a rate: acks, refusals, ack latency, node (and Redis)
+    /// CPU per message, webhook batching (`--sink` configures spawned nodes).
+    Up {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: up::UpArgs,
+    },
     /// A worker process (started by the coordinator).
     #[command(hide = true)]
     Worker,
@@ -172,8 +182,9 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    /// Checks `common`, starting a cluster if it asks for one.
-    fn resolve(common: Common, deadline: Deadline) -> Result<Self> {
+    /// Checks `common`, starting a cluster if it asks for one (its nodes with `node_env`
+    /// added to their environment).
+    fn resolve(common: Common, node_env: &[(&str, String)], deadline: Deadline) -> Result<Self> {
         client::check_sources(&common.sources)?;
         run::check_apis(&common.api)?;
         let Some(nodes) = common.spawn_cluster else {
@@ -207,6 +218,7 @@ impl Endpoints {
             shardcast: &shardcast,
             redis_server: &common.redis_server,
             without_redis: common.without_redis,
+            env: node_env,
         };
         let cluster = Cluster::start(&spec, deadline)?;
         eprintln!(
@@ -245,8 +257,12 @@ fn main() -> Result<()> {
         Command::Worker => return worker::run(),
         Command::Api { common, args } => {
             let deadline = Deadline::after(Duration::from_secs(common.timeout));
-            let endpoints = Endpoints::resolve(common, deadline)?;
+            let endpoints = Endpoints::resolve(common, &[], deadline)?;
             return api::run(&args, &endpoints, deadline);
+        }
+        Command::Up { common, args } => {
+            let deadline = Deadline::after(Duration::from_secs(common.timeout));
+            return up::run(&args, common, deadline);
         }
         Command::Connect { common, args } => (common, args.plan()?),
         Command::Fanout { common, args } => (common, args.plan()?),
@@ -255,7 +271,7 @@ fn main() -> Result<()> {
         Command::Mixed { common, args } => (common, args.plan()?),
     };
     let deadline = Deadline::after(Duration::from_secs(common.timeout));
-    let endpoints = Endpoints::resolve(common, deadline)?;
+    let endpoints = Endpoints::resolve(common, &[], deadline)?;
     let result = run::run(&plan, &endpoints, deadline);
     drop(endpoints.cluster);
     result

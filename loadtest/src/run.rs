@@ -110,6 +110,8 @@ pub struct Plan {
     pub churn: Option<(f64, u64)>,
     /// Wait for deliveries after the last send.
     pub drain: Duration,
+    /// Up messages sent by clients ([`crate::up`]).
+    pub up: Option<crate::up::UpPlan>,
 }
 
 /// The nodes' memory and descriptors (summed) at one moment.
@@ -218,6 +220,7 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
                 life_ms,
             }),
             timeout_secs: deadline.left().as_secs_f64(),
+            up: plan.up.as_ref().map(|up| up.sends.clone()),
         })
         .collect();
 
@@ -269,6 +272,7 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
     // Traffic.
     let traffic_phase = meter.start(deadline.at())?;
     let cpu_before = cpu(&nodes)?;
+    let up_phase = plan.up.as_ref().map(|up| up.begin()).transpose()?;
     let start_us = mono_us() + START_LEAD.as_micros() as u64;
     fleet.command(&format!("{} {start_us}", wire::START))?;
     let traffic_started = Instant::now();
@@ -346,12 +350,19 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
             None => 0,
         };
     let drain_until = Instant::now() + deadline.cap(plan.drain);
+    let wait_answers = plan.up.is_some();
     watcher.until(drain_until, |p| {
         p.iter()
             .map(|p| p.fanout_delivered + p.direct_delivered)
             .sum::<u64>()
             >= expected_now
+            && (!wait_answers || p.iter().all(|p| p.answered >= p.sent))
     })?;
+    let up_measured = plan
+        .up
+        .as_ref()
+        .zip(up_phase)
+        .map(|(up, phase)| up.end(phase));
     let traffic_secs = traffic_started.elapsed().as_secs_f64();
     let cpu_used = cpu(&nodes)?.zip(cpu_before).map(|(a, b)| a.since(b));
     let traffic_cost = meter.stop(traffic_phase)?;
@@ -415,6 +426,9 @@ pub fn run(plan: &Plan, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
     }
     if let Some(direct) = plan.direct {
         report_direct(&mut report, &reports, direct, &api_sent, traffic_secs)?;
+    }
+    if let (Some(up), Some(measured)) = (&plan.up, up_measured) {
+        crate::up::report(&mut report, up, &reports, &measured?, cpu_used)?;
     }
     if plan.churn.is_some() {
         report_churn(&mut report, &reports)?;
@@ -642,7 +656,8 @@ fn wait_for_close(
     }
 }
 
-fn quantiles(h: &Histogram<u64>) -> Value {
+/// A latency histogram's quantiles, for the JSON line.
+pub fn quantiles(h: &Histogram<u64>) -> Value {
     json!({
         "count": h.len(),
         "p50": h.value_at_quantile(0.5),
@@ -652,7 +667,8 @@ fn quantiles(h: &Histogram<u64>) -> Value {
     })
 }
 
-fn ms_quantiles(h: &Histogram<u64>) -> String {
+/// A latency histogram's p50 / p99 / p999 / max in milliseconds, for the table.
+pub fn ms_quantiles(h: &Histogram<u64>) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
     format!(
         "{:.2} / {:.2} / {:.2} / {:.2} ms",

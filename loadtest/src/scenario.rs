@@ -7,6 +7,7 @@
 //! | `p2p` | `--users` users | `--msgs` direct messages at `--rate`, via the API or client `send` frames (`--via`) |
 //! | `churn` | `--users` users | direct messages as in `p2p`, while `--churn-rate` connections a second open and close |
 //! | `mixed` | subscribers and users | publications at `--pub-rate`, direct messages, churn, all at once |
+//! | `up` | `--users` users | `up` frames at `--rate` to the nodes' upstream sink (options and plan in [`crate::up`]) |
 
 use std::time::Duration;
 
@@ -173,6 +174,7 @@ impl ConnectArgs {
             direct: None,
             churn: None,
             drain: Duration::ZERO,
+            up: None,
         })
     }
 }
@@ -197,6 +199,7 @@ impl FanoutArgs {
             direct: None,
             churn: None,
             drain: Duration::from_secs(self.drain),
+            up: None,
         })
     }
 }
@@ -216,6 +219,7 @@ impl P2pArgs {
             direct: Some(self.direct.direct()),
             churn: None,
             drain: Duration::from_secs(self.direct.drain),
+            up: None,
         })
     }
 }
@@ -236,6 +240,7 @@ impl ChurnScenarioArgs {
             direct: Some(self.direct.direct()),
             churn: Some((self.churn.churn_rate, self.churn.churn_life_ms)),
             drain: Duration::from_secs(self.direct.drain),
+            up: None,
         })
     }
 }
@@ -264,6 +269,7 @@ impl MixedArgs {
             direct: Some(self.direct.direct()),
             churn: Some((self.churn.churn_rate, self.churn.churn_life_ms)),
             drain: Duration::from_secs(self.direct.drain),
+            up: None,
         })
     }
 }

@@ -17,6 +17,8 @@
 //! * When clients send the direct messages (`send` frames), message `k` is due at
 //!   `start + k / rate` and is sent by worker `k % workers`, reader thread
 //!   `(k / workers) % threads`, from one of that thread's user connections in turn.
+//! * Up messages (the `up` scenario) are spread the same way; [`crate::up::UpSender`] sends
+//!   them and matches their `ack`/`err` answers by `id`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{user_name, Population};
 use crate::readers::Handler;
+use crate::up::{UpSender, UpSends};
 
 /// Latency histograms cover 1 µs to 10 minutes at 3 significant digits.
 pub const MAX_LATENCY_US: u64 = 600_000_000;
@@ -153,6 +156,12 @@ struct Incoming {
     op: String,
     #[serde(default)]
     data: Option<Stamp>,
+    /// The request's `id`, in `ack` and `err`.
+    #[serde(default)]
+    id: Option<u64>,
+    /// Why a request was refused, in `err`.
+    #[serde(default)]
+    code: Option<String>,
 }
 
 /// The sends one reader thread makes.
@@ -181,11 +190,19 @@ pub struct Traffic {
     /// The first few refusals and unexpected frames.
     pub oddities: Vec<String>,
     sends: Option<SendQueue>,
+    /// The up messages this thread sends (the `up` scenario), and their answers.
+    pub up: Option<UpSender>,
 }
 
 impl Traffic {
-    /// The handler of reader thread `thread`, whose sockets are connections `numbers`.
-    pub fn new(shared: Arc<Shared>, thread: usize, numbers: &[usize]) -> Self {
+    /// The handler of reader thread `thread`, whose sockets are connections `numbers`;
+    /// `up`: the up messages of the run, if it sends any.
+    pub fn new(
+        shared: Arc<Shared>,
+        thread: usize,
+        numbers: &[usize],
+        up: Option<&UpSends>,
+    ) -> Self {
         let population = &shared.population;
         let sends = shared.sends.as_ref().map(|plan| {
             let stride = (shared.workers * shared.threads) as u64;
@@ -213,6 +230,7 @@ impl Traffic {
             direct_us: latency_histogram(),
             oddities: Vec::new(),
             sends,
+            up: up.map(|up| UpSender::new(up, &shared, thread, numbers.len())),
             shared,
         }
     }
@@ -274,9 +292,16 @@ impl Handler for Traffic {
             ("msg", Some(stamp)) => self.on_direct(stamp, now.saturating_sub(stamp.t)),
             ("ack", _) => {
                 self.shared.acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(up) = self.up.as_mut() {
+                    up.on_answer(incoming.id, None, now);
+                }
             }
             ("err", _) => {
                 self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(up) = self.up.as_mut() {
+                    let code = incoming.code.as_deref().unwrap_or("(none)");
+                    up.on_answer(incoming.id, Some(code), now);
+                }
                 self.note(format!("refused: {text}"));
             }
             ("pong", _) => {}
@@ -289,6 +314,9 @@ impl Handler for Traffic {
 
     fn due(&mut self, now_us: u64, out: &mut Vec<(usize, String)>) {
         let start = self.shared.start_us.load(Ordering::Relaxed);
+        if let Some(up) = self.up.as_mut() {
+            up.due(start, now_us, &self.shared, out);
+        }
         let Some(queue) = self.sends.as_mut() else {
             return;
         };
@@ -324,9 +352,12 @@ impl Handler for Traffic {
 
     fn next_due_us(&self) -> Option<u64> {
         let start = self.shared.start_us.load(Ordering::Relaxed);
-        let queue = self.sends.as_ref()?;
-        (start != 0 && queue.next < queue.count)
-            .then(|| start + (queue.next as f64 * 1e6 / queue.rate) as u64)
+        let up = self.up.as_ref().and_then(|up| up.next_due_us(start));
+        let direct = self.sends.as_ref().and_then(|queue| {
+            (start != 0 && queue.next < queue.count)
+                .then(|| start + (queue.next as f64 * 1e6 / queue.rate) as u64)
+        });
+        up.into_iter().chain(direct).min()
     }
 }
 

@@ -53,6 +53,9 @@ pub struct Job {
     pub churn: Option<ChurnPlan>,
     /// Seconds until the worker gives up.
     pub timeout_secs: f64,
+    /// Up messages sent by clients (the `up` scenario), if any.
+    #[serde(default)]
+    pub up: Option<crate::up::UpSends>,
 }
 
 /// Counts a worker reports while it runs.
@@ -72,6 +75,9 @@ pub struct Progress {
     pub sends_done: bool,
     /// Churn connections opened.
     pub churned: u64,
+    /// Client sends answered so far (`ack` or `err`).
+    #[serde(default)]
+    pub answered: u64,
 }
 
 /// A line from a worker.
@@ -128,6 +134,9 @@ pub struct WorkerReport {
     pub fanout_us: String,
     /// Churn connections: what happened to them.
     pub churn: crate::churn::ChurnReport,
+    /// Up messages and their answers (the `up` scenario).
+    #[serde(default)]
+    pub up: Option<crate::up::UpReport>,
 }
 
 /// A histogram as base64 of its V2 serialization.

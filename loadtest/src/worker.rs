@@ -98,7 +98,7 @@ pub fn run() -> Result<()> {
         job.client_sends.clone(),
     ));
     let readers = Readers::spawn(connections.groups, deadline, |thread, numbers| {
-        Traffic::new(shared.clone(), thread, numbers)
+        Traffic::new(shared.clone(), thread, numbers, job.up.as_ref())
     })?;
     let stop_churn = AtomicBool::new(false);
     let churned = AtomicU64::new(0);
@@ -173,6 +173,7 @@ pub fn run() -> Result<()> {
         fanout_anomalies,
         fanout_us: wire::encode(&fanout_us)?,
         churn: churn_report,
+        up: crate::up::gather(handlers.iter().filter_map(|h| h.up.as_ref()))?,
     };
     emit(&Line::Done(Box::new(report)))
 }
@@ -253,6 +254,7 @@ fn progress(shared: &Shared, local_subs: usize, churned: &AtomicU64, opened: usi
         sent: shared.sent.load(Ordering::Relaxed),
         sends_done: shared.sends_left.load(Ordering::Relaxed) == 0,
         churned: churned.load(Ordering::Relaxed),
+        answered: shared.acked.load(Ordering::Relaxed) + shared.refused.load(Ordering::Relaxed),
     }
 }
 
