@@ -621,17 +621,12 @@ pub fn report(
     let sends = &plan.sends;
     let refused = counts.refused_total();
     let unanswered = counts.sent.saturating_sub(counts.acked + refused);
-    let window = counts
-        .last_answer_us
-        .saturating_sub(counts.first_sent_us)
-        .max(1) as f64
-        / 1e6;
+    // Seconds from the first send to `until_us` (at least a microsecond).
+    let since_first_send =
+        |until_us: u64| until_us.saturating_sub(counts.first_sent_us).max(1) as f64 / 1e6;
+    let window = since_first_send(counts.last_answer_us);
+    let send_secs = since_first_send(counts.last_sent_us);
     let acked_rate = counts.acked as f64 / window;
-    let send_secs = counts
-        .last_sent_us
-        .saturating_sub(counts.first_sent_us)
-        .max(1) as f64
-        / 1e6;
     let sent_rate = counts.sent as f64 / send_secs;
     report.row(
         "up messages sent / of",
