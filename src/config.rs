@@ -543,7 +543,13 @@ impl Config {
             );
         }
         if let Some(url) = &self.redis {
-            if let Err(error) = redis::Client::open(url.as_str()) {
+            if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
+                problems.push(
+                    "`redis`: Redis Cluster (`redis+cluster://`) is not supported yet; name a \
+                     standalone Redis (`redis://host:port`)"
+                        .into(),
+                );
+            } else if let Err(error) = redis::Client::open(url.as_str()) {
                 problems.push(format!("`redis` is not a usable Redis URL: {error}"));
             }
         }
@@ -1028,6 +1034,21 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_redis_cluster_url_is_refused_with_a_reason() {
+        let config = Config {
+            dev: true,
+            redis: Some("redis+cluster://127.0.0.1:7000,127.0.0.1:7001".into()),
+            ..Config::default()
+        };
+        match config.validate() {
+            Err(ConfigError::Invalid(problems)) => {
+                assert!(problems.iter().any(|p| p.contains("not supported yet")));
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
     }
 
     #[test]
