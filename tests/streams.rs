@@ -131,6 +131,10 @@ fn an_offline_users_messages_wait_and_the_api_says_who_was_offline() {
     let (status, answer) = http_json(api, "POST", "/v1/publish", body);
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["offline"], json!(["carol"]));
+    // The answer comes from a query that can overtake the message itself on carol's home
+    // shard (queries ride the control lane): wait until it is in her mailbox, or her
+    // first device would get it live rather than in its `hello` position.
+    await_stream(api, "/v1/users/carol/history?limit=1", 1);
 
     let mut carol = Client::dev(&node, "carol");
     assert_eq!(carol.hello["mailbox"]["seq"], 1);
