@@ -385,7 +385,7 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
         kind::DIRECT => {
             let mid = u64_of(&mut rest)?;
             let ts = u64_of(&mut rest)?;
-            let from = Some(name_of(&mut rest)?).filter(|f| !f.is_empty());
+            let from = optional_name_of(&mut rest)?;
             let users = names_of(&mut rest)?;
             let data = text_of(rest)?;
             Body::Direct {
@@ -401,8 +401,8 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
             let mid = u64_of(&mut rest)?;
             let ts = u64_of(&mut rest)?;
             let except = Some(u64_of(&mut rest)?).filter(|&conn| conn != 0);
-            let from = Some(name_of(&mut rest)?).filter(|f| !f.is_empty());
-            let to = Some(name_of(&mut rest)?).filter(|t| !t.is_empty());
+            let from = optional_name_of(&mut rest)?;
+            let to = optional_name_of(&mut rest)?;
             let users = names_of(&mut rest)?;
             if users.len() != positions.len() {
                 return Err(DecodeError::Malformed);
@@ -496,6 +496,11 @@ fn names_of(rest: &mut Bytes) -> Result<Vec<String>, DecodeError> {
 
 fn text_of(rest: Bytes) -> Result<String, DecodeError> {
     String::from_utf8(rest.to_vec()).map_err(|_| DecodeError::Malformed)
+}
+
+/// A name that may be absent, written empty (a sender, a recipient).
+fn optional_name_of(rest: &mut Bytes) -> Result<Option<String>, DecodeError> {
+    Ok(Some(name_of(rest)?).filter(|name| !name.is_empty()))
 }
 
 fn name_of(rest: &mut Bytes) -> Result<String, DecodeError> {

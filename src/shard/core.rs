@@ -653,19 +653,14 @@ impl<P: Peer> ShardCore<P> {
                 Some(render::ack(id, None))
             }
             Request::Pub { topic, data } => {
-                if !valid_name(&topic, max_name) {
-                    return refuse(
-                        Rejection::BadName,
-                        ErrorCode::BadRequest,
-                        "invalid topic name",
-                    );
-                }
-                if !state.publish.allows(&topic) {
-                    return refuse(
-                        Rejection::Forbidden,
-                        ErrorCode::Forbidden,
-                        "token does not allow publishing to this topic",
-                    );
+                let named = Named {
+                    name: &topic,
+                    rights: &state.publish,
+                    invalid: "invalid topic name",
+                    forbidden: "token does not allow publishing to this topic",
+                };
+                if let Err((reason, code, msg)) = named.check(max_name) {
+                    return refuse(reason, code, msg);
                 }
                 let (mid, ts) = self.stamp(now);
                 tracing::debug!(mid, conn = peer.id(), topic = &*topic, "client publication");
@@ -723,19 +718,14 @@ impl<P: Peer> ShardCore<P> {
             }
             Request::Up { data, stream } => {
                 let stream = stream.unwrap_or(Cow::Borrowed("up"));
-                if !valid_name(&stream, max_name) {
-                    return refuse(
-                        Rejection::BadName,
-                        ErrorCode::BadRequest,
-                        "invalid stream name",
-                    );
-                }
-                if !state.up.allows(&stream) {
-                    return refuse(
-                        Rejection::Forbidden,
-                        ErrorCode::Forbidden,
-                        "token does not allow up messages to this stream",
-                    );
+                let named = Named {
+                    name: &stream,
+                    rights: &state.up,
+                    invalid: "invalid stream name",
+                    forbidden: "token does not allow up messages to this stream",
+                };
+                if let Err((reason, code, msg)) = named.check(max_name) {
+                    return refuse(reason, code, msg);
                 }
                 if self.settings.upstream.is_none() {
                     return refuse(
@@ -1316,6 +1306,31 @@ fn template(ts: u64, from: Option<Arc<str>>, to: Option<Arc<str>>, data: &RawVal
         data: Arc::from(data.get()),
     }
 }
+/// A name a request writes to (a topic to publish on, an upstream stream) and the token's
+/// rights over such names: checked for its form first, then for the right.
+struct Named<'a> {
+    name: &'a str,
+    rights: &'a PublishRights,
+    /// The refusal of a malformed name.
+    invalid: &'static str,
+    /// The refusal of a name the token does not allow.
+    forbidden: &'static str,
+}
+
+impl Named<'_> {
+    /// `Ok` when the name is well formed and allowed; else the refusal's metric, code and
+    /// message.
+    fn check(&self, max_name: usize) -> Result<(), (Rejection, ErrorCode, &'static str)> {
+        if !valid_name(self.name, max_name) {
+            Err((Rejection::BadName, ErrorCode::BadRequest, self.invalid))
+        } else if !self.rights.allows(self.name) {
+            Err((Rejection::Forbidden, ErrorCode::Forbidden, self.forbidden))
+        } else {
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! A node of several cores and no sockets: envelopes travel through one FIFO queue

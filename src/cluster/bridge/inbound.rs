@@ -302,14 +302,7 @@ impl Bridge {
                 let _ = reply.send(self.topic_counts(&topic, &mut conn).await);
             }
             Query::Stream { read, reply } => {
-                let cmd = self.scripts.history_range(
-                    &read.key,
-                    read.since_seq,
-                    read.since_ep.as_deref(),
-                    read.limit,
-                    protocol::now_ms(),
-                    read.ttl_secs,
-                );
+                let cmd = self.read_cmd(&read);
                 let answer: Result<Value, _> = timed(cmd.query_async(&mut conn)).await;
                 let replay = answer.ok().as_ref().and_then(layout::replay_of);
                 let _ = reply.send(replay.ok_or(BusError::Redis));

@@ -65,6 +65,7 @@ use super::redis_layout::{
 use super::wire::{self, Body};
 use super::{
     BridgeEnds, BusError, BusState, Control, NodeInfo, Outbound, Pending, Presence, Query,
+    StreamRead,
 };
 use crate::config::{Config, NodeIdentity};
 use crate::history::{EpochSource, Position, Replay, StreamKey};
@@ -817,17 +818,7 @@ impl Bridge {
                 }
             }
             Control::ReadStream { read, reply } => match batch {
-                Some(batch) => {
-                    let cmd = self.scripts.history_range(
-                        &read.key,
-                        read.since_seq,
-                        read.since_ep.as_deref(),
-                        read.limit,
-                        protocol::now_ms(),
-                        read.ttl_secs,
-                    );
-                    batch.push(cmd, Answer::Read(reply));
-                }
+                Some(batch) => batch.push(self.read_cmd(&read), Answer::Read(reply)),
                 None => {
                     let _ = reply.send(Err(BusError::Down));
                 }
@@ -842,6 +833,18 @@ impl Bridge {
                 touched.push(topic);
             }
         }
+    }
+
+    /// The script call reading a stream as `read` asks (a resume, the history API).
+    fn read_cmd(&self, read: &StreamRead) -> redis::Cmd {
+        self.scripts.history_range(
+            &read.key,
+            read.since_seq,
+            read.since_ep.as_deref(),
+            read.limit,
+            protocol::now_ms(),
+            read.ttl_secs,
+        )
     }
 
     /// Subscribes or unsubscribes the topics whose local interest changed.

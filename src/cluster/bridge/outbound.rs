@@ -313,7 +313,7 @@ impl Bridge {
             }
             Outbound::Upstream(append) => {
                 append.metrics.requests.inc();
-                batch.upstream = Some(append.metrics.clone());
+                batch.upstream.get_or_insert_with(|| append.metrics.clone());
                 let cmd = layout::xadd_record(
                     &self.names,
                     &append.record,
@@ -360,9 +360,7 @@ impl Bridge {
             return Plan::Command(self.route_cmd(users, recipients, payload));
         }
         let metrics = &self.state.metrics;
-        let cached: Option<Vec<&routes::Instances>> =
-            users.iter().map(|user| routes.get(user)).collect();
-        let Some(cached) = cached else {
+        if users.iter().any(|user| routes.get(user).is_none()) {
             metrics.route_cache_misses.inc();
             for user in users.iter().filter(|user| routes.get(user).is_none()) {
                 // Tracking is opt-in: only these reads are tracked, not the scripts'.
@@ -374,11 +372,13 @@ impl Bridge {
                 batch.push(read, Answer::Fill(user.clone()));
             }
             return Plan::Command(self.route_cmd(users, recipients, payload));
-        };
+        }
         metrics.route_cache_hits.inc();
         let own = self.instance.get();
-        let no_route = cached[..recipients]
-            .iter()
+        let cached = users.iter().filter_map(|user| routes.get(user));
+        let no_route = cached
+            .clone()
+            .take(recipients)
             .filter(|instances| instances.is_empty())
             .count();
         if no_route > 0 {
@@ -387,7 +387,7 @@ impl Bridge {
             self.state.log_drop(BusDrop::NoRoute, mid);
         }
         let mut targets = routes::Instances::new();
-        for instance in cached.into_iter().flatten() {
+        for instance in cached.flatten() {
             if *instance != own && !targets.contains(instance) {
                 targets.push(*instance);
             }
@@ -545,21 +545,14 @@ impl Bridge {
                         heard_all = true;
                     }
                 }
-                Answer::Ignore | Answer::DeviceAdded | Answer::Presence => {
-                    if let Value::ServerError(error) = &value {
-                        if error.code() == "NOSCRIPT" {
-                            outcome.broken = Some(SessionError::ScriptsLost);
-                        }
-                        metrics.errors.inc();
-                        tracing::warn!(error = %error.code(), "Redis refused a command");
-                    } else if let Answer::DeviceAdded = answer {
-                        let added = layout::DeviceAdded::of(&value).unwrap_or_default();
-                        evictions.extend(added.evicted);
-                        self.announce(added.events);
-                    } else if let Answer::Presence = answer {
-                        self.announce(layout::presence_events(&value));
-                    }
+                _ if self.refused(&value, &mut outcome) => {}
+                Answer::DeviceAdded => {
+                    let added = layout::DeviceAdded::of(&value).unwrap_or_default();
+                    evictions.extend(added.evicted);
+                    self.announce(added.events);
                 }
+                Answer::Presence => self.announce(layout::presence_events(&value)),
+                Answer::Ignore => {}
             }
         }
         // Redis answers every command of a pipeline; should an answer be missing, its
@@ -573,6 +566,20 @@ impl Bridge {
             self.evict(&evictions, conn).await?;
         }
         Ok(())
+    }
+
+    /// Whether Redis answered a command that is not a message with an error: counted and
+    /// logged, and when the error says the scripts are gone, the session marked broken.
+    fn refused(&self, value: &Value, outcome: &mut BatchOutcome) -> bool {
+        let Value::ServerError(error) = value else {
+            return false;
+        };
+        if error.code() == "NOSCRIPT" {
+            outcome.broken = Some(SessionError::ScriptsLost);
+        }
+        self.state.metrics.errors.inc();
+        tracing::warn!(error = %error.code(), "Redis refused a command");
+        true
     }
 
     /// Settles one message by Redis's answer: finished, dropped and counted, or retried.
