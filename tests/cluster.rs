@@ -35,26 +35,6 @@ const CLEAN_STOP_BOUND: Duration = Duration::from_secs(3);
 /// How long to listen for a duplicate or a stray message.
 const QUIET: Duration = Duration::from_millis(300);
 
-fn api(node: &TestNode) -> SocketAddr {
-    node.node().api_addr()
-}
-
-fn id(node: &TestNode) -> &str {
-    node.node().node_id()
-}
-
-fn publish(api: SocketAddr, body: Value) -> Value {
-    let (status, reply) = http_json(api, "POST", "/v1/publish", body.to_string().as_bytes());
-    assert_eq!(status, 202, "{reply}");
-    reply
-}
-
-fn presence(api: SocketAddr, user: &str) -> Value {
-    let (status, reply) = http_json(api, "GET", &format!("/v1/users/{user}"), b"");
-    assert_eq!(status, 200, "{reply}");
-    reply
-}
-
 fn listed_nodes(api: SocketAddr) -> Vec<String> {
     let (status, reply) = http_json(api, "GET", "/v1/nodes", b"");
     assert_eq!(status, 200, "{reply}");
@@ -64,26 +44,6 @@ fn listed_nodes(api: SocketAddr) -> Vec<String> {
         .iter()
         .map(|n| n["node"].as_str().expect("node").to_owned())
         .collect()
-}
-
-/// Waits until `api` reports `user` with `connections` connections on exactly `nodes`.
-fn await_presence(api: SocketAddr, user: &str, connections: u64, nodes: &[&str]) {
-    await_presence_within(WAIT, api, user, connections, nodes);
-}
-
-fn await_presence_within(
-    bound: Duration,
-    api: SocketAddr,
-    user: &str,
-    connections: u64,
-    nodes: &[&str],
-) {
-    let mut last = Value::Null;
-    let what = format!("{user} on {nodes:?} with {connections} connections");
-    eventually_within(bound, &what, || {
-        last = presence(api, user);
-        last["connections"] == connections && last["nodes"] == json!(nodes)
-    });
 }
 
 fn topic_channel(topic: &str) -> String {

@@ -13,7 +13,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,20 +44,6 @@ fn streaming(config: &mut Config) {
     ];
 }
 
-fn api(node: &TestNode) -> SocketAddr {
-    node.node().api_addr()
-}
-
-fn id(node: &TestNode) -> &str {
-    node.node().node_id()
-}
-
-fn publish(api: SocketAddr, body: Value) -> Value {
-    let (status, reply) = http_json(api, "POST", "/v1/publish", body.to_string().as_bytes());
-    assert_eq!(status, 202, "{reply}");
-    reply
-}
-
 fn publish_to(publisher: &Publisher, user: &str, n: u64) {
     let data = serde_json::value::to_raw_value(&json!({ "n": n })).expect("raw");
     let target = Target {
@@ -66,14 +51,6 @@ fn publish_to(publisher: &Publisher, user: &str, n: u64) {
         ..Target::default()
     };
     assert_eq!(publisher.publish(target, &data).dropped, 0);
-}
-
-/// Waits until `api` reports `user` with `connections` connections on exactly `nodes`.
-fn await_presence(api: SocketAddr, user: &str, connections: u64, nodes: &[&str]) {
-    eventually(&format!("{user} on {nodes:?}"), || {
-        let (status, reply) = http_json(api, "GET", &format!("/v1/users/{user}"), b"");
-        status == 200 && reply["connections"] == connections && reply["nodes"] == json!(nodes)
-    });
 }
 
 /// The `n` of each message, checking that the even ones came from carol and the odd ones

@@ -28,10 +28,6 @@ const RATE: u64 = 100;
 /// How long after the fault ends the cluster has to deliver or count everything.
 const SETTLE_BOUND: Duration = Duration::from_secs(20);
 
-fn api(node: &TestNode) -> SocketAddr {
-    node.node().api_addr()
-}
-
 /// The sum of every series of `name` (all label values) in a node's Prometheus text.
 fn metric_sum(api: SocketAddr, name: &str) -> f64 {
     let (status, text) = http_text(api, "GET", "/metrics", None, b"");

@@ -622,3 +622,49 @@ pub fn seqs(frames: &[Value]) -> Vec<u64> {
         .map(|f| f["seq"].as_u64().expect("seq"))
         .collect()
 }
+
+/// A node's API address.
+pub fn api(node: &TestNode) -> SocketAddr {
+    node.node().api_addr()
+}
+
+/// A node's id.
+pub fn id(node: &TestNode) -> &str {
+    node.node().node_id()
+}
+
+/// `POST /v1/publish` of `body`, which must be accepted (202); returns the answer.
+pub fn publish(api: SocketAddr, body: Value) -> Value {
+    let (status, reply) = http_json(api, "POST", "/v1/publish", body.to_string().as_bytes());
+    assert_eq!(status, 202, "{reply}");
+    reply
+}
+
+/// `GET /v1/users/{user}`, which must answer 200.
+pub fn presence(api: SocketAddr, user: &str) -> Value {
+    let (status, reply) = http_json(api, "GET", &format!("/v1/users/{user}"), b"");
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+/// Waits until `api` reports `user` with `connections` connections on exactly `nodes`.
+pub fn await_presence(api: SocketAddr, user: &str, connections: u64, nodes: &[&str]) {
+    await_presence_within(WAIT, api, user, connections, nodes);
+}
+
+/// [`await_presence`] within `bound` (an answer other than 200 is waited out too).
+pub fn await_presence_within(
+    bound: Duration,
+    api: SocketAddr,
+    user: &str,
+    connections: u64,
+    nodes: &[&str],
+) {
+    let what = format!("{user} on {nodes:?} with {connections} connections");
+    eventually_within(bound, &what, || {
+        let (status, reply) = http_json(api, "GET", &format!("/v1/users/{user}"), b"");
+        status == 200
+            && reply["connections"] == connections
+            && reply["nodes"] == serde_json::json!(nodes)
+    });
+}
