@@ -585,21 +585,14 @@ impl Bridge {
     /// Settles one message by Redis's answer: finished, dropped and counted, or retried.
     fn finish(&self, mut pending: Pending, value: Value, outcome: &mut BatchOutcome) {
         let metrics = &self.state.metrics;
-        if let Outbound::Upstream(_) = pending.outbound {
-            match value {
-                Value::ServerError(error) => {
-                    metrics.errors.inc();
-                    tracing::warn!(error = %error.code(), "Redis refused an upstream record");
-                    self.drop_pending(pending, BusDrop::RedisError);
-                }
-                _ => {
-                    self.state.release(pending.size);
-                    if let Outbound::Upstream(append) = pending.outbound {
-                        append.settle(Ok(()));
-                    }
-                }
+        // An upstream record's XADD answered its entry id; an error is refused below, as
+        // any message's (`drop_pending` settles the record).
+        if !matches!(value, Value::ServerError(_)) {
+            if let Outbound::Upstream(append) = pending.outbound {
+                self.state.release(pending.size);
+                append.settle(Ok(()));
+                return;
             }
-            return;
         }
         let routed = match &value {
             Value::ServerError(error) if error.code() == "NOSCRIPT" => {
