@@ -60,8 +60,10 @@ pub struct Config {
     pub shards: usize,
     /// Pin each shard to its own CPU. Default `true`; turn off when several nodes share a box.
     pub pin_shards: bool,
-    /// Redis URL of the cluster bus (`redis://host:port/db`, `rediss://` for TLS is not
-    /// built in). Default none: a single node that needs no Redis.
+    /// Redis URL of the cluster bus: a standalone Redis (`redis://host:port/db`) or a Redis
+    /// Cluster (`redis+cluster://h1:p1,h2:p2,...`, any of its nodes as seeds; see
+    /// [`Config::redis_cluster_seeds`]). `rediss://` for TLS is not built in. Default none:
+    /// a single node that needs no Redis.
     #[serde(deserialize_with = "text")]
     pub redis: Option<String>,
     /// Namespace of every Redis key and channel, so several clusters can share one Redis.
@@ -543,12 +545,18 @@ impl Config {
             );
         }
         if let Some(url) = &self.redis {
-            if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
-                problems.push(
-                    "`redis`: Redis Cluster (`redis+cluster://`) is not supported yet; name a \
-                     standalone Redis (`redis://host:port`)"
-                        .into(),
-                );
+            if let Some(seeds) = self.redis_cluster_seeds() {
+                match seeds {
+                    Ok(_) if self.route_cache_max == 0 => {
+                        problems.push(
+                            "`route_cache_max` must be above 0 with a Redis Cluster: direct \
+                             messages are routed from the route cache there"
+                                .into(),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(problem) => problems.push(problem),
+                }
             } else if let Err(error) = redis::Client::open(url.as_str()) {
                 problems.push(format!("`redis` is not a usable Redis URL: {error}"));
             }
@@ -556,6 +564,13 @@ impl Config {
         if self.redis_prefix.is_empty() || !self.redis_prefix.bytes().all(|b| b.is_ascii_graphic())
         {
             problems.push("`redis_prefix` must be printable ASCII without spaces".into());
+        }
+        if self.redis_cluster_seeds().is_some() && self.redis_prefix.contains(['{', '}']) {
+            problems.push(
+                "`redis_prefix` must not contain `{` or `}` with a Redis Cluster (the keys' hash \
+                 tags are built from it)"
+                    .into(),
+            );
         }
         if self.cluster_node_ttl_ms < 3 * self.cluster_heartbeat_ms {
             problems.push(format!(
@@ -701,6 +716,32 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    /// The seed nodes of a Redis Cluster `redis` names (`redis+cluster://h1:p1,h2:p2`), as
+    /// `redis://` URLs: `None` when `redis` is unset or a standalone Redis, `Some(Err)` with
+    /// the problem when the list is unusable.
+    pub fn redis_cluster_seeds(&self) -> Option<Result<Vec<String>, String>> {
+        let list = self.redis.as_deref()?.strip_prefix("redis+cluster://")?;
+        let seeds: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .map(|seed| format!("redis://{}", seed.trim_end_matches('/')))
+            .collect();
+        if seeds.is_empty() {
+            return Some(Err(
+                "`redis`: `redis+cluster://` names no node (`redis+cluster://h1:p1,h2:p2`)".into(),
+            ));
+        }
+        for seed in &seeds {
+            if let Err(error) = redis::Client::open(seed.as_str()) {
+                return Some(Err(format!(
+                    "`redis`: cluster node `{seed}` is not a usable address: {error}"
+                )));
+            }
+        }
+        Some(Ok(seeds))
     }
 
     /// The upstream sink this node runs: `upstream_sink`, or `webhook` when only
@@ -1037,18 +1078,31 @@ mod tests {
     }
 
     #[test]
-    fn a_redis_cluster_url_is_refused_with_a_reason() {
-        let config = Config {
+    fn a_redis_cluster_url_names_its_seeds() {
+        let mut config = Config {
             dev: true,
-            redis: Some("redis+cluster://127.0.0.1:7000,127.0.0.1:7001".into()),
+            redis: Some("redis+cluster://127.0.0.1:7000, 127.0.0.1:7001/".into()),
             ..Config::default()
         };
+        assert_eq!(
+            config.redis_cluster_seeds(),
+            Some(Ok(vec![
+                "redis://127.0.0.1:7000".to_owned(),
+                "redis://127.0.0.1:7001".to_owned()
+            ]))
+        );
+        assert!(config.validate().is_ok());
+        config.route_cache_max = 0;
         match config.validate() {
             Err(ConfigError::Invalid(problems)) => {
-                assert!(problems.iter().any(|p| p.contains("not supported yet")));
+                assert!(problems.iter().any(|p| p.contains("route_cache_max")));
             }
             other => panic!("expected Invalid, got {other:?}"),
         }
+        config.redis = Some("redis+cluster://".into());
+        assert!(matches!(config.redis_cluster_seeds(), Some(Err(_))));
+        config.redis = Some("redis://127.0.0.1:6379".into());
+        assert_eq!(config.redis_cluster_seeds(), None);
     }
 
     #[test]

@@ -437,19 +437,30 @@ fn lease_node_number(config: &Config, node_id: &str) -> u16 {
     let Some(url) = &config.redis else {
         return hashed;
     };
-    let names = redis_layout::Names::new(&config.redis_prefix);
-    let leased = redis::Client::open(url.as_str())
-        .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
-        .and_then(|mut conn| {
-            conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-            redis_layout::lease_node_number(
-                &mut conn,
-                &names,
-                node_id,
-                hashed,
-                config.cluster_node_ttl_ms,
-            )
-        });
+    let timeout = Duration::from_secs(2);
+    let ttl_ms = config.cluster_node_ttl_ms;
+    let leased = match config.redis_cluster_seeds() {
+        Some(seeds) => seeds
+            .map_err(|problem| redis::RedisError::from(std::io::Error::other(problem)))
+            .and_then(|seeds| {
+                redis::cluster::ClusterClientBuilder::new(seeds)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()
+            })
+            .and_then(|client| client.get_connection())
+            .and_then(|mut conn| {
+                let names = redis_layout::Names::cluster(&config.redis_prefix);
+                redis_layout::lease_node_number(&mut conn, &names, node_id, hashed, ttl_ms)
+            }),
+        None => redis::Client::open(url.as_str())
+            .and_then(|client| client.get_connection_with_timeout(timeout))
+            .and_then(|mut conn| {
+                conn.set_read_timeout(Some(timeout))?;
+                let names = redis_layout::Names::new(&config.redis_prefix);
+                redis_layout::lease_node_number(&mut conn, &names, node_id, hashed, ttl_ms)
+            }),
+    };
     match leased {
         Ok(Some(number)) => number,
         Ok(None) => {

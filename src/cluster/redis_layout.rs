@@ -135,43 +135,121 @@ pub const ROUTE_KEY_TTL_SECS: u64 = 3600;
 /// How long a full round of route-key TTL refreshes takes (spread over heartbeats).
 pub const ROUTE_REFRESH_ROUND_SECS: u64 = ROUTE_KEY_TTL_SECS / 4;
 
-/// Key and channel names under one prefix.
+/// Key and channel names under one prefix, for a standalone Redis or a Redis Cluster.
+///
+/// On a Redis Cluster every key one script call touches must share a hash slot, so the
+/// names carry hash tags (see the module docs, "Redis Cluster"): a user's keys are
+/// `P:{u:USER}:…`, a topic's `P:{t:TOPIC}:…`, an instance's user index `P:{i:INST}:users`,
+/// and the cluster-wide registry lives in the prefix's own slot, `{P}:…`. Channels that no
+/// script publishes to keep their standalone names (a sharded channel's slot is its whole
+/// name's).
 #[derive(Debug, Clone)]
 pub struct Names {
     prefix: String,
+    /// `P` standalone, `{P}` on a Redis Cluster: the registry's keys (nodes, leases,
+    /// epoch, node numbers, instances) start with it.
+    registry: String,
+    cluster: bool,
 }
 
 impl Names {
-    /// Names under `prefix`.
+    /// Names under `prefix` on a standalone Redis.
     pub fn new(prefix: &str) -> Self {
         Names {
             prefix: prefix.to_owned(),
+            registry: prefix.to_owned(),
+            cluster: false,
         }
     }
 
-    /// The prefix (scripts build `alive` and channel names from it).
+    /// Names under `prefix` on a Redis Cluster (hash-tagged).
+    pub fn cluster(prefix: &str) -> Self {
+        Names {
+            prefix: prefix.to_owned(),
+            registry: format!("{{{prefix}}}"),
+            cluster: true,
+        }
+    }
+
+    /// Whether these are a Redis Cluster's names.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The prefix (scripts build channel and stream names from it).
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
+    /// The registry's prefix (scripts build `alive` and node names from it): the prefix,
+    /// or on a Redis Cluster the prefix as a hash tag.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// The command that publishes on the bus's channels: `SPUBLISH` (sharded pub/sub) on
+    /// a Redis Cluster, `PUBLISH` otherwise.
+    pub fn publish_command(&self) -> &'static str {
+        if self.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// A publication of `payload` on `channel`.
+    pub fn publish(&self, channel: &str, payload: &[u8]) -> redis::Cmd {
+        let mut cmd = redis::cmd(self.publish_command());
+        cmd.arg(channel).arg(payload);
+        cmd
+    }
+
     /// Set of registered node ids.
     pub fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
+        format!("{}:nodes", self.registry)
     }
 
     /// One node's registry hash.
     pub fn node(&self, node_id: &str) -> String {
-        format!("{}:node:{node_id}", self.prefix)
+        format!("{}:node:{node_id}", self.registry)
     }
 
     /// One instance's lease.
     pub fn alive(&self, instance: u64) -> String {
-        format!("{}:alive:{}", self.prefix, instance_hex(instance))
+        format!("{}:alive:{}", self.registry, instance_hex(instance))
     }
 
     /// One user's device set.
     pub fn user(&self, user: &str) -> String {
-        format!("{}:user:{user}", self.prefix)
+        self.user_scoped(user, "user")
+    }
+
+    /// The user whose device set `key` is (read back from an invalidated key).
+    pub fn user_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        if self.cluster {
+            rest.strip_prefix(":{u:")?.strip_suffix("}:user")
+        } else {
+            rest.strip_prefix(":user:")
+        }
+    }
+
+    /// A key of `user` named `what`: `P:what:USER`, or `P:{u:USER}:what` on a cluster.
+    fn user_scoped(&self, user: &str, what: &str) -> String {
+        if self.cluster {
+            format!("{}:{{u:{user}}}:{what}", self.prefix)
+        } else {
+            format!("{}:{what}:{user}", self.prefix)
+        }
+    }
+
+    /// A key of `topic` named `what`: `P:what:TOPIC`, or `P:{t:TOPIC}:what` on a cluster.
+    fn topic_scoped(&self, topic: &str, what: &str) -> String {
+        if self.cluster {
+            format!("{}:{{t:{topic}}}:{what}", self.prefix)
+        } else {
+            format!("{}:{what}:{topic}", self.prefix)
+        }
     }
 
     /// One instance's channel.
@@ -179,19 +257,25 @@ impl Names {
         format!("{}:inst:{}", self.prefix, instance_hex(instance))
     }
 
-    /// One topic's channel.
+    /// One topic's channel (in its history's slot on a cluster: the history script
+    /// publishes on it).
     pub fn topic(&self, topic: &str) -> String {
-        format!("{}:topic:{topic}", self.prefix)
+        self.topic_scoped(topic, "topic")
     }
 
     /// The lease of node number `number` in message ids.
     pub fn mid_node(&self, number: u16) -> String {
-        format!("{}:mid-node:{number}", self.prefix)
+        format!("{}:mid-node:{number}", self.registry)
     }
 
     /// The cluster epoch.
     pub fn epoch(&self) -> String {
-        format!("{}:epoch", self.prefix)
+        format!("{}:epoch", self.registry)
+    }
+
+    /// Exists while the nodes re-publish after Redis lost the epoch.
+    pub fn settling(&self) -> String {
+        format!("{}:settling", self.registry)
     }
 
     /// The broadcast channel.
@@ -201,17 +285,22 @@ impl Names {
 
     /// A user's presence flag: set while the cluster has announced the user `online`.
     pub fn presence_flag(&self, user: &str) -> String {
-        format!("{}:on:{user}", self.prefix)
+        self.user_scoped(user, "on")
     }
 
-    /// The users an instance holds devices of (while presence is tracked).
+    /// The users an instance holds devices of (while presence is tracked, and always on a
+    /// cluster).
     pub fn instance_users(&self, instance: u64) -> String {
-        format!("{}:inst-users:{}", self.prefix, instance_hex(instance))
+        if self.cluster {
+            format!("{}:{{i:{}}}:users", self.prefix, instance_hex(instance))
+        } else {
+            format!("{}:inst-users:{}", self.prefix, instance_hex(instance))
+        }
     }
 
-    /// The instances that track presence, for [`REAP`].
+    /// The instances that track presence (all of them on a cluster), for [`REAP`].
     pub fn instances(&self) -> String {
-        format!("{}:insts", self.prefix)
+        format!("{}:insts", self.registry)
     }
 
     /// The upstream stream a client's `up` named: `P:up:NAME`.
@@ -227,16 +316,16 @@ impl Names {
     /// A stream's entries: `P:mbox:USER` or `P:hist:TOPIC`.
     pub fn stream(&self, key: &StreamKey) -> String {
         match key {
-            StreamKey::Mailbox(user) => format!("{}:mbox:{user}", self.prefix),
-            StreamKey::Topic(topic) => format!("{}:hist:{topic}", self.prefix),
+            StreamKey::Mailbox(user) => self.user_scoped(user, "mbox"),
+            StreamKey::Topic(topic) => self.topic_scoped(topic, "hist"),
         }
     }
 
     /// A stream's epoch and last sequence number: `P:mbox-meta:USER` or `P:hist-meta:TOPIC`.
     pub fn stream_meta(&self, key: &StreamKey) -> String {
         match key {
-            StreamKey::Mailbox(user) => format!("{}:mbox-meta:{user}", self.prefix),
-            StreamKey::Topic(topic) => format!("{}:hist-meta:{topic}", self.prefix),
+            StreamKey::Mailbox(user) => self.user_scoped(user, "mbox-meta"),
+            StreamKey::Topic(topic) => self.topic_scoped(topic, "hist-meta"),
         }
     }
 }
@@ -256,6 +345,10 @@ pub struct Scripts {
     route_to_mailboxes: redis::Script,
     publish_to_history: redis::Script,
     history_range: redis::Script,
+    cluster_device_online: redis::Script,
+    cluster_device_gone: redis::Script,
+    append: redis::Script,
+    dead_instances: redis::Script,
 }
 
 impl Scripts {
@@ -273,6 +366,10 @@ impl Scripts {
             route_to_mailboxes: redis::Script::new(ROUTE_TO_MAILBOXES),
             publish_to_history: redis::Script::new(PUBLISH_TO_HISTORY),
             history_range: redis::Script::new(HISTORY_RANGE),
+            cluster_device_online: redis::Script::new(CLUSTER_DEVICE_ONLINE),
+            cluster_device_gone: redis::Script::new(CLUSTER_DEVICE_GONE),
+            append: redis::Script::new(APPEND),
+            dead_instances: redis::Script::new(DEAD_INSTANCES),
         }
     }
 
@@ -291,6 +388,10 @@ impl Scripts {
             ROUTE_TO_MAILBOXES,
             PUBLISH_TO_HISTORY,
             HISTORY_RANGE,
+            CLUSTER_DEVICE_ONLINE,
+            CLUSTER_DEVICE_GONE,
+            APPEND,
+            DEAD_INSTANCES,
         ] {
             load.cmd("SCRIPT").arg("LOAD").arg(source);
         }
@@ -310,6 +411,10 @@ impl Scripts {
             &self.route_to_mailboxes,
             &self.publish_to_history,
             &self.history_range,
+            &self.cluster_device_online,
+            &self.cluster_device_gone,
+            &self.append,
+            &self.dead_instances,
         ];
         hashes.len() == ours.len()
             && ours
@@ -326,8 +431,9 @@ impl Scripts {
 
     /// [`JOIN`]: join the cluster epoch; answers `(epoch, settling ms left)`.
     pub fn join(&self, candidate: &str, previous: &str, settle_ms: u64) -> redis::Cmd {
-        let mut cmd = Self::call(&self.join, 0);
-        cmd.arg(self.names.prefix())
+        let mut cmd = Self::call(&self.join, 2);
+        cmd.arg(self.names.epoch())
+            .arg(self.names.settling())
             .arg(candidate)
             .arg(previous)
             .arg(settle_ms);
@@ -430,8 +536,8 @@ impl Scripts {
 
     /// [`NODES`]: answers `{id, ws, api, shards, connections, …}` of the live nodes.
     pub fn nodes(&self) -> redis::Cmd {
-        let mut cmd = Self::call(&self.nodes, 0);
-        cmd.arg(self.names.prefix());
+        let mut cmd = Self::call(&self.nodes, 1);
+        cmd.arg(self.names.nodes()).arg(self.names.registry());
         cmd
     }
 
@@ -484,6 +590,7 @@ impl Scripts {
             .arg(self.names.topic(topic))
             .arg(head);
         message.args(&mut cmd);
+        cmd.arg(self.names.publish_command());
         cmd
     }
 
@@ -510,6 +617,96 @@ impl Scripts {
             .arg(now_ms)
             .arg(ttl_secs)
             .arg(u8::from(since_ep.is_none()));
+        cmd
+    }
+
+    /// [`CLUSTER_DEVICE_ONLINE`]: [`Scripts::device_online`] on a Redis Cluster, where
+    /// `dead` names the instances known dead (their members never count against the
+    /// limit); the answer reads with [`DeviceAdded::of`].
+    pub fn cluster_device_online(
+        &self,
+        device: DeviceKey<'_>,
+        since_ms: u64,
+        max_devices: usize,
+        presence: &PresenceArgs<'_>,
+        mid: u64,
+        dead: &[u64],
+    ) -> redis::Cmd {
+        let mut cmd = Self::call(&self.cluster_device_online, 2);
+        cmd.arg(self.names.user(device.user))
+            .arg(self.names.presence_flag(device.user))
+            .arg(device_member(device.instance, device.conn))
+            .arg(since_ms)
+            .arg(max_devices)
+            .arg(ROUTE_KEY_TTL_SECS)
+            .arg(device.user);
+        presence.args(&mut cmd);
+        cmd.arg(mid);
+        for instance in dead {
+            cmd.arg(instance_hex(*instance));
+        }
+        cmd
+    }
+
+    /// [`CLUSTER_DEVICE_GONE`]: remove `member` (if any) and the dead instances' members
+    /// of `user`, and decide `offline` (with id `mid`); the answer reads with
+    /// [`presence_events`].
+    pub fn cluster_device_gone(
+        &self,
+        user: &str,
+        member: Option<&str>,
+        presence: &PresenceArgs<'_>,
+        mid: u64,
+        dead: &[u64],
+    ) -> redis::Cmd {
+        let mut cmd = Self::call(&self.cluster_device_gone, 2);
+        cmd.arg(self.names.user(user))
+            .arg(self.names.presence_flag(user))
+            .arg(member.unwrap_or(""))
+            .arg(user);
+        presence.args(&mut cmd);
+        cmd.arg(mid);
+        for instance in dead {
+            cmd.arg(instance_hex(*instance));
+        }
+        cmd
+    }
+
+    /// [`APPEND`]: `message` appended to the mailbox of `user` (a sender's copy records
+    /// `message.to` when `senders_copy`); answers `{seq, ep}`.
+    pub fn append_to_mailbox(
+        &self,
+        user: &str,
+        message: &StreamAppend<'_>,
+        senders_copy: bool,
+    ) -> redis::Cmd {
+        let key = StreamKey::Mailbox(user.into());
+        let mut cmd = Self::call(&self.append, 2);
+        cmd.arg(self.names.stream(&key))
+            .arg(self.names.stream_meta(&key))
+            .arg(message.candidate_ep)
+            .arg(message.retention.size)
+            .arg(message.retention.ttl_secs)
+            .arg(message.now_ms)
+            .arg(message.mid)
+            .arg("t")
+            .arg(message.ts)
+            .arg("m")
+            .arg(message.mid);
+        if let Some(from) = message.from {
+            cmd.arg("f").arg(from);
+        }
+        if let Some(to) = message.to.filter(|_| senders_copy) {
+            cmd.arg("o").arg(to);
+        }
+        cmd.arg("d").arg(message.data);
+        cmd
+    }
+
+    /// [`DEAD_INSTANCES`]: the registered instances whose lease is gone.
+    pub fn dead_instances(&self) -> redis::Cmd {
+        let mut cmd = Self::call(&self.dead_instances, 1);
+        cmd.arg(self.names.instances()).arg(self.names.registry());
         cmd
     }
 }
@@ -740,7 +937,7 @@ pub const NODE_NUMBERS: u16 = 512;
 /// back). Blocking; runs once, at start, before any shard makes an id. `Ok(None)` when
 /// every number is taken.
 pub fn lease_node_number(
-    conn: &mut redis::Connection,
+    conn: &mut impl redis::ConnectionLike,
     names: &Names,
     node_id: &str,
     preferred: u16,
@@ -784,20 +981,20 @@ pub fn parse_device_member(member: &str) -> Option<(u64, u64)> {
     Some((u64::from_str_radix(instance, 16).ok()?, conn.parse().ok()?))
 }
 
-/// `ARGV` prefix, candidate epoch, the epoch this bridge joined before (empty if none),
-/// settle window (ms). Joins the cluster epoch, making it if missing; a bridge whose old
-/// epoch is gone opens the settling window. Returns `{epoch, settling ms left (<= 0: none)}`.
+/// `KEYS` epoch, settling window; `ARGV` candidate epoch, the epoch this bridge joined
+/// before (empty if none), settle window (ms). Joins the cluster epoch, making it if
+/// missing; a bridge whose old epoch is gone opens the settling window. Returns
+/// `{epoch, settling ms left (<= 0: none)}`.
 pub const JOIN: &str = r#"
-local key = ARGV[1] .. ':epoch'
-local epoch = redis.call('GET', key)
+local epoch = redis.call('GET', KEYS[1])
 if not epoch then
-  epoch = ARGV[2]
-  redis.call('SET', key, epoch)
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
 end
-if ARGV[3] ~= '' and ARGV[3] ~= epoch then
-  redis.call('SET', ARGV[1] .. ':settling', epoch, 'NX', 'PX', ARGV[4])
+if ARGV[2] ~= '' and ARGV[2] ~= epoch then
+  redis.call('SET', KEYS[2], epoch, 'NX', 'PX', ARGV[3])
 end
-return {epoch, redis.call('PTTL', ARGV[1] .. ':settling')}
+return {epoch, redis.call('PTTL', KEYS[2])}
 "#;
 
 /// What [`ROUTE`] answered for one message.
@@ -1027,7 +1224,9 @@ return {routed, offline, positions}
 );
 
 /// `KEYS` topic stream, its meta; `ARGV` channel, head, then candidate epoch, size, ttl (s),
-/// now (ms), mid, ts, from, to, data ([`StreamAppend`]; `from` and `to` are not kept).
+/// now (ms), mid, ts, from, to, data ([`StreamAppend`]; `from` and `to` are not kept), then
+/// the publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster, where the topic's
+/// channel shares its history's slot).
 /// Appends the message and publishes `head .. data .. trailer` (the trailer holding its
 /// `(seq, ep)`) on the channel. Returns `{seq, ep, subscribers that got it}`.
 pub const PUBLISH_TO_HISTORY: &str = concat!(
@@ -1035,7 +1234,7 @@ pub const PUBLISH_TO_HISTORY: &str = concat!(
     r#"
 local seq, ep = stream_append(KEYS[1], KEYS[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
   tonumber(ARGV[6]), ARGV[7], {'t', ARGV[8], 'm', ARGV[7], 'd', ARGV[11]})
-local heard = redis.call('PUBLISH', ARGV[1], ARGV[2] .. ARGV[11] .. positions_trailer({seq, ep}))
+local heard = redis.call(ARGV[12], ARGV[1], ARGV[2] .. ARGV[11] .. positions_trailer({seq, ep}))
 return {seq, ep, heard}
 "#
 );
@@ -1178,6 +1377,17 @@ pub fn replay_of(reply: &redis::Value) -> Option<Replay> {
 }
 
 /// One stream entry, `{id, {field, value, …}}`.
+/// Reads [`APPEND`]'s answer `{seq, ep}`.
+pub fn position_of(reply: &redis::Value) -> Option<Position> {
+    match array(reply)? {
+        [seq, ep] => Some(Position {
+            seq: u64::try_from(int(seq)?).ok()?,
+            ep: text(ep)?.into(),
+        }),
+        _ => None,
+    }
+}
+
 fn entry_of(value: &redis::Value) -> Option<Entry> {
     let [id, fields] = array(value)? else {
         return None;
@@ -1446,10 +1656,11 @@ end
 return result
 "#;
 
-/// `ARGV` prefix. Returns `{id, ws, api, shards, connections, …}` for every registered
-/// node whose registry hash is still alive; prunes the others from the node set.
+/// `KEYS[1]` the node set; `ARGV` the registry prefix. Returns `{id, ws, api, shards,
+/// connections, …}` for every registered node whose registry hash is still alive; prunes
+/// the others from the node set.
 pub const NODES: &str = r#"
-local set = ARGV[1] .. ':nodes'
+local set = KEYS[1]
 local result = {}
 for _, id in ipairs(redis.call('SMEMBERS', set)) do
   local f = redis.call('HMGET', ARGV[1] .. ':node:' .. id, 'ws', 'api', 'shards', 'connections')
@@ -1464,6 +1675,111 @@ for _, id in ipairs(redis.call('SMEMBERS', set)) do
   end
 end
 return result
+"#;
+
+/// The functions of the Redis Cluster scripts ([`CLUSTER_DEVICE_ONLINE`],
+/// [`CLUSTER_DEVICE_GONE`]): `dead_set(from)` reads the dead instances the bridge passes
+/// from `ARGV[from]` on; `drop_dead(key, dead)` removes the members of those instances from
+/// a user's device set and answers the members left, oldest first.
+macro_rules! cluster_functions {
+    () => {
+        r#"
+local function dead_set(from)
+  local dead = {}
+  for i = from, #ARGV do dead[ARGV[i]] = true end
+  return dead
+end
+local function drop_dead(key, dead)
+  local left = {}
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local instance = string.match(member, '^([^/]+)/') or ''
+    if dead[instance] then redis.call('ZREM', key, member) else left[#left + 1] = member end
+  end
+  return left
+end
+"#
+    };
+}
+
+/// Redis Cluster: `KEYS` user key, the user's presence flag (one slot); `ARGV` member,
+/// connect time (ms), device limit, key TTL (s), user, the presence arguments
+/// ([`PresenceArgs`], never appending), the id of an `online` event, then the instances
+/// the bridge knows are dead. [`DEVICE_ONLINE`] without what lives in other slots: no
+/// lease is read (a member counts unless its instance is named dead; the reaper prunes
+/// the rest within heartbeats) and the instance's user index is the bridge's `SADD`.
+/// Returns `{{evicted members}, {kind, user, mid, …}}`.
+pub const CLUSTER_DEVICE_ONLINE: &str = concat!(
+    presence_functions!(),
+    cluster_functions!(),
+    r#"
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local events = {}
+local p = presence_args(6)
+if p.mode ~= '' then
+  if redis.call('SET', KEYS[2], ARGV[11], 'NX') then
+    presence_event('', p, 'online', 1, ARGV[5], ARGV[11], events)
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+local max = tonumber(ARGV[3])
+if redis.call('ZCARD', KEYS[1]) <= max then return {{}, events} end
+local live = drop_dead(KEYS[1], dead_set(12))
+local evicted = {}
+for i = 1, #live - max do
+  evicted[#evicted + 1] = live[i]
+  redis.call('ZREM', KEYS[1], live[i])
+end
+return {evicted, events}
+"#
+);
+
+/// Redis Cluster: `KEYS` user key, the user's presence flag; `ARGV` a member to remove
+/// (`''`: none), user, the presence arguments ([`PresenceArgs`], never appending), the id
+/// of an `offline` event, then the instances the bridge knows are dead. Removes the
+/// member and the dead instances' members; when presence is tracked, the user has no
+/// member left and its flag was set, clears it and records `offline`. A device closing
+/// calls it with its member, the reaper with none for each user of a dead instance.
+/// Returns `{kind, user, mid, …}`.
+pub const CLUSTER_DEVICE_GONE: &str = concat!(
+    presence_functions!(),
+    cluster_functions!(),
+    r#"
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+local events = {}
+local p = presence_args(3)
+local left = drop_dead(KEYS[1], dead_set(9))
+if p.mode ~= '' and #left == 0 and redis.call('DEL', KEYS[2]) == 1 then
+  presence_event('', p, 'offline', 2, ARGV[2], ARGV[8], events)
+end
+return events
+"#
+);
+
+/// Redis Cluster: `KEYS` stream, its meta (one user's mailbox); `ARGV` candidate epoch,
+/// size, ttl (s), now (ms), mid, then the entry's fields and values. Appends one entry as
+/// [`ROUTE_TO_MAILBOXES`] does for each of its users (a repeated call appends nothing and
+/// answers the position it gave). Returns `{seq, ep}`.
+pub const APPEND: &str = concat!(
+    stream_functions!(),
+    r#"
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+local seq, ep = stream_append(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[4]), ARGV[5], fields)
+return {seq, ep}
+"#
+);
+
+/// Redis Cluster: `KEYS[1]` the instance registry (`{P}:insts`); `ARGV` the registry
+/// prefix. Returns the registered instances whose lease is gone: the reaper takes their
+/// users from their indexes, and every script that meets their members drops them.
+pub const DEAD_INSTANCES: &str = r#"
+local dead = {}
+for _, inst in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('EXISTS', ARGV[1] .. ':alive:' .. inst) == 0 then dead[#dead + 1] = inst end
+end
+return dead
 "#;
 
 #[cfg(test)]

@@ -65,7 +65,21 @@ fn nodes_of(flat: &[String]) -> Vec<NodeInfo> {
 }
 
 impl Bridge {
-    pub(super) async fn read_loop(&self, stream: &mut PubSubStream) -> Result<(), SessionError> {
+    pub(super) async fn read_loop(&self, incoming: &mut Incoming) -> Result<(), SessionError> {
+        let stream = match incoming {
+            Incoming::Single(stream) => stream,
+            Incoming::Cluster => loop {
+                let push = std::future::poll_fn(|cx| match self.pushes.borrow_mut().as_mut() {
+                    Some(pushes) => pushes.poll_recv(cx),
+                    None => Poll::Ready(None),
+                })
+                .await;
+                match push {
+                    Some(push) => self.on_push(push)?,
+                    None => return Err(SessionError::Disconnected),
+                }
+            },
+        };
         while let Some(message) = stream.next().await {
             let payload = Bytes::copy_from_slice(message.get_payload_bytes());
             self.state.metrics.bytes_in.add(payload.len() as u64);
@@ -75,7 +89,7 @@ impl Bridge {
     }
 
     /// Hands one envelope from another node to the shards that need it.
-    fn receive(&self, payload: Bytes) {
+    pub(super) fn receive(&self, payload: Bytes) {
         let metrics = &self.state.metrics;
         let envelope = match wire::decode(payload) {
             Ok(envelope) => envelope,
@@ -205,6 +219,7 @@ impl Bridge {
                 let router = self.router.clone();
                 let metrics = self.metrics.clone();
                 let node_id = self.identity.id.clone();
+                let publish = self.names.publish_command();
                 let channel = self.names.instance_channel(envelope.origin);
                 let instance = self.instance.get();
                 let Some(mut conn) = self.commands.borrow().clone() else {
@@ -218,7 +233,7 @@ impl Bridge {
                         .unwrap_or(0);
                     let answer = wire::topic_count(instance, request, count as u64, &node_id);
                     let sent: Result<(), _> = timed(
-                        redis::cmd("PUBLISH")
+                        redis::cmd(publish)
                             .arg(channel)
                             .arg(&answer[..])
                             .query_async(&mut conn),
@@ -270,7 +285,7 @@ impl Bridge {
 
     pub(super) async fn query_loop(
         self: &Rc<Self>,
-        conn: MultiplexedConnection,
+        conn: Link,
         queries: &mut mpsc::Receiver<Query>,
     ) -> Result<(), SessionError> {
         while let Some(query) = queries.recv().await {
@@ -281,12 +296,16 @@ impl Bridge {
         std::future::pending().await
     }
 
-    async fn answer(&self, query: Query, mut conn: MultiplexedConnection) {
+    async fn answer(&self, query: Query, mut conn: Link) {
         self.state.metrics.commands.inc();
         match query {
             Query::Presence { user, reply } => {
-                let cmd = self.scripts.presence(&user);
-                let answer: Result<Vec<Value>, _> = timed(cmd.query_async(&mut conn)).await;
+                let answer = if self.names.is_cluster() {
+                    self.cluster_presence(&user, &mut conn).await
+                } else {
+                    let cmd = self.scripts.presence(&user);
+                    timed(cmd.query_async(&mut conn)).await
+                };
                 let _ = reply.send(answer.map_err(|_| BusError::Redis).and_then(presence_of));
             }
             Query::Nodes { reply } => {
@@ -310,21 +329,67 @@ impl Bridge {
         }
     }
 
+    /// [`layout::PRESENCE`]'s answer on a Redis Cluster, where a user's devices and the
+    /// leases live in different slots: the user's members, then the leases of their
+    /// instances (`MGET`, all in the registry's slot), whose values are the node ids.
+    async fn cluster_presence(
+        &self,
+        user: &str,
+        conn: &mut Link,
+    ) -> Result<Vec<Value>, SessionError> {
+        let members: Vec<String> = timed(
+            redis::cmd("ZRANGE")
+                .arg(self.names.user(user))
+                .arg(0)
+                .arg(-1)
+                .query_async(conn),
+        )
+        .await?;
+        let instances: Vec<u64> = members
+            .iter()
+            .filter_map(|member| layout::parse_device_member(member).map(|(inst, _)| inst))
+            .collect();
+        let mut distinct = instances.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut nodes: Vec<Option<String>> = Vec::new();
+        if !distinct.is_empty() {
+            let mut leases = redis::cmd("MGET");
+            for instance in &distinct {
+                leases.arg(self.names.alive(*instance));
+            }
+            nodes = timed(leases.query_async(conn)).await?;
+        }
+        let node_of = |instance: &u64| {
+            let at = distinct.binary_search(instance).ok()?;
+            nodes.get(at)?.as_deref()
+        };
+        let live = instances.iter().filter(|i| node_of(i).is_some()).count();
+        let mut answer = vec![Value::Int(live as i64)];
+        let mut listed: Vec<&str> = distinct.iter().filter_map(node_of).collect();
+        listed.dedup();
+        answer.extend(
+            listed
+                .into_iter()
+                .map(|node| Value::BulkString(node.as_bytes().to_vec())),
+        );
+        Ok(answer)
+    }
+
     /// Asks every node subscribed to `topic` (through the topic's own channel: `PUBLISH`
     /// says how many nodes heard it) and gathers their counts.
     async fn topic_counts(
         &self,
         topic: &str,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Link,
     ) -> Result<Vec<(String, u64)>, BusError> {
         let request = rand_u64();
         let (sender, mut answers) = mpsc::unbounded_channel();
         self.topic_requests.borrow_mut().insert(request, sender);
         let query = wire::topic_query(self.instance.get(), request, topic);
         let asked: Result<i64, SessionError> = timed(
-            redis::cmd("PUBLISH")
-                .arg(self.names.topic(topic))
-                .arg(&query[..])
+            self.names
+                .publish(&self.names.topic(topic), &query)
                 .query_async(conn),
         )
         .await;

@@ -38,6 +38,7 @@
 //! wait in the bounded lane, and API queries are answered "down" at once.
 
 mod inbound;
+mod link;
 mod outbound;
 mod routes;
 
@@ -52,7 +53,9 @@ use std::time::{Duration, Instant};
 use ahash::RandomState;
 use bytes::Bytes;
 use futures_lite::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
@@ -76,6 +79,7 @@ use crate::router::{self, shard_of, ConnId, Envelope, Message, Reach, Route, Rou
 use crate::upstream::{EventKind, Happening, Sink, UpstreamEvent};
 use crate::ws::close;
 use inbound::answer_down;
+use link::{ClusterLink, Link};
 use outbound::{Answer, Batch};
 use routes::RouteCache;
 
@@ -120,6 +124,8 @@ enum SessionError {
     ScriptsLost,
     #[error("Redis has lost the cluster epoch (restarted empty or flushed)")]
     EpochLost,
+    #[error("a connection to Redis was lost (a primary failed or restarted)")]
+    Disconnected,
 }
 
 /// What a node gives its bridge.
@@ -151,7 +157,15 @@ pub(crate) fn spawn(
         upstream,
         mids,
     } = setup;
-    let url = config.redis.clone().unwrap_or_default();
+    let cluster_seeds = match config.redis_cluster_seeds() {
+        Some(seeds) => Some(seeds.map_err(std::io::Error::other)?),
+        None => None,
+    };
+    // A Redis Cluster has no standalone client: the first seed stands in (unused).
+    let url = match &cluster_seeds {
+        Some(seeds) => seeds[0].clone(),
+        None => config.redis.clone().unwrap_or_default(),
+    };
     let client = redis::Client::open(url.as_str()).map_err(std::io::Error::other)?;
     // With the route cache, commands go over RESP3: Redis pushes its invalidations on the
     // connection that read the routes (see `routes`).
@@ -189,7 +203,10 @@ pub(crate) fn spawn(
                 state,
             } = ends;
             let dedupe_window_ms = config.bridge_hold_ms.saturating_mul(2);
-            let names = Names::new(&config.redis_prefix);
+            let names = match cluster_seeds {
+                Some(_) => Names::cluster(&config.redis_prefix),
+                None => Names::new(&config.redis_prefix),
+            };
             let routes = RouteCache::new(&names, config.route_cache_max);
             let bridge = Rc::new(Bridge {
                 scripts: Scripts::new(names.clone()),
@@ -201,9 +218,12 @@ pub(crate) fn spawn(
                 upstream,
                 mids,
                 routes: RefCell::new(routes),
-                invalidations: RefCell::default(),
+                pushes: RefCell::default(),
                 client,
                 commands_client,
+                cluster_seeds,
+                known_dead: RefCell::default(),
+                suspects: RefCell::default(),
                 inbox,
                 state,
                 devices: RefCell::default(),
@@ -260,10 +280,20 @@ struct Bridge {
     client: redis::Client,
     /// For the command connection (RESP3 when the route cache is on).
     commands_client: redis::Client,
+    /// A Redis Cluster's seed nodes (`redis+cluster://`); `None`: a standalone Redis.
+    cluster_seeds: Option<Vec<String>>,
     /// User → instances, for direct messages without a script (see `routes`).
     routes: RefCell<RouteCache>,
-    /// Redis's pushes on the current command connection (route invalidations).
-    invalidations: RefCell<Option<mpsc::UnboundedReceiver<PushInfo>>>,
+    /// Redis's pushes on the current command connection: route invalidations, lost
+    /// connections, and on a Redis Cluster the sharded pub/sub messages (see
+    /// [`Bridge::on_push`]).
+    pushes: RefCell<Option<mpsc::UnboundedReceiver<PushInfo>>>,
+    /// Redis Cluster: the registered instances whose lease is gone, as of the last
+    /// heartbeat (or found since by an unheard publish). The cluster scripts drop their
+    /// members, and routes skip them.
+    known_dead: RefCell<Vec<u64>>,
+    /// Redis Cluster: instances a publish was not heard by, to ask about their lease.
+    suspects: RefCell<Vec<u64>>,
     names: Names,
     scripts: Scripts,
     /// Messages and control changes from the shards and the API.
@@ -287,7 +317,7 @@ struct Bridge {
     /// Topic queries waiting for the nodes' counts, by request id.
     topic_requests: RefCell<HashMap<u64, mpsc::UnboundedSender<(String, u64)>>>,
     /// The current session's command connection, for spawned query tasks.
-    commands: RefCell<Option<MultiplexedConnection>>,
+    commands: RefCell<Option<Link>>,
     /// Messages to route again before any new one, oldest first.
     retry: RefCell<VecDeque<Pending>>,
     /// Messages taken for the pipeline being built or sent, in order. They live here rather
@@ -323,8 +353,69 @@ struct Welcoming {
 
 /// A live session's pub/sub half and the topics it has subscribed.
 struct Subscriptions {
-    sink: PubSubSink,
+    sink: Subscriber,
     topics: HashSet<Arc<str>, RandomState>,
+}
+
+/// Where a session subscribes: a standalone Redis's pub/sub connection, or a Redis
+/// Cluster's connection (sharded pub/sub, on the primary that owns each channel's slot).
+enum Subscriber {
+    Single(PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+impl Subscriber {
+    async fn subscribe(&mut self, channels: &[String]) -> Result<(), SessionError> {
+        match self {
+            Subscriber::Single(sink) => timed(sink.subscribe(channels)).await,
+            Subscriber::Cluster(conn) => Self::sharded(conn, channels, true).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channels: &[String]) -> Result<(), SessionError> {
+        match self {
+            Subscriber::Single(sink) => timed(sink.unsubscribe(channels)).await,
+            Subscriber::Cluster(conn) => Self::sharded(conn, channels, false).await,
+        }
+    }
+
+    /// `SSUBSCRIBE` or `SUNSUBSCRIBE` of each channel on the primary of its slot (one call
+    /// names channels of one slot only), all at once.
+    async fn sharded(
+        conn: &ClusterConnection,
+        channels: &[String],
+        subscribe: bool,
+    ) -> Result<(), SessionError> {
+        let calls: Vec<_> = channels
+            .iter()
+            .map(|channel| {
+                let (mut conn, channel) = (conn.clone(), channel.clone());
+                tokio::spawn(async move {
+                    if subscribe {
+                        conn.ssubscribe(channel).await
+                    } else {
+                        conn.sunsubscribe(channel).await
+                    }
+                })
+            })
+            .collect();
+        for call in calls {
+            timed(async { call.await.unwrap_or_else(|_| Err(lost_task())) }).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A Redis call's task ended without an answer (the runtime is stopping).
+fn lost_task() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Client, "a Redis call's task was lost"))
+}
+
+/// Where a session's messages from other nodes arrive: a standalone Redis's pub/sub
+/// stream, or on a Redis Cluster the command connection's pushes ([`Bridge::pushes`]).
+enum Incoming {
+    Single(PubSubStream),
+    Cluster,
 }
 
 impl Bridge {
@@ -337,9 +428,11 @@ impl Bridge {
             }
             self.state.metrics.sessions.inc();
             match self.connect().await {
-                Ok((conn, subscriptions, stream)) => {
+                Ok((conn, subscriptions, incoming)) => {
                     backoff = MIN_BACKOFF;
-                    let ended = self.serve(conn, subscriptions, stream, &mut queries).await;
+                    let ended = self
+                        .serve(conn, subscriptions, incoming, &mut queries)
+                        .await;
                     self.requeue_in_flight();
                     self.welcome_all_waiting();
                     self.state.set_up(false);
@@ -411,37 +504,64 @@ impl Bridge {
         }
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<(MultiplexedConnection, Subscriptions, PubSubStream), SessionError> {
+    /// The session's connections: commands, subscriptions and what arrives from other
+    /// nodes. With the route cache (and always on a Redis Cluster) commands speak RESP3 and
+    /// Redis's pushes arrive in [`Bridge::pushes`].
+    async fn open(&self) -> Result<(Link, Subscriber, Incoming), SessionError> {
+        let (pushes, received) = mpsc::unbounded_channel();
+        if let Some(seeds) = &self.cluster_seeds {
+            *self.pushes.borrow_mut() = Some(received);
+            let client = ClusterClientBuilder::new(seeds.clone())
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(pushes)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .retries(2)
+                .build()?;
+            let conn = timed(client.get_async_connection()).await?;
+            let link = timed(ClusterLink::new(conn)).await?;
+            let subscriber = Subscriber::Cluster(link.connection());
+            tracing::debug!(primaries = link.primaries(), "Redis Cluster topology read");
+            return Ok((Link::Cluster(link), subscriber, Incoming::Cluster));
+        }
         let mut config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        // A new connection tracks nothing yet: whatever was cached may be stale.
-        self.routes.borrow_mut().clear();
-        let caching = self.routes.borrow().enabled();
-        if caching {
-            let (pushes, invalidations) = mpsc::unbounded_channel();
+        if self.routes.borrow().enabled() {
             config = config.set_push_sender(pushes);
-            *self.invalidations.borrow_mut() = Some(invalidations);
+            *self.pushes.borrow_mut() = Some(received);
         }
-        let mut conn = self
+        let conn = self
             .commands_client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         let pubsub = timed(self.client.get_async_pubsub()).await?;
-        let (mut sink, stream) = pubsub.split();
-        let hashes: Vec<String> = self.timed_query(&self.scripts.load(), &mut conn).await?;
+        let (sink, stream) = pubsub.split();
+        Ok((
+            Link::Single(conn),
+            Subscriber::Single(sink),
+            Incoming::Single(stream),
+        ))
+    }
+
+    async fn connect(&self) -> Result<(Link, Subscriptions, Incoming), SessionError> {
+        // A new connection tracks nothing yet: whatever was cached may be stale.
+        self.routes.borrow_mut().clear();
+        self.known_dead.borrow_mut().clear();
+        self.suspects.borrow_mut().clear();
+        let (mut conn, mut sink, incoming) = self.open().await?;
+        let hashes = timed(conn.on_every_primary(&self.scripts.load())).await?;
+        let hashes: Vec<String> =
+            redis::from_redis_value(Value::Array(hashes)).map_err(redis::RedisError::from)?;
         debug_assert!(self.scripts.loaded(&hashes));
-        if caching {
+        if self.routes.borrow().enabled() {
             let mut tracking = redis::pipe();
             tracking
                 .cmd("CLIENT")
                 .arg("TRACKING")
                 .arg("ON")
-                .arg("OPTIN")
-                .ignore();
-            let _: () = self.timed_query(&tracking, &mut conn).await?;
+                .arg("OPTIN");
+            timed(conn.on_every_primary(&tracking)).await?;
         }
         self.join_epoch(&mut conn).await?;
         let previous = self.instance.get();
@@ -453,15 +573,15 @@ impl Bridge {
         };
         self.instance.set(instance);
         *self.instance_hex.borrow_mut() = layout::instance_hex(instance);
-        timed(sink.subscribe(&[
+        sink.subscribe(&[
             self.names.broadcast(),
             self.names.instance_channel(instance),
-        ]))
+        ])
         .await?;
         let topics: Vec<Arc<str>> = self.topics.borrow().iter().cloned().collect();
         for chunk in topics.chunks(RESYNC_BATCH) {
             let channels: Vec<String> = chunk.iter().map(|t| self.names.topic(t)).collect();
-            timed(sink.subscribe(&channels)).await?;
+            sink.subscribe(&channels).await?;
         }
         if !self.deregistered.get() {
             let mut register = redis::pipe();
@@ -476,7 +596,7 @@ impl Bridge {
             register
                 .sadd(self.names.nodes(), &*self.identity.id)
                 .ignore();
-            if self.presence().mode != PresenceMode::Off {
+            if self.indexes_users() {
                 register
                     .zadd(
                         self.names.instances(),
@@ -527,12 +647,19 @@ impl Bridge {
                 sink,
                 topics: topics.into_iter().collect(),
             },
-            stream,
+            incoming,
         ))
     }
 
+    /// Whether this node's instances index their users (`P:insts`, `P:inst-users:INST`):
+    /// for presence, and on a Redis Cluster always (the reaper prunes dead instances'
+    /// devices by them, since no script there can read other nodes' leases).
+    fn indexes_users(&self) -> bool {
+        self.names.is_cluster() || self.presence().mode != PresenceMode::Off
+    }
+
     /// Joins the cluster epoch (see [`layout::JOIN`]); holds messages while it settles.
-    async fn join_epoch(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+    async fn join_epoch(&self, conn: &mut Link) -> Result<(), SessionError> {
         let candidate = layout::instance_hex(rand_u64());
         let previous = self.epoch.borrow().clone();
         let mut join = redis::pipe();
@@ -599,10 +726,7 @@ impl Bridge {
     }
 
     /// Writes every device this node holds under the current instance.
-    async fn republish_devices(
-        &self,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), SessionError> {
+    async fn republish_devices(&self, conn: &mut Link) -> Result<(), SessionError> {
         let users: Vec<(Arc<str>, Devices)> = self
             .devices
             .borrow()
@@ -626,18 +750,26 @@ impl Bridge {
                     // The same devices are still routed under the old instance until it
                     // retires: no limit here, or they would evict themselves.
                     for (conn_id, since) in devices {
-                        let mid = self.next_mid();
                         let device = DeviceKey {
                             user,
                             instance,
                             conn: *conn_id,
                         };
-                        let add =
-                            self.scripts
-                                .device_online(device, *since, usize::MAX, &presence, mid);
+                        let add = self.device_online_cmd(device, *since, usize::MAX, &presence);
                         pipe.add_command(add);
                     }
                 }
+                if self.names.is_cluster() {
+                    pipe.sadd(self.names.instance_users(instance), &**user)
+                        .ignore();
+                }
+            }
+            if self.names.is_cluster() {
+                pipe.expire(
+                    self.names.instance_users(instance),
+                    layout::ROUTE_KEY_TTL_SECS as i64,
+                )
+                .ignore();
             }
             let answers: Vec<Value> = self.timed_query(&pipe, conn).await?;
             for answer in &answers {
@@ -651,16 +783,16 @@ impl Bridge {
 
     async fn serve(
         self: &Rc<Self>,
-        conn: MultiplexedConnection,
+        conn: Link,
         mut subscriptions: Subscriptions,
-        mut stream: PubSubStream,
+        mut incoming: Incoming,
         queries: &mut mpsc::Receiver<Query>,
     ) -> Result<(), SessionError> {
         *self.commands.borrow_mut() = Some(conn.clone());
         self.state.set_up(true);
         tokio::select! {
             ended = self.write_loop(conn.clone(), &mut subscriptions) => ended,
-            ended = self.read_loop(&mut stream) => ended,
+            ended = self.read_loop(&mut incoming) => ended,
             ended = self.query_loop(conn, queries) => ended,
             never = self.watch_stalls() => never,
         }
@@ -692,7 +824,7 @@ impl Bridge {
 
     async fn write_loop(
         &self,
-        mut conn: MultiplexedConnection,
+        mut conn: Link,
         subscriptions: &mut Subscriptions,
     ) -> Result<(), SessionError> {
         let beat = Duration::from_millis(self.config.cluster_heartbeat_ms);
@@ -759,14 +891,18 @@ impl Bridge {
                         instance,
                         conn,
                     };
-                    let cmd = self.scripts.device_online(
+                    let cmd = self.device_online_cmd(
                         device,
                         since_ms,
                         self.config.max_devices_per_user,
                         &self.presence(),
-                        self.next_mid(),
                     );
                     batch.push(cmd, Answer::DeviceAdded);
+                    if self.names.is_cluster() {
+                        let mut index = redis::cmd("SADD");
+                        index.arg(self.names.instance_users(instance)).arg(&*user);
+                        batch.push(index, Answer::Ignore);
+                    }
                 }
                 match self.config.mailbox_retention().filter(|_| welcome) {
                     Some(retention) => {
@@ -792,15 +928,33 @@ impl Bridge {
             }
             Control::DeviceOffline { user, conn } => {
                 let mut devices = self.devices.borrow_mut();
+                let mut last_here = false;
                 if let Some(list) = devices.get_mut(&user) {
                     list.retain(|(c, _)| *c != conn);
                     if list.is_empty() {
                         devices.remove(&user);
+                        last_here = true;
                     }
                 }
+                drop(devices);
                 if let Some(batch) = batch {
                     let presence = self.presence();
-                    if presence.mode == PresenceMode::Off {
+                    if self.names.is_cluster() {
+                        let member = layout::device_member(instance, conn);
+                        let cmd = self.scripts.cluster_device_gone(
+                            &user,
+                            Some(&member),
+                            &presence,
+                            self.next_mid(),
+                            &self.known_dead.borrow(),
+                        );
+                        batch.push(cmd, Answer::Presence);
+                        if last_here {
+                            let mut index = redis::cmd("SREM");
+                            index.arg(self.names.instance_users(instance)).arg(&*user);
+                            batch.push(index, Answer::Ignore);
+                        }
+                    } else if presence.mode == PresenceMode::Off {
                         let mut cmd = redis::cmd("ZREM");
                         cmd.arg(self.names.user(&user))
                             .arg(layout::device_member(instance, conn));
@@ -832,6 +986,31 @@ impl Bridge {
                 }
                 touched.push(topic);
             }
+        }
+    }
+
+    /// The script call adding `device`: on a Redis Cluster the script without other
+    /// slots' keys, given the instances known dead.
+    fn device_online_cmd(
+        &self,
+        device: DeviceKey<'_>,
+        since_ms: u64,
+        max_devices: usize,
+        presence: &PresenceArgs<'_>,
+    ) -> redis::Cmd {
+        let mid = self.next_mid();
+        if self.names.is_cluster() {
+            self.scripts.cluster_device_online(
+                device,
+                since_ms,
+                max_devices,
+                presence,
+                mid,
+                &self.known_dead.borrow(),
+            )
+        } else {
+            self.scripts
+                .device_online(device, since_ms, max_devices, presence, mid)
         }
     }
 
@@ -871,11 +1050,11 @@ impl Bridge {
         }
         if !subscribe.is_empty() {
             self.state.metrics.commands.inc();
-            timed(subscriptions.sink.subscribe(&subscribe)).await?;
+            subscriptions.sink.subscribe(&subscribe).await?;
         }
         if !unsubscribe.is_empty() {
             self.state.metrics.commands.inc();
-            timed(subscriptions.sink.unsubscribe(&unsubscribe)).await?;
+            subscriptions.sink.unsubscribe(&unsubscribe).await?;
         }
         Ok(())
     }
@@ -980,7 +1159,7 @@ impl Bridge {
     async fn timed_query<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Link,
     ) -> Result<T, SessionError> {
         self.state.metrics.commands.add(pipe.len() as u64);
         let started = metrics::monotonic_ns();
@@ -997,7 +1176,7 @@ impl Bridge {
     }
 
     /// Lease, registry, probe and a slice of route-key TTLs, in one pipeline.
-    async fn heartbeat(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+    async fn heartbeat(&self, conn: &mut Link) -> Result<(), SessionError> {
         let beat = Duration::from_millis(self.config.cluster_heartbeat_ms);
         if self.last_probe.get().elapsed() > beat * PROBE_MISSES {
             return Err(SessionError::SubscriptionLost);
@@ -1020,10 +1199,10 @@ impl Bridge {
             )
             .ignore();
         }
-        pipe.publish(
-            self.names.instance_channel(instance),
-            &wire::probe(instance, nonce)[..],
-        );
+        pipe.add_command(self.names.publish(
+            &self.names.instance_channel(instance),
+            &wire::probe(instance, nonce),
+        ));
         let tracked = self.presence().mode != PresenceMode::Off;
         let refreshed = self.next_refresh_slice();
         for user in &refreshed {
@@ -1037,7 +1216,7 @@ impl Bridge {
                 .ignore();
             }
         }
-        if tracked && !self.deregistered.get() {
+        if self.indexes_users() && !self.deregistered.get() {
             pipe.expire(
                 self.names.instance_users(instance),
                 layout::ROUTE_KEY_TTL_SECS as i64,
@@ -1061,7 +1240,10 @@ impl Bridge {
 
     /// Announces `offline` for the users of instances whose lease is gone (see
     /// [`layout::REAP`]): up to [`REAPS_PER_BEAT`] calls of [`REAP_BUDGET`] users each.
-    async fn reap(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+    async fn reap(&self, conn: &mut Link) -> Result<(), SessionError> {
+        if self.names.is_cluster() {
+            return self.reap_cluster(conn).await;
+        }
         let presence = self.presence();
         if presence.mode == PresenceMode::Off {
             return Ok(());
@@ -1080,6 +1262,59 @@ impl Bridge {
         Ok(())
     }
 
+    /// [`Bridge::reap`] on a Redis Cluster, where no script can read other slots: learns
+    /// the registered instances whose lease is gone ([`layout::DEAD_INSTANCES`], also what
+    /// the cluster scripts and routes skip until the next heartbeat), pops their users from
+    /// their indexes and runs [`layout::CLUSTER_DEVICE_GONE`] for each in the user's slot
+    /// (dropping the dead devices, announcing `offline` for a user with none left), and
+    /// forgets an instance once its index is empty. Presence or not, this is what prunes
+    /// dead devices there. At most `REAP_BUDGET × REAPS_PER_BEAT` users per heartbeat.
+    async fn reap_cluster(&self, conn: &mut Link) -> Result<(), SessionError> {
+        let mut ask = redis::pipe();
+        ask.add_command(self.scripts.dead_instances());
+        let (listed,): (Vec<String>,) = self.timed_query(&ask, conn).await?;
+        let dead: Vec<u64> = listed
+            .iter()
+            .filter_map(|inst| u64::from_str_radix(inst, 16).ok())
+            .collect();
+        self.known_dead.borrow_mut().clone_from(&dead);
+        let presence = self.presence();
+        let mut budget = REAP_BUDGET * REAPS_PER_BEAT;
+        for inst in &listed {
+            let Ok(instance) = u64::from_str_radix(inst, 16) else {
+                continue;
+            };
+            let take = budget.min(REAP_BUDGET);
+            if take == 0 {
+                break;
+            }
+            let mut pop = redis::pipe();
+            pop.cmd("SPOP")
+                .arg(self.names.instance_users(instance))
+                .arg(take);
+            let (users,): (Vec<String>,) = self.timed_query(&pop, conn).await?;
+            budget -= users.len();
+            let mut prune = redis::pipe();
+            for user in &users {
+                let mid = self.next_mid();
+                prune.add_command(
+                    self.scripts
+                        .cluster_device_gone(user, None, &presence, mid, &dead),
+                );
+            }
+            if users.len() < take {
+                prune.zrem(self.names.instances(), inst).ignore();
+            }
+            if !prune.is_empty() {
+                let answers: Vec<Value> = self.timed_query(&prune, conn).await?;
+                for answer in &answers {
+                    self.announce(layout::presence_events(answer));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// How the route scripts track presence on this node: on when its sink forwards
     /// `online` or `offline`.
     fn presence(&self) -> PresenceArgs<'_> {
@@ -1090,7 +1325,9 @@ impl Bridge {
         );
         let mode = match &self.upstream {
             Some(_) if !online && !offline => PresenceMode::Off,
-            Some(Sink::Redis(_)) => PresenceMode::Append,
+            // A cluster's scripts cannot append to `P:events` (another slot): the bridge does.
+            Some(Sink::Redis(_)) if !self.names.is_cluster() => PresenceMode::Append,
+            Some(Sink::Redis(_)) => PresenceMode::Return,
             Some(Sink::Webhook(_)) => PresenceMode::Return,
             None => PresenceMode::Off,
         };
@@ -1110,33 +1347,33 @@ impl Bridge {
     }
 
     /// Hands the presence events a script decided to the sink: counted when the script
-    /// appended them itself (Redis Streams), sent otherwise (webhook).
+    /// appended them itself (Redis Streams on a standalone Redis), sent otherwise.
     fn announce(&self, events: Vec<layout::PresenceEvent>) {
         let Some(sink) = &self.upstream else {
             return;
         };
         for event in events {
-            match sink {
-                Sink::Redis(redis) => {
-                    redis.metrics().appended.inc();
-                    redis.metrics().delivered.inc();
-                }
-                Sink::Webhook(webhook) => {
-                    let user: Arc<str> = event.user.into();
-                    let what = match event.kind {
-                        EventKind::Online => Happening::Online { user },
-                        _ => Happening::Offline { user },
-                    };
-                    let record = UpstreamEvent {
-                        mid: event.mid,
-                        node: self.identity.id.clone(),
-                        ts: crate::protocol::MidGenerator::timestamp_ms(event.mid),
-                        what,
-                    };
-                    // Refusals (a full queue) are counted by the sink.
-                    let _ = webhook.try_send_unacked(record);
-                }
+            if let (Sink::Redis(redis), PresenceMode::Append) = (sink, self.presence().mode) {
+                redis.metrics().appended.inc();
+                redis.metrics().delivered.inc();
+                continue;
             }
+            let user: Arc<str> = event.user.into();
+            let what = match event.kind {
+                EventKind::Online => Happening::Online { user },
+                _ => Happening::Offline { user },
+            };
+            let record = UpstreamEvent {
+                mid: event.mid,
+                node: self.identity.id.clone(),
+                ts: crate::protocol::MidGenerator::timestamp_ms(event.mid),
+                what,
+            };
+            // Refusals (a full queue) are counted by the sink.
+            let _ = match sink {
+                Sink::Webhook(webhook) => webhook.try_send_unacked(record),
+                Sink::Redis(redis) => redis.try_send_unacked(record),
+            };
         }
     }
 
@@ -1162,7 +1399,7 @@ impl Bridge {
 
     /// The node is draining: delete its lease and registry entry, so no node routes to it
     /// and presence stops counting it at once.
-    async fn deregister(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+    async fn deregister(&self, conn: &mut Link) -> Result<(), SessionError> {
         let mut pipe = redis::pipe();
         pipe.del(self.names.alive(self.instance.get()))
             .ignore()

@@ -60,14 +60,28 @@ pub(super) enum Answer {
     Welcome { user: Arc<str>, conn: ConnId },
     /// A stream read for a resume: where the answer goes.
     Read(tokio::sync::oneshot::Sender<Result<Replay, BusError>>),
-    /// A `ZRANGE` of a user's devices: fill the route cache.
+    /// A `ZRANGE` of a user's devices right after `CLIENT CACHING YES`: fill the route
+    /// cache (only if the tracking opt-in was accepted).
     Fill(Arc<str>),
+    /// The `CLIENT CACHING YES` before a [`Answer::Fill`].
+    Track,
     /// One of the publishes of a message routed by the cache; the last one settles the
     /// next message of [`Bridge::in_flight`].
     CachedPublish {
+        /// The instance published to.
+        instance: u64,
         /// It is the message's last publish.
         last: bool,
     },
+    /// Redis Cluster: one of the mailbox appends of a message; the last one settles the
+    /// next message of [`Bridge::in_flight`] (routed next with the positions).
+    Appended {
+        /// It is the message's last append.
+        last: bool,
+    },
+    /// Redis Cluster: the deletion of the lease of an instance a publish was not heard by
+    /// (`0`: it was dead already).
+    Suspect(u64),
 }
 
 /// How one message goes into the pipeline.
@@ -76,9 +90,15 @@ enum Plan {
     Command(redis::Cmd),
     /// Publishes to the instances the route cache names, one [`Answer::CachedPublish`]
     /// each.
-    Cached(Vec<redis::Cmd>),
+    Cached(Vec<(u64, redis::Cmd)>),
     /// The route cache says no other node holds any of its users: finished at once.
     Nowhere,
+    /// Redis Cluster: the route cache misses users, whose reads are in this pipeline; the
+    /// message is routed after it.
+    AfterFills,
+    /// Redis Cluster: appends to the users' mailboxes, one [`Answer::Appended`] each; the
+    /// message is routed after them, with the positions they answered.
+    Appends(Vec<redis::Cmd>),
 }
 
 /// One pipeline being built.
@@ -90,6 +110,9 @@ pub(super) struct Batch {
     /// The upstream sink's metrics, when the batch carries upstream records (it times
     /// their round trip).
     upstream: Option<Arc<UpstreamMetrics>>,
+    /// Redis Cluster: messages to route once this pipeline is answered (their routes are
+    /// read in it).
+    after: Vec<Pending>,
 }
 
 /// How a batch's answers ended.
@@ -99,6 +122,8 @@ struct BatchOutcome {
     retry: Vec<Pending>,
     /// Redis has lost the epoch or the scripts: the session must be rebuilt.
     broken: Option<SessionError>,
+    /// Messages whose next step is ready (a Redis Cluster routes a message in steps).
+    staged: Vec<Pending>,
 }
 
 impl Batch {
@@ -111,6 +136,7 @@ impl Batch {
             bytes: 0,
             messages: 0,
             upstream: None,
+            after: Vec::new(),
         }
     }
 
@@ -124,11 +150,16 @@ impl Bridge {
     /// Sends what the lanes hold as one pipeline. `true` if messages were left for the next.
     pub(super) async fn flush(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Link,
         subscriptions: &mut Subscriptions,
     ) -> Result<bool, SessionError> {
-        self.apply_invalidations();
+        self.drain_pushes()?;
         let mut batch = Batch::new();
+        for instance in self.suspects.borrow_mut().drain(..) {
+            let mut lease = redis::cmd("DEL");
+            lease.arg(self.names.alive(instance));
+            batch.push(lease, Answer::Suspect(instance));
+        }
         let mut touched_topics = Vec::new();
         while let Some(change) = self.inbox.try_control() {
             self.apply(change, Some(&mut batch), &mut touched_topics);
@@ -161,11 +192,14 @@ impl Bridge {
         if !batch.answers.is_empty() {
             self.send_batch(batch, conn).await?;
         }
-        Ok(taken == MAX_BATCH)
+        // Messages whose next step is due go out at once, not at the next wake-up.
+        let due_now =
+            self.retry_due.get().is_none() && !self.retry.borrow().is_empty() && !self.settling();
+        Ok(taken == MAX_BATCH || due_now)
     }
 
     /// Adds one message for other nodes to `batch`, unless it waited too long.
-    fn encode(&self, pending: Pending, batch: &mut Batch) {
+    fn encode(&self, mut pending: Pending, batch: &mut Batch) {
         let instance = self.instance.get();
         if pending
             .outbound
@@ -175,6 +209,8 @@ impl Bridge {
             self.drop_pending(pending, BusDrop::Stale);
             return;
         }
+        // Recipients the route cache knows no live device of.
+        let mut unreachable = Vec::new();
         let (plan, payload_len) = match &pending.outbound {
             Outbound::User { users, message } => {
                 let (payload, recipients) = match &message.body {
@@ -194,8 +230,75 @@ impl Bridge {
                         users.len(),
                     ),
                 };
-                let plan = self.user_plan(users, recipients, &payload, &pending, batch);
+                let plan = self.user_plan(
+                    users,
+                    recipients,
+                    &payload,
+                    &pending,
+                    &mut unreachable,
+                    batch,
+                );
                 (plan, payload.len())
+            }
+            Outbound::Mailboxes {
+                users,
+                message,
+                template,
+                except,
+                delivered_here,
+                positions,
+                ..
+            } if self.names.is_cluster() => {
+                let to = template.to.as_deref();
+                let recipients = if to.is_some() { 1 } else { users.len() };
+                let head = wire::mailboxes_head(
+                    instance,
+                    message.mid,
+                    template.ts,
+                    *except,
+                    template.from.as_deref(),
+                    to,
+                    users,
+                );
+                match positions {
+                    None => {
+                        let candidate = self.epochs.borrow_mut().next_epoch();
+                        let retention = self.config.mailbox_retention().expect("mailboxes are on");
+                        let append = StreamAppend {
+                            candidate_ep: &candidate,
+                            retention,
+                            now_ms: protocol::now_ms(),
+                            mid: message.mid,
+                            ts: template.ts,
+                            from: template.from.as_deref(),
+                            to,
+                            data: &template.data,
+                        };
+                        let appends = users
+                            .iter()
+                            .enumerate()
+                            .map(|(index, user)| {
+                                self.scripts
+                                    .append_to_mailbox(user, &append, index >= recipients)
+                            })
+                            .collect();
+                        (Plan::Appends(appends), template.data.len())
+                    }
+                    Some(positions) => {
+                        let mut payload = head.to_vec();
+                        payload.extend_from_slice(template.data.as_bytes());
+                        payload.extend_from_slice(&layout::positions_trailer(positions));
+                        let plan = self.cluster_plan(
+                            users,
+                            recipients,
+                            &payload,
+                            !*delivered_here,
+                            &mut unreachable,
+                            batch,
+                        );
+                        (plan, payload.len())
+                    }
+                }
             }
             Outbound::Mailboxes {
                 users,
@@ -296,19 +399,17 @@ impl Bridge {
             Outbound::Kick { user, code } => {
                 let payload = wire::kick(instance, user, *code);
                 let users = std::slice::from_ref(user);
-                let plan = self.user_plan(users, 0, &payload, &pending, batch);
+                let plan = self.user_plan(users, 0, &payload, &pending, &mut unreachable, batch);
                 (plan, payload.len())
             }
             Outbound::Topic { topic, message } => {
                 let payload = wire::topic(instance, message.mid, topic, &message.frame_for(topic));
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(self.names.topic(topic)).arg(&payload[..]);
+                let cmd = self.names.publish(&self.names.topic(topic), &payload);
                 (Plan::Command(cmd), payload.len())
             }
             Outbound::Broadcast { message } => {
                 let payload = wire::broadcast(instance, message.mid, &message.shared_frame());
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(self.names.broadcast()).arg(&payload[..]);
+                let cmd = self.names.publish(&self.names.broadcast(), &payload);
                 (Plan::Command(cmd), payload.len())
             }
             Outbound::Upstream(append) => {
@@ -322,8 +423,22 @@ impl Bridge {
                 (Plan::Command(cmd), append.weight)
             }
         };
+        if matches!(plan, Plan::Cached(_) | Plan::Nowhere) {
+            self.unreachable_recipients(&mut pending, unreachable);
+        }
         match plan {
             Plan::Nowhere => self.state.release(pending.size),
+            Plan::AfterFills => batch.after.push(pending),
+            Plan::Appends(appends) => {
+                let count = appends.len();
+                batch.bytes += (payload_len * count) as u64;
+                batch.messages += 1;
+                self.in_flight.borrow_mut().push(pending);
+                for (index, cmd) in appends.into_iter().enumerate() {
+                    let last = index + 1 == count;
+                    batch.push(cmd, Answer::Appended { last });
+                }
+            }
             Plan::Command(cmd) => {
                 batch.bytes += payload_len as u64;
                 batch.messages += 1;
@@ -335,9 +450,9 @@ impl Bridge {
                 batch.bytes += (payload_len * count) as u64;
                 batch.messages += 1;
                 self.in_flight.borrow_mut().push(pending);
-                for (index, cmd) in publishes.into_iter().enumerate() {
+                for (index, (instance, cmd)) in publishes.into_iter().enumerate() {
                     let last = index + 1 == count;
-                    batch.push(cmd, Answer::CachedPublish { last });
+                    batch.push(cmd, Answer::CachedPublish { instance, last });
                 }
             }
         }
@@ -345,89 +460,199 @@ impl Bridge {
 
     /// How a message to `users` (the first `recipients` of them its recipients) is routed:
     /// by the route cache when it knows every user (one publish per other instance holding
-    /// any of them; recipients held nowhere are counted `no_route`), else by the route
-    /// script, with a `ZRANGE` of each unknown user to fill the cache.
+    /// any of them; recipients held nowhere go to `unreachable`), else by the route script,
+    /// with a `ZRANGE` of each unknown user to fill the cache. On a Redis Cluster there is
+    /// no route script: see [`Bridge::cluster_plan`].
     fn user_plan(
         &self,
         users: &[Arc<str>],
         recipients: usize,
         payload: &[u8],
         pending: &Pending,
+        unreachable: &mut Vec<usize>,
         batch: &mut Batch,
     ) -> Plan {
+        if self.names.is_cluster() {
+            return self.cluster_plan(users, recipients, payload, false, unreachable, batch);
+        }
+        if !self.routes.borrow().enabled() || pending.skip_cache || self.fill_missing(users, batch)
+        {
+            return Plan::Command(self.route_cmd(users, recipients, payload));
+        }
+        self.cached_plan(users, recipients, payload, false, unreachable)
+    }
+
+    /// Redis Cluster: a message is routed by the route cache only (no script there can
+    /// read other slots). Users it misses are read in this pipeline and the message is
+    /// routed once it is answered. `include_self`: this node's instance gets it too (a
+    /// mailbox message its own devices get numbered).
+    fn cluster_plan(
+        &self,
+        users: &[Arc<str>],
+        recipients: usize,
+        payload: &[u8],
+        include_self: bool,
+        unreachable: &mut Vec<usize>,
+        batch: &mut Batch,
+    ) -> Plan {
+        if self.fill_missing(users, batch) {
+            return Plan::AfterFills;
+        }
+        self.cached_plan(users, recipients, payload, include_self, unreachable)
+    }
+
+    /// Adds a tracked read (`CLIENT CACHING YES`, `ZRANGE`) of every user the route cache
+    /// misses to `batch`; whether there were any (counted as one miss).
+    fn fill_missing(&self, users: &[Arc<str>], batch: &mut Batch) -> bool {
         let routes = self.routes.borrow();
-        if !routes.enabled() || pending.skip_cache {
-            return Plan::Command(self.route_cmd(users, recipients, payload));
+        let mut missed = false;
+        for user in users.iter().filter(|user| routes.get(user).is_none()) {
+            missed = true;
+            // Tracking is opt-in: only these reads are tracked, not the scripts'.
+            let mut track = redis::cmd("CLIENT");
+            track.arg("CACHING").arg("YES");
+            batch.push(track, Answer::Track);
+            let mut read = redis::cmd("ZRANGE");
+            read.arg(self.names.user(user)).arg(0).arg(-1);
+            batch.push(read, Answer::Fill(user.clone()));
         }
-        let metrics = &self.state.metrics;
-        if users.iter().any(|user| routes.get(user).is_none()) {
-            metrics.route_cache_misses.inc();
-            for user in users.iter().filter(|user| routes.get(user).is_none()) {
-                // Tracking is opt-in: only these reads are tracked, not the scripts'.
-                let mut track = redis::cmd("CLIENT");
-                track.arg("CACHING").arg("YES");
-                batch.push(track, Answer::Ignore);
-                let mut read = redis::cmd("ZRANGE");
-                read.arg(self.names.user(user)).arg(0).arg(-1);
-                batch.push(read, Answer::Fill(user.clone()));
-            }
-            return Plan::Command(self.route_cmd(users, recipients, payload));
+        if missed {
+            self.state.metrics.route_cache_misses.inc();
         }
-        metrics.route_cache_hits.inc();
+        missed
+    }
+
+    /// The publishes the route cache names for a message to `users` (all cached): one
+    /// per instance holding any of them, this node's only when `include_self`, instances
+    /// known dead skipped. Recipients held nowhere go to `unreachable`.
+    fn cached_plan(
+        &self,
+        users: &[Arc<str>],
+        recipients: usize,
+        payload: &[u8],
+        include_self: bool,
+        unreachable: &mut Vec<usize>,
+    ) -> Plan {
+        self.state.metrics.route_cache_hits.inc();
+        let routes = self.routes.borrow();
         let own = self.instance.get();
-        let cached = users.iter().filter_map(|user| routes.get(user));
-        let no_route = cached
-            .clone()
-            .take(recipients)
-            .filter(|instances| instances.is_empty())
-            .count();
-        if no_route > 0 {
-            metrics.drops[BusDrop::NoRoute as usize].add(no_route as u64);
-            let mid = pending.outbound.message().map(|m| m.mid);
-            self.state.log_drop(BusDrop::NoRoute, mid);
-        }
+        let dead = self.known_dead.borrow();
         let mut targets = routes::Instances::new();
-        for instance in cached.flatten() {
-            if *instance != own && !targets.contains(instance) {
-                targets.push(*instance);
+        for (index, user) in users.iter().enumerate() {
+            let mut held = false;
+            for &instance in routes.get(user).into_iter().flatten() {
+                if dead.contains(&instance) {
+                    continue;
+                }
+                held = true;
+                if (instance != own || include_self) && !targets.contains(&instance) {
+                    targets.push(instance);
+                }
+            }
+            if index < recipients && !held {
+                unreachable.push(index);
             }
         }
         if targets.is_empty() {
             return Plan::Nowhere;
         }
+        let channel = |instance| self.names.instance_channel(instance);
         let publishes = targets
             .into_iter()
-            .map(|instance| {
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(self.names.instance_channel(instance)).arg(payload);
-                cmd
-            })
+            .map(|instance| (instance, self.names.publish(&channel(instance), payload)))
             .collect();
         Plan::Cached(publishes)
     }
 
-    /// Applies the route invalidations Redis pushed since the last pipeline.
-    fn apply_invalidations(&self) {
-        let mut invalidations = self.invalidations.borrow_mut();
-        let Some(pushes) = invalidations.as_mut() else {
-            return;
-        };
-        let mut routes = self.routes.borrow_mut();
-        while let Ok(push) = pushes.try_recv() {
-            if push.kind != PushKind::Invalidate {
-                continue;
+    /// Settles the recipients a routed message found no live device of: a mailbox
+    /// message's are told to its sender (the API answers with them; always, once routed)
+    /// and wait in their mailboxes; any other message's are counted `no_route`.
+    fn unreachable_recipients(&self, pending: &mut Pending, unreachable: Vec<usize>) {
+        match &mut pending.outbound {
+            Outbound::Mailboxes { users, offline, .. } => {
+                for &index in &unreachable {
+                    if let Some(user) = users.get(index) {
+                        self.shard_metrics(user).mailbox_offline.inc();
+                    }
+                }
+                if let Some(offline) = offline.take() {
+                    let _ = offline.send(unreachable);
+                }
             }
-            // One array of keys, or nil: Redis flushed its whole tracking table.
-            let keys = match push.data.first() {
-                Some(Value::Array(keys)) => Some(layout::bulk_strings(keys)),
-                _ => None,
-            };
-            let dropped = routes.invalidate(keys.as_deref());
-            self.state
-                .metrics
-                .route_cache_invalidations
-                .add(dropped as u64);
+            outbound => {
+                if !unreachable.is_empty() {
+                    let metrics = &self.state.metrics;
+                    metrics.drops[BusDrop::NoRoute as usize].add(unreachable.len() as u64);
+                    let mid = outbound.message().map(|m| m.mid);
+                    self.state.log_drop(BusDrop::NoRoute, mid);
+                }
+            }
         }
+    }
+
+    /// Handles what Redis pushed since the last look (see [`Bridge::on_push`]).
+    pub(super) fn drain_pushes(&self) -> Result<(), SessionError> {
+        loop {
+            let push = match self.pushes.borrow_mut().as_mut() {
+                Some(pushes) => pushes.try_recv().ok(),
+                None => None,
+            };
+            match push {
+                Some(push) => self.on_push(push)?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// One push from Redis on the command connection: a route invalidation (applied
+    /// before the next pipeline is built, see `routes`), a lost connection (the session
+    /// ends: tracking and subscriptions went with it), and on a Redis Cluster a sharded
+    /// message from another node, or a sharded subscription Redis dropped (its slot
+    /// moved; the session is rebuilt, which subscribes again where the slot is now).
+    pub(super) fn on_push(&self, push: PushInfo) -> Result<(), SessionError> {
+        match push.kind {
+            PushKind::Invalidate => {
+                // One array of keys, or nil: Redis flushed its whole tracking table.
+                let keys = match push.data.first() {
+                    Some(Value::Array(keys)) => Some(layout::bulk_strings(keys)),
+                    _ => None,
+                };
+                let dropped = self.routes.borrow_mut().invalidate(keys.as_deref());
+                self.state
+                    .metrics
+                    .route_cache_invalidations
+                    .add(dropped as u64);
+            }
+            PushKind::SMessage | PushKind::Message => {
+                let mut data = push.data;
+                if data.len() >= 2 {
+                    if let Value::BulkString(payload) = data.swap_remove(1) {
+                        self.state.metrics.bytes_in.add(payload.len() as u64);
+                        self.receive(Bytes::from(payload));
+                    }
+                }
+            }
+            PushKind::Disconnection => return Err(SessionError::Disconnected),
+            PushKind::SUnsubscribe => {
+                let channel = layout::bulk_strings(&push.data);
+                if channel.first().is_some_and(|c| self.subscribed(c)) {
+                    return Err(SessionError::SubscriptionLost);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether this node wants `channel` subscribed.
+    fn subscribed(&self, channel: &str) -> bool {
+        channel == self.names.broadcast()
+            || channel == self.names.instance_channel(self.instance.get())
+            || self
+                .topics
+                .borrow()
+                .iter()
+                .any(|topic| self.names.topic(topic) == channel)
     }
 
     /// Whether something that entered the node at `entered_ns` has waited longer than
@@ -469,11 +694,7 @@ impl Bridge {
         )
     }
 
-    async fn send_batch(
-        &self,
-        batch: Batch,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), SessionError> {
+    async fn send_batch(&self, batch: Batch, conn: &mut Link) -> Result<(), SessionError> {
         let metrics = &self.state.metrics;
         metrics.bytes_out.add(batch.bytes);
         metrics.envelopes_out.add(batch.messages);
@@ -502,7 +723,11 @@ impl Bridge {
         let mut outcome = BatchOutcome::default();
         let mut evictions = Vec::new();
         let mut in_flight = std::mem::take(&mut *self.in_flight.borrow_mut()).into_iter();
+        outcome.staged = batch.after;
         let mut heard_all = true;
+        let mut tracked = false;
+        let mut positions = Vec::new();
+        let mut appended = true;
         for (answer, value) in batch.answers.into_iter().zip(answers) {
             match answer {
                 Answer::Message => {
@@ -524,25 +749,51 @@ impl Bridge {
                 Answer::Read(reply) => {
                     let _ = reply.send(layout::replay_of(&value).ok_or(BusError::Redis));
                 }
+                Answer::Track => tracked = !matches!(value, Value::ServerError(_)),
                 Answer::Fill(user) => {
-                    if let Value::Array(members) = &value {
+                    // Untracked (the opt-in was refused), a read must not be cached.
+                    if let (true, Value::Array(members)) = (tracked, &value) {
                         let members = layout::bulk_strings(members);
                         self.routes.borrow_mut().fill(user, &members);
                     }
+                    tracked = false;
                 }
-                Answer::CachedPublish { last } => {
-                    heard_all &= matches!(value, Value::Int(receivers) if receivers > 0);
+                Answer::CachedPublish { instance, last } => {
+                    let heard = matches!(value, Value::Int(receivers) if receivers > 0);
+                    if !heard && self.names.is_cluster() {
+                        self.suspects.borrow_mut().push(instance);
+                    }
+                    heard_all &= heard;
                     if last {
-                        if let Some(mut pending) = in_flight.next() {
-                            if heard_all {
-                                self.state.release(pending.size);
-                            } else {
-                                // A dead instance: the script prunes it and finds the rest.
-                                pending.skip_cache = true;
-                                outcome.retry.push(pending);
-                            }
+                        if let Some(pending) = in_flight.next() {
+                            self.settle_cached(pending, heard_all, &mut outcome);
                         }
                         heard_all = true;
+                    }
+                }
+                Answer::Appended { last } => {
+                    match layout::position_of(&value) {
+                        Some(position) => positions.push(position),
+                        None => {
+                            if self.refused(&value, &mut outcome) {
+                                appended = false;
+                            }
+                        }
+                    }
+                    if last {
+                        if let Some(pending) = in_flight.next() {
+                            let stage = std::mem::take(&mut positions);
+                            self.settle_appends(pending, appended, stage, &mut outcome);
+                        }
+                        appended = true;
+                    }
+                }
+                Answer::Suspect(instance) => {
+                    if matches!(value, Value::Int(0)) {
+                        let mut dead = self.known_dead.borrow_mut();
+                        if !dead.contains(&instance) {
+                            dead.push(instance);
+                        }
                     }
                 }
                 _ if self.refused(&value, &mut outcome) => {}
@@ -558,6 +809,8 @@ impl Bridge {
         // Redis answers every command of a pipeline; should an answer be missing, its
         // message is routed again rather than forgotten.
         outcome.retry.extend(in_flight);
+        // Next steps go after the retries (both before anything new), and are no retries.
+        self.stage_front(outcome.staged);
         self.requeue_front(outcome.retry);
         if let Some(broken) = outcome.broken {
             return Err(broken);
@@ -566,6 +819,61 @@ impl Bridge {
             self.evict(&evictions, conn).await?;
         }
         Ok(())
+    }
+
+    /// Settles a message the route cache routed: finished when every publish was heard.
+    /// Otherwise a standalone Redis routes it again by the script (which prunes the dead
+    /// instance and finds the user's live devices); a Redis Cluster asks about the lease
+    /// of the instance that did not hear it (see [`Answer::Suspect`]) and routes it again
+    /// shortly, skipping it once it is known dead, until `bridge_hold_ms` runs out.
+    fn settle_cached(&self, mut pending: Pending, heard_all: bool, outcome: &mut BatchOutcome) {
+        if heard_all {
+            self.state.release(pending.size);
+        } else if !self.names.is_cluster() {
+            pending.skip_cache = true;
+            outcome.retry.push(pending);
+        } else if pending
+            .outbound
+            .entered_ns()
+            .is_some_and(|at| self.too_old(at))
+        {
+            self.drop_pending(pending, BusDrop::Unheard);
+        } else {
+            pending.lost_route = true;
+            self.retry_due.set(Some(Instant::now() + UNHEARD_RETRY));
+            outcome.retry.push(pending);
+        }
+    }
+
+    /// Redis Cluster: settles a mailbox message's appends: with every position answered,
+    /// it is routed next carrying them (a retry never appends again); a refused append
+    /// drops it (counted), as a refused script call would.
+    fn settle_appends(
+        &self,
+        mut pending: Pending,
+        appended: bool,
+        stage: Vec<Position>,
+        outcome: &mut BatchOutcome,
+    ) {
+        let Outbound::Mailboxes {
+            users, positions, ..
+        } = &mut pending.outbound
+        else {
+            return;
+        };
+        if !appended || stage.len() != users.len() {
+            if outcome.broken.is_some() {
+                outcome.retry.push(pending);
+            } else {
+                self.drop_pending(pending, BusDrop::RedisError);
+            }
+            return;
+        }
+        for user in users.iter() {
+            self.count_append(user);
+        }
+        *positions = Some(stage);
+        outcome.staged.push(pending);
     }
 
     /// Whether Redis answered a command that is not a message with an error: counted and
@@ -709,22 +1017,26 @@ impl Bridge {
     /// Puts messages back at the front of the retry queue, keeping their order.
     fn requeue_front(&self, pendings: Vec<Pending>) {
         self.state.metrics.retries.add(pendings.len() as u64);
-        let mut retry = self.retry.borrow_mut();
-        for pending in pendings.into_iter().rev() {
+        for pending in &pendings {
             if let Outbound::Upstream(append) = &pending.outbound {
                 append.metrics.retries.inc();
             }
+        }
+        self.stage_front(pendings);
+    }
+
+    /// Puts messages at the front of the retry queue, keeping their order, without
+    /// counting them as retries (a Redis Cluster's next step for a message).
+    fn stage_front(&self, pendings: Vec<Pending>) {
+        let mut retry = self.retry.borrow_mut();
+        for pending in pendings.into_iter().rev() {
             retry.push_front(pending);
         }
     }
 
     /// Closes devices the cluster device limit evicted: ours directly, others' through
     /// their node's channel.
-    async fn evict(
-        &self,
-        members: &[String],
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), SessionError> {
+    async fn evict(&self, members: &[String], conn: &mut Link) -> Result<(), SessionError> {
         let instance = self.instance.get();
         let mut pipe = redis::pipe();
         for member in members {
@@ -734,10 +1046,10 @@ impl Bridge {
             if owner == instance {
                 self.close_local(conn_id, close::REPLACED, metrics::Close::Replaced);
             } else {
-                pipe.publish(
-                    self.names.instance_channel(owner),
-                    &wire::evict(instance, conn_id)[..],
-                )
+                pipe.add_command(self.names.publish(
+                    &self.names.instance_channel(owner),
+                    &wire::evict(instance, conn_id),
+                ))
                 .ignore();
             }
         }

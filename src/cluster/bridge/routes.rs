@@ -50,8 +50,8 @@ pub(super) type Instances = SmallVec<[u64; 2]>;
 pub(super) struct RouteCache {
     entries: HashMap<Arc<str>, Instances, RandomState>,
     max_entries: usize,
-    /// The prefix of user keys (`P:user:`), to read invalidated keys back into users.
-    user_key_prefix: String,
+    /// To read invalidated keys back into users.
+    names: Names,
 }
 
 impl RouteCache {
@@ -60,7 +60,7 @@ impl RouteCache {
         RouteCache {
             entries: HashMap::default(),
             max_entries,
-            user_key_prefix: names.user(""),
+            names: names.clone(),
         }
     }
 
@@ -105,7 +105,7 @@ impl RouteCache {
             }
             Some(keys) => keys
                 .iter()
-                .filter_map(|key| key.strip_prefix(&self.user_key_prefix))
+                .filter_map(|key| self.names.user_of_key(key))
                 .filter(|user| self.entries.remove(*user).is_some())
                 .count(),
         }
@@ -150,5 +150,14 @@ mod tests {
         assert_eq!(cache.invalidate(None), 2);
         let off = RouteCache::new(&names, 0);
         assert!(!off.enabled());
+    }
+
+    #[test]
+    fn a_redis_clusters_hash_tagged_keys_invalidate_too() {
+        let names = Names::cluster("P");
+        let mut cache = RouteCache::new(&names, 2);
+        cache.fill("a}b".into(), &[device_member(7, 1)]);
+        assert_eq!(names.user("a}b"), "P:{u:a}b}:user");
+        assert_eq!(cache.invalidate(Some(&[names.user("a}b")])), 1);
     }
 }
