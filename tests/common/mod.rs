@@ -668,3 +668,622 @@ pub fn await_presence_within(
             && reply["nodes"] == serde_json::json!(nodes)
     });
 }
+
+/// How long a Redis Cluster may take to form, fail over, come back or settle a migration
+/// (`--cluster-node-timeout 1000`: a failover takes 2 to 3 s on loopback; an initial sync
+/// well under 1 s with `--repl-diskless-sync-delay 0`).
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(20);
+
+/// The number of hash slots in a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// One `redis-server --cluster-enabled yes` process of a [`RedisCluster`].
+struct ClusterProcess {
+    port: u16,
+    /// The cluster bus port, given with `--cluster-port` rather than left at `port + 10000`:
+    /// that one may be taken (or above 65535 for a high free port).
+    bus_port: u16,
+    /// Its own directory: `nodes.conf` (and the log) live there, so a restart keeps its id.
+    dir: std::path::PathBuf,
+    /// None once killed.
+    child: Option<Child>,
+}
+
+impl ClusterProcess {
+    /// Spawns the process on its ports in its directory; false if it exited before answering
+    /// PING (a port was taken meanwhile).
+    fn spawn(&mut self) -> bool {
+        let log = std::fs::File::create(self.dir.join("redis.log")).expect("redis log file");
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-port", &self.bus_port.to_string()])
+            .args(["--cluster-node-timeout", "1000"])
+            .args(["--cluster-require-full-coverage", "yes"])
+            // Any replica may be promoted, however long its link has been down.
+            .args(["--cluster-replica-validity-factor", "0"])
+            // The default waits 5 s for more replicas before a diskless initial sync.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn redis-server (scripts/test installs it)");
+        let url = format!("redis://127.0.0.1:{}/", self.port);
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if child.try_wait().expect("try_wait").is_some() {
+                return false;
+            }
+            if ping(&url) {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "cluster redis-server on port {} did not answer PING within {WAIT:?}; see {}",
+            self.port,
+            self.dir.join("redis.log").display()
+        );
+    }
+
+    /// SIGKILLs the process (by its pid) and reaps it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL redis-server");
+            child.wait().expect("reap redis-server");
+        }
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug)]
+struct NodeLine {
+    id: String,
+    port: u16,
+    flags: String,
+    /// The primary's id, for a replica.
+    primary: Option<String>,
+    /// Slot ranges served (inclusive), without the `[slot->-id]` migration markers.
+    slots: Vec<(u16, u16)>,
+}
+
+impl NodeLine {
+    fn parse(line: &str) -> NodeLine {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert!(fields.len() >= 8, "short CLUSTER NODES line: {line}");
+        // `127.0.0.1:port@bus_port[,hostname]`
+        let port = fields[1]
+            .split('@')
+            .next()
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no port in CLUSTER NODES line: {line}"));
+        let slots = fields[8..]
+            .iter()
+            .filter(|range| !range.starts_with('['))
+            .map(|range| {
+                let (from, to) = range.split_once('-').unwrap_or((range, range));
+                (
+                    from.parse().expect("slot number"),
+                    to.parse().expect("slot number"),
+                )
+            })
+            .collect();
+        NodeLine {
+            id: fields[0].to_owned(),
+            port,
+            flags: fields[2].to_owned(),
+            primary: (fields[3] != "-").then(|| fields[3].to_owned()),
+            slots,
+        }
+    }
+
+    fn has_flag(&self, flag: &str) -> bool {
+        self.flags.split(',').any(|f| f == flag)
+    }
+
+    fn serves(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|&(from, to)| (from..=to).contains(&slot))
+    }
+}
+
+/// A throwaway Redis Cluster on free loopback ports: `primaries` primaries with
+/// `replicas_per_primary` replicas each, nothing saved to disk, every process in its own
+/// temporary directory. Killed (by pid) and cleaned up on drop.
+///
+/// It is built by hand (`CLUSTER ADDSLOTSRANGE`, `SET-CONFIG-EPOCH`, `MEET`, `REPLICATE`)
+/// rather than with `redis-cli --cluster create`, which refuses fewer than 3 primaries. A
+/// failover needs a majority of the primaries alive to vote, so [`RedisCluster::kill_primary`]
+/// is only useful with 3 primaries or more.
+pub struct RedisCluster {
+    /// Primaries first (in slot order), then the replicas of primary 0, 1, ... in turn, as
+    /// started (roles change on failover).
+    processes: Vec<ClusterProcess>,
+    primaries: usize,
+}
+
+impl RedisCluster {
+    /// Starts the processes, forms the cluster and waits until it is healthy: `cluster_state:ok`
+    /// and all slots assigned on every node, every node known to every other, every replica's
+    /// initial sync done.
+    pub fn start(primaries: usize, replicas_per_primary: usize) -> RedisCluster {
+        assert!(
+            (1..=usize::from(SLOTS)).contains(&primaries),
+            "a cluster needs 1 to 16384 primaries"
+        );
+        let total = primaries * (1 + replicas_per_primary);
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let cluster_dir = std::env::temp_dir().join(format!(
+            "shardcast-rcluster-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&cluster_dir);
+        let mut processes: Vec<ClusterProcess> = Vec::with_capacity(total);
+        for i in 0..total {
+            let dir = cluster_dir.join(i.to_string());
+            std::fs::create_dir_all(&dir).expect("cluster node directory");
+            // Another process may take a probed port before redis-server binds it: try again.
+            let started = (0..5).find_map(|_| {
+                let [port, bus_port] = free_ports::<2>(&processes);
+                let mut process = ClusterProcess {
+                    port,
+                    bus_port,
+                    dir: dir.clone(),
+                    child: None,
+                };
+                process.spawn().then_some(process)
+            });
+            processes.push(started.unwrap_or_else(|| {
+                panic!("cluster redis-server {i} did not start on any of 5 free port pairs")
+            }));
+        }
+        let cluster = RedisCluster {
+            processes,
+            primaries,
+        };
+        cluster.form(replicas_per_primary);
+        cluster.await_healthy("the new cluster");
+        cluster
+    }
+
+    /// Assigns the slots, meets the nodes and attaches the replicas.
+    fn form(&self, replicas_per_primary: usize) {
+        let slots = usize::from(SLOTS);
+        for (i, process) in self.processes[..self.primaries].iter().enumerate() {
+            let mut con = self.connection(process.port);
+            let from = i * slots / self.primaries;
+            let to = (i + 1) * slots / self.primaries - 1;
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(from)
+                .arg(to)
+                .exec(&mut con)
+                .expect("CLUSTER ADDSLOTSRANGE");
+            // Distinct epochs up front, as `redis-cli --cluster create` does, rather than
+            // leaving equal epochs to the collision rule.
+            redis::cmd("CLUSTER")
+                .arg("SET-CONFIG-EPOCH")
+                .arg(i + 1)
+                .exec(&mut con)
+                .expect("CLUSTER SET-CONFIG-EPOCH");
+        }
+        let mut first = self.connection(self.processes[0].port);
+        for process in &self.processes[1..] {
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(process.port)
+                .arg(process.bus_port)
+                .exec(&mut first)
+                .expect("CLUSTER MEET");
+        }
+        let total = self.processes.len();
+        eventually_within(CLUSTER_WAIT, "every cluster node knows every other", || {
+            self.processes.iter().all(|p| {
+                let view = self.nodes_view(p.port);
+                view.len() == total
+                    && view
+                        .iter()
+                        .all(|n| !n.has_flag("handshake") && !n.has_flag("noaddr"))
+            })
+        });
+        for (r, replica) in self.processes[self.primaries..].iter().enumerate() {
+            let primary = &self.processes[r / replicas_per_primary];
+            redis::cmd("CLUSTER")
+                .arg("REPLICATE")
+                .arg(self.node_id(primary.port))
+                .exec(&mut self.connection(replica.port))
+                .expect("CLUSTER REPLICATE");
+        }
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` with all slots assigned,
+    /// sees exactly `primaries` primaries serving slots and every other running node as a
+    /// connected replica, and every replica's link to its primary is up.
+    fn await_healthy(&self, what: &str) {
+        let deadline = Instant::now() + CLUSTER_WAIT;
+        loop {
+            let Err(last) = self.health() else {
+                return;
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what}: the Redis Cluster was not healthy within {CLUSTER_WAIT:?}: {last} \
+                     (logs under {})",
+                    self.processes[0]
+                        .dir
+                        .parent()
+                        .expect("cluster dir")
+                        .display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Ok, or why the cluster is not healthy (see [`RedisCluster::await_healthy`]).
+    fn health(&self) -> Result<(), String> {
+        let running: Vec<u16> = self.running().collect();
+        for &port in &running {
+            let info = self.cluster_info(port);
+            if info.get("cluster_state").map(String::as_str) != Some("ok") {
+                return Err(format!("{port}: cluster_state is not ok"));
+            }
+            if info.get("cluster_slots_assigned").map(String::as_str) != Some("16384") {
+                return Err(format!("{port}: not every slot is assigned"));
+            }
+            let view = self.nodes_view(port);
+            let serving = view
+                .iter()
+                .filter(|n| n.has_flag("master") && !n.slots.is_empty() && !n.has_flag("fail"))
+                .count();
+            if serving != self.primaries {
+                return Err(format!("{port}: sees {serving} primaries serving slots"));
+            }
+            for node in view.iter().filter(|n| running.contains(&n.port)) {
+                let ok = !node.has_flag("fail?")
+                    && !node.has_flag("fail")
+                    && (node.has_flag("slave") || !node.slots.is_empty());
+                if !ok {
+                    return Err(format!("{port} sees {}: {}", node.port, node.flags));
+                }
+            }
+            let replication = self.info(port, "replication");
+            if replication.get("role").map(String::as_str) == Some("slave")
+                && replication.get("master_link_status").map(String::as_str) != Some("up")
+            {
+                return Err(format!("{port}: replica link not up"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ports of the running processes.
+    fn running(&self) -> impl Iterator<Item = u16> + '_ {
+        self.processes
+            .iter()
+            .filter(|p| p.child.is_some())
+            .map(|p| p.port)
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...`: every process, primaries and replicas.
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self
+            .processes
+            .iter()
+            .map(|p| format!("127.0.0.1:{}", p.port))
+            .collect();
+        format!("redis+cluster://{}", addrs.join(","))
+    }
+
+    /// Every process's port, as started (running or not).
+    pub fn ports(&self) -> Vec<u16> {
+        self.processes.iter().map(|p| p.port).collect()
+    }
+
+    /// The ports of the primaries serving slots now, as the cluster reports them (sorted).
+    pub fn primary_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .view()
+            .iter()
+            .filter(|n| n.has_flag("master") && !n.has_flag("fail") && !n.slots.is_empty())
+            .map(|n| n.port)
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// The port of the primary serving `slot`.
+    pub fn primary_of_slot(&self, slot: u16) -> u16 {
+        self.view()
+            .iter()
+            .find(|n| n.has_flag("master") && !n.has_flag("fail") && n.serves(slot))
+            .unwrap_or_else(|| panic!("no primary serves slot {slot}"))
+            .port
+    }
+
+    /// The port of the primary serving `key`'s slot.
+    pub fn primary_of_key(&self, key: &str) -> u16 {
+        self.primary_of_slot(self.keyslot(key))
+    }
+
+    /// `CLUSTER KEYSLOT key` (hash tags included).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let port = self.running().next().expect("a running node");
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut self.connection(port))
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// A fresh synchronous connection to the process on `port`, for inspecting it alone.
+    pub fn connection(&self, port: u16) -> redis::Connection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("redis url");
+        let con = client
+            .get_connection_with_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("connect to cluster node {port}: {e}"));
+        con.set_read_timeout(Some(WAIT)).expect("timeout");
+        con
+    }
+
+    /// SIGKILLs the primary on `port` (by pid). Its replica takes over within a few seconds
+    /// if a majority of the primaries survive: see [`RedisCluster::await_failover`].
+    pub fn kill_primary(&mut self, port: u16) {
+        assert!(
+            self.primary_ports().contains(&port),
+            "{port} is not a primary serving slots"
+        );
+        self.process_mut(port).kill();
+    }
+
+    /// Waits until every surviving node sees none of the dead node's former slots served by
+    /// it (a replica was promoted) and reports `cluster_state:ok` with all slots assigned.
+    pub fn await_failover(&self, dead_port: u16) {
+        assert!(
+            !self.running().any(|p| p == dead_port),
+            "{dead_port} is still running"
+        );
+        let what = format!(
+            "a replica of {dead_port} promoted and cluster_state:ok everywhere (a failover \
+             needs a majority of the {} primaries alive, and a replica)",
+            self.primaries
+        );
+        eventually_within(CLUSTER_WAIT, &what, || {
+            self.running().all(|port| {
+                let info = self.cluster_info(port);
+                info.get("cluster_state").map(String::as_str) == Some("ok")
+                    && info.get("cluster_slots_assigned").map(String::as_str) == Some("16384")
+                    && self
+                        .nodes_view(port)
+                        .iter()
+                        .all(|n| n.port != dead_port || n.slots.is_empty())
+            })
+        });
+    }
+
+    /// Kills every process and starts each again on the same ports and directories: the
+    /// nodes find each other again from their `nodes.conf` (ids, epochs, slots and roles are
+    /// kept; a primary that failed over comes back as a replica), and the data is gone since
+    /// nothing is saved. Waits until the cluster is healthy again (about 2 s on loopback).
+    pub fn restart_all(&mut self) {
+        for process in &mut self.processes {
+            process.kill();
+        }
+        for process in &mut self.processes {
+            assert!(
+                process.spawn(),
+                "port {} or {} was taken while the cluster was down",
+                process.port,
+                process.bus_port
+            );
+        }
+        self.await_healthy("after restart_all");
+    }
+
+    /// Moves `slot` to the primary on `to_port` with its keys, live, as `redis-cli --cluster
+    /// reshard` does: `IMPORTING` on the target, `MIGRATING` on the source, `MIGRATE` the keys
+    /// in batches, then `SETSLOT ... NODE` on the target, the source and the other primaries.
+    /// Waits until every running node sees the new owner.
+    pub fn migrate_slot(&self, slot: u16, to_port: u16) {
+        let from_port = self.primary_of_slot(slot);
+        if from_port == to_port {
+            return;
+        }
+        let from_id = self.node_id(from_port);
+        let to_id = self.node_id(to_port);
+        let mut source = self.connection(from_port);
+        let mut target = self.connection(to_port);
+        let setslot = |con: &mut redis::Connection, state: &str, id: &str| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(id)
+                .exec(con)
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state} {id}: {e}"));
+        };
+        setslot(&mut target, "IMPORTING", &from_id);
+        setslot(&mut source, "MIGRATING", &to_id);
+        let mut moved = 0usize;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query(&mut source)
+                .expect("CLUSTER GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            moved += keys.len();
+            assert!(moved <= 1_000_000, "slot {slot} keeps refilling");
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to_port)
+                .arg("")
+                .arg(0)
+                .arg(WAIT.as_millis() as u64)
+                .arg("KEYS")
+                .arg(&keys)
+                .exec(&mut source)
+                .expect("MIGRATE");
+        }
+        setslot(&mut target, "NODE", &to_id);
+        setslot(&mut source, "NODE", &to_id);
+        for port in self.primary_ports() {
+            if port != from_port && port != to_port {
+                setslot(&mut self.connection(port), "NODE", &to_id);
+            }
+        }
+        eventually_within(
+            CLUSTER_WAIT,
+            &format!("every node sees slot {slot} on {to_port}"),
+            || {
+                self.running().all(|port| {
+                    self.nodes_view(port)
+                        .iter()
+                        .any(|n| n.port == to_port && n.serves(slot))
+                })
+            },
+        );
+    }
+
+    /// `PUBSUB SHARDNUMSUB channel`, asked of the primary serving the channel's slot: how many
+    /// connections hold an `SSUBSCRIBE` to it there.
+    pub fn numsub_sharded(&self, channel: &str) -> u64 {
+        let port = self.primary_of_key(channel);
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(channel)
+            .query(&mut self.connection(port))
+            .expect("PUBSUB SHARDNUMSUB");
+        counts.first().map_or(0, |(_, n)| *n)
+    }
+
+    fn process_mut(&mut self, port: u16) -> &mut ClusterProcess {
+        self.processes
+            .iter_mut()
+            .find(|p| p.port == port)
+            .unwrap_or_else(|| panic!("no cluster process on {port}"))
+    }
+
+    fn node_id(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.connection(port))
+            .expect("CLUSTER MYID")
+    }
+
+    /// `CLUSTER NODES` as the process on `port` sees it.
+    fn nodes_view(&self, port: u16) -> Vec<NodeLine> {
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut self.connection(port))
+            .expect("CLUSTER NODES");
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(NodeLine::parse)
+            .collect()
+    }
+
+    /// The cluster as the first running primary sees it (it is told of slot moves first).
+    fn view(&self) -> Vec<NodeLine> {
+        let mut fallback = None;
+        for port in self.running() {
+            let view = self.nodes_view(port);
+            if view
+                .iter()
+                .any(|n| n.has_flag("myself") && n.has_flag("master"))
+            {
+                return view;
+            }
+            fallback.get_or_insert(view);
+        }
+        fallback.expect("a running cluster node")
+    }
+
+    fn cluster_info(&self, port: u16) -> std::collections::HashMap<String, String> {
+        let text: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query(&mut self.connection(port))
+            .expect("CLUSTER INFO");
+        info_fields(&text)
+    }
+
+    fn info(&self, port: u16, section: &str) -> std::collections::HashMap<String, String> {
+        let text: String = redis::cmd("INFO")
+            .arg(section)
+            .query(&mut self.connection(port))
+            .expect("INFO");
+        info_fields(&text)
+    }
+}
+
+impl Drop for ClusterProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        // Killed here rather than as each process drops: the directories go after them.
+        for process in &mut self.processes {
+            if let Some(mut child) = process.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if let Some(dir) = self.processes.first().and_then(|p| p.dir.parent()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `field:value` lines of `INFO` or `CLUSTER INFO`.
+fn info_fields(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.trim_end().split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// `N` distinct loopback ports that were free a moment ago and are none of `taken`'s (the
+/// probing listeners are held together so they differ).
+fn free_ports<const N: usize>(taken: &[ClusterProcess]) -> [u16; N] {
+    for _ in 0..10 {
+        let listeners: Vec<TcpListener> = (0..N)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("free port"))
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("local addr").port())
+            .collect();
+        if !ports
+            .iter()
+            .any(|&p| taken.iter().any(|t| t.port == p || t.bus_port == p))
+        {
+            return ports.try_into().expect("N ports");
+        }
+    }
+    panic!("no {N} free ports apart from the cluster's own");
+}
