@@ -1,13 +1,14 @@
 //! `--spawn-cluster K`: a throwaway cluster on loopback for one run.
 //!
-//! Starts `redis-server` on a free port (no persistence), then K `shardcast serve` processes
+//! Starts `redis-server` on a free port (no persistence), or with `--redis-primaries N` an
+//! N-primary Redis Cluster ([`crate::redis_cluster`]), then K `shardcast serve` processes
 //! (`--dev --redis ... --shards 1`, `SHARDCAST_PIN_SHARDS=false` so they share the cores),
 //! each on a free client port and a free API port, and waits for each node's `GET /readyz`
 //! to answer 200. Free ports are found by binding port 0 and releasing it. Logs go to a
 //! fresh directory under the temporary directory, named in errors.
 //!
 //! Dropping the [`Cluster`] stops it: SIGTERM to every node (they drain), SIGKILL to any
-//! still running after [`STOP_GRACE`], then SIGTERM to redis (SIGKILL likewise). Every
+//! still running after [`STOP_GRACE`], then SIGTERM to every redis (SIGKILL likewise). Every
 //! process is signalled by its own pid.
 
 use std::net::{SocketAddr, TcpListener};
@@ -39,6 +40,8 @@ pub struct ClusterSpec<'a> {
     pub redis_server: &'a Path,
     /// Run the nodes without Redis (single, unconnected nodes; only sensible with one).
     pub without_redis: bool,
+    /// Give the nodes a Redis Cluster of this many primaries instead of one `redis-server`.
+    pub redis_primaries: Option<usize>,
     /// Variables added to every node's environment (settings such as
     /// `SHARDCAST_UPSTREAM_SINK`).
     pub env: &'a [(&'a str, String)],
@@ -51,10 +54,16 @@ struct Node {
     api: SocketAddr,
 }
 
+/// One `redis-server` process.
+struct Redis {
+    child: Child,
+    addr: SocketAddr,
+}
+
 /// A running cluster.
 pub struct Cluster {
-    redis: Option<Child>,
-    redis_addr: Option<SocketAddr>,
+    /// The standalone server, or every Redis Cluster primary.
+    redis: Vec<Redis>,
     nodes: Vec<Node>,
     /// Where the logs are.
     pub log_dir: PathBuf,
@@ -68,31 +77,54 @@ impl Cluster {
         std::fs::create_dir_all(&log_dir)
             .with_context(|| format!("creating {}", log_dir.display()))?;
         let mut cluster = Cluster {
-            redis: None,
-            redis_addr: None,
+            redis: Vec::new(),
             nodes: Vec::new(),
             log_dir,
         };
-        let redis_url = if spec.without_redis {
-            None
-        } else {
-            let port = free_port()?;
-            let log = cluster.log_file("redis.log")?;
-            let mut command = Command::new(spec.redis_server);
-            crate::die_with_parent(&mut command);
-            let child = command
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", spec.redis_server.display()))?;
-            cluster.redis = Some(child);
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            cluster.wait_for_redis(addr, deadline)?;
-            cluster.redis_addr = Some(addr);
-            Some(format!("redis://{addr}"))
+        let redis_url = match (spec.without_redis, spec.redis_primaries) {
+            (true, _) => None,
+            (false, None) => {
+                let port = free_port()?;
+                let args = ["--port", &port.to_string(), "--bind", "127.0.0.1"];
+                let args = args.into_iter().chain(["--save", "", "--appendonly", "no"]);
+                cluster.start_redis(spec, port, args, "redis.log", deadline)?;
+                Some(format!("redis://{}", cluster.redis[0].addr))
+            }
+            (false, Some(primaries)) => {
+                let mut members = Vec::with_capacity(primaries);
+                for i in 0..primaries {
+                    let port = free_port()?;
+                    // Probed one after the other, so the two may coincide.
+                    let bus_port = loop {
+                        let bus_port = free_port()?;
+                        if bus_port != port {
+                            break bus_port;
+                        }
+                    };
+                    let dir = cluster.log_dir.join(format!("redis-{i}"));
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    let args = crate::redis_cluster::server_args(port, bus_port, &dir);
+                    let log = format!("redis-{i}.log");
+                    cluster.start_redis(
+                        spec,
+                        port,
+                        args.iter().map(String::as_str),
+                        &log,
+                        deadline,
+                    )?;
+                    members.push((cluster.redis[i].addr, bus_port));
+                }
+                crate::redis_cluster::form(&members, Instant::now() + deadline.cap(READY_WAIT))
+                    .with_context(|| {
+                        format!(
+                            "forming the Redis Cluster; see {}",
+                            cluster.log_dir.display()
+                        )
+                    })?;
+                let addrs: Vec<String> = members.iter().map(|(a, _)| a.to_string()).collect();
+                Some(format!("redis+cluster://{}", addrs.join(",")))
+            }
         };
         for n in 0..spec.nodes {
             let ws = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -146,9 +178,9 @@ impl Cluster {
         self.nodes.iter().map(|node| node.api).collect()
     }
 
-    /// Redis's pid and address, unless the nodes run without it.
-    pub fn redis(&self) -> Option<(u32, SocketAddr)> {
-        Some((self.redis.as_ref()?.id(), self.redis_addr?))
+    /// Every redis process's pid and address (none if the nodes run without redis).
+    pub fn redis(&self) -> Vec<(u32, SocketAddr)> {
+        self.redis.iter().map(|r| (r.child.id(), r.addr)).collect()
     }
 
     /// The nodes' pids.
@@ -161,19 +193,37 @@ impl Cluster {
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
     }
 
-    fn wait_for_redis(&mut self, addr: SocketAddr, deadline: Deadline) -> Result<()> {
+    /// Starts `redis-server` with `args` (listening on `port`), logging to `log`, and waits
+    /// until it listens.
+    fn start_redis<'a>(
+        &mut self,
+        spec: &ClusterSpec<'_>,
+        port: u16,
+        args: impl IntoIterator<Item = &'a str>,
+        log: &str,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let log_path = self.log_dir.join(log);
+        let log = self.log_file(log)?;
+        let mut command = Command::new(spec.redis_server);
+        crate::die_with_parent(&mut command);
+        let child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", spec.redis_server.display()))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        self.redis.push(Redis { child, addr });
+        let redis = self.redis.last_mut().expect("just pushed");
         let until = Instant::now() + deadline.cap(READY_WAIT);
         loop {
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
-            if let Some(redis) = self.redis.as_mut() {
-                if let Some(status) = redis.try_wait()? {
-                    bail!(
-                        "redis-server exited ({status}); see {}",
-                        self.log_dir.join("redis.log").display()
-                    );
-                }
+            if let Some(status) = redis.child.try_wait()? {
+                bail!("redis-server exited ({status}); see {}", log_path.display());
             }
             if Instant::now() >= until {
                 bail!("redis-server did not listen on {addr} in time");
@@ -211,9 +261,8 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let mut nodes: Vec<&mut Child> = self.nodes.iter_mut().map(|n| &mut n.child).collect();
         stop(&mut nodes);
-        if let Some(redis) = self.redis.as_mut() {
-            stop(&mut [redis]);
-        }
+        let mut redis: Vec<&mut Child> = self.redis.iter_mut().map(|r| &mut r.child).collect();
+        stop(&mut redis);
     }
 }
 

@@ -11,8 +11,9 @@
 //! Everything is loopback only: targets, API addresses and source addresses must be in
 //! `127.0.0.0/8`. Client sockets are spread over the nodes (`--url`, comma-separated) and
 //! source addresses (`--sources`, bound before `connect`, so one address's ephemeral ports
-//! do not run out). `--spawn-cluster K` ([`cluster`]) starts redis and K nodes for the run
-//! and stops them after. With node pids (`--pid`, or the spawned nodes), RSS, descriptors
+//! do not run out). `--spawn-cluster K` ([`cluster`]) starts redis (or, with
+//! `--redis-primaries N`, an N-primary Redis Cluster: [`redis_cluster`]) and K nodes for the
+//! run and stops them after. With node pids (`--pid`, or the spawned nodes), RSS, descriptors
 //! and CPU come from `/proc` ([`probe`]), and what the nodes spend per connect, delivery
 //! or message ([`cost`]). Every run ends within `--timeout` seconds and
 //! prints a table, then exactly one JSON line.
@@ -29,6 +30,7 @@ mod fleet;
 mod http;
 mod probe;
 mod readers;
+mod redis_cluster;
 mod report;
 mod run;
 mod scenario;
@@ -106,6 +108,11 @@ pub struct Common {
     /// With --spawn-cluster: no redis, nodes run alone (only sensible with one node).
     #[arg(long, requires = "spawn_cluster")]
     pub without_redis: bool,
+    /// With --spawn-cluster: an N-primary Redis Cluster (no replicas) instead of one
+    /// redis-server; the nodes get `--redis redis+cluster://...` listing every primary, and
+    /// Redis CPU figures are summed over the primaries.
+    #[arg(long, requires = "spawn_cluster", conflicts_with = "without_redis")]
+    pub redis_primaries: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -198,6 +205,10 @@ impl Endpoints {
         };
         ensure!(nodes > 0, "--spawn-cluster needs at least one node");
         ensure!(
+            common.redis_primaries != Some(0),
+            "--redis-primaries needs at least one primary"
+        );
+        ensure!(
             nodes == 1 || !common.without_redis,
             "--without-redis runs unconnected nodes: use it with one node only"
         );
@@ -218,15 +229,16 @@ impl Endpoints {
             shardcast: &shardcast,
             redis_server: &common.redis_server,
             without_redis: common.without_redis,
+            redis_primaries: common.redis_primaries,
             env: node_env,
         };
         let cluster = Cluster::start(&spec, deadline)?;
         eprintln!(
             "started {nodes} node(s){}; logs in {}",
-            if common.without_redis {
-                " without redis"
-            } else {
-                " and redis"
+            match (common.without_redis, common.redis_primaries) {
+                (true, _) => " without redis".to_owned(),
+                (false, None) => " and redis".to_owned(),
+                (false, Some(n)) => format!(" and a {n}-primary Redis Cluster"),
             },
             cluster.log_dir.display()
         );

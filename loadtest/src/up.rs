@@ -34,6 +34,7 @@ use serde_json::json;
 
 use crate::client::{Deadline, Population};
 use crate::probe::{CpuTime, Probe};
+use crate::redis_cluster::{self, Reply};
 use crate::report::Report;
 use crate::run::Plan;
 use crate::traffic::{latency_histogram, Shared};
@@ -117,8 +118,9 @@ impl UpSends {
 pub struct UpPlan {
     /// The sends.
     pub sends: UpSends,
-    /// The spawned redis: its pid (CPU) and address (`XLEN`).
-    redis: Option<(u32, SocketAddr)>,
+    /// The spawned redis processes (one, or every Redis Cluster primary): pid (CPU) and
+    /// address (`XLEN`).
+    redis: Vec<(u32, SocketAddr)>,
     /// The stream's key in Redis, for `XLEN`, when the sink is Redis.
     stream_key: Option<String>,
     /// The webhook receiver, when the loadtest runs it.
@@ -128,7 +130,8 @@ pub struct UpPlan {
 /// What was read when the traffic phase began.
 pub struct UpPhase {
     began: Instant,
-    redis_cpu: Option<CpuTime>,
+    /// Per redis process, in [`UpPlan::redis`]'s order.
+    redis_cpu: Vec<CpuTime>,
     xlen: Option<u64>,
     hook: Option<HookCounts>,
 }
@@ -136,7 +139,8 @@ pub struct UpPhase {
 /// What the traffic phase cost and made, beyond the node CPU [`crate::run`] reads.
 pub struct UpMeasured {
     secs: f64,
-    redis_cpu: Option<CpuTime>,
+    /// Per redis process, in [`UpPlan::redis`]'s order (empty without a spawned redis).
+    redis_cpu: Vec<CpuTime>,
     entries: Option<u64>,
     hook: Option<(HookCounts, Vec<u64>)>,
 }
@@ -169,7 +173,11 @@ pub fn run(args: &UpArgs, common: Common, deadline: Deadline) -> Result<()> {
         node_env.push(("SHARDCAST_WEBHOOK_SECRET", HOOK_SECRET.to_owned()));
     }
     let endpoints = Endpoints::resolve(common, &node_env, deadline)?;
-    let redis = endpoints.cluster.as_ref().and_then(|c| c.redis());
+    let redis = endpoints
+        .cluster
+        .as_ref()
+        .map(|c| c.redis())
+        .unwrap_or_default();
     let prefix = std::env::var("SHARDCAST_REDIS_PREFIX").unwrap_or_else(|_| "shardcast".into());
     let stream = args.stream.as_deref().unwrap_or("up");
     let plan = Plan {
@@ -207,8 +215,9 @@ impl UpPlan {
     pub fn begin(&self) -> Result<UpPhase> {
         let redis_cpu = self
             .redis
-            .map(|(pid, _)| Probe::pid(pid).cpu())
-            .transpose()?;
+            .iter()
+            .map(|&(pid, _)| Probe::pid(pid).cpu())
+            .collect::<Result<_>>()?;
         let hook = self.hook.as_ref().map(|hook| {
             hook.measuring.store(true, Ordering::Relaxed);
             hook.counts()
@@ -223,10 +232,12 @@ impl UpPlan {
 
     /// What the phase `begin` started cost and made.
     pub fn end(&self, phase: UpPhase) -> Result<UpMeasured> {
-        let redis_cpu = match (self.redis, phase.redis_cpu) {
-            (Some((pid, _)), Some(before)) => Some(Probe::pid(pid).cpu()?.since(before)),
-            _ => None,
-        };
+        let redis_cpu = self
+            .redis
+            .iter()
+            .zip(phase.redis_cpu)
+            .map(|(&(pid, _), before)| Ok(Probe::pid(pid).cpu()?.since(before)))
+            .collect::<Result<_>>()?;
         let entries = self
             .xlen()?
             .zip(phase.xlen)
@@ -248,27 +259,29 @@ impl UpPlan {
         })
     }
 
-    /// The stream's length, if the sink is the spawned redis.
+    /// The stream's length, if the sink is the spawned redis (asked of the primary that
+    /// serves the key, in a Redis Cluster).
     fn xlen(&self) -> Result<Option<u64>> {
-        let (Some((_, addr)), Some(key)) = (self.redis, &self.stream_key) else {
+        let Some(key) = &self.stream_key else {
             return Ok(None);
         };
-        xlen(addr, key).map(Some)
+        if self.redis.is_empty() {
+            return Ok(None);
+        }
+        let addrs: Vec<SocketAddr> = self.redis.iter().map(|&(_, addr)| addr).collect();
+        match redis_cluster::keyed_command(&addrs, &["XLEN", key])? {
+            Reply::Int(n) => Ok(Some(n.try_into().context("XLEN answer")?)),
+            other => bail!("XLEN {key} answered {other:?}"),
+        }
     }
 }
 
-/// `XLEN key` over a fresh connection (RESP: an integer reply).
-fn xlen(addr: SocketAddr, key: &str) -> Result<u64> {
-    let mut redis = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to redis at {addr}"))?;
-    redis.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(redis, "*2\r\n$4\r\nXLEN\r\n${}\r\n{key}\r\n", key.len())?;
-    let mut line = String::new();
-    BufReader::new(redis).read_line(&mut line)?;
-    match line.trim_end().strip_prefix(':') {
-        Some(n) => Ok(n.parse().context("XLEN answer")?),
-        None => bail!("XLEN {key} answered {line:?}"),
-    }
+/// The sum of per-process CPU times.
+fn sum_cpu(cpus: &[CpuTime]) -> CpuTime {
+    cpus.iter().fold(CpuTime::default(), |sum, cpu| CpuTime {
+        user: sum.user + cpu.user,
+        system: sum.system + cpu.system,
+    })
 }
 
 /// A reader thread's up messages: the ones it sends, and their answers.
@@ -676,15 +689,30 @@ pub fn report(
             ),
         );
     }
-    if let Some(cpu) = measured.redis_cpu {
+    let redis_cpu = (!measured.redis_cpu.is_empty()).then(|| sum_cpu(&measured.redis_cpu));
+    if let Some(cpu) = redis_cpu {
+        let label = if measured.redis_cpu.len() > 1 {
+            "redis CPU per acked up (all primaries)"
+        } else {
+            "redis CPU per acked up"
+        };
         report.row(
-            "redis CPU per acked up",
+            label,
             format!(
                 "{:.1} µs ({:.0} % of one core)",
                 per_up(cpu),
                 cpu.total() / measured.secs * 100.0
             ),
         );
+    }
+    if measured.redis_cpu.len() > 1 {
+        let each: Vec<String> = plan
+            .redis
+            .iter()
+            .zip(&measured.redis_cpu)
+            .map(|((_, addr), cpu)| format!("{}: {:.1}", addr.port(), per_up(*cpu)))
+            .collect();
+        report.row("redis CPU per acked up by primary (µs)", each.join(", "));
     }
     if let Some(entries) = measured.entries {
         report.row(
@@ -741,7 +769,8 @@ pub fn report(
             "acked_per_sec": acked_rate,
             "latency_us": crate::run::quantiles(&latency),
             "node_cpu_us_per_up": node_cpu.map(per_up),
-            "redis_cpu_us_per_up": measured.redis_cpu.map(per_up),
+            "redis_cpu_us_per_up": redis_cpu.map(per_up),
+            "redis_cpu_us_per_up_by_process": measured.redis_cpu.iter().map(|cpu| per_up(*cpu)).collect::<Vec<_>>(),
             "stream_entries": measured.entries, "webhook": hook_json,
         }),
     );
