@@ -418,3 +418,49 @@ fn the_route_cache_never_routes_to_the_node_a_user_left() {
         "nothing reached the node bob left"
     );
 }
+
+/// The `online`/`offline` events of `user` in `P:events`, read from the primary holding it.
+fn presence_events(redis: &RedisCluster, user: &str) -> Vec<String> {
+    let key = "shardcast:events";
+    let mut owner = redis.connection(redis.primary_of_key(key));
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(&mut owner)
+        .expect("XRANGE");
+    let text = |id: &redis::streams::StreamId, name: &str| -> Option<String> {
+        redis::from_redis_value(id.map.get(name)?.clone()).ok()
+    };
+    reply
+        .ids
+        .iter()
+        .filter(|id| text(id, "user").as_deref() == Some(user))
+        .filter_map(|id| text(id, "type"))
+        .filter(|kind| kind == "online" || kind == "offline")
+        .collect()
+}
+
+#[test]
+fn online_and_offline_are_announced_once_over_a_redis_cluster() {
+    let redis = RedisCluster::start(3, 0);
+    let nodes = start_nodes(&redis, 2, |config| {
+        config.upstream_sink = Some(shardcast::config::SinkKind::Redis);
+    });
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let first = Client::dev(a, "alice");
+    eventually("alice online", || {
+        presence_events(&redis, "alice") == ["online"]
+    });
+    let second = Client::dev(b, "alice");
+    let mut both = [id(a), id(b)];
+    both.sort_unstable();
+    await_presence(api(a), "alice", 2, &both);
+    drop(first);
+    await_presence(api(a), "alice", 1, &[id(b)]);
+    assert_eq!(presence_events(&redis, "alice"), ["online"], "still online");
+    drop(second);
+    eventually("alice offline", || {
+        presence_events(&redis, "alice") == ["online", "offline"]
+    });
+}

@@ -112,17 +112,32 @@
 //! user, and is on only on nodes whose sink forwards `online` or `offline`. A Redis that
 //! lost its state announces every user `online` again as the nodes re-publish.
 //!
-//! The scripts read keys they are not passed (`alive` keys) and publish to channels, which
-//! standalone Redis and replicated setups allow; Redis Cluster would need hash tags. Every
-//! key one script call touches must then share a slot: the user keys would become
-//! `P:{u:USER}:user`, `P:{u:USER}:mbox`, `P:{u:USER}:mbox-meta` (and `P:{t:TOPIC}:hist…`),
-//! and a direct message to several users would be routed per slot. The names above keep the
-//! user or topic as the last part so that change is a rename. What cannot be renamed: a
-//! script reading other nodes' leases, publishing to their channels (sharded channels must
-//! share the script's slot), and [`REAP`] walking users of many slots; on a Redis Cluster,
-//! liveness and publishing move to the bridge (which knows the live instances from the
-//! registry), scripts decide per user slot, and the route cache ([`Scripts::route`]'s
-//! shortcut) carries most messages (issue 14).
+//! **Redis Cluster.** The scripts above read keys they are not passed (`alive` keys), walk
+//! users of many slots ([`REAP`]) and publish to other nodes' channels, which one Redis
+//! allows and a Redis Cluster does not: there every key one call touches must share a slot,
+//! and a sharded channel a script publishes to must be in that slot too. With
+//! [`Names::cluster`] the names carry hash tags (`P:{u:USER}:user`, `P:{u:USER}:on`,
+//! `P:{u:USER}:mbox`, `P:{u:USER}:mbox-meta`; `P:{t:TOPIC}:hist`, `…:hist-meta` and the
+//! topic's channel `P:{t:TOPIC}:topic`; `P:{i:INST}:users`; the registry under `{P}:`), and
+//! what needed another slot moves to the bridge:
+//! - *Routing.* No script routes: the bridge reads a user's devices into its route cache
+//!   (a tracked `ZRANGE`) and publishes once per instance (`SPUBLISH`). A mailbox message is
+//!   appended per user by [`APPEND`] (its `seq`, in the user's slot), then routed with the
+//!   positions. [`PUBLISH_TO_HISTORY`] stays one call: the topic's channel shares its
+//!   history's slot.
+//! - *Liveness.* A publish nobody heard makes the bridge `DEL` that instance's lease (`1`:
+//!   it had lost its subscription and rebuilds, the message is retried; `0`: dead, skipped).
+//!   [`DEAD_INSTANCES`] (registry slot) lists registered instances whose lease is gone; the
+//!   bridge passes them to the user-slot scripts, which drop their members.
+//! - *Presence and pruning.* Every instance indexes its users (`P:{i:INST}:users`, the
+//!   bridge's `SADD`/`SREM`). The reaper pops the users of dead instances and runs
+//!   [`CLUSTER_DEVICE_GONE`] per user: dead members dropped, `offline` decided by the flag
+//!   as above. [`CLUSTER_DEVICE_ONLINE`] is [`DEVICE_ONLINE`] in one slot (dead instances
+//!   named by the bridge, the index written by the bridge). Events are returned, never
+//!   appended by the script (`P:events` is another slot): the bridge sends them to the sink.
+//! - *Epoch.* [`JOIN`] and the registry share the registry's slot; a message is not checked
+//!   against the epoch per call (no route script), and a registry that lost its data is
+//!   noticed by the heartbeat's lease refresh.
 
 use bytes::Bytes;
 

@@ -107,8 +107,10 @@ struct SlotMap {
 }
 
 impl SlotMap {
-    /// Reads `CLUSTER SLOTS`' answer: `[[start, end, [host, port, id, …], replicas…], …]`.
-    fn of(answer: &Value) -> Option<SlotMap> {
+    /// Reads `CLUSTER SLOTS`' answer: `[[start, end, [host, port, id, …], replicas…], …]`,
+    /// as `asked` (the host the question went to) answered it: an empty host is the
+    /// answering node's own, which a node that never met another does not know.
+    fn of(answer: &Value, asked: &str) -> Option<SlotMap> {
         let Value::Array(ranges) = answer else {
             return None;
         };
@@ -128,6 +130,11 @@ impl SlotMap {
                 Value::BulkString(host) => String::from_utf8(host.clone()).ok()?,
                 Value::SimpleString(host) => host.clone(),
                 _ => return None,
+            };
+            let host = if host.is_empty() {
+                asked.to_owned()
+            } else {
+                host
             };
             let Value::Int(port) = node.get(1)? else {
                 return None;
@@ -159,15 +166,21 @@ impl SlotMap {
 pub(super) struct ClusterLink {
     conn: ClusterConnection,
     slots: Arc<SlotMap>,
+    /// Where the slot map is asked for (the seeds, then the primaries it names).
+    seeds: Arc<Vec<(String, u16)>>,
 }
 
 impl ClusterLink {
-    /// Reads the slot map through `conn` (which knows the cluster from its seeds).
-    pub(super) async fn new(mut conn: ClusterConnection) -> RedisResult<ClusterLink> {
-        let slots = read_slots(&mut conn).await?;
+    /// Reads the slot map through `conn`, asking the seeds (`host:port`) in turn.
+    pub(super) async fn new(
+        mut conn: ClusterConnection,
+        seeds: Vec<(String, u16)>,
+    ) -> RedisResult<ClusterLink> {
+        let slots = read_slots(&mut conn, &seeds).await?;
         Ok(ClusterLink {
             conn,
             slots: Arc::new(slots),
+            seeds: Arc::new(seeds),
         })
     }
 
@@ -255,25 +268,55 @@ impl ClusterLink {
             }
         }
         if moved {
-            self.slots = Arc::new(read_slots(&mut self.conn).await?);
+            let mut ask: Vec<(String, u16)> = self
+                .slots
+                .primaries
+                .iter()
+                .map(|p| (p.host.clone(), p.port))
+                .collect();
+            ask.extend(self.seeds.iter().cloned());
+            self.slots = Arc::new(read_slots(&mut self.conn, &ask).await?);
         }
         Ok(answers)
     }
 }
 
-/// `CLUSTER SLOTS`, asked of any node.
-async fn read_slots(conn: &mut ClusterConnection) -> RedisResult<SlotMap> {
-    let mut ask = redis::cmd("CLUSTER");
-    ask.arg("SLOTS");
-    let answer = conn
-        .route_command(ask, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
-        .await?;
-    SlotMap::of(&answer).ok_or_else(|| {
-        redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "CLUSTER SLOTS left slots uncovered (the cluster is failing over or resharding)",
-        ))
-    })
+/// `CLUSTER SLOTS`, asked of the first of `nodes` (`host:port`) that answers it.
+async fn read_slots(conn: &mut ClusterConnection, nodes: &[(String, u16)]) -> RedisResult<SlotMap> {
+    let mut last = None;
+    for (host, port) in nodes {
+        let mut ask = redis::cmd("CLUSTER");
+        ask.arg("SLOTS");
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.clone(),
+            port: *port,
+        });
+        match conn.route_command(ask, route).await {
+            Ok(answer) => match SlotMap::of(&answer, host) {
+                Some(map) => return Ok(map),
+                None => {
+                    last = Some(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "CLUSTER SLOTS left slots uncovered (the cluster is failing over or resharding)",
+                    )))
+                }
+            },
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        redis::RedisError::from((redis::ErrorKind::Client, "no Redis Cluster node to ask"))
+    }))
+}
+
+/// A seed URL's `host:port` (`redis://host:port`, port 6379 when absent).
+pub(super) fn seed_address(seed: &str) -> Option<(String, u16)> {
+    let address = seed.strip_prefix("redis://")?.split('/').next()?;
+    let address = address.rsplit('@').next()?;
+    match address.rsplit_once(':') {
+        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
+        None => Some((address.to_owned(), 6379)),
+    }
 }
 
 /// The key a command is routed by: the first key of a script call, the channel of a
@@ -352,11 +395,23 @@ mod tests {
         let range =
             |start, end, port| Value::Array(vec![Value::Int(start), Value::Int(end), node(port)]);
         let full = Value::Array(vec![range(0, 8191, 7000), range(8192, 16383, 7001)]);
-        let map = SlotMap::of(&full).expect("a full map");
+        let map = SlotMap::of(&full, "10.0.0.1").expect("a full map");
         assert_eq!(map.primaries.len(), 2);
         assert_eq!(map.owners[8191], 0);
         assert_eq!(map.owners[8192], 1);
         let partial = Value::Array(vec![range(0, 8191, 7000)]);
-        assert!(SlotMap::of(&partial).is_none());
+        assert!(SlotMap::of(&partial, "10.0.0.1").is_none());
+        let lone = Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![Value::BulkString(Vec::new()), Value::Int(7000)]),
+        ])]);
+        let map = SlotMap::of(&lone, "10.0.0.1").expect("a lone node's map");
+        assert_eq!(map.primaries[0].host, "10.0.0.1", "its own, unknown host");
+        assert_eq!(
+            seed_address("redis://10.0.0.2:7001"),
+            Some(("10.0.0.2".into(), 7001))
+        );
+        assert_eq!(seed_address("redis://h"), Some(("h".into(), 6379)));
     }
 }

@@ -1,7 +1,9 @@
 //! The bridge: one thread that owns every Redis connection of the node.
 //!
 //! It runs a single-threaded tokio runtime with two Redis connections per session: a
-//! multiplexed one for commands (pipelined) and a pub/sub one for what other nodes send.
+//! multiplexed one for commands (pipelined) and a pub/sub one for what other nodes send. On
+//! a Redis Cluster (`redis+cluster://`) one cluster connection (RESP3) does both: commands
+//! are pipelined per primary (`link.rs`) and sharded subscriptions deliver as pushes.
 //! Three loops share the thread and end the session together when any of them fails:
 //!
 //! - **writer**: woken by the bus doorbell, it takes every pending control change and up to
@@ -22,6 +24,12 @@
 //! messages into pipelined commands and accounts for each one; `routes.rs` is the route
 //! cache that lets a direct message skip the route script; `inbound.rs` dispatches what
 //! other nodes send and answers the API's queries.
+//!
+//! On a Redis Cluster no script can read other slots, so some steps the scripts take on one
+//! Redis are the bridge's there (see [`super::redis_layout`], "Redis Cluster"): a direct
+//! message is routed from the route cache, a mailbox message is appended per user before it
+//! is routed, a publish nobody heard is followed by a look at the instance's lease, and the
+//! reaper prunes dead instances' devices user by user.
 //!
 //! `redis_up` and `/readyz` follow the round trips: one outstanding for more than half a
 //! heartbeat marks the bus stalled at once (an idle bridge pings every quarter heartbeat
@@ -519,7 +527,8 @@ impl Bridge {
                 .retries(2)
                 .build()?;
             let conn = timed(client.get_async_connection()).await?;
-            let link = timed(ClusterLink::new(conn)).await?;
+            let addresses = seeds.iter().filter_map(|s| link::seed_address(s)).collect();
+            let link = timed(ClusterLink::new(conn, addresses)).await?;
             let subscriber = Subscriber::Cluster(link.connection());
             tracing::debug!(primaries = link.primaries(), "Redis Cluster topology read");
             return Ok((Link::Cluster(link), subscriber, Incoming::Cluster));

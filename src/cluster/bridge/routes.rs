@@ -34,6 +34,14 @@
 //! appended to each recipient's mailbox by the script that routes it, and the script
 //! already knows the routes. The cache serves direct messages of nodes with `mailbox =
 //! false`, and kicks.
+//!
+//! On a Redis Cluster the cache is the only router (no script can read other slots): every
+//! direct message, kick and mailbox message (after its appends) is published to the
+//! instances it names, a miss is read in one round trip and routed in the next, and an
+//! instance a publish was not heard by is looked up by its lease (dead ones are skipped
+//! until the reaper has pruned their devices, which invalidates the entries). A fill is
+//! kept only when Redis accepted the `CLIENT CACHING YES` before it: an untracked read
+//! would never be invalidated.
 
 use std::collections::HashMap;
 use std::sync::Arc;
