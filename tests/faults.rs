@@ -28,19 +28,6 @@ const RATE: u64 = 100;
 /// How long after the fault ends the cluster has to deliver or count everything.
 const SETTLE_BOUND: Duration = Duration::from_secs(20);
 
-/// The sum of every series of `name` (all label values) in a node's Prometheus text.
-fn metric_sum(api: SocketAddr, name: &str) -> f64 {
-    let (status, text) = http_text(api, "GET", "/metrics", None, b"");
-    assert_eq!(status, 200);
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// One labelled series, e.g. `shardcast_bus_drops_total{reason="no_route"}`.
 fn metric_series(api: SocketAddr, series: &str) -> f64 {
     let (_, text) = http_text(api, "GET", "/metrics", None, b"");

@@ -65,19 +65,6 @@ fn listed_nodes(api: SocketAddr) -> Vec<String> {
     ids
 }
 
-/// The sum of every series of `name` (all labels) in the node's Prometheus text.
-fn metric_sum(api: SocketAddr, name: &str) -> f64 {
-    let (status, text) = http_text(api, "GET", "/metrics", None, b"");
-    assert_eq!(status, 200);
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn send(client: &mut Client, to: &str, data: Value) -> String {
     let ack = client.request(json!({"op":"send","to":to,"data":data,"id":1}));
     assert_eq!(ack["op"], "ack", "{ack}");

@@ -1505,6 +1505,8 @@ pub fn split_positions(payload: &Bytes) -> Option<(Bytes, Vec<Position>)> {
 ///   `online`, 2 `offline`, 3 both), node id, ts, stream maxlen;
 /// - `live_devices(prefix, key)` counts a user's devices whose instance holds its lease and
 ///   removes the others;
+/// - `evict_oldest(key, live, max)` removes the oldest of a user's `live` members (oldest
+///   first) past `max` and answers them (the device limit);
 /// - `presence_event(prefix, p, kind, bit, user, mid, events)` records one event the
 ///   settings forward: appended to `P:events` in mode `r`, and added to `events` as
 ///   `kind, user, mid` in both modes.
@@ -1527,6 +1529,14 @@ local function live_devices(prefix, key)
     if alive then live = live + 1 else redis.call('ZREM', key, member) end
   end
   return live
+end
+local function evict_oldest(key, live, max)
+  local evicted = {}
+  for i = 1, #live - max do
+    evicted[#evicted + 1] = live[i]
+    redis.call('ZREM', key, live[i])
+  end
+  return evicted
 end
 local function presence_event(prefix, p, kind, bit, user, mid, events)
   if math.floor(p.kinds / bit) % 2 == 0 then return end
@@ -1578,12 +1588,7 @@ for _, member in ipairs(members) do
   end
   if alive then live[#live + 1] = member else redis.call('ZREM', KEYS[1], member) end
 end
-local evicted = {}
-for i = 1, #live - max do
-  evicted[#evicted + 1] = live[i]
-  redis.call('ZREM', KEYS[1], live[i])
-end
-return {evicted, events}
+return {evict_oldest(KEYS[1], live, max), events}
 "#
 );
 
@@ -1740,12 +1745,7 @@ end
 local max = tonumber(ARGV[3])
 if redis.call('ZCARD', KEYS[1]) <= max then return {{}, events} end
 local live = drop_dead(KEYS[1], dead_set(12))
-local evicted = {}
-for i = 1, #live - max do
-  evicted[#evicted + 1] = live[i]
-  redis.call('ZREM', KEYS[1], live[i])
-end
-return {evicted, events}
+return {evict_oldest(KEYS[1], live, max), events}
 "#
 );
 

@@ -1287,3 +1287,16 @@ fn free_ports<const N: usize>(taken: &[ClusterProcess]) -> [u16; N] {
     }
     panic!("no {N} free ports apart from the cluster's own");
 }
+
+/// The sum of every series of `name` (all label values) in a node's Prometheus text.
+pub fn metric_sum(api: SocketAddr, name: &str) -> f64 {
+    let (status, text) = http_text(api, "GET", "/metrics", None, b"");
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -248,67 +248,8 @@ impl Bridge {
                 delivered_here,
                 positions,
                 ..
-            } if self.names.is_cluster() => {
-                let to = template.to.as_deref();
-                let recipients = if to.is_some() { 1 } else { users.len() };
-                let head = wire::mailboxes_head(
-                    instance,
-                    message.mid,
-                    template.ts,
-                    *except,
-                    template.from.as_deref(),
-                    to,
-                    users,
-                );
-                match positions {
-                    None => {
-                        let candidate = self.epochs.borrow_mut().next_epoch();
-                        let retention = self.config.mailbox_retention().expect("mailboxes are on");
-                        let append = StreamAppend {
-                            candidate_ep: &candidate,
-                            retention,
-                            now_ms: protocol::now_ms(),
-                            mid: message.mid,
-                            ts: template.ts,
-                            from: template.from.as_deref(),
-                            to,
-                            data: &template.data,
-                        };
-                        let appends = users
-                            .iter()
-                            .enumerate()
-                            .map(|(index, user)| {
-                                self.scripts
-                                    .append_to_mailbox(user, &append, index >= recipients)
-                            })
-                            .collect();
-                        (Plan::Appends(appends), template.data.len())
-                    }
-                    Some(positions) => {
-                        let mut payload = head.to_vec();
-                        payload.extend_from_slice(template.data.as_bytes());
-                        payload.extend_from_slice(&layout::positions_trailer(positions));
-                        let plan = self.cluster_plan(
-                            users,
-                            recipients,
-                            &payload,
-                            !*delivered_here,
-                            &mut unreachable,
-                            batch,
-                        );
-                        (plan, payload.len())
-                    }
-                }
-            }
-            Outbound::Mailboxes {
-                users,
-                message,
-                template,
-                except,
-                delivered_here,
-                positions,
-                ..
             } => {
+                let cluster = self.names.is_cluster();
                 // Published back to this node too, unless it delivered the message itself.
                 let skipped = if *delivered_here {
                     self.instance_hex.borrow().clone()
@@ -327,7 +268,8 @@ impl Bridge {
                 );
                 // A `send` (which names its recipient) has one recipient and the sender.
                 let recipients = if to.is_some() { 1 } else { users.len() };
-                let cmd = match positions {
+                let size = head.len() + template.data.len();
+                match positions {
                     None => {
                         let candidate = self.epochs.borrow_mut().next_epoch();
                         // Mailbox messages are made only while mailboxes are on (same config).
@@ -342,29 +284,55 @@ impl Bridge {
                             to,
                             data: &template.data,
                         };
-                        self.scripts.route_to_mailboxes(
-                            users,
-                            recipients,
-                            &skipped,
-                            &self.epoch.borrow(),
-                            &head,
-                            &append,
-                        )
+                        if cluster {
+                            // One append per user, in its slot; routed once they answered.
+                            let appends = users
+                                .iter()
+                                .enumerate()
+                                .map(|(index, user)| {
+                                    let senders_copy = index >= recipients;
+                                    self.scripts.append_to_mailbox(user, &append, senders_copy)
+                                })
+                                .collect();
+                            (Plan::Appends(appends), template.data.len())
+                        } else {
+                            let cmd = self.scripts.route_to_mailboxes(
+                                users,
+                                recipients,
+                                &skipped,
+                                &self.epoch.borrow(),
+                                &head,
+                                &append,
+                            );
+                            (Plan::Command(cmd), size)
+                        }
                     }
                     Some(positions) => {
                         let mut payload = head.to_vec();
                         payload.extend_from_slice(template.data.as_bytes());
                         payload.extend_from_slice(&layout::positions_trailer(positions));
-                        self.scripts.route(
-                            users,
-                            recipients,
-                            &skipped,
-                            &self.epoch.borrow(),
-                            &payload,
-                        )
+                        let plan = if cluster {
+                            let include_self = !*delivered_here;
+                            self.cluster_plan(
+                                users,
+                                recipients,
+                                &payload,
+                                include_self,
+                                &mut unreachable,
+                                batch,
+                            )
+                        } else {
+                            Plan::Command(self.scripts.route(
+                                users,
+                                recipients,
+                                &skipped,
+                                &self.epoch.borrow(),
+                                &payload,
+                            ))
+                        };
+                        (plan, size)
                     }
-                };
-                (Plan::Command(cmd), head.len() + template.data.len())
+                }
             }
             Outbound::History {
                 topic,
