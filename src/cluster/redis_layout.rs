@@ -258,6 +258,16 @@ impl Names {
         }
     }
 
+    /// The topic whose channel `channel` is (read back from a dropped subscription).
+    pub fn topic_of_channel<'c>(&self, channel: &'c str) -> Option<&'c str> {
+        let rest = channel.strip_prefix(&self.prefix)?;
+        if self.cluster {
+            rest.strip_prefix(":{t:")?.strip_suffix("}:topic")
+        } else {
+            rest.strip_prefix(":topic:")
+        }
+    }
+
     /// A key of `topic` named `what`: `P:what:TOPIC`, or `P:{t:TOPIC}:what` on a cluster.
     fn topic_scoped(&self, topic: &str, what: &str) -> String {
         if self.cluster {
@@ -496,8 +506,7 @@ impl Scripts {
             .arg(max_devices)
             .arg(ROUTE_KEY_TTL_SECS)
             .arg(device.user);
-        presence.args(&mut cmd);
-        cmd.arg(mid);
+        presence.decision_args(&mut cmd, mid, &[]);
         cmd
     }
 
@@ -511,8 +520,7 @@ impl Scripts {
     ) -> redis::Cmd {
         let mut cmd = self.device_call(&self.device_offline, device);
         cmd.arg(device.user);
-        presence.args(&mut cmd);
-        cmd.arg(mid);
+        presence.decision_args(&mut cmd, mid, &[]);
         cmd
     }
 
@@ -655,11 +663,7 @@ impl Scripts {
             .arg(max_devices)
             .arg(ROUTE_KEY_TTL_SECS)
             .arg(device.user);
-        presence.args(&mut cmd);
-        cmd.arg(mid);
-        for instance in dead {
-            cmd.arg(instance_hex(*instance));
-        }
+        presence.decision_args(&mut cmd, mid, dead);
         cmd
     }
 
@@ -679,11 +683,7 @@ impl Scripts {
             .arg(self.names.presence_flag(user))
             .arg(member.unwrap_or(""))
             .arg(user);
-        presence.args(&mut cmd);
-        cmd.arg(mid);
-        for instance in dead {
-            cmd.arg(instance_hex(*instance));
-        }
+        presence.decision_args(&mut cmd, mid, dead);
         cmd
     }
 
@@ -830,6 +830,16 @@ pub struct PresenceArgs<'a> {
 }
 
 impl PresenceArgs<'_> {
+    /// `ARGV` of a call that may decide one event: the presence arguments, the event's id,
+    /// then the instances known dead (read by the Redis Cluster scripts; none otherwise).
+    fn decision_args(&self, cmd: &mut redis::Cmd, mid: u64, dead: &[u64]) {
+        self.args(cmd);
+        cmd.arg(mid);
+        for instance in dead {
+            cmd.arg(instance_hex(*instance));
+        }
+    }
+
     /// `ARGV` mode, kinds, node, ts, maxlen (read by `presence_args` in the scripts).
     fn args(&self, cmd: &mut redis::Cmd) {
         let mode = match self.mode {

@@ -304,9 +304,12 @@ impl Bridge {
                     self.cluster_presence(&user, &mut conn).await
                 } else {
                     let cmd = self.scripts.presence(&user);
-                    timed(cmd.query_async(&mut conn)).await
+                    timed(cmd.query_async(&mut conn))
+                        .await
+                        .map_err(|_| BusError::Redis)
+                        .and_then(presence_of)
                 };
-                let _ = reply.send(answer.map_err(|_| BusError::Redis).and_then(presence_of));
+                let _ = reply.send(answer);
             }
             Query::Nodes { reply } => {
                 let cmd = self.scripts.nodes();
@@ -332,11 +335,7 @@ impl Bridge {
     /// [`layout::PRESENCE`]'s answer on a Redis Cluster, where a user's devices and the
     /// leases live in different slots: the user's members, then the leases of their
     /// instances (`MGET`, all in the registry's slot), whose values are the node ids.
-    async fn cluster_presence(
-        &self,
-        user: &str,
-        conn: &mut Link,
-    ) -> Result<Vec<Value>, SessionError> {
+    async fn cluster_presence(&self, user: &str, conn: &mut Link) -> Result<Presence, BusError> {
         let members: Vec<String> = timed(
             redis::cmd("ZRANGE")
                 .arg(self.names.user(user))
@@ -344,7 +343,8 @@ impl Bridge {
                 .arg(-1)
                 .query_async(conn),
         )
-        .await?;
+        .await
+        .map_err(|_| BusError::Redis)?;
         let instances: Vec<u64> = members
             .iter()
             .filter_map(|member| layout::parse_device_member(member).map(|(inst, _)| inst))
@@ -352,28 +352,29 @@ impl Bridge {
         let mut distinct = instances.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        let mut nodes: Vec<Option<String>> = Vec::new();
+        let mut leases: Vec<Option<String>> = Vec::new();
         if !distinct.is_empty() {
-            let mut leases = redis::cmd("MGET");
+            let mut read = redis::cmd("MGET");
             for instance in &distinct {
-                leases.arg(self.names.alive(*instance));
+                read.arg(self.names.alive(*instance));
             }
-            nodes = timed(leases.query_async(conn)).await?;
+            leases = timed(read.query_async(conn))
+                .await
+                .map_err(|_| BusError::Redis)?;
         }
         let node_of = |instance: &u64| {
             let at = distinct.binary_search(instance).ok()?;
-            nodes.get(at)?.as_deref()
+            leases.get(at)?.as_deref()
         };
-        let live = instances.iter().filter(|i| node_of(i).is_some()).count();
-        let mut answer = vec![Value::Int(live as i64)];
-        let mut listed: Vec<&str> = distinct.iter().filter_map(node_of).collect();
-        listed.dedup();
-        answer.extend(
-            listed
-                .into_iter()
-                .map(|node| Value::BulkString(node.as_bytes().to_vec())),
-        );
-        Ok(answer)
+        let connections = instances.iter().filter(|i| node_of(i).is_some()).count() as u64;
+        let mut nodes: Vec<String> = distinct
+            .iter()
+            .filter_map(node_of)
+            .map(str::to_owned)
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        Ok(Presence { connections, nodes })
     }
 
     /// Asks every node subscribed to `topic` (through the topic's own channel: `PUBLISH`

@@ -8,7 +8,8 @@
 //! once, and puts the answers back in the pipeline's order, so a round trip still carries
 //! thousands of messages and costs one write per primary. A command without a key
 //! (`CLIENT CACHING YES`) travels with the keyed command after it: tracking opts in the
-//! next command on the same connection.
+//! next command on the same connection. The split copies each command once: redis-rs
+//! takes a part by value, and a redirected command must still be at hand to be sent again.
 //!
 //! A command whose slot moved is answered `MOVED` or `ASK` (or `TRYAGAIN` while a
 //! migrating slot's keys are split): it is sent again on its own through redis-rs's
@@ -28,10 +29,59 @@ use std::sync::Arc;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, ProtocolVersion, RedisFuture, RedisResult, Value};
+
+use crate::config::Config;
 
 /// Hash slots in a Redis Cluster.
 const SLOTS: usize = 16384;
+
+/// Where the bridge connects, read once from the configuration.
+pub(super) enum Endpoint {
+    /// A standalone Redis.
+    Single {
+        /// For the pub/sub connection (RESP2). (Boxed: a client is large, and this is
+        /// read once per session.)
+        pubsub: Box<redis::Client>,
+        /// For the command connection: RESP3 when the route cache is on, since Redis pushes
+        /// its invalidations on the connection that read the routes (see `routes`).
+        commands: Box<redis::Client>,
+    },
+    /// A Redis Cluster (`redis+cluster://`).
+    Cluster {
+        /// The seed nodes, as `redis://` URLs.
+        seeds: Vec<String>,
+        /// The same as `host:port`, where the slot map is asked for first.
+        addresses: Vec<(String, u16)>,
+    },
+}
+
+impl Endpoint {
+    /// The endpoint `config.redis` names (validated at start).
+    pub(super) fn of(config: &Config) -> std::io::Result<Endpoint> {
+        if let Some(seeds) = config.redis_cluster_seeds() {
+            let seeds = seeds.map_err(std::io::Error::other)?;
+            let addresses = seeds.iter().filter_map(|seed| seed_address(seed)).collect();
+            return Ok(Endpoint::Cluster { seeds, addresses });
+        }
+        let url = config.redis.as_deref().unwrap_or_default();
+        let pubsub = redis::Client::open(url).map_err(std::io::Error::other)?;
+        let commands = if config.route_cache_max > 0 {
+            let info = pubsub.get_connection_info().clone();
+            let resp3 = info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3);
+            redis::Client::open(info.set_redis_settings(resp3)).map_err(std::io::Error::other)?
+        } else {
+            pubsub.clone()
+        };
+        Ok(Endpoint::Single {
+            pubsub: Box::new(pubsub),
+            commands: Box::new(commands),
+        })
+    }
+}
 
 /// A connection that runs the bridge's pipelines.
 #[derive(Clone)]
@@ -310,7 +360,7 @@ async fn read_slots(conn: &mut ClusterConnection, nodes: &[(String, u16)]) -> Re
 }
 
 /// A seed URL's `host:port` (`redis://host:port`, port 6379 when absent).
-pub(super) fn seed_address(seed: &str) -> Option<(String, u16)> {
+fn seed_address(seed: &str) -> Option<(String, u16)> {
     let address = seed.strip_prefix("redis://")?.split('/').next()?;
     let address = address.rsplit('@').next()?;
     match address.rsplit_once(':') {

@@ -87,7 +87,7 @@ use crate::router::{self, shard_of, ConnId, Envelope, Message, Reach, Route, Rou
 use crate::upstream::{EventKind, Happening, Sink, UpstreamEvent};
 use crate::ws::close;
 use inbound::answer_down;
-use link::{ClusterLink, Link};
+use link::{ClusterLink, Endpoint, Link};
 use outbound::{Answer, Batch};
 use routes::RouteCache;
 
@@ -165,28 +165,7 @@ pub(crate) fn spawn(
         upstream,
         mids,
     } = setup;
-    let cluster_seeds = match config.redis_cluster_seeds() {
-        Some(seeds) => Some(seeds.map_err(std::io::Error::other)?),
-        None => None,
-    };
-    // A Redis Cluster has no standalone client: the first seed stands in (unused).
-    let url = match &cluster_seeds {
-        Some(seeds) => seeds[0].clone(),
-        None => config.redis.clone().unwrap_or_default(),
-    };
-    let client = redis::Client::open(url.as_str()).map_err(std::io::Error::other)?;
-    // With the route cache, commands go over RESP3: Redis pushes its invalidations on the
-    // connection that read the routes (see `routes`).
-    let commands_client = if config.route_cache_max > 0 {
-        let info = client.get_connection_info().clone();
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        redis::Client::open(info.set_redis_settings(resp3)).map_err(std::io::Error::other)?
-    } else {
-        client.clone()
-    };
+    let endpoint = Endpoint::of(&config)?;
     std::thread::Builder::new()
         .name("bridge".into())
         .spawn(move || {
@@ -211,9 +190,9 @@ pub(crate) fn spawn(
                 state,
             } = ends;
             let dedupe_window_ms = config.bridge_hold_ms.saturating_mul(2);
-            let names = match cluster_seeds {
-                Some(_) => Names::cluster(&config.redis_prefix),
-                None => Names::new(&config.redis_prefix),
+            let names = match endpoint {
+                Endpoint::Cluster { .. } => Names::cluster(&config.redis_prefix),
+                Endpoint::Single { .. } => Names::new(&config.redis_prefix),
             };
             let routes = RouteCache::new(&names, config.route_cache_max);
             let bridge = Rc::new(Bridge {
@@ -227,9 +206,7 @@ pub(crate) fn spawn(
                 mids,
                 routes: RefCell::new(routes),
                 pushes: RefCell::default(),
-                client,
-                commands_client,
-                cluster_seeds,
+                endpoint,
                 known_dead: RefCell::default(),
                 suspects: RefCell::default(),
                 inbox,
@@ -284,12 +261,8 @@ struct Bridge {
     metrics: NodeMetrics,
     upstream: Option<Sink>,
     mids: Arc<SharedMidGenerator>,
-    /// For the pub/sub connection (RESP2).
-    client: redis::Client,
-    /// For the command connection (RESP3 when the route cache is on).
-    commands_client: redis::Client,
-    /// A Redis Cluster's seed nodes (`redis+cluster://`); `None`: a standalone Redis.
-    cluster_seeds: Option<Vec<String>>,
+    /// Where each session connects.
+    endpoint: Endpoint,
     /// User → instances, for direct messages without a script (see `routes`).
     routes: RefCell<RouteCache>,
     /// Redis's pushes on the current command connection: route invalidations, lost
@@ -517,22 +490,24 @@ impl Bridge {
     /// Redis's pushes arrive in [`Bridge::pushes`].
     async fn open(&self) -> Result<(Link, Subscriber, Incoming), SessionError> {
         let (pushes, received) = mpsc::unbounded_channel();
-        if let Some(seeds) = &self.cluster_seeds {
-            *self.pushes.borrow_mut() = Some(received);
-            let client = ClusterClientBuilder::new(seeds.clone())
-                .use_protocol(ProtocolVersion::RESP3)
-                .push_sender(pushes)
-                .connection_timeout(CONNECT_TIMEOUT)
-                .response_timeout(RESPONSE_TIMEOUT)
-                .retries(2)
-                .build()?;
-            let conn = timed(client.get_async_connection()).await?;
-            let addresses = seeds.iter().filter_map(|s| link::seed_address(s)).collect();
-            let link = timed(ClusterLink::new(conn, addresses)).await?;
-            let subscriber = Subscriber::Cluster(link.connection());
-            tracing::debug!(primaries = link.primaries(), "Redis Cluster topology read");
-            return Ok((Link::Cluster(link), subscriber, Incoming::Cluster));
-        }
+        let (pubsub, commands) = match &self.endpoint {
+            Endpoint::Single { pubsub, commands } => (pubsub, commands),
+            Endpoint::Cluster { seeds, addresses } => {
+                *self.pushes.borrow_mut() = Some(received);
+                let client = ClusterClientBuilder::new(seeds.clone())
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(pushes)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .retries(2)
+                    .build()?;
+                let conn = timed(client.get_async_connection()).await?;
+                let link = timed(ClusterLink::new(conn, addresses.clone())).await?;
+                let subscriber = Subscriber::Cluster(link.connection());
+                tracing::debug!(primaries = link.primaries(), "Redis Cluster topology read");
+                return Ok((Link::Cluster(link), subscriber, Incoming::Cluster));
+            }
+        };
         let mut config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
@@ -540,11 +515,10 @@ impl Bridge {
             config = config.set_push_sender(pushes);
             *self.pushes.borrow_mut() = Some(received);
         }
-        let conn = self
-            .commands_client
+        let conn = commands
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        let pubsub = timed(self.client.get_async_pubsub()).await?;
+        let pubsub = timed(pubsub.get_async_pubsub()).await?;
         let (sink, stream) = pubsub.split();
         Ok((
             Link::Single(conn),
@@ -1289,10 +1263,7 @@ impl Bridge {
         self.known_dead.borrow_mut().clone_from(&dead);
         let presence = self.presence();
         let mut budget = REAP_BUDGET * REAPS_PER_BEAT;
-        for inst in &listed {
-            let Ok(instance) = u64::from_str_radix(inst, 16) else {
-                continue;
-            };
+        for &instance in &dead {
             let take = budget.min(REAP_BUDGET);
             if take == 0 {
                 break;
@@ -1312,7 +1283,9 @@ impl Bridge {
                 );
             }
             if users.len() < take {
-                prune.zrem(self.names.instances(), inst).ignore();
+                prune
+                    .zrem(self.names.instances(), layout::instance_hex(instance))
+                    .ignore();
             }
             if !prune.is_empty() {
                 let answers: Vec<Value> = self.timed_query(&prune, conn).await?;
@@ -1361,8 +1334,9 @@ impl Bridge {
         let Some(sink) = &self.upstream else {
             return;
         };
+        let appended = self.presence().mode == PresenceMode::Append;
         for event in events {
-            if let (Sink::Redis(redis), PresenceMode::Append) = (sink, self.presence().mode) {
+            if let (Sink::Redis(redis), true) = (sink, appended) {
                 redis.metrics().appended.inc();
                 redis.metrics().delivered.inc();
                 continue;

@@ -251,24 +251,24 @@ impl Bridge {
             } => {
                 let cluster = self.names.is_cluster();
                 // Published back to this node too, unless it delivered the message itself.
-                let skipped = if *delivered_here {
-                    self.instance_hex.borrow().clone()
-                } else {
-                    String::new()
+                let skipped = || match delivered_here {
+                    true => self.instance_hex.borrow().clone(),
+                    false => String::new(),
                 };
                 let to = template.to.as_deref();
-                let head = wire::mailboxes_head(
-                    instance,
-                    message.mid,
-                    template.ts,
-                    *except,
-                    template.from.as_deref(),
-                    to,
-                    users,
-                );
+                let head = || {
+                    wire::mailboxes_head(
+                        instance,
+                        message.mid,
+                        template.ts,
+                        *except,
+                        template.from.as_deref(),
+                        to,
+                        users,
+                    )
+                };
                 // A `send` (which names its recipient) has one recipient and the sender.
                 let recipients = if to.is_some() { 1 } else { users.len() };
-                let size = head.len() + template.data.len();
                 match positions {
                     None => {
                         let candidate = self.epochs.borrow_mut().next_epoch();
@@ -296,19 +296,20 @@ impl Bridge {
                                 .collect();
                             (Plan::Appends(appends), template.data.len())
                         } else {
+                            let head = head();
                             let cmd = self.scripts.route_to_mailboxes(
                                 users,
                                 recipients,
-                                &skipped,
+                                &skipped(),
                                 &self.epoch.borrow(),
                                 &head,
                                 &append,
                             );
-                            (Plan::Command(cmd), size)
+                            (Plan::Command(cmd), head.len() + template.data.len())
                         }
                     }
                     Some(positions) => {
-                        let mut payload = head.to_vec();
+                        let mut payload = head().to_vec();
                         payload.extend_from_slice(template.data.as_bytes());
                         payload.extend_from_slice(&layout::positions_trailer(positions));
                         let plan = if cluster {
@@ -325,12 +326,12 @@ impl Bridge {
                             Plan::Command(self.scripts.route(
                                 users,
                                 recipients,
-                                &skipped,
+                                &skipped(),
                                 &self.epoch.borrow(),
                                 &payload,
                             ))
                         };
-                        (plan, size)
+                        (plan, payload.len())
                     }
                 }
             }
@@ -394,35 +395,31 @@ impl Bridge {
         if matches!(plan, Plan::Cached(_) | Plan::Nowhere) {
             self.unreachable_recipients(&mut pending, unreachable);
         }
+        let count = match &plan {
+            Plan::Nowhere => return self.state.release(pending.size),
+            Plan::AfterFills => return batch.after.push(pending),
+            Plan::Command(_) => 1,
+            Plan::Cached(publishes) => publishes.len(),
+            Plan::Appends(appends) => appends.len(),
+        };
+        batch.bytes += (payload_len * count) as u64;
+        batch.messages += 1;
+        self.in_flight.borrow_mut().push(pending);
         match plan {
-            Plan::Nowhere => self.state.release(pending.size),
-            Plan::AfterFills => batch.after.push(pending),
-            Plan::Appends(appends) => {
-                let count = appends.len();
-                batch.bytes += (payload_len * count) as u64;
-                batch.messages += 1;
-                self.in_flight.borrow_mut().push(pending);
-                for (index, cmd) in appends.into_iter().enumerate() {
-                    let last = index + 1 == count;
-                    batch.push(cmd, Answer::Appended { last });
-                }
-            }
-            Plan::Command(cmd) => {
-                batch.bytes += payload_len as u64;
-                batch.messages += 1;
-                self.in_flight.borrow_mut().push(pending);
-                batch.push(cmd, Answer::Message);
-            }
+            Plan::Command(cmd) => batch.push(cmd, Answer::Message),
             Plan::Cached(publishes) => {
-                let count = publishes.len();
-                batch.bytes += (payload_len * count) as u64;
-                batch.messages += 1;
-                self.in_flight.borrow_mut().push(pending);
                 for (index, (instance, cmd)) in publishes.into_iter().enumerate() {
                     let last = index + 1 == count;
                     batch.push(cmd, Answer::CachedPublish { instance, last });
                 }
             }
+            Plan::Appends(appends) => {
+                for (index, cmd) in appends.into_iter().enumerate() {
+                    let last = index + 1 == count;
+                    batch.push(cmd, Answer::Appended { last });
+                }
+            }
+            Plan::Nowhere | Plan::AfterFills => {}
         }
     }
 
@@ -617,10 +614,9 @@ impl Bridge {
         channel == self.names.broadcast()
             || channel == self.names.instance_channel(self.instance.get())
             || self
-                .topics
-                .borrow()
-                .iter()
-                .any(|topic| self.names.topic(topic) == channel)
+                .names
+                .topic_of_channel(channel)
+                .is_some_and(|topic| self.topics.borrow().contains(topic))
     }
 
     /// Whether something that entered the node at `entered_ns` has waited longer than
@@ -800,11 +796,20 @@ impl Bridge {
         } else if !self.names.is_cluster() {
             pending.skip_cache = true;
             outcome.retry.push(pending);
-        } else if pending
+        } else {
+            self.retry_unheard(pending, outcome);
+        }
+    }
+
+    /// A message met a node whose subscription was gone: routed again shortly, until that
+    /// node's new instance has re-published its devices, or counted `unheard` once it
+    /// waited `bridge_hold_ms`.
+    fn retry_unheard(&self, mut pending: Pending, outcome: &mut BatchOutcome) {
+        let expired = pending
             .outbound
             .entered_ns()
-            .is_some_and(|at| self.too_old(at))
-        {
+            .is_some_and(|at| self.too_old(at));
+        if expired {
             self.drop_pending(pending, BusDrop::Unheard);
         } else {
             pending.lost_route = true;
@@ -823,25 +828,20 @@ impl Bridge {
         stage: Vec<Position>,
         outcome: &mut BatchOutcome,
     ) {
-        let Outbound::Mailboxes {
-            users, positions, ..
-        } = &mut pending.outbound
-        else {
-            return;
-        };
-        if !appended || stage.len() != users.len() {
-            if outcome.broken.is_some() {
-                outcome.retry.push(pending);
-            } else {
-                self.drop_pending(pending, BusDrop::RedisError);
+        match &mut pending.outbound {
+            Outbound::Mailboxes {
+                users, positions, ..
+            } if appended && stage.len() == users.len() => {
+                for user in users.iter() {
+                    self.count_append(user);
+                }
+                *positions = Some(stage);
+                outcome.staged.push(pending);
             }
-            return;
+            // The scripts are gone: appended again in the rebuilt session.
+            _ if outcome.broken.is_some() => outcome.retry.push(pending),
+            _ => self.drop_pending(pending, BusDrop::RedisError),
         }
-        for user in users.iter() {
-            self.count_append(user);
-        }
-        *positions = Some(stage);
-        outcome.staged.push(pending);
     }
 
     /// Whether Redis answered a command that is not a message with an error: counted and
@@ -931,17 +931,7 @@ impl Bridge {
             }) => {
                 let lost_route = unheard > 0 || (pending.lost_route && no_route > 0);
                 if lost_route {
-                    let expired = pending
-                        .outbound
-                        .entered_ns()
-                        .is_some_and(|at| self.too_old(at));
-                    if expired {
-                        self.drop_pending(pending, BusDrop::Unheard);
-                    } else {
-                        pending.lost_route = true;
-                        self.retry_due.set(Some(Instant::now() + UNHEARD_RETRY));
-                        outcome.retry.push(pending);
-                    }
+                    self.retry_unheard(pending, outcome);
                     return;
                 }
                 // A mailbox keeps what its offline recipients get later.
