@@ -594,21 +594,7 @@ fn kick_closes_a_users_connections_on_every_node() {
 fn device_limit_is_cluster_wide() {
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 3, |config| config.max_devices_per_user = 2);
-    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
-    let mut first = Client::dev(a, "alice");
-    await_presence(api(c), "alice", 1, &[id(a)]);
-    let mut second = Client::dev(b, "alice");
-    let mut sorted = [id(a), id(b)];
-    sorted.sort_unstable();
-    await_presence(api(c), "alice", 2, &sorted);
-
-    let mut third = Client::dev(c, "alice");
-    assert_eq!(first.expect_close(), 4001, "the oldest device is replaced");
-    ping(&mut second);
-    ping(&mut third);
-    let mut sorted = [id(b), id(c)];
-    sorted.sort_unstable();
-    await_presence(api(a), "alice", 2, &sorted);
+    assert_device_limit_of_two(&nodes);
 }
 
 #[test]

@@ -13,8 +13,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -216,46 +214,25 @@ fn a_replay_racing_live_traffic_across_nodes_has_no_gap_and_no_duplicate() {
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 2, streaming);
     let (a, b) = (&nodes[0], &nodes[1]);
-    let publisher = Arc::new(a.node().publisher());
+    let publisher = a.node().publisher();
     for n in 1..=20 {
         publish_to(&publisher, "racer", n);
     }
     await_stream(api(b), "/v1/users/racer/history?limit=1", 20);
-    let mut racer = Client::dev(b, "racer");
+    let racer = Client::dev(b, "racer");
     let ep = racer.hello["mailbox"]["ep"]
         .as_str()
         .expect("ep")
         .to_owned();
     await_presence(api(a), "racer", 1, &[id(b)]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = {
-        let (publisher, stop) = (publisher.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut sent = 0;
-            while !stop.load(Ordering::Relaxed) && sent < 2_000 {
-                publish_to(&publisher, "racer", 1_000 + sent);
-                sent += 1;
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            sent
-        })
-    };
-    std::thread::sleep(Duration::from_millis(20));
-    racer.send(json!({"op":"resume","id":"r","since":{"seq":3,"ep":ep}}));
-    let (mut frames, ack) = until_ack(&mut racer, "r");
-    assert_eq!(ack["recovered"], true, "{ack}");
-    std::thread::sleep(Duration::from_millis(50));
-    stop.store(true, Ordering::Relaxed);
-    let sent = background.join().expect("publisher thread");
-    let last = 20 + sent;
-    while frames.len() < (last - 3) as usize {
-        frames.push(racer.recv());
-    }
-    let got = seqs(&frames);
-    let unique: BTreeSet<u64> = got.iter().copied().collect();
-    assert_eq!(unique.len(), got.len(), "no duplicate");
-    assert_eq!(unique, (4..=last).collect(), "no gap");
-    racer.expect_silence(QUIET);
+    race_replay_against_publisher(
+        move |n| publish_to(&publisher, "racer", n),
+        move || racer,
+        json!({"op":"resume","id":"r","since":{"seq":3,"ep":ep}}),
+        3,
+        20,
+        QUIET,
+    );
 }
 
 /// The subscriber's node is not yet subscribed to the topic when it asks for the history:
@@ -266,7 +243,7 @@ fn a_topic_subscription_with_since_racing_publications_has_no_gap_and_no_duplica
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 2, streaming);
     let (a, b) = (&nodes[0], &nodes[1]);
-    let publisher = Arc::new(a.node().publisher());
+    let publisher = a.node().publisher();
     let publish = |publisher: &Publisher, n: u64| {
         let data = serde_json::value::to_raw_value(&json!({ "n": n })).expect("raw");
         let target = Target {
@@ -279,36 +256,14 @@ fn a_topic_subscription_with_since_racing_publications_has_no_gap_and_no_duplica
         publish(&publisher, n);
     }
     await_stream(api(b), "/v1/topics/race.t/history?limit=1", 20);
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = {
-        let (publisher, stop) = (publisher.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut sent = 0;
-            while !stop.load(Ordering::Relaxed) && sent < 2_000 {
-                publish(&publisher, 1_000 + sent);
-                sent += 1;
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            sent
-        })
-    };
-    std::thread::sleep(Duration::from_millis(20));
-    let mut late = Client::dev(b, "late");
-    late.send(json!({"op":"sub","id":"s","topic":"race.t","since":{"seq":0}}));
-    let (mut frames, ack) = until_ack(&mut late, "s");
-    assert_eq!(ack["recovered"], true, "{ack}");
-    std::thread::sleep(Duration::from_millis(50));
-    stop.store(true, Ordering::Relaxed);
-    let sent = background.join().expect("publisher thread");
-    let last = 20 + sent;
-    while frames.len() < last as usize {
-        frames.push(late.recv());
-    }
-    let got = seqs(&frames);
-    let unique: BTreeSet<u64> = got.iter().copied().collect();
-    assert_eq!(unique.len(), got.len(), "no duplicate");
-    assert_eq!(unique, (1..=last).collect(), "no gap");
-    late.expect_silence(QUIET);
+    race_replay_against_publisher(
+        move |n| publish(&publisher, n),
+        || Client::dev(b, "late"),
+        json!({"op":"sub","id":"s","topic":"race.t","since":{"seq":0}}),
+        0,
+        20,
+        QUIET,
+    );
 }
 
 #[test]

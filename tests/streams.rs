@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -81,45 +78,26 @@ fn a_replay_racing_live_traffic_has_no_gap_and_no_duplicate() {
     let mut config = streaming_config();
     config.mailbox_size = 10_000;
     let node = TestNode::start(config);
-    let publisher = Arc::new(node.node().publisher());
+    let publisher = node.node().publisher();
     for n in 1..=20 {
         publish_to(&publisher, "racer", n);
     }
     await_mailbox(&node, "racer", 20);
-    let mut racer = Client::dev(&node, "racer");
+    let racer = Client::dev(&node, "racer");
     let ep = racer.hello["mailbox"]["ep"]
         .as_str()
         .expect("ep")
         .to_owned();
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = {
-        let (publisher, stop) = (publisher.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut sent = 0;
-            while !stop.load(Ordering::Relaxed) && sent < 2_000 {
-                publish_to(&publisher, "racer", 1_000 + sent);
-                sent += 1;
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            sent
-        })
-    };
-    std::thread::sleep(Duration::from_millis(20));
-    racer.send(json!({"op":"resume","id":"r","since":{"seq":3,"ep":ep}}));
-    let (mut frames, ack) = until_ack(&mut racer, "r");
-    assert_eq!(ack["recovered"], true);
-    std::thread::sleep(Duration::from_millis(50));
-    stop.store(true, Ordering::Relaxed);
-    let sent = background.join().expect("publisher thread");
-    let last = 20 + sent;
-    while frames.len() < (last - 3) as usize {
-        frames.push(racer.recv());
-    }
-    let got = seqs(&frames);
-    let unique: BTreeSet<u64> = got.iter().copied().collect();
-    assert_eq!(unique.len(), got.len(), "no duplicate");
-    assert_eq!(unique, (4..=last).collect(), "no gap");
-    racer.expect_silence(Duration::from_millis(200));
+    race_replay_against_publisher(
+        move |n| {
+            publish_to(&publisher, "racer", n);
+        },
+        move || racer,
+        json!({"op":"resume","id":"r","since":{"seq":3,"ep":ep}}),
+        3,
+        20,
+        Duration::from_millis(200),
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use shardcast::{Config, Node};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
@@ -414,7 +414,7 @@ impl RedisServer {
 
     /// Spawns redis-server on `self.port`; false if it exited (port taken) before answering.
     fn spawn(&mut self) -> bool {
-        let mut child = Command::new("redis-server")
+        let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdin(Stdio::null())
@@ -422,23 +422,8 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server (scripts/test installs it)");
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if child.try_wait().expect("try_wait").is_some() {
-                return false;
-            }
-            if ping(&self.url()) {
-                self.child = Some(child);
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "redis-server on port {} did not answer PING within {WAIT:?}",
-            self.port
-        );
+        self.child = answering(child, &self.url(), || format!("port {}", self.port));
+        self.child.is_some()
     }
 
     pub fn url(&self) -> String {
@@ -489,6 +474,28 @@ impl RedisServer {
             .expect("PUBSUB NUMSUB");
         counts.first().map_or(0, |(_, n)| *n)
     }
+}
+
+/// Waits until the redis-server `child` answers PING at `url`: `Some(child)` then, `None` if
+/// it exited first (its port was taken); panics naming `which` if it does neither within
+/// [`WAIT`].
+fn answering(mut child: Child, url: &str, which: impl FnOnce() -> String) -> Option<Child> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("try_wait").is_some() {
+            return None;
+        }
+        if ping(url) {
+            return Some(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "redis-server on {} did not answer PING within {WAIT:?}",
+        which()
+    );
 }
 
 /// Whether a Redis server at `url` answers PING.
@@ -663,9 +670,7 @@ pub fn await_presence_within(
     let what = format!("{user} on {nodes:?} with {connections} connections");
     eventually_within(bound, &what, || {
         let (status, reply) = http_json(api, "GET", &format!("/v1/users/{user}"), b"");
-        status == 200
-            && reply["connections"] == connections
-            && reply["nodes"] == serde_json::json!(nodes)
+        status == 200 && reply["connections"] == connections && reply["nodes"] == json!(nodes)
     });
 }
 
@@ -694,7 +699,7 @@ impl ClusterProcess {
     /// PING (a port was taken meanwhile).
     fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.join("redis.log")).expect("redis log file");
-        let mut child = Command::new("redis-server")
+        let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args([
                 "--cluster-enabled",
@@ -718,24 +723,11 @@ impl ClusterProcess {
             .spawn()
             .expect("spawn redis-server (scripts/test installs it)");
         let url = format!("redis://127.0.0.1:{}/", self.port);
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if child.try_wait().expect("try_wait").is_some() {
-                return false;
-            }
-            if ping(&url) {
-                self.child = Some(child);
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "cluster redis-server on port {} did not answer PING within {WAIT:?}; see {}",
-            self.port,
-            self.dir.join("redis.log").display()
-        );
+        self.child = answering(child, &url, || {
+            let log = self.dir.join("redis.log");
+            format!("port {} (see {})", self.port, log.display())
+        });
+        self.child.is_some()
     }
 
     /// SIGKILLs the process (by its pid) and reaps it.
@@ -1299,4 +1291,76 @@ pub fn metric_sum(api: SocketAddr, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Checks a cluster-wide device limit of 2 over the first three of `nodes`: a third device
+/// of one user, on a third node, replaces the oldest (closed with 4001) and the other two
+/// stay.
+pub fn assert_device_limit_of_two(nodes: &[TestNode]) {
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut first = Client::dev(a, "alice");
+    await_presence(api(c), "alice", 1, &[id(a)]);
+    let mut second = Client::dev(b, "alice");
+    let mut sorted = [id(a), id(b)];
+    sorted.sort_unstable();
+    await_presence(api(c), "alice", 2, &sorted);
+
+    let mut third = Client::dev(c, "alice");
+    assert_eq!(first.expect_close(), 4001, "the oldest device is replaced");
+    for device in [&mut second, &mut third] {
+        assert_eq!(device.request(json!({"op":"ping"}))["op"], "pong");
+    }
+    let mut sorted = [id(b), id(c)];
+    sorted.sort_unstable();
+    await_presence(api(a), "alice", 2, &sorted);
+}
+
+/// Races a replay against live traffic. Another thread calls `publish(n)` for n = 1000,
+/// 1001, ... every 200 µs (at most 2,000 times); 20 ms in, `request` (answered by an ack
+/// with its `id`, which must say `recovered`) is sent on the client `connect` makes; 50 ms
+/// after the ack the publisher stops. Then every frame, replayed or live, is read and the
+/// seqs must be each of `after + 1 ..= published + sent` exactly once, then silence for
+/// `quiet`. `published`: the messages in the stream before the race.
+pub fn race_replay_against_publisher(
+    publish: impl Fn(u64) + Send + 'static,
+    connect: impl FnOnce() -> Client,
+    request: Value,
+    after: u64,
+    published: u64,
+    quiet: Duration,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) && sent < 2_000 {
+                publish(1_000 + sent);
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let mut client = connect();
+    let id = request["id"].as_str().expect("the request's id").to_owned();
+    client.send(request);
+    let (mut frames, ack) = until_ack(&mut client, &id);
+    assert_eq!(ack["recovered"], true, "{ack}");
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let sent = background.join().expect("publisher thread");
+    let last = published + sent;
+    while frames.len() < (last - after) as usize {
+        frames.push(client.recv());
+    }
+    let got = seqs(&frames);
+    let unique: std::collections::BTreeSet<u64> = got.iter().copied().collect();
+    assert_eq!(unique.len(), got.len(), "no duplicate");
+    assert_eq!(unique, (after + 1..=last).collect(), "no gap");
+    client.expect_silence(quiet);
 }
