@@ -19,6 +19,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # REDIS_PRIMARIES=N: an N-primary Redis Cluster (no replicas) instead of one redis-server.
 primaries=${REDIS_PRIMARIES:-0}
 redis_ports=()
+bus_ports=()
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "${cluster_dir:-}"; }
 trap cleanup EXIT
@@ -28,8 +29,9 @@ for _ in $(seq "$(( primaries > 0 ? primaries : 1 ))"); do
   if (( primaries > 0 )); then
     cluster_dir=${cluster_dir:-$(mktemp -d)}
     mkdir -p "$cluster_dir/$port"
+    bus_ports+=("$(free_port)")
     extra=(--cluster-enabled yes --cluster-config-file "$cluster_dir/$port/nodes.conf"
-      --cluster-port "$(free_port)" --dir "$cluster_dir/$port")
+      --cluster-port "${bus_ports[-1]}" --dir "$cluster_dir/$port")
   fi
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no "${extra[@]}" >/dev/null 2>&1 &
   pids+=("$!")
@@ -44,7 +46,8 @@ if (( primaries > 0 )); then
     first=$(( i * per )); last=$(( i + 1 == primaries ? 16383 : (i + 1) * per - 1 ))
     redis-cli -p "${redis_ports[$i]}" cluster addslotsrange "$first" "$last" >/dev/null
     redis-cli -p "${redis_ports[$i]}" cluster set-config-epoch "$(( i + 1 ))" >/dev/null
-    redis-cli -p "${redis_ports[$i]}" cluster meet 127.0.0.1 "$redis_port" >/dev/null
+    # The bus port is not port + 10000 here: MEET must name it.
+    redis-cli -p "${redis_ports[$i]}" cluster meet 127.0.0.1 "$redis_port" "${bus_ports[0]}" >/dev/null
   done
   for _ in $(seq 100); do
     ok=1
