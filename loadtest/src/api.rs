@@ -74,6 +74,7 @@ pub fn run(args: &Args, endpoints: &Endpoints, deadline: Deadline) -> Result<()>
         subs: 0,
         users: args.users,
         topic: String::new(),
+        user_topics: false,
     };
     let indices: Vec<usize> = (0..args.users).collect();
     let plan = Plan {

@@ -176,7 +176,8 @@ impl Spread {
 }
 
 /// Who connection `i` is: the first `subs` connections are topic subscribers `s0`, `s1`, ...;
-/// the rest are users `p0`, `p1`, ... (user `p{u}` is connection `subs + u`).
+/// the rest are users `p0`, `p1`, ... (user `p{u}` is connection `subs + u`). With
+/// `user_topics` (`p2p --to topics`), every user subscribes to its own topic `t-p{u}`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Population {
     /// Topic subscribers.
@@ -185,6 +186,9 @@ pub struct Population {
     pub users: usize,
     /// The subscribers' topic.
     pub topic: String,
+    /// Whether every user subscribes to its own topic ([`user_topic`]).
+    #[serde(default)]
+    pub user_topics: bool,
 }
 
 impl Population {
@@ -203,14 +207,28 @@ impl Population {
     }
 
     /// The topic connection `i` subscribes to, if any.
-    pub fn topic_of(&self, i: usize) -> Option<&str> {
-        (i < self.subs).then_some(self.topic.as_str())
+    pub fn topic_of(&self, i: usize) -> Option<String> {
+        if i < self.subs {
+            Some(self.topic.clone())
+        } else {
+            self.own_topic(i)
+        }
+    }
+
+    /// Connection `i`'s own user topic, if it is a user and users subscribe to theirs.
+    pub fn own_topic(&self, i: usize) -> Option<String> {
+        (self.user_topics && i >= self.subs).then(|| user_topic(i - self.subs))
     }
 }
 
 /// The name of direct-message user `u`.
 pub fn user_name(u: usize) -> String {
     format!("p{u}")
+}
+
+/// User `u`'s own topic (`p2p --to topics`): `t-` and its name.
+pub fn user_topic(u: usize) -> String {
+    format!("t-{}", user_name(u))
 }
 
 /// Opens one dev-mode connection for `user` from `source` and reads its `hello`.
@@ -375,7 +393,7 @@ fn open_share(
             .with_context(|| format!("connection {i} ({user} from {source} to {url})"))?;
         handshake_us.saturating_record(began.elapsed().as_micros() as u64);
         if let Some(topic) = plan.population.topic_of(i) {
-            subscribe(&mut ws, topic).with_context(|| format!("subscribing {user}"))?;
+            subscribe(&mut ws, &topic).with_context(|| format!("subscribing {user}"))?;
         }
         group.push((i, ws));
         opened.fetch_add(1, Ordering::Relaxed);
@@ -416,5 +434,22 @@ mod tests {
         assert!("ws://10.0.0.1:9000/ws".parse::<Target>().is_err());
         assert!("wss://127.0.0.1:9000/ws".parse::<Target>().is_err());
         assert!("ws://localhost:9000/ws".parse::<Target>().is_err());
+    }
+
+    #[test]
+    fn users_subscribe_to_their_own_topics_only_when_asked() {
+        let mut population = Population {
+            subs: 2,
+            users: 3,
+            topic: "bench".into(),
+            user_topics: false,
+        };
+        assert_eq!(population.topic_of(1).as_deref(), Some("bench"));
+        assert_eq!(population.topic_of(2), None);
+        population.user_topics = true;
+        assert_eq!(population.topic_of(1).as_deref(), Some("bench"));
+        assert_eq!(population.own_topic(1), None);
+        assert_eq!(population.topic_of(3).as_deref(), Some("t-p1"));
+        assert_eq!(population.own_topic(4).as_deref(), Some("t-p2"));
     }
 }

@@ -132,7 +132,8 @@ enum Command {
         args: scenario::FanoutArgs,
     },
     /// N users, M direct messages at a rate (API or client frames): delivered, lost,
-    /// duplicated, latency.
+    /// duplicated, latency. With `--to topics`, each user subscribes to its own topic
+    /// `t-<user>` and the API publishes to it instead.
     P2p {
         #[command(flatten)]
         common: Common,

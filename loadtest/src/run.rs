@@ -9,7 +9,9 @@
 //! 4. Sends every worker the same start time, then drives the traffic the coordinator owns:
 //!    topic publications over the API (lock-step: publication `f + 1` only once every worker
 //!    reported publication `f` complete; or at a rate), direct messages over the API
-//!    (`--api-conns` keep-alive connections, message `k` due at `start + k / rate`).
+//!    (`--api-conns` keep-alive connections, message `k` due at `start + k / rate`; with
+//!    `p2p --to topics` published to the recipient's own topic, which it subscribed to
+//!    while connecting).
 //!    Workers send client `send` frames and churn on their own from the start time.
 //! 5. The traffic phase ends once everything was sent and delivered, or `--drain` seconds
 //!    after the last send; `connect` instead holds for `--hold` seconds, sampling node CPU.
@@ -31,7 +33,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::churn::ChurnPlan;
-use crate::client::{Deadline, Population};
+use crate::client::{user_name, user_topic, Deadline, Population};
 use crate::cost::{Cost, Meter};
 use crate::fleet::Fleet;
 use crate::http::Api;
@@ -54,6 +56,26 @@ pub enum Via {
     Api,
     /// Client `{"op":"send","to":u,"data":..}` frames.
     Frames,
+}
+
+/// Whom the API senders address direct messages to (`p2p --to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum To {
+    /// The user: `{"users":[u],"data":..}`, delivered as a `msg` frame.
+    Users,
+    /// The user's own topic `t-<user>`, to which every user's connection subscribes once
+    /// connected: `{"topics":["t-<user>"],"data":..}`, delivered as a `pub` frame.
+    Topics,
+}
+
+impl To {
+    /// How the report names the messages.
+    pub fn messages(self) -> &'static str {
+        match self {
+            To::Users => "direct messages",
+            To::Topics => "topic publications",
+        }
+    }
 }
 
 /// How topic publications are paced.
@@ -87,6 +109,8 @@ pub struct Direct {
     pub api_conns: usize,
     /// Messages per API request (more than 1: batch publishes).
     pub batch: usize,
+    /// Whom the API addresses them to: the user, or the user's own topic.
+    pub to: To,
 }
 
 /// One run.
@@ -565,12 +589,15 @@ fn spawn_api_senders(
                     let mut first_t = 0;
                     for &k in batch {
                         wait_until(start_us + (k as f64 * 1e6 / direct.rate) as u64, deadline)?;
-                        let to = crate::client::user_name(crate::traffic::target_of(k, users));
+                        let to = crate::traffic::target_of(k, users);
                         let stamp = Stamp { n: k, t: mono_us() };
                         if items.is_empty() {
                             first_t = stamp.t;
                         }
-                        items.push(json!({"users": [to], "data": stamp}));
+                        items.push(match direct.to {
+                            To::Users => json!({"users": [user_name(to)], "data": stamp}),
+                            To::Topics => json!({"topics": [user_topic(to)], "data": stamp}),
+                        });
                     }
                     let body = if direct.batch > 1 {
                         serde_json::Value::Array(items).to_string()
@@ -861,11 +888,12 @@ fn report_direct(
     let accepted = sent.saturating_sub(refused);
     let lost = accepted.saturating_sub(delivered);
     report.row(
-        "direct messages sent / refused / of",
+        &format!("{} sent / refused / of", direct.to.messages()),
         format!(
-            "{sent} / {refused} / {} (via {:?}, {:.0}/s asked, {:.0}/s achieved)",
+            "{sent} / {refused} / {} (via {:?}, to {:?}, {:.0}/s asked, {:.0}/s achieved)",
             direct.count,
             direct.via,
+            direct.to,
             direct.rate,
             sent as f64 / traffic_secs
         ),
@@ -887,7 +915,8 @@ fn report_direct(
     report.field(
         "direct",
         json!({
-            "via": format!("{:?}", direct.via).to_lowercase(), "asked": direct.count,
+            "via": format!("{:?}", direct.via).to_lowercase(),
+            "to": format!("{:?}", direct.to).to_lowercase(), "asked": direct.count,
             "rate": direct.rate, "sent": sent, "refused": refused, "delivered": delivered,
             "lost": lost, "duplicated": duplicates, "latency_us": quantiles(&latency),
             "api_request_us": api_sent.latency_us.as_ref().map(quantiles),

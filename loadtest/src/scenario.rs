@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `connect` | `--conns` idle users | none: held `--hold` seconds while node CPU is sampled |
 //! | `fanout` | `--subs` subscribers of `--topic` | `--pubs` API publications, each sent once the previous reached every subscriber |
-//! | `p2p` | `--users` users | `--msgs` direct messages at `--rate`, via the API or client `send` frames (`--via`) |
+//! | `p2p` | `--users` users | `--msgs` direct messages at `--rate`, via the API or client `send` frames (`--via`); or, `--to topics`, API publications to each user's own topic |
 //! | `churn` | `--users` users | direct messages as in `p2p`, while `--churn-rate` connections a second open and close |
 //! | `mixed` | subscribers and users | publications at `--pub-rate`, direct messages, churn, all at once |
 //! | `up` | `--users` users | `up` frames at `--rate` to the nodes' upstream sink (options and plan in [`crate::up`]) |
@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 
 use crate::client::Population;
-use crate::run::{Direct, Fanout, Pace, Plan, Via};
+use crate::run::{Direct, Fanout, Pace, Plan, To, Via};
 
 /// `connect`: idle connections.
 #[derive(clap::Args, Debug)]
@@ -83,6 +83,7 @@ impl DirectArgs {
             via: self.via,
             api_conns: self.api_conns,
             batch: self.batch.max(1),
+            to: To::Users,
         }
     }
 }
@@ -95,6 +96,12 @@ pub struct P2pArgs {
     users: usize,
     #[command(flatten)]
     direct: DirectArgs,
+    /// Whom the API addresses each message to: the user (`{"users":["p7"],..}`, a `msg`
+    /// frame), or, with `topics`, the user's own topic (`{"topics":["t-p7"],..}`, a `pub`
+    /// frame), to which every user's connection subscribes right after connecting (the
+    /// traffic starts once every subscription is acknowledged). `--via api` only.
+    #[arg(long, value_enum, default_value_t = To::Users)]
+    to: To,
 }
 
 /// Churn options, shared by `churn` and `mixed`.
@@ -149,6 +156,7 @@ fn population(subs: usize, users: usize, topic: &str) -> Population {
         subs,
         users,
         topic: topic.to_owned(),
+        user_topics: false,
     }
 }
 
@@ -209,14 +217,24 @@ impl P2pArgs {
     pub fn plan(&self) -> Result<Plan> {
         ensure!(self.users >= 2, "--users must be at least 2");
         positive("--rate", self.direct.rate)?;
+        ensure!(
+            self.to == To::Users || self.direct.via == Via::Api,
+            "--to topics publishes to the users' topics through the HTTP API: it needs \
+             --via api (client send frames only address users)"
+        );
+        let mut population = population(0, self.users, "bench");
+        population.user_topics = self.to == To::Topics;
         Ok(Plan {
             scenario: "p2p",
-            population: population(0, self.users, "bench"),
+            population,
             connect_rate: 0.0,
             settle: Duration::from_secs(1),
             hold: Duration::ZERO,
             fanout: None,
-            direct: Some(self.direct.direct()),
+            direct: Some(Direct {
+                to: self.to,
+                ..self.direct.direct()
+            }),
             churn: None,
             drain: Duration::from_secs(self.direct.drain),
             up: None,
@@ -271,5 +289,37 @@ impl MixedArgs {
             drain: Duration::from_secs(self.direct.drain),
             up: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct P2p {
+        #[command(flatten)]
+        args: P2pArgs,
+    }
+
+    fn p2p(args: &[&str]) -> Result<Plan> {
+        let parsed = P2p::try_parse_from(std::iter::once("p2p").chain(args.iter().copied()))?;
+        parsed.args.plan()
+    }
+
+    #[test]
+    fn to_topics_subscribes_users_and_needs_the_api() {
+        let plan = p2p(&["--users", "4"]).expect("users");
+        assert!(!plan.population.user_topics);
+        assert_eq!(plan.direct.map(|d| d.to), Some(To::Users));
+        let plan = p2p(&["--users", "4", "--to", "topics"]).expect("topics");
+        assert!(plan.population.user_topics);
+        assert_eq!(plan.direct.map(|d| d.to), Some(To::Topics));
+        let refused = p2p(&["--users", "4", "--to", "topics", "--via", "frames"]);
+        let error = refused.expect_err("refused").to_string();
+        assert!(error.contains("--via api"), "{error}");
+        assert!(p2p(&["--users", "4", "--to", "users", "--via", "frames"]).is_ok());
     }
 }

@@ -13,13 +13,17 @@
 //!   see them in order, once.
 //! * Direct messages (`msg` frames) are numbered `0..count`; message `k` goes to user
 //!   [`target_of`]`(k)`, so exactly one worker receives it, and a bit set per worker tells
-//!   a first delivery from a duplicate.
+//!   a first delivery from a duplicate. With `p2p --to topics` they are topic publications
+//!   to the recipient's own topic ([`user_topic`](crate::client::user_topic)): a `pub`
+//!   frame on a connection's own user topic counts as the direct message it carries, never
+//!   as a fan-out publication.
 //! * When clients send the direct messages (`send` frames), message `k` is due at
 //!   `start + k / rate` and is sent by worker `k % workers`, reader thread
 //!   `(k / workers) % threads`, from one of that thread's user connections in turn.
 //! * Up messages (the `up` scenario) are spread the same way; [`crate::up::UpSender`] sends
 //!   them and matches their `ack`/`err` answers by `id`.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -152,8 +156,11 @@ impl Shared {
 
 /// A server frame, as far as the measurement needs it.
 #[derive(Deserialize)]
-struct Incoming {
+struct Incoming<'a> {
     op: String,
+    /// The topic of a `pub` (borrowed unless it has escapes).
+    #[serde(default, borrow)]
+    topic: Option<Cow<'a, str>>,
     #[serde(default)]
     data: Option<Stamp>,
     /// The request's `id`, in `ack` and `err`.
@@ -179,6 +186,8 @@ struct SendQueue {
 /// The reader-thread handler of a worker process.
 pub struct Traffic {
     shared: Arc<Shared>,
+    /// Per socket: its user's own topic, if users subscribe to theirs (`p2p --to topics`).
+    own_topics: Vec<Option<String>>,
     /// Per socket: the next publication it should get.
     fanout_next: Vec<u64>,
     /// Topic deliveries out of order or repeated.
@@ -224,6 +233,7 @@ impl Traffic {
             }
         });
         Traffic {
+            own_topics: numbers.iter().map(|&i| population.own_topic(i)).collect(),
             fanout_next: vec![0; numbers.len()],
             fanout_anomalies: 0,
             fanout_us: latency_histogram(),
@@ -238,6 +248,14 @@ impl Traffic {
     fn note(&mut self, what: String) {
         if self.oddities.len() < ODDITIES_KEPT {
             self.oddities.push(what);
+        }
+    }
+
+    /// Whether `topic` is the own user topic of socket `conn`.
+    fn is_own_topic(&self, conn: usize, topic: Option<&str>) -> bool {
+        match (self.own_topics.get(conn), topic) {
+            (Some(Some(own)), Some(topic)) => own == topic,
+            _ => false,
         }
     }
 
@@ -288,6 +306,9 @@ impl Handler for Traffic {
             }
         };
         match (incoming.op.as_str(), incoming.data) {
+            ("pub", Some(stamp)) if self.is_own_topic(conn, incoming.topic.as_deref()) => {
+                self.on_direct(stamp, now.saturating_sub(stamp.t))
+            }
             ("pub", Some(stamp)) => self.on_publication(conn, stamp, now.saturating_sub(stamp.t)),
             ("msg", Some(stamp)) => self.on_direct(stamp, now.saturating_sub(stamp.t)),
             ("ack", _) => {
@@ -373,6 +394,62 @@ mod tests {
             hits[target_of(k, users)] += 1;
         }
         assert!(hits.iter().all(|&h| (800..1200).contains(&h)), "{hits:?}");
+    }
+
+    /// A reader thread of one worker holding `numbers`, expecting `pubs` fan-out
+    /// publications and `direct` direct messages.
+    fn traffic(population: Population, numbers: &[usize], pubs: usize, direct: u64) -> Traffic {
+        let shared = Arc::new(Shared::new(population, 0, 1, 1, pubs, direct, None));
+        Traffic::new(shared, 0, numbers, None)
+    }
+
+    fn frame(op: &str, topic: &str, n: u64) -> String {
+        let stamp = Stamp { n, t: mono_us() };
+        serde_json::json!({"op": op, "topic": topic, "mid": "1", "ts": 1, "data": stamp})
+            .to_string()
+    }
+
+    #[test]
+    fn own_topic_publications_count_as_direct_messages() {
+        let population = Population {
+            subs: 1,
+            users: 2,
+            topic: "bench".into(),
+            user_topics: true,
+        };
+        // Socket 0 is subscriber s0, socket 1 user p0 (t-p0), socket 2 user p1 (t-p1).
+        let mut t = traffic(population, &[0, 1, 2], 1, 4);
+        t.on_text(1, &frame("pub", "t-p0", 0));
+        t.on_text(2, &frame("pub", "t-p1", 3));
+        t.on_text(2, &frame("pub", "t-p1", 3));
+        t.on_text(0, &frame("pub", "bench", 0));
+        let shared = &t.shared;
+        assert_eq!(shared.direct_delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(shared.direct_duplicates.load(Ordering::Relaxed), 1);
+        assert_eq!(t.direct_us.len(), 2);
+        assert_eq!(shared.fanout_arrivals[0].load(Ordering::Relaxed), 1);
+        assert_eq!(t.fanout_anomalies, 0);
+        assert_eq!(t.fanout_us.len(), 1);
+        // Another user's topic is not this socket's message.
+        t.on_text(1, &frame("pub", "t-p1", 1));
+        assert_eq!(t.shared.direct_delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(t.fanout_anomalies, 1);
+    }
+
+    #[test]
+    fn without_user_topics_publications_are_fanout() {
+        let population = Population {
+            subs: 1,
+            users: 1,
+            topic: "t-p0".into(),
+            user_topics: false,
+        };
+        let mut t = traffic(population, &[0, 1], 1, 1);
+        t.on_text(0, &frame("pub", "t-p0", 0));
+        t.on_text(1, &frame("msg", "", 0));
+        assert_eq!(t.shared.fanout_arrivals[0].load(Ordering::Relaxed), 1);
+        assert_eq!(t.shared.direct_delivered.load(Ordering::Relaxed), 1);
+        assert_eq!(t.fanout_anomalies, 0);
     }
 
     #[test]

@@ -186,6 +186,7 @@ pub fn run(args: &UpArgs, common: Common, deadline: Deadline) -> Result<()> {
             subs: 0,
             users: args.users,
             topic: "bench".to_owned(),
+            user_topics: false,
         },
         connect_rate: 0.0,
         settle: Duration::from_secs(1),
@@ -787,6 +788,7 @@ mod tests {
             subs: 0,
             users: 4,
             topic: "t".into(),
+            user_topics: false,
         };
         Shared::new(population, worker, workers, threads, 0, 0, None)
     }
