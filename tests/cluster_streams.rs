@@ -317,12 +317,7 @@ fn an_offline_users_messages_wait_in_redis_and_the_api_says_who_was_offline() {
 
     let mut carol = Client::dev(b, "carol");
     assert_eq!(carol.hello["mailbox"]["seq"], 1);
-    carol.send(json!({"op":"resume","id":"r","since":{"seq":0}}));
-    let (replayed, ack) = until_ack(&mut carol, "r");
-    assert_eq!(replayed.len(), 1);
-    assert_eq!(replayed[0]["data"], json!({"hi": 1}));
-    assert_eq!(replayed[0]["to"], "carol");
-    assert_eq!(ack["recovered"], true);
+    assert_resumes_one(&mut carol, json!({"hi": 1}), "carol");
 
     for node in [a, b] {
         let (status, history) = http_json(

@@ -179,11 +179,7 @@ fn mailboxes_number_messages_in_the_users_slot() {
 
     let mut erin = Client::dev(a, "erin");
     assert_eq!(erin.hello["mailbox"]["seq"], 1);
-    erin.send(json!({"op":"resume","id":"r","since":{"seq":0}}));
-    let (replayed, ack) = until_ack(&mut erin, "r");
-    assert_eq!(replayed.len(), 1);
-    assert_eq!(replayed[0]["data"], json!({"n": 1}));
-    assert_eq!(ack["recovered"], true);
+    assert_resumes_one(&mut erin, json!({"n": 1}), "erin");
     let key = "shardcast:{u:dave}:mbox";
     let mut owner = redis.connection(redis.primary_of_key(key));
     let entries: u64 = redis::cmd("XLEN").arg(key).query(&mut owner).expect("XLEN");

@@ -116,12 +116,7 @@ fn an_offline_users_messages_wait_and_the_api_says_who_was_offline() {
 
     let mut carol = Client::dev(&node, "carol");
     assert_eq!(carol.hello["mailbox"]["seq"], 1);
-    carol.send(json!({"op":"resume","id":"r","since":{"seq":0}}));
-    let (replayed, ack) = until_ack(&mut carol, "r");
-    assert_eq!(replayed.len(), 1);
-    assert_eq!(replayed[0]["data"], json!({"hi": 1}));
-    assert_eq!(replayed[0]["to"], "carol");
-    assert_eq!(ack["recovered"], true);
+    assert_resumes_one(&mut carol, json!({"hi": 1}), "carol");
 
     let (status, history) = http_json(api, "GET", "/v1/users/carol/history?since=0&limit=10", b"");
     assert_eq!(status, 200, "{history}");

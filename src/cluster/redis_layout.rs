@@ -241,39 +241,46 @@ impl Names {
 
     /// The user whose device set `key` is (read back from an invalidated key).
     pub fn user_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
-        let rest = key.strip_prefix(&self.prefix)?;
-        if self.cluster {
-            rest.strip_prefix(":{u:")?.strip_suffix("}:user")
-        } else {
-            rest.strip_prefix(":user:")
-        }
+        self.scoped_name(key, 'u', "user")
     }
 
     /// A key of `user` named `what`: `P:what:USER`, or `P:{u:USER}:what` on a cluster.
     fn user_scoped(&self, user: &str, what: &str) -> String {
-        if self.cluster {
-            format!("{}:{{u:{user}}}:{what}", self.prefix)
-        } else {
-            format!("{}:{what}:{user}", self.prefix)
-        }
+        self.scoped('u', user, what)
     }
 
     /// The topic whose channel `channel` is (read back from a dropped subscription).
     pub fn topic_of_channel<'c>(&self, channel: &'c str) -> Option<&'c str> {
-        let rest = channel.strip_prefix(&self.prefix)?;
-        if self.cluster {
-            rest.strip_prefix(":{t:")?.strip_suffix("}:topic")
-        } else {
-            rest.strip_prefix(":topic:")
-        }
+        self.scoped_name(channel, 't', "topic")
     }
 
     /// A key of `topic` named `what`: `P:what:TOPIC`, or `P:{t:TOPIC}:what` on a cluster.
     fn topic_scoped(&self, topic: &str, what: &str) -> String {
+        self.scoped('t', topic, what)
+    }
+
+    /// A name of `name` (a user, `u`, or a topic, `t`) called `what`: `P:what:NAME`, or
+    /// on a cluster `P:{scope:NAME}:what`, whose hash tag puts every name of `name` in one
+    /// slot.
+    fn scoped(&self, scope: char, name: &str, what: &str) -> String {
         if self.cluster {
-            format!("{}:{{t:{topic}}}:{what}", self.prefix)
+            format!("{}:{{{scope}:{name}}}:{what}", self.prefix)
         } else {
-            format!("{}:{what}:{topic}", self.prefix)
+            format!("{}:{what}:{name}", self.prefix)
+        }
+    }
+
+    /// The `name` of a [`Names::scoped`] name `full` called `what`, if it is one.
+    fn scoped_name<'k>(&self, full: &'k str, scope: char, what: &str) -> Option<&'k str> {
+        let rest = full.strip_prefix(&self.prefix)?.strip_prefix(':')?;
+        if self.cluster {
+            let rest = rest
+                .strip_prefix('{')?
+                .strip_prefix(scope)?
+                .strip_prefix(':')?;
+            rest.strip_suffix(what)?.strip_suffix("}:")
+        } else {
+            rest.strip_prefix(what)?.strip_prefix(':')
         }
     }
 
@@ -1810,6 +1817,21 @@ return dead
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scoped_names_read_back_on_both_buses() {
+        for names in [Names::new("sc"), Names::cluster("sc")] {
+            assert_eq!(names.user_of_key(&names.user("a}b")), Some("a}b"));
+            assert_eq!(
+                names.topic_of_channel(&names.topic("room.1")),
+                Some("room.1")
+            );
+            assert_eq!(names.user_of_key(&names.topic("room.1")), None);
+            assert_eq!(names.topic_of_channel(&names.broadcast()), None);
+        }
+        assert_eq!(Names::cluster("sc").user("ann"), "sc:{u:ann}:user");
+        assert_eq!(Names::new("sc").user("ann"), "sc:user:ann");
+    }
 
     #[test]
     fn device_members_round_trip() {

@@ -1364,3 +1364,14 @@ pub fn race_replay_against_publisher(
     assert_eq!(unique, (after + 1..=last).collect(), "no gap");
     client.expect_silence(quiet);
 }
+
+/// Resumes `client`'s mailbox from its start and checks that it replays exactly one
+/// message, `data` addressed to `to`, recovered.
+pub fn assert_resumes_one(client: &mut Client, data: Value, to: &str) {
+    client.send(json!({"op":"resume","id":"r","since":{"seq":0}}));
+    let (replayed, ack) = until_ack(client, "r");
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["data"], data);
+    assert_eq!(replayed[0]["to"], to);
+    assert_eq!(ack["recovered"], true);
+}
