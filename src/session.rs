@@ -395,6 +395,42 @@ impl Conn {
         Pushed::Accepted
     }
 
+    /// Writes the `101` that upgrades the connection and, when it has one already, its
+    /// `hello`, in one `sendmsg`; queues what the socket does not take. The `101` counts as
+    /// started: a slow consumer's discard keeps it, so the close frame after it is framed.
+    pub(crate) fn upgrade(&self, response: &[u8], hello: Option<&Bytes>, env: Env<'_>) -> Pushed {
+        let hello_bytes = hello.map_or(&[][..], |hello| &hello[..]);
+        let sent = reactor::sendmsg(
+            self.fd.as_fd(),
+            &[IoSlice::new(response), IoSlice::new(hello_bytes)],
+        );
+        let written = match sent {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
+                return Pushed::Closed;
+            }
+        };
+        let mut queued = WriteQueue::default();
+        if written < response.len() {
+            queued.push_tail(Bytes::copy_from_slice(&response[written..]));
+            if let Some(hello) = hello {
+                queued.push(hello.clone());
+            }
+        } else if written < response.len() + hello_bytes.len() {
+            let hello = hello.expect("bytes past the 101 are the hello's");
+            queued.push_tail(hello.slice(written - response.len()..));
+        }
+        if !queued.frames.is_empty() {
+            *self.out.borrow_mut() = Some(Box::new(queued));
+        }
+        if hello.is_some() {
+            env.metrics.frames_out.inc();
+        }
+        Pushed::Accepted
+    }
+
     /// Asks the connection to close with `code`; the first request wins (`true` if this
     /// was it: the shard must then take the connection out of its tables). A slow
     /// consumer's queue is dropped at once; otherwise queued frames go out before the close
@@ -691,7 +727,8 @@ pub(crate) enum HandshakeOutcome {
     /// refused to a client that offered `shardcast.v1`, with an upgrade and a close frame
     /// 4401/4402 (a page can read those; an HTTP 401 it cannot). Close the socket.
     Refused(HttpRefusal),
-    /// Upgraded (the 101 is written).
+    /// Upgraded: the 101 is for the shard to write, with the `hello` when it has one (one
+    /// `sendmsg` and one TCP segment for both).
     Open(Upgraded),
     /// A `--dev` node's demo page or SDK was served (see [`crate::demo`]); close the socket.
     Served,
@@ -702,8 +739,13 @@ pub(crate) struct Upgraded {
     pub(crate) fd: OwnedFd,
     /// Who it authenticated as (`None` for `/echo`).
     pub(crate) identity: Option<Identity>,
+    /// The `101 Switching Protocols` answer, not written yet.
+    pub(crate) response: Vec<u8>,
     /// What the client sent after its request.
     pub(crate) early: Vec<u8>,
+    /// The last read was short: the socket had nothing more then, and what arrives later
+    /// raises a new (edge-triggered) event, so serving needs no read before it.
+    pub(crate) drained: bool,
 }
 
 /// What a handshake is checked against.
@@ -728,6 +770,7 @@ impl Handshake {
         gate: &Gate<'_>,
     ) -> (Option<Box<Self>>, HandshakeOutcome) {
         let max = gate.config.max_handshake_bytes;
+        let mut drained = false;
         let upgrade = loop {
             let len = self.request.len();
             if len >= max {
@@ -736,7 +779,10 @@ impl Handshake {
             self.request.resize((len * 2).clamp(1024, max), 0);
             match reactor::recv(self.fd.as_fd(), &mut self.request[len..]) {
                 Ok(0) => return (None, HandshakeOutcome::Gone),
-                Ok(n) => self.request.truncate(len + n),
+                Ok(n) => {
+                    drained = len + n < self.request.len();
+                    self.request.truncate(len + n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.request.truncate(len);
                     return (Some(self), HandshakeOutcome::Pending);
@@ -744,6 +790,9 @@ impl Handshake {
                 Err(_) => return (None, HandshakeOutcome::Gone),
             }
             match ws::parse_upgrade(&self.request, gate.config.dev) {
+                Ok(None) if drained => {
+                    return (Some(self), HandshakeOutcome::Pending);
+                }
                 Ok(None) => continue,
                 Ok(Some(upgrade)) => break Ok(upgrade),
                 Err(refusal) => {
@@ -766,17 +815,14 @@ impl Handshake {
             .and_then(|upgrade| admit(upgrade, gate));
         let outcome = match admitted {
             Ok((identity, response, consumed)) => {
-                if reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(&response)]).ok()
-                    != Some(response.len())
-                {
-                    return (None, HandshakeOutcome::Gone);
-                }
                 let early = self.request.split_off(consumed);
                 let Handshake { fd, .. } = *self;
                 HandshakeOutcome::Open(Upgraded {
                     fd,
                     identity,
+                    response,
                     early,
+                    drained,
                 })
             }
             Err(Denial::Http(refusal)) => {
@@ -868,6 +914,47 @@ mod tests {
         out.consume(5);
         assert_eq!(out.bytes, 0);
         assert!(out.frames.is_empty());
+    }
+
+    #[test]
+    fn an_upgrade_the_socket_cannot_take_is_queued_in_order() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let config = Config::default();
+        let metrics = ShardMetrics::default();
+        let env = Env {
+            config: &config,
+            metrics: &metrics,
+        };
+        // Fill the socket so the upgrade's sendmsg takes nothing.
+        let mut backlog = 0;
+        while let Ok(n) = reactor::sendmsg(ours.as_fd(), &[IoSlice::new(&[7; 4096])]) {
+            backlog += n;
+        }
+        let conn = Conn::new(1, OwnedFd::from(ours), false, env, 0);
+        let hello = Bytes::from_static(b"HELLO");
+        assert_eq!(conn.upgrade(b"101", Some(&hello), env), Pushed::Accepted);
+        conn.request_close(close::POLICY, metrics::Close::SlowConsumer, env);
+        let mut received = Vec::new();
+        let mut chunk = [0; 8192];
+        for _ in 0..10_000 {
+            if conn.flush().unwrap() {
+                break;
+            }
+            let n = theirs.read(&mut chunk).unwrap();
+            received.extend_from_slice(&chunk[..n]);
+        }
+        drop(conn);
+        theirs.read_to_end(&mut received).unwrap();
+        assert_eq!(received[..backlog], vec![7; backlog][..]);
+        let rest = &received[backlog..];
+        assert!(
+            rest.starts_with(b"101\x88"),
+            "the 101 survives a slow consumer's discard, the hello does not: {rest:?}"
+        );
     }
 
     #[test]

@@ -641,15 +641,21 @@ impl Shard {
                     .borrow_mut()
                     .open(&client, Now::read(), &mut actions);
                 self.apply(actions);
+                let hello = match &greeting {
+                    Greeting::Hello(hello) => Some(hello),
+                    Greeting::AfterWelcome | Greeting::None => None,
+                };
+                let upgrade = client.conn.upgrade(&upgraded.response, hello, self.env());
+                if upgrade == Pushed::Closed {
+                    return self.schedule_close(id);
+                }
                 match greeting {
                     Greeting::AfterWelcome => {
                         self.awaiting_hello.borrow_mut().insert(id, upgraded.early);
                     }
-                    Greeting::Hello(hello) => {
-                        self.push(&client, &hello);
-                        self.serve(&client, upgraded.early);
+                    Greeting::Hello(_) | Greeting::None => {
+                        self.serve(&client, upgraded.early, upgraded.drained)
                     }
-                    Greeting::None => self.serve(&client, upgraded.early),
                 }
             }
         }
@@ -662,13 +668,14 @@ impl Shard {
         };
         if let Some(client) = self.open_conn(id) {
             self.push(&client, hello);
-            self.serve(&client, early);
+            self.serve(&client, early, false);
         }
     }
 
     /// Handles what a connection sent with its upgrade request, then reads what it sent
-    /// since (edge-triggered: those bytes raise no new event).
-    fn serve(&self, client: &Handle, mut early: Vec<u8>) {
+    /// since (edge-triggered: those bytes raise no new event), unless the socket was
+    /// `drained` by the handshake's last read (what came later raises its own event).
+    fn serve(&self, client: &Handle, mut early: Vec<u8>, drained: bool) {
         if !early.is_empty() {
             let now_ms = self.clock_ms();
             self.with_requests(client, |requests| {
@@ -677,10 +684,10 @@ impl Shard {
                     .on_bytes(&mut early, self.env(), now_ms, requests)
             });
         }
-        if client.conn.close_request().is_none() {
-            self.read_conn(client);
-        } else {
+        if client.conn.close_request().is_some() {
             self.schedule_close(client.conn.id);
+        } else if !drained {
+            self.read_conn(client);
         }
     }
 
