@@ -245,7 +245,12 @@ fn is_attached(line: &str) -> bool {
 }
 
 /// The calls column of `strace -c` (`% time, seconds, usecs/call, calls, [errors], name`).
+/// strace writes nothing at all when it counted no calls (a process asleep in `epoll_wait`
+/// for the whole phase, such as `floor` while connections are held): zero calls.
 fn parse_summary(summary: &str) -> Result<(u64, Vec<(String, u64)>)> {
+    if summary.trim().is_empty() {
+        return Ok((0, Vec::new()));
+    }
     let mut names = Vec::new();
     for line in summary.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -272,6 +277,14 @@ mod tests {
         assert!(is_attached("strace: Process 12 attached"));
         assert!(is_attached("strace: Process 12 attached with 7 threads"));
         assert!(!is_attached("strace: Process 12 detached"));
+    }
+
+    #[test]
+    fn an_empty_strace_summary_is_no_calls() {
+        assert_eq!(parse_summary("").expect("parsed"), (0, Vec::new()));
+        assert!(
+            parse_summary("% time     seconds  usecs/call     calls    errors syscall\n").is_err()
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! coordinator ([`run`]), which re-executes this binary as hidden `worker` processes
 //! ([`worker`], [`fleet`], protocol in [`wire`]) holding at most `--per-process` sockets
 //! each, because `RLIMIT_NOFILE` caps one process. `api` ([`api`]) is a single-process
-//! benchmark of the HTTP publish path.
+//! benchmark of the HTTP publish path. `floor` ([`floor`]) is no scenario but a reference
+//! server that makes only the syscalls a WebSocket connect needs: `connect` against it
+//! measures the kernel's share of a connect on the machine.
 //!
 //! Everything is loopback only: targets, API addresses and source addresses must be in
 //! `127.0.0.0/8`. Client sockets are spread over the nodes (`--url`, comma-separated) and
@@ -27,6 +29,7 @@ mod client;
 mod cluster;
 mod cost;
 mod fleet;
+mod floor;
 mod http;
 mod probe;
 mod readers;
@@ -170,6 +173,13 @@ enum Command {
         #[command(flatten)]
         args: up::UpArgs,
     },
+    /// A reference server that makes only the syscalls a WebSocket connect needs (accept,
+    /// upgrade with a hello, close), for `connect --pid` to measure the kernel's share of a
+    /// connect. Prints `floor listening on 127.0.0.1:PORT pid PID`; runs until killed.
+    Floor {
+        #[command(flatten)]
+        args: floor::Args,
+    },
     /// A worker process (started by the coordinator).
     #[command(hide = true)]
     Worker,
@@ -268,6 +278,7 @@ pub fn die_with_parent(command: &mut std::process::Command) {
 fn main() -> Result<()> {
     let (common, plan) = match Cli::parse().command {
         Command::Worker => return worker::run(),
+        Command::Floor { args } => return floor::run(&args),
         Command::Api { common, args } => {
             let deadline = Deadline::after(Duration::from_secs(common.timeout));
             let endpoints = Endpoints::resolve(common, &[], deadline)?;
