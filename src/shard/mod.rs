@@ -54,6 +54,7 @@ use crate::auth::Authenticator;
 use crate::cluster::{Bus, StreamRead};
 use crate::config::{Config, NodeIdentity};
 use crate::history::{Retention, StreamKey};
+use crate::mailbox::{Lane, Laned};
 use crate::metrics::{self, HandshakeRefusal, LogLimiter, Rejection, ShardMetrics};
 use crate::protocol::{render, ErrorCode};
 use crate::reactor::{self, Reactor, Ready};
@@ -140,6 +141,17 @@ impl Peer for Handle {
     }
 }
 
+/// An upgraded connection waiting for its `hello` (see [`Greeting::AfterWelcome`]).
+struct AwaitingHello {
+    /// What it sent after its upgrade request.
+    early: Vec<u8>,
+    /// Its `101`, while held back to go out with the `hello` (see [`Shard::await_hello`]).
+    response: Option<Vec<u8>>,
+    /// No readable event was set aside since the handshake's last read, which was short:
+    /// serving it needs no read first (see [`Upgraded::drained`]).
+    drained: bool,
+}
+
 /// A socket of the shard, by phase.
 enum Socket {
     /// In the HTTP upgrade.
@@ -211,9 +223,9 @@ struct Shard {
     to_close: RefCell<Vec<ConnId>>,
     /// Connections whose read budget ran out with data left (edge-triggered: no new event).
     to_read: RefCell<Vec<ConnId>>,
-    /// Connections waiting for their `hello` (see [`Greeting::AfterWelcome`]), with what
-    /// they sent with their upgrade request; they are not read until it goes out.
-    awaiting_hello: RefCell<HashMap<ConnId, Vec<u8>, RandomState>>,
+    /// Connections waiting for their `hello` (see [`Greeting::AfterWelcome`]); they are not
+    /// read until it goes out.
+    awaiting_hello: RefCell<HashMap<ConnId, AwaitingHello, RandomState>>,
     handshake_deadlines: RefCell<Deadlines>,
     close_deadlines: RefCell<Deadlines>,
     /// The event loop's task, woken when local work is queued.
@@ -330,6 +342,9 @@ impl Shard {
     fn apply(&self, actions: Actions) {
         for action in actions {
             match action {
+                Action::Send { shard, envelope } if shard == self.index => {
+                    self.handle_own(envelope)
+                }
                 Action::Send { shard, envelope } => {
                     self.router.mesh().to_shard(shard, envelope, &self.metrics);
                 }
@@ -446,6 +461,27 @@ impl Shard {
                 self.schedule_close(id);
             }
         }
+    }
+
+    /// Handles an envelope this shard addressed to itself (a lone shard's, or its own
+    /// users' home's) at once: through its own inbox it would only cost a wake-up and a turn.
+    /// Control envelopes fan nothing out; a message goes through the inbox, where a turn
+    /// delivers it in chunks.
+    fn handle_own(&self, envelope: Envelope) {
+        if envelope.lane() == Lane::Message {
+            self.router
+                .mesh()
+                .to_shard(self.index, envelope, &self.metrics);
+            return;
+        }
+        let bus_up = self.bus.as_ref().is_some_and(Bus::is_up);
+        let mut actions = Actions::new();
+        let fanout = self
+            .core
+            .borrow_mut()
+            .envelope(envelope, bus_up, Now::read(), &mut actions);
+        debug_assert!(fanout.is_none(), "a control envelope fans nothing out");
+        self.apply(actions);
     }
 
     /// Handles one envelope from the inbox.
@@ -585,8 +621,15 @@ impl Shard {
                     self.metrics.closed(metrics::Close::IoError);
                     return self.finish(&client);
                 }
-                if ready.readable() && !self.awaiting_hello.borrow().contains_key(&token) {
-                    self.read_conn(&client);
+                if ready.readable() {
+                    let mut awaiting = self.awaiting_hello.borrow_mut();
+                    match awaiting.get_mut(&token) {
+                        Some(waiting) => waiting.drained = false,
+                        None => {
+                            drop(awaiting);
+                            self.read_conn(&client);
+                        }
+                    }
                 }
             }
             Some(Socket::Closing(client)) => {
@@ -640,35 +683,68 @@ impl Shard {
                     .core
                     .borrow_mut()
                     .open(&client, Now::read(), &mut actions);
-                self.apply(actions);
-                let hello = match &greeting {
+                let hello = match greeting {
                     Greeting::Hello(hello) => Some(hello),
-                    Greeting::AfterWelcome | Greeting::None => None,
-                };
-                let upgrade = client.conn.upgrade(&upgraded.response, hello, self.env());
-                if upgrade == Pushed::Closed {
-                    return self.schedule_close(id);
-                }
-                match greeting {
+                    Greeting::None => None,
                     Greeting::AfterWelcome => {
-                        self.awaiting_hello.borrow_mut().insert(id, upgraded.early);
+                        let waiting = AwaitingHello {
+                            early: upgraded.early,
+                            response: Some(upgraded.response),
+                            drained: upgraded.drained,
+                        };
+                        return self.await_hello(&client, waiting, actions);
                     }
-                    Greeting::Hello(_) | Greeting::None => {
-                        self.serve(&client, upgraded.early, upgraded.drained)
-                    }
+                };
+                let upgrade = client
+                    .conn
+                    .upgrade(&upgraded.response, hello.as_ref(), self.env());
+                self.apply(actions);
+                if upgrade == Pushed::Closed {
+                    self.schedule_close(id);
+                } else {
+                    self.serve(&client, upgraded.early, upgraded.drained);
                 }
             }
         }
     }
 
-    /// Sends a welcomed connection its `hello`, then starts serving it.
+    /// Holds an upgraded connection until its `hello`. A welcome from this very shard (a
+    /// lone shard's, or when it is the user's home) comes while `actions` are applied: the
+    /// `101` is held back until then, to go out with the `hello` in one `sendmsg`. A welcome
+    /// from elsewhere takes a hop or a Redis round trip: the `101` goes out alone at once.
+    fn await_hello(&self, client: &Handle, waiting: AwaitingHello, actions: Actions) {
+        let id = client.conn.id;
+        self.awaiting_hello.borrow_mut().insert(id, waiting);
+        self.apply(actions);
+        let response = self
+            .awaiting_hello
+            .borrow_mut()
+            .get_mut(&id)
+            .and_then(|waiting| waiting.response.take());
+        if let Some(response) = response {
+            if client.conn.upgrade(&response, None, self.env()) == Pushed::Closed {
+                self.schedule_close(id);
+            }
+        }
+    }
+
+    /// Sends a welcomed connection its `hello` (with its `101` if that is still held back),
+    /// then starts serving it.
     fn greet(&self, id: ConnId, hello: &Bytes) {
-        let Some(early) = self.awaiting_hello.borrow_mut().remove(&id) else {
+        let Some(waiting) = self.awaiting_hello.borrow_mut().remove(&id) else {
             return;
         };
-        if let Some(client) = self.open_conn(id) {
-            self.push(&client, hello);
-            self.serve(&client, early, false);
+        let Some(client) = self.open_conn(id) else {
+            return;
+        };
+        let written = match &waiting.response {
+            Some(response) => client.conn.upgrade(response, Some(hello), self.env()),
+            None => client.conn.push(hello, self.env()),
+        };
+        if written == Pushed::Closed {
+            self.schedule_close(id);
+        } else {
+            self.serve(&client, waiting.early, waiting.drained);
         }
     }
 
