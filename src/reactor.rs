@@ -11,6 +11,13 @@
 //! non-blocking syscalls through the shard's scratch buffer. Kernel-side state (the epoll
 //! item) is not in the process's RSS.
 //!
+//! A socket is watched for output only once a write leaves bytes it did not take
+//! ([`Reactor::watch_output`], one `epoll_ctl` per such episode). A socket is writable from
+//! the start: watching its output from the accept on would put every new socket on the ready
+//! list at once and cost every connect a turn (and an arming of the poll, below) that finds
+//! nothing to do. A socket just accepted is read at once, without waiting for epoll: its
+//! upgrade request has usually arrived with the handshake's last packet.
+//!
 //! # Sleeping and waking
 //! The shard sleeps where glommio sleeps, in `io_uring_enter`, with a one-shot io_uring poll
 //! on its epoll fd among the requests it waits for: when the set has events, the poll
@@ -74,6 +81,9 @@ impl Doorbell {
 pub struct Ready(u32);
 
 impl Ready {
+    /// Readable, as if epoll said so (a socket just accepted: its request is usually there).
+    pub const READABLE: Ready = Ready(libc::EPOLLIN as u32);
+
     /// Data (or EOF, or an error) to read.
     pub fn readable(self) -> bool {
         self.0 & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
@@ -113,29 +123,35 @@ impl Reactor {
         })
     }
 
-    fn add(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+    fn control(
+        &self,
+        op: libc::c_int,
+        fd: BorrowedFd<'_>,
+        token: u64,
+        events: u32,
+    ) -> io::Result<()> {
         let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: both fds are open; event is a valid epoll_event.
-        check(unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                fd.as_raw_fd(),
-                &mut event,
-            )
-        })
-        .map(drop)
+        check(unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut event) })
+            .map(drop)
     }
 
-    /// Watches a connection socket, edge-triggered for input, output and hang-up.
+    /// Watches a connection socket, edge-triggered for input and hang-up; for output only
+    /// once [`Reactor::watch_output`] asks (see the module docs).
     pub fn add_socket(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
+        self.control(libc::EPOLL_CTL_ADD, fd, token, events as u32)
+    }
+
+    /// Also watches a connection socket for output: a write left bytes it did not take.
+    pub fn watch_output(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
-        self.add(fd, token, events as u32)
+        self.control(libc::EPOLL_CTL_MOD, fd, token, events as u32)
     }
 
     /// Watches a listening socket, level-triggered (accepts are bounded per turn).
     pub fn add_listener(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
-        self.add(fd, token, libc::EPOLLIN as u32)
+        self.control(libc::EPOLL_CTL_ADD, fd, token, libc::EPOLLIN as u32)
     }
 
     /// Stops watching `fd` (closing the fd does the same).
@@ -299,24 +315,27 @@ mod tests {
                 let ready = || futures_lite::future::poll_fn(|cx| reactor.poll_ready(cx));
                 let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
 
-                // The socket starts writable: one edge.
-                ready().await.expect("armed");
-                let first: Vec<_> = reactor.drain(&mut events).collect();
-                assert_eq!(first.len(), 1);
-                assert!(first[0].1.writable() && !first[0].1.readable());
-
-                // Nothing ready now: the next wait sleeps until another thread writes.
+                // Output is not watched: nothing is ready, and the wait sleeps until another
+                // thread writes.
                 let writer = std::thread::spawn(move || {
                     let mut b = b;
                     b.write_all(b"x").expect("write");
                     b
                 });
                 ready().await.expect("armed");
-                let second: Vec<_> = reactor.drain(&mut events).collect();
-                assert_eq!(second[0].0, 7);
-                assert!(second[0].1.readable());
+                let first: Vec<_> = reactor.drain(&mut events).collect();
+                assert_eq!(first.len(), 1);
+                assert_eq!(first[0].0, 7);
+                assert!(first[0].1.readable() && !first[0].1.writable());
                 let mut buf = [0u8; 4];
                 assert_eq!(recv(a.as_fd(), &mut buf).expect("recv"), 1);
+
+                // Watching its output: the socket has room, one edge at once.
+                reactor.watch_output(a.as_fd(), 7).expect("watch");
+                ready().await.expect("armed");
+                let second: Vec<_> = reactor.drain(&mut events).collect();
+                assert_eq!(second.len(), 1);
+                assert!(second[0].1.writable() && !second[0].1.readable());
                 drop(writer.join().expect("writer"));
             })
             .expect("executor");

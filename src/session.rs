@@ -63,7 +63,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::{Config, REFUSAL_SLOTS};
 use crate::metrics::{self, Rejection, ShardMetrics};
 use crate::protocol::{self, render, ErrorCode};
-use crate::reactor;
+use crate::reactor::{self, Reactor};
 use crate::router::ConnId;
 use crate::ws::{self, close, Endpoint, Event, Flow, HttpRefusal, Inbound, Limits, Violation};
 
@@ -72,6 +72,8 @@ use crate::ws::{self, close, Endpoint, Event, Flow, HttpRefusal, Inbound, Limits
 pub(crate) struct Env<'a> {
     pub(crate) config: &'a Config,
     pub(crate) metrics: &'a ShardMetrics,
+    /// The shard's epoll set, which watches a socket's output while it has queued bytes.
+    pub(crate) reactor: &'a Reactor,
 }
 
 /// The node's client sockets against its connection limit, and whether it is draining.
@@ -146,6 +148,8 @@ struct WriteQueue {
     bytes: usize,
     /// The front frame is partly written: dropping it would corrupt the stream.
     front_started: bool,
+    /// The socket is watched for output (see [`crate::reactor`]).
+    watched: bool,
 }
 
 impl WriteQueue {
@@ -379,6 +383,11 @@ impl Conn {
                 }
             }
             if !queued.frames.is_empty() {
+                if self.watch_output(&mut queued, env).is_err() {
+                    drop(slot);
+                    self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
+                    return Pushed::Closed;
+                }
                 *slot = Some(Box::new(queued));
             }
             metrics.frames_out.inc();
@@ -423,6 +432,10 @@ impl Conn {
             queued.push_tail(hello.slice(written - response.len()..));
         }
         if !queued.frames.is_empty() {
+            if self.watch_output(&mut queued, env).is_err() {
+                self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
+                return Pushed::Closed;
+            }
             *self.out.borrow_mut() = Some(Box::new(queued));
         }
         if hello.is_some() {
@@ -505,8 +518,17 @@ impl Conn {
         env.metrics.incomplete_bytes.add(-(held as i64));
     }
 
+    /// Has epoll report the socket writable: `out` holds bytes it did not take.
+    fn watch_output(&self, out: &mut WriteQueue, env: Env<'_>) -> io::Result<()> {
+        if !out.watched {
+            env.reactor.watch_output(self.fd.as_fd(), self.id)?;
+            out.watched = true;
+        }
+        Ok(())
+    }
+
     /// Writes queued frames until the socket is full. `Ok(true)` when nothing is left.
-    pub(crate) fn flush(&self) -> io::Result<bool> {
+    pub(crate) fn flush(&self, env: Env<'_>) -> io::Result<bool> {
         let mut slot = self.out.borrow_mut();
         let Some(out) = slot.as_deref_mut() else {
             return Ok(true);
@@ -523,7 +545,10 @@ impl Conn {
             };
             match sent {
                 Ok(n) => out.consume(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.watch_output(out, env)?;
+                    return Ok(false);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -925,15 +950,18 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let config = Config::default();
         let metrics = ShardMetrics::default();
+        let reactor = Reactor::new().unwrap();
         let env = Env {
             config: &config,
             metrics: &metrics,
+            reactor: &reactor,
         };
         // Fill the socket so the upgrade's sendmsg takes nothing.
         let mut backlog = 0;
         while let Ok(n) = reactor::sendmsg(ours.as_fd(), &[IoSlice::new(&[7; 4096])]) {
             backlog += n;
         }
+        reactor.add_socket(ours.as_fd(), 1).unwrap();
         let conn = Conn::new(1, OwnedFd::from(ours), false, env, 0);
         let hello = Bytes::from_static(b"HELLO");
         assert_eq!(conn.upgrade(b"101", Some(&hello), env), Pushed::Accepted);
@@ -941,7 +969,7 @@ mod tests {
         let mut received = Vec::new();
         let mut chunk = [0; 8192];
         for _ in 0..10_000 {
-            if conn.flush().unwrap() {
+            if conn.flush(env).unwrap() {
                 break;
             }
             let n = theirs.read(&mut chunk).unwrap();

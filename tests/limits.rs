@@ -408,6 +408,49 @@ fn slow_consumer_is_closed_with_1008_while_others_are_served() {
 }
 
 #[test]
+fn a_reader_that_pauses_gets_everything_queued_once_it_reads_again() {
+    // Sockets are watched for output only once a write leaves bytes behind: this is the
+    // write path that depends on it.
+    let mut config = dev_config();
+    config.max_outbound_bytes = 8 * 1024 * 1024;
+    let node = TestNode::start(config);
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket.connect(&node.addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let (ws, _) = tungstenite::client(node.url("/ws?user=paused"), stream).expect("upgrade");
+    let mut paused = Client::from_ws(ws);
+    assert_eq!(
+        paused.request(json!({"op":"sub","topic":"burst"}))["op"],
+        "ack"
+    );
+
+    // 200 publications of 16 KiB, far more than the socket buffers hold, while it reads
+    // nothing.
+    let publisher = node.node().publisher();
+    let filler = "p".repeat(16 * 1024);
+    for i in 0..200 {
+        let payload = RawValue::from_string(format!("\"{i} {filler}\"")).expect("raw");
+        let target = Target {
+            topics: &["burst"],
+            ..Target::default()
+        };
+        publisher.publish(target, &payload);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    for i in 0..200 {
+        let frame = paused.recv();
+        let data = frame["data"].as_str().expect("a publication");
+        assert_eq!(data.split(' ').next(), Some(i.to_string().as_str()));
+    }
+    let metrics = node.node().metrics();
+    assert_eq!(metrics.closes(Close::SlowConsumer), 0);
+}
+
+#[test]
 fn silent_clients_are_closed_after_three_heartbeats() {
     let mut config = dev_config();
     config.heartbeat_secs = 1;

@@ -328,6 +328,7 @@ impl Shard {
         Env {
             config: &self.config,
             metrics: &self.metrics,
+            reactor: &self.reactor,
         }
     }
 
@@ -617,7 +618,7 @@ impl Shard {
         match socket {
             Some(Socket::Handshake(handshake)) => self.on_handshake(token, handshake),
             Some(Socket::Open(client)) => {
-                if ready.writable() && client.conn.flush().is_err() {
+                if ready.writable() && client.conn.flush(self.env()).is_err() {
                     self.metrics.closed(metrics::Close::IoError);
                     return self.finish(&client);
                 }
@@ -844,7 +845,7 @@ impl Shard {
     }
 
     fn flush_closing(&self, conn: &Conn) {
-        match conn.flush() {
+        match conn.flush(self.env()) {
             Ok(true) => conn.shutdown_write(),
             Ok(false) => {}
             Err(_) => {
@@ -944,6 +945,9 @@ impl Shard {
         self.handshake_deadlines
             .borrow_mut()
             .start(id, self.clock_ms());
+        // Its request has usually arrived with the handshake's last packet (see
+        // `crate::reactor`): read it now rather than in another turn.
+        self.on_ready(id, Ready::READABLE);
     }
 
     fn begin_stop(&self) {
