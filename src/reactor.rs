@@ -7,7 +7,7 @@
 //! of io_uring request, about half a KiB) plus a task per connection with its own future.
 //! At a million mostly idle connections that bookkeeping alone is over a gigabyte. Here a
 //! connection is only its [`crate::session::Conn`]: the shard registers the socket once in
-//! its epoll set (edge-triggered, in and out), and its event loop reads and writes with plain
+//! its epoll set (edge-triggered, for input; for output while it has queued bytes), and its event loop reads and writes with plain
 //! non-blocking syscalls through the shard's scratch buffer. Kernel-side state (the epoll
 //! item) is not in the process's RSS.
 //!

@@ -27,7 +27,10 @@
 //! [`Conn::push`] writes through: when nothing is queued it `send`s the frame at once from
 //! whichever task is delivering, so a fan-out costs one syscall per recipient. Only what the
 //! socket does not take is queued, as shared [`Bytes`] (never copied), and flushed with
-//! `sendmsg` when epoll reports the socket writable again. A queue over `max_outbound_bytes`
+//! `sendmsg` when epoll reports the socket writable again (it watches a socket's output only
+//! from the first write the socket did not take: see [`crate::reactor`]). The upgrade's `101`
+//! goes out with the `hello` in one `sendmsg` when the hello is ready in the same turn
+//! ([`Conn::upgrade`]). A queue over `max_outbound_bytes`
 //! marks a slow consumer: its frames are dropped at once (memory released; a partly written
 //! frame is finished so the close frame stays well-framed) and it is closed with 1008.
 //!

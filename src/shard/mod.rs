@@ -148,7 +148,7 @@ struct AwaitingHello {
     /// Its `101`, while held back to go out with the `hello` (see [`Shard::await_hello`]).
     response: Option<Vec<u8>>,
     /// No readable event was set aside since the handshake's last read, which was short:
-    /// serving it needs no read first (see [`Upgraded::drained`]).
+    /// serving it needs no read first (see [`crate::session::Upgraded::drained`]).
     drained: bool,
 }
 
