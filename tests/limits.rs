@@ -427,24 +427,53 @@ fn a_reader_that_pauses_gets_everything_queued_once_it_reads_again() {
         "ack"
     );
 
-    // 200 publications of 16 KiB, far more than the socket buffers hold, while it reads
-    // nothing.
     let publisher = node.node().publisher();
-    let filler = "p".repeat(16 * 1024);
-    for i in 0..200 {
-        let payload = RawValue::from_string(format!("\"{i} {filler}\"")).expect("raw");
+    let publish = |text: String| {
+        let payload = RawValue::from_string(format!("\"{text}\"")).expect("raw");
         let target = Target {
             topics: &["burst"],
             ..Target::default()
         };
         publisher.publish(target, &payload);
+    };
+    // The subscription reaches the topic's home shard after the ack: probe until one
+    // publication arrives.
+    paused
+        .ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut probes = 0;
+    loop {
+        assert!(probes < 50, "the subscription never took effect");
+        publish("probe".into());
+        probes += 1;
+        if matches!(paused.ws.read(), Ok(Message::Text(_))) {
+            break;
+        }
+    }
+    paused
+        .ws
+        .get_ref()
+        .set_read_timeout(Some(WAIT))
+        .expect("timeout");
+
+    // 200 publications of 16 KiB, far more than the socket buffers hold, while it reads
+    // nothing.
+    let filler = "p".repeat(16 * 1024);
+    for i in 0..200 {
+        publish(format!("{i} {filler}"));
     }
     std::thread::sleep(Duration::from_millis(200));
 
-    for i in 0..200 {
+    let mut next = 0;
+    while next < 200 {
         let frame = paused.recv();
         let data = frame["data"].as_str().expect("a publication");
-        assert_eq!(data.split(' ').next(), Some(i.to_string().as_str()));
+        if data != "probe" {
+            assert_eq!(data.split(' ').next(), Some(next.to_string().as_str()));
+            next += 1;
+        }
     }
     let metrics = node.node().metrics();
     assert_eq!(metrics.closes(Close::SlowConsumer), 0);
