@@ -897,8 +897,10 @@ fn message_id_node_numbers_are_leased_one_per_node() {
 
     let nodes = start_cluster(&redis, 2, |_| {});
     let mut ids = Vec::new();
-    for node in &nodes {
-        let mut client = Client::dev(node, "mids");
+    for (i, node) in nodes.iter().enumerate() {
+        // One user per node: a second device of one user could get the first one's
+        // message (the sender's copy) before its own ack.
+        let mut client = Client::dev(node, &format!("mids-{i}"));
         let mid: u64 = send(&mut client, "nobody", json!(1)).parse().expect("mid");
         ids.push((mid >> 14) & 511);
     }
