@@ -597,20 +597,10 @@ pub fn parse_upgrade(buf: &[u8], dev: bool) -> Result<Option<Upgrade>, HttpRefus
     }
     response.extend_from_slice(b"\r\n\r\n");
 
-    let mut token = headers
+    let header_token = headers
         .first_text("authorization")
-        .and_then(crate::auth::bearer)
-        .map(str::to_owned);
-    let mut dev_user = None;
-    if let Some(query) = uri.query() {
-        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            match &*key {
-                "token" if token.is_none() => token = Some(value.into_owned()),
-                "user" => dev_user = Some(value.into_owned()),
-                _ => {}
-            }
-        }
-    }
+        .and_then(crate::auth::bearer);
+    let (token, dev_user) = credentials(header_token, uri.query());
     Ok(Some(Upgrade {
         endpoint,
         token,
@@ -619,6 +609,23 @@ pub fn parse_upgrade(buf: &[u8], dev: bool) -> Result<Option<Upgrade>, HttpRefus
         subprotocol,
         consumed,
     }))
+}
+
+/// The token (the `Authorization` header's, else `?token=`) and `?user=` of a request.
+fn credentials(
+    header_token: Option<&str>,
+    query: Option<&str>,
+) -> (Option<String>, Option<String>) {
+    let mut token = header_token.map(str::to_owned);
+    let mut dev_user = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "token" if token.is_none() => token = Some(value.into_owned()),
+            "user" => dev_user = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    (token, dev_user)
 }
 
 /// The headers of a parsed request, looked up as `http::HeaderMap` does: names without
@@ -937,22 +944,12 @@ mod tests {
         }
         let mut response_bytes = Vec::new();
         write_response(&mut response_bytes, &response).map_err(|_| HttpRefusal::BAD_REQUEST)?;
-        let mut token = request
+        let header_token = request
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::auth::bearer)
-            .map(str::to_owned);
-        let mut dev_user = None;
-        if let Some(query) = request.uri().query() {
-            for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-                match &*key {
-                    "token" if token.is_none() => token = Some(value.into_owned()),
-                    "user" => dev_user = Some(value.into_owned()),
-                    _ => {}
-                }
-            }
-        }
+            .and_then(crate::auth::bearer);
+        let (token, dev_user) = credentials(header_token, request.uri().query());
         Ok(Some(Upgrade {
             endpoint,
             token,

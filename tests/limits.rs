@@ -339,6 +339,19 @@ fn inbound_rate_limit_answers_one_err_per_window() {
     );
 }
 
+/// A dev client of `user` whose socket has a tiny receive buffer.
+fn small_buffered_client(node: &TestNode, user: &str) -> Client {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket.connect(&node.addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let url = node.url(&format!("/ws?user={user}"));
+    let (ws, _) = tungstenite::client(url, stream).expect("upgrade");
+    Client::from_ws(ws)
+}
+
 #[test]
 fn slow_consumer_is_closed_with_1008_while_others_are_served() {
     let mut config = dev_config();
@@ -347,14 +360,7 @@ fn slow_consumer_is_closed_with_1008_while_others_are_served() {
     let node = TestNode::start(config);
 
     // A client with a tiny receive buffer that subscribes and then stops reading.
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.connect(&node.addr.into()).expect("connect");
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    let (ws, _) = tungstenite::client(node.url("/ws?user=slow"), stream).expect("upgrade");
-    let mut slow = Client::from_ws(ws);
+    let mut slow = small_buffered_client(&node, "slow");
     assert_eq!(
         slow.request(json!({"op":"sub","topic":"flood"}))["op"],
         "ack"
@@ -414,14 +420,7 @@ fn a_reader_that_pauses_gets_everything_queued_once_it_reads_again() {
     let mut config = dev_config();
     config.max_outbound_bytes = 8 * 1024 * 1024;
     let node = TestNode::start(config);
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.connect(&node.addr.into()).expect("connect");
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    let (ws, _) = tungstenite::client(node.url("/ws?user=paused"), stream).expect("upgrade");
-    let mut paused = Client::from_ws(ws);
+    let mut paused = small_buffered_client(&node, "paused");
     assert_eq!(
         paused.request(json!({"op":"sub","topic":"burst"}))["op"],
         "ack"

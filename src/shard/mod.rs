@@ -475,18 +475,19 @@ impl Shard {
                 .to_shard(self.index, envelope, &self.metrics);
             return;
         }
-        let bus_up = self.bus.as_ref().is_some_and(Bus::is_up);
-        let mut actions = Actions::new();
-        let fanout = self
-            .core
-            .borrow_mut()
-            .envelope(envelope, bus_up, Now::read(), &mut actions);
+        let fanout = self.to_core(envelope);
         debug_assert!(fanout.is_none(), "a control envelope fans nothing out");
-        self.apply(actions);
     }
 
     /// Handles one envelope from the inbox.
     async fn handle(&self, envelope: Envelope) {
+        if let Some(fanout) = self.to_core(envelope) {
+            self.deliver(fanout).await;
+        }
+    }
+
+    /// Hands an envelope to the core and carries out what it asks, but the fan-out.
+    fn to_core(&self, envelope: Envelope) -> Option<Fanout<Handle>> {
         let bus_up = self.bus.as_ref().is_some_and(Bus::is_up);
         let mut actions = Actions::new();
         let fanout = self
@@ -494,9 +495,7 @@ impl Shard {
             .borrow_mut()
             .envelope(envelope, bus_up, Now::read(), &mut actions);
         self.apply(actions);
-        if let Some(fanout) = fanout {
-            self.deliver(fanout).await;
-        }
+        fanout
     }
 
     /// Writes a fan-out's frame to every recipient, yielding every [`FANOUT_CHUNK`]
