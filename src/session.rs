@@ -411,6 +411,10 @@ impl Conn {
     /// `hello`, in one `sendmsg`; queues what the socket does not take. The `101` counts as
     /// started: a slow consumer's discard keeps it, so the close frame after it is framed.
     pub(crate) fn upgrade(&self, response: &[u8], hello: Option<&Bytes>, env: Env<'_>) -> Pushed {
+        debug_assert!(
+            self.out.borrow().is_none(),
+            "the 101 is a connection's first write"
+        );
         let hello_bytes = hello.map_or(&[][..], |hello| &hello[..]);
         let sent = reactor::sendmsg(
             self.fd.as_fd(),
