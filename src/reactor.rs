@@ -81,9 +81,6 @@ impl Doorbell {
 pub struct Ready(u32);
 
 impl Ready {
-    /// Readable, as if epoll said so (a socket just accepted: its request is usually there).
-    pub const READABLE: Ready = Ready(libc::EPOLLIN as u32);
-
     /// Data (or EOF, or an error) to read.
     pub fn readable(self) -> bool {
         self.0 & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0

@@ -371,40 +371,33 @@ impl Conn {
         if self.close.get().is_some() {
             return Pushed::Refused;
         }
-        let metrics = env.metrics;
         let mut slot = self.out.borrow_mut();
-        let Some(out) = slot.as_deref_mut() else {
-            let mut queued = WriteQueue::default();
-            match reactor::sendmsg(self.fd.as_fd(), &[IoSlice::new(frame)]) {
-                Ok(n) if n == frame.len() => {}
-                Ok(n) => queued.push_tail(frame.slice(n..)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => queued.push(frame.clone()),
-                Err(_) => {
-                    drop(slot);
-                    self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
-                    return Pushed::Closed;
-                }
+        if let Some(out) = slot.as_deref_mut() {
+            if out.bytes + frame.len() > env.config.max_outbound_bytes {
+                drop(slot);
+                self.request_close(close::POLICY, metrics::Close::SlowConsumer, env);
+                tracing::debug!(conn = self.id, "slow consumer closed");
+                return Pushed::Closed;
             }
-            if !queued.frames.is_empty() {
-                if self.watch_output(&mut queued, env).is_err() {
-                    drop(slot);
-                    self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
-                    return Pushed::Closed;
-                }
-                *slot = Some(Box::new(queued));
-            }
-            metrics.frames_out.inc();
+            out.push(frame.clone());
+            env.metrics.frames_out.inc();
             return Pushed::Accepted;
-        };
-        if out.bytes + frame.len() > env.config.max_outbound_bytes {
-            drop(slot);
-            self.request_close(close::POLICY, metrics::Close::SlowConsumer, env);
-            tracing::debug!(conn = self.id, "slow consumer closed");
-            return Pushed::Closed;
         }
-        out.push(frame.clone());
-        metrics.frames_out.inc();
-        Pushed::Accepted
+        drop(slot);
+        let Ok(written) = self.write_now(&[IoSlice::new(frame)]) else {
+            return self.close_failed(env);
+        };
+        let mut unsent = WriteQueue::default();
+        if written == 0 {
+            unsent.push(frame.clone());
+        } else if written < frame.len() {
+            unsent.push_tail(frame.slice(written..));
+        }
+        let pushed = self.keep_unsent(unsent, env);
+        if pushed == Pushed::Accepted {
+            env.metrics.frames_out.inc();
+        }
+        pushed
     }
 
     /// Writes the `101` that upgrades the connection and, when it has one already, its
@@ -416,39 +409,51 @@ impl Conn {
             "the 101 is a connection's first write"
         );
         let hello_bytes = hello.map_or(&[][..], |hello| &hello[..]);
-        let sent = reactor::sendmsg(
-            self.fd.as_fd(),
-            &[IoSlice::new(response), IoSlice::new(hello_bytes)],
-        );
-        let written = match sent {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(_) => {
-                self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
-                return Pushed::Closed;
-            }
+        let slices = [IoSlice::new(response), IoSlice::new(hello_bytes)];
+        let Ok(written) = self.write_now(&slices) else {
+            return self.close_failed(env);
         };
-        let mut queued = WriteQueue::default();
+        let mut unsent = WriteQueue::default();
         if written < response.len() {
-            queued.push_tail(Bytes::copy_from_slice(&response[written..]));
+            unsent.push_tail(Bytes::copy_from_slice(&response[written..]));
             if let Some(hello) = hello {
-                queued.push(hello.clone());
+                unsent.push(hello.clone());
             }
-        } else if written < response.len() + hello_bytes.len() {
-            let hello = hello.expect("bytes past the 101 are the hello's");
-            queued.push_tail(hello.slice(written - response.len()..));
+        } else if let Some(hello) = hello.filter(|hello| written - response.len() < hello.len()) {
+            unsent.push_tail(hello.slice(written - response.len()..));
         }
-        if !queued.frames.is_empty() {
-            if self.watch_output(&mut queued, env).is_err() {
-                self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
-                return Pushed::Closed;
-            }
-            *self.out.borrow_mut() = Some(Box::new(queued));
-        }
-        if hello.is_some() {
+        let pushed = self.keep_unsent(unsent, env);
+        if pushed == Pushed::Accepted && hello.is_some() {
             env.metrics.frames_out.inc();
         }
+        pushed
+    }
+
+    /// Writes `slices` now, as far as the socket takes them: the bytes written, 0 if it
+    /// takes none now.
+    fn write_now(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match reactor::sendmsg(self.fd.as_fd(), slices) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            written => written,
+        }
+    }
+
+    /// Keeps what a write to an empty queue left unsent, and has epoll report when the
+    /// socket takes more.
+    fn keep_unsent(&self, mut unsent: WriteQueue, env: Env<'_>) -> Pushed {
+        if !unsent.frames.is_empty() {
+            if self.watch_output(&mut unsent, env).is_err() {
+                return self.close_failed(env);
+            }
+            *self.out.borrow_mut() = Some(Box::new(unsent));
+        }
         Pushed::Accepted
+    }
+
+    /// The socket failed: the connection closes with 1001.
+    fn close_failed(&self, env: Env<'_>) -> Pushed {
+        self.request_close(close::GOING_AWAY, metrics::Close::IoError, env);
+        Pushed::Closed
     }
 
     /// Asks the connection to close with `code`; the first request wins (`true` if this
@@ -541,23 +546,20 @@ impl Conn {
             return Ok(true);
         };
         while !out.frames.is_empty() {
-            let sent = {
+            let written = {
                 let slices: SmallVec<[IoSlice<'_>; IOVECS_PER_WRITE]> = out
                     .frames
                     .iter()
                     .take(IOVECS_PER_WRITE)
                     .map(|f| IoSlice::new(f))
                     .collect();
-                reactor::sendmsg(self.fd.as_fd(), &slices)
+                self.write_now(&slices)?
             };
-            match sent {
-                Ok(n) => out.consume(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.watch_output(out, env)?;
-                    return Ok(false);
-                }
-                Err(e) => return Err(e),
+            if written == 0 {
+                self.watch_output(out, env)?;
+                return Ok(false);
             }
+            out.consume(written);
         }
         *slot = None;
         Ok(true)

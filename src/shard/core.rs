@@ -278,7 +278,8 @@ impl Settings {
 /// Something for the driver to do after a core call.
 #[derive(Debug)]
 pub(crate) enum Action {
-    /// Hand an envelope to a shard's inbox (possibly this shard's).
+    /// Hand an envelope to a shard (possibly this one, which handles its own control
+    /// envelopes at once).
     Send { shard: usize, envelope: Envelope },
     /// Route a message entering the node here (a client's `pub` or `send`) to the node and
     /// the cluster, skipping connection `except`.

@@ -544,12 +544,6 @@ impl Shard {
         }
     }
 
-    fn insert_socket(&self, id: ConnId, socket: Socket) {
-        if self.sockets.borrow_mut().insert(id, socket).is_none() {
-            self.admission.enter();
-        }
-    }
-
     fn remove_socket(&self, id: ConnId) -> Option<Socket> {
         let removed = self.sockets.borrow_mut().remove(&id);
         if removed.is_some() {
@@ -940,13 +934,14 @@ impl Shard {
             }
             return;
         }
-        self.insert_socket(id, Socket::Handshake(Box::new(Handshake::new(fd))));
+        self.admission.enter();
         self.handshake_deadlines
             .borrow_mut()
             .start(id, self.clock_ms());
         // Its request has usually arrived with the handshake's last packet (see
-        // `crate::reactor`): read it now rather than in another turn.
-        self.on_ready(id, Ready::READABLE);
+        // `crate::reactor`): read it now rather than in another turn. A request still on
+        // its way leaves the socket in the tables as a pending handshake.
+        self.on_handshake(id, Box::new(Handshake::new(fd)));
     }
 
     fn begin_stop(&self) {
