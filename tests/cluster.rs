@@ -607,35 +607,20 @@ fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
         ..cluster_config(&redis.url(), "survivor")
     });
     await_ready(api(&survivor));
-    let mut doomed = Process::serve(
-        &[
-            "--dev",
-            "--shards",
-            "2",
-            "--redis",
-            &redis.url(),
-            "--node-id",
-            "doomed",
-        ],
-        &[],
-    );
+    let mut doomed = serve_doomed(&redis.url(), &["--shards", "2"], &[]);
     assert_eq!(doomed.node_id, "doomed");
-    await_ready(doomed.api);
-    let mut bob_here = Client::dev(&survivor, "bob");
-    let _bob_there = doomed.client("bob");
-    let _dave = doomed.client("dave");
-    let mut sender = Client::dev(&survivor, "sender");
-    let mut sorted = ["doomed", "survivor"];
-    sorted.sort_unstable();
-    await_presence(api(&survivor), "bob", 2, &sorted);
+    let Bystanders {
+        mut bob_here,
+        mut sender,
+        ..
+    } = Bystanders::connect(&survivor, &doomed);
     await_presence(doomed.api, "dave", 1, &["doomed"]);
     eventually("both nodes listed", || {
         listed_nodes(api(&survivor)).len() == 2
     });
 
-    doomed.signal(libc::SIGKILL);
     let killed = Instant::now();
-    assert!(!doomed.wait_exit().success());
+    doomed.kill_abruptly();
     let left = || TTL_BOUND.saturating_sub(killed.elapsed());
     await_presence_within(left(), api(&survivor), "dave", 0, &[]);
     await_presence_within(left(), api(&survivor), "bob", 1, &["survivor"]);
@@ -680,9 +665,8 @@ fn a_node_restarted_under_the_same_id_after_sigkill_forgets_its_old_users() {
     let mut first = serve();
     let _dave = first.client("dave");
     await_presence(api(&survivor), "dave", 1, &["phoenix"]);
-    first.signal(libc::SIGKILL);
     let killed = Instant::now();
-    assert!(!first.wait_exit().success());
+    first.kill_abruptly();
 
     let second = serve();
     let mut erin = second.client("erin");
@@ -985,11 +969,7 @@ fn a_cached_route_to_a_killed_node_falls_back_to_the_script() {
     });
     await_ready(api(&survivor));
     await_ready(api(&other));
-    let mut doomed = Process::serve(
-        &["--dev", "--redis", &redis.url(), "--node-id", "doomed"],
-        &[("SHARDCAST_MAILBOX", "false")],
-    );
-    await_ready(doomed.api);
+    let mut doomed = serve_doomed(&redis.url(), &[], &[("SHARDCAST_MAILBOX", "false")]);
     let mut alice = Client::dev(&survivor, "alice");
     let _bob_there = doomed.client("bob");
     let mut bob_here = Client::dev(&other, "bob");
@@ -999,8 +979,7 @@ fn a_cached_route_to_a_killed_node_falls_back_to_the_script() {
     send(&mut alice, "bob", json!("fill"));
     expect_msg(&mut bob_here, "alice", "bob", &json!("fill"));
 
-    doomed.signal(libc::SIGKILL);
-    assert!(!doomed.wait_exit().success());
+    doomed.kill_abruptly();
     send(&mut alice, "bob", json!("after-the-kill"));
     expect_msg(&mut bob_here, "alice", "bob", &json!("after-the-kill"));
     bob_here.expect_silence(QUIET);

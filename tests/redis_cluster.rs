@@ -191,36 +191,24 @@ fn a_node_killed_with_sigkill_drops_out_and_its_users_go_offline() {
     let redis = RedisCluster::start(3, 0);
     let survivor = TestNode::start(config(&redis, "survivor"));
     await_ready(api(&survivor));
-    let url = redis.url();
-    let mut doomed = Process::serve(
-        &[
-            "--dev",
-            "--shards",
-            "1",
-            "--redis",
-            &url,
-            "--node-id",
-            "doomed",
-        ],
+    let mut doomed = serve_doomed(
+        &redis.url(),
+        &["--shards", "1"],
         &[
             ("SHARDCAST_CLUSTER_HEARTBEAT_MS", "500"),
             ("SHARDCAST_CLUSTER_NODE_TTL_MS", "2000"),
         ],
     );
-    await_ready(doomed.api);
-    let mut bob_here = Client::dev(&survivor, "bob");
-    let _bob_there = doomed.client("bob");
-    let _dave = doomed.client("dave");
-    let mut sender = Client::dev(&survivor, "sender");
-    let mut sorted = ["doomed", "survivor"];
-    sorted.sort_unstable();
-    await_presence(api(&survivor), "bob", 2, &sorted);
+    let Bystanders {
+        mut bob_here,
+        mut sender,
+        ..
+    } = Bystanders::connect(&survivor, &doomed);
     // The sender's route cache learns both of bob's nodes.
     send(&mut sender, "bob", json!("before"));
     expect_msg(&mut bob_here, "sender", &json!("before"));
 
-    doomed.signal(libc::SIGKILL);
-    assert!(!doomed.wait_exit().success());
+    doomed.kill_abruptly();
     let bound = Duration::from_secs(10);
     await_presence_within(bound, api(&survivor), "dave", 0, &[]);
     await_presence_within(bound, api(&survivor), "bob", 1, &["survivor"]);

@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    await_cluster, await_ready, cluster_config, connect_url, eventually, eventually_within, token,
-    Client, Process, RedisServer, TestNode,
+    await_cluster, await_ready, cluster_config, connect_url, eventually, eventually_within,
+    serve_doomed, token, Client, RedisServer, TestNode,
 };
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde_json::{json, Value};
@@ -274,15 +274,15 @@ fn a_killed_nodes_users_go_offline_once_its_lease_expires() {
         ..streams_config(&redis, "survivor")
     });
     await_ready(survivor.node().api_addr());
-    let mut doomed = Process::serve(
-        &["--dev", "--redis", &redis.url(), "--node-id", "doomed"],
+    let mut doomed = serve_doomed(
+        &redis.url(),
+        &[],
         &[
             ("SHARDCAST_UPSTREAM_SINK", "redis"),
             ("SHARDCAST_CLUSTER_HEARTBEAT_MS", "500"),
             ("SHARDCAST_CLUSTER_NODE_TTL_MS", "2000"),
         ],
     );
-    await_ready(doomed.api);
     let _dave = doomed.client("dave");
     let _bob_there = doomed.client("bob");
     let _bob_here = Client::dev(&survivor, "bob");
@@ -290,8 +290,7 @@ fn a_killed_nodes_users_go_offline_once_its_lease_expires() {
         presence_of(&redis, "dave") == ["online"] && presence_of(&redis, "bob") == ["online"]
     });
 
-    doomed.signal(libc::SIGKILL);
-    assert!(!doomed.wait_exit().success());
+    doomed.kill_abruptly();
     // The lease (2 s) runs out, then the survivor's next heartbeat reaps.
     eventually_within(Duration::from_secs(10), "dave offline", || {
         presence_of(&redis, "dave") == ["online", "offline"]

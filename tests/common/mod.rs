@@ -363,6 +363,12 @@ impl Process {
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }
 
+    /// Kills the node with SIGKILL (nothing cleaned up) and waits until it is gone.
+    pub fn kill_abruptly(&mut self) {
+        self.signal(libc::SIGKILL);
+        assert!(!self.wait_exit().success());
+    }
+
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
@@ -645,6 +651,42 @@ pub fn publish(api: SocketAddr, body: Value) -> Value {
     let (status, reply) = http_json(api, "POST", "/v1/publish", body.to_string().as_bytes());
     assert_eq!(status, 202, "{reply}");
     reply
+}
+
+/// A node in its own process under the id `doomed`, on the Redis at `redis_url`, with
+/// `args` and `env` added, once ready: the node a test kills with SIGKILL.
+pub fn serve_doomed(redis_url: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+    let mut all = vec!["--dev", "--redis", redis_url, "--node-id", "doomed"];
+    all.extend_from_slice(args);
+    let node = Process::serve(&all, env);
+    await_ready(node.api);
+    node
+}
+
+/// The users around a node about to be killed: bob on the survivor and on the doomed node,
+/// dave on the doomed node only, and a sender on the survivor.
+pub struct Bystanders {
+    pub bob_here: Client,
+    pub bob_there: Client,
+    pub dave: Client,
+    pub sender: Client,
+}
+
+impl Bystanders {
+    /// Connects them, and waits until the survivor lists bob on both nodes.
+    pub fn connect(survivor: &TestNode, doomed: &Process) -> Bystanders {
+        let bystanders = Bystanders {
+            bob_here: Client::dev(survivor, "bob"),
+            bob_there: doomed.client("bob"),
+            dave: doomed.client("dave"),
+            sender: Client::dev(survivor, "sender"),
+        };
+        let node_id = survivor.node().node_id().to_owned();
+        let mut both = ["doomed", node_id.as_str()];
+        both.sort_unstable();
+        await_presence(api(survivor), "bob", 2, &both);
+        bystanders
+    }
 }
 
 /// `GET /v1/users/{user}`, which must answer 200.
