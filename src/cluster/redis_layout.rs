@@ -509,10 +509,7 @@ impl Scripts {
         mid: u64,
     ) -> redis::Cmd {
         let mut cmd = self.device_call(&self.device_online, device);
-        cmd.arg(since_ms)
-            .arg(max_devices)
-            .arg(ROUTE_KEY_TTL_SECS)
-            .arg(device.user);
+        online_args(&mut cmd, device, since_ms, max_devices);
         presence.decision_args(&mut cmd, mid, &[]);
         cmd
     }
@@ -665,11 +662,8 @@ impl Scripts {
         let mut cmd = Self::call(&self.cluster_device_online, 2);
         cmd.arg(self.names.user(device.user))
             .arg(self.names.presence_flag(device.user))
-            .arg(device_member(device.instance, device.conn))
-            .arg(since_ms)
-            .arg(max_devices)
-            .arg(ROUTE_KEY_TTL_SECS)
-            .arg(device.user);
+            .arg(device_member(device.instance, device.conn));
+        online_args(&mut cmd, device, since_ms, max_devices);
         presence.decision_args(&mut cmd, mid, dead);
         cmd
     }
@@ -792,6 +786,15 @@ pub fn xadd_record(names: &Names, record: &UpstreamEvent, maxlen: u64) -> redis:
         };
     }
     cmd
+}
+
+/// The arguments both device-online scripts take after the device's member: when it
+/// connected, the device limit, the route keys' TTL and its user.
+fn online_args(cmd: &mut redis::Cmd, device: DeviceKey<'_>, since_ms: u64, max_devices: usize) {
+    cmd.arg(since_ms)
+        .arg(max_devices)
+        .arg(ROUTE_KEY_TTL_SECS)
+        .arg(device.user);
 }
 
 /// One device as the route scripts name it: its user, and the instance and connection

@@ -1353,10 +1353,7 @@ impl Bridge {
                 what,
             };
             // Refusals (a full queue) are counted by the sink.
-            let _ = match sink {
-                Sink::Webhook(webhook) => webhook.try_send_unacked(record),
-                Sink::Redis(redis) => redis.try_send_unacked(record),
-            };
+            let _ = sink.try_send_unacked(record);
         }
     }
 
