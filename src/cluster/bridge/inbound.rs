@@ -219,7 +219,7 @@ impl Bridge {
                 let router = self.router.clone();
                 let metrics = self.metrics.clone();
                 let node_id = self.identity.id.clone();
-                let publish = self.names.publish_command();
+                let names = self.names.clone();
                 let channel = self.names.instance_channel(envelope.origin);
                 let instance = self.instance.get();
                 let Some(mut conn) = self.commands.borrow().clone() else {
@@ -232,13 +232,8 @@ impl Bridge {
                         .await
                         .unwrap_or(0);
                     let answer = wire::topic_count(instance, request, count as u64, &node_id);
-                    let sent: Result<(), _> = timed(
-                        redis::cmd(publish)
-                            .arg(channel)
-                            .arg(&answer[..])
-                            .query_async(&mut conn),
-                    )
-                    .await;
+                    let sent: Result<(), _> =
+                        timed(names.publish(&channel, &answer).query_async(&mut conn)).await;
                     if let Err(error) = sent {
                         tracing::warn!(%error, "could not answer a topic query");
                     }

@@ -251,10 +251,8 @@ impl Bridge {
             } => {
                 let cluster = self.names.is_cluster();
                 // Published back to this node too, unless it delivered the message itself.
-                let skipped = || match delivered_here {
-                    true => self.instance_hex.borrow().clone(),
-                    false => String::new(),
-                };
+                let own_instance = self.instance_hex.borrow();
+                let skipped: &str = if *delivered_here { &own_instance } else { "" };
                 let to = template.to.as_deref();
                 let head = || {
                     wire::mailboxes_head(
@@ -300,7 +298,7 @@ impl Bridge {
                             let cmd = self.scripts.route_to_mailboxes(
                                 users,
                                 recipients,
-                                &skipped(),
+                                skipped,
                                 &self.epoch.borrow(),
                                 &head,
                                 &append,
@@ -326,7 +324,7 @@ impl Bridge {
                             Plan::Command(self.scripts.route(
                                 users,
                                 recipients,
-                                &skipped(),
+                                skipped,
                                 &self.epoch.borrow(),
                                 &payload,
                             ))
