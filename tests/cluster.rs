@@ -609,10 +609,12 @@ fn a_node_killed_with_sigkill_drops_out_within_the_node_ttl() {
     await_ready(api(&survivor));
     let mut doomed = serve_doomed(&redis.url(), &["--shards", "2"], &[]);
     assert_eq!(doomed.node_id, "doomed");
+    // bob's and dave's devices on the doomed node stay connected until it is killed.
     let Bystanders {
         mut bob_here,
         mut sender,
-        ..
+        bob_there: _bob_there,
+        dave: _dave,
     } = Bystanders::connect(&survivor, &doomed);
     await_presence(doomed.api, "dave", 1, &["doomed"]);
     eventually("both nodes listed", || {

@@ -199,10 +199,12 @@ fn a_node_killed_with_sigkill_drops_out_and_its_users_go_offline() {
             ("SHARDCAST_CLUSTER_NODE_TTL_MS", "2000"),
         ],
     );
+    // bob's and dave's devices on the doomed node stay connected until it is killed.
     let Bystanders {
         mut bob_here,
         mut sender,
-        ..
+        bob_there: _bob_there,
+        dave: _dave,
     } = Bystanders::connect(&survivor, &doomed);
     // The sender's route cache learns both of bob's nodes.
     send(&mut sender, "bob", json!("before"));
